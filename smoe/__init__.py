@@ -1,0 +1,56 @@
+"""smoe: a readable, fast engine for Mixtral-family sparse mixture-of-experts models.
+
+    import smoe
+    model, tokenizer = smoe.load("path/to/checkpoint")      # or smoe.load() for the demo model
+    result = smoe.generate(model, tokenizer, "The capital of France is", max_tokens=32)
+    print(result.text, result.decode_tokens_per_s)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from smoe.config import ModelConfig
+from smoe.errors import SmoeError
+from smoe.generate import Engine, GenerationResult, generate, stream_generate
+from smoe.sampling import SamplingParams
+
+__all__ = [
+    "load", "generate", "stream_generate", "Engine", "GenerationResult", "SamplingParams",
+    "ModelConfig", "SmoeError", "DEMO_MODEL",
+]
+__version__ = "0.1.0"
+
+DEMO_MODEL = Path(__file__).parent / "assets" / "demo"
+
+
+def load(
+    path: str | Path | None = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    allow_pickle: bool = False,
+    tokenizer_backend: str | None = None,
+):
+    """Load a checkpoint directory -> (model, tokenizer).
+
+    path=None loads the bundled demo model. dtype: 'fp32', 'bf16', 'fp16' or a torch dtype
+    (default: the checkpoint's own). A directory without tokenizer files loads with
+    tokenizer=None (prompts are then lists of token ids).
+    """
+    from smoe.checkpoint import load_model
+    from smoe.errors import CheckpointError
+    from smoe.tokenizer import load_tokenizer
+
+    if path is None:
+        if not (DEMO_MODEL / "config.json").exists():
+            raise CheckpointError(
+                "no model given and the bundled demo model is not installed yet; "
+                "pass a checkpoint directory (smoe.load('path/to/model'), or --model DIR)"
+            )
+        path = DEMO_MODEL
+    model = load_model(path, dtype=dtype, device=device, allow_pickle=allow_pickle)
+    tokenizer = load_tokenizer(path, backend=tokenizer_backend) if Path(path).is_dir() else None
+    return model, tokenizer

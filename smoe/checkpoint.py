@@ -1,0 +1,484 @@
+"""Checkpoints: safetensors files (single or sharded), three name layouts, strict validation.
+
+Layouts, one declarative name table each (`_names_for`):
+
+- ``hf``: the Hugging Face hub layout, one tensor per expert projection
+  (``model.layers.N.block_sparse_moe.experts.E.w1.weight``);
+- ``hf_fused``: what transformers v5 holds in memory and can save, all experts of a layer
+  in two 3-D tensors (``model.layers.N.mlp.experts.gate_up_proj`` [E, 2F, H] = w1 then w3
+  along dim 1, ``...down_proj`` [E, H, F]);
+- ``mistral``: Mistral's ``consolidated.safetensors`` + ``params.json``, whose q/k rows
+  pair rotary dimensions (2i, 2i+1) where the HF layout pairs (i, i + D/2).
+
+Loading builds the model on the ``meta`` device, memory-maps every file and assigns the
+mapped tensors to the parameters (`load_state_dict(assign=True)`): a tensor already in
+the wanted dtype is never copied, so weights are not held twice.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from smoe.config import ModelConfig
+from smoe.errors import CheckpointError, ConfigError
+
+SAFETENSORS_DTYPES = {
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+    "BOOL": torch.bool,
+}
+WEIGHT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+DTYPE_NAMES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPE_NAMES[dtype.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16") from None
+
+
+# --------------------------------------------------------------------------- safetensors
+
+
+@dataclass
+class StoredTensor:
+    """A tensor in a file: where it is, and a zero-copy view of it once mapped."""
+
+    file: Path
+    name: str
+    dtype_name: str
+    shape: tuple[int, ...]
+    tensor: torch.Tensor  # a view into the file's memory map
+
+
+def read_safetensors(path: Path) -> dict[str, StoredTensor]:
+    """Memory-map one .safetensors file and return views of its tensors, checking the header
+    against the file size so a truncated or corrupt file fails here, by name."""
+    size = path.stat().st_size
+    if size < 8:
+        raise CheckpointError(f"{path}: file is truncated ({size} bytes); re-download or re-save it")
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        if header_len > size - 8 or header_len > 100_000_000:
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors header; re-download the file")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path}: corrupt safetensors header (not JSON); re-download the file") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: corrupt safetensors header; re-download the file")
+        data_start = 8 + header_len
+        buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > data_start else b""
+    data = torch.frombuffer(buffer, dtype=torch.uint8) if len(buffer) else torch.empty(0, dtype=torch.uint8)
+
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype_name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt header entry for tensor '{name}'") from None
+        dtype = SAFETENSORS_DTYPES.get(dtype_name)
+        if dtype is None:
+            raise CheckpointError(
+                f"{path}: tensor '{name}' has dtype {dtype_name}, which smoe does not read; "
+                "convert the checkpoint to bf16, fp16 or fp32"
+            )
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        if end - begin != numel * dtype.itemsize or begin < 0 or end < begin:
+            raise CheckpointError(f"{path}: corrupt header: tensor '{name}' offsets do not match its shape")
+        if data_start + end > size:
+            raise CheckpointError(
+                f"{path}: file is truncated: tensor '{name}' ends at byte {data_start + end} "
+                f"but the file has {size} bytes; re-download or re-save it"
+            )
+        raw = data[data_start + begin : data_start + end]
+        if (data_start + begin) % dtype.itemsize:
+            raw = raw.clone()  # unaligned: a view cannot be reinterpreted, copy this one
+        tensors[name] = StoredTensor(path, name, dtype_name, shape, raw.view(dtype).view(shape))
+    return tensors
+
+
+def _weight_files(path: Path, allow_pickle: bool) -> tuple[list[Path], str]:
+    """The files holding the weights, and their kind ('safetensors' or 'pickle')."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointError(f"{index}: not a valid index (expected a 'weight_map' object)") from None
+        files = []
+        for shard in dict.fromkeys(weight_map.values()):
+            if not (path / shard).exists():
+                raise CheckpointError(f"{index}: shard '{shard}' is missing from {path}; download it again")
+            files.append(path / shard)
+        return files, "safetensors"
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files, "safetensors"
+    pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and p.name != "training_args.bin")
+    if pickles:
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{path}: weights are pickle files ({', '.join(p.name for p in pickles)}), which can run code "
+                "when loaded; smoe reads safetensors. Convert them once with\n"
+                "  python -c \"import torch, safetensors.torch as st; "
+                f"st.save_file(torch.load('{pickles[0]}', weights_only=True), '{path}/model.safetensors')\"\n"
+                "or, if you trust the files, pass --allow-pickle (smoe.load(..., allow_pickle=True)); "
+                "they are then read with torch.load(weights_only=True)"
+            )
+        return pickles, "pickle"
+    raise CheckpointError(f"{path}: no weights found (*.safetensors, or pickle *.bin/*.pt/*.pth)")
+
+
+def open_checkpoint(path: Path, allow_pickle: bool = False) -> dict[str, StoredTensor]:
+    files, kind = _weight_files(path, allow_pickle)
+    stored: dict[str, StoredTensor] = {}
+    for file in files:
+        if kind == "safetensors":
+            found = read_safetensors(file)
+        else:
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # torch raises many types for bad pickles
+                raise CheckpointError(f"{file}: cannot be read as weights-only pickle ({e})") from None
+            found = {
+                name: StoredTensor(file, name, str(t.dtype), tuple(t.shape), t) for name, t in state.items()
+            }
+        for name, t in found.items():
+            if name in stored:
+                raise CheckpointError(f"tensor '{name}' appears in both {stored[name].file} and {file}")
+            stored[name] = t
+    return stored
+
+
+# --------------------------------------------------------------------------- name tables
+
+# For each of our parameter names: (checkpoint tensor name, how to get our tensor from it).
+Take = Callable[[torch.Tensor], torch.Tensor]
+NameTable = dict[str, tuple[str, Take]]
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Mistral q/k rows [n_heads * D, H] with rotary pairs (2i, 2i+1) -> HF pairs (i, i + D/2)."""
+    rows, cols = w.shape
+    D = rows // n_heads
+    return w.view(n_heads, D // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def half_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of `interleaved_to_half`."""
+    rows, cols = w.shape
+    D = rows // n_heads
+    return w.view(n_heads, 2, D // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _names_for(config: ModelConfig, layout: str) -> NameTable:
+    table: NameTable = {}
+    E, F = config.num_local_experts, config.intermediate_size
+
+    def add(ours: str, theirs: str, take: Take = _identity) -> None:
+        table[ours] = (theirs, take)
+
+    if layout in ("hf", "hf_fused"):
+        add("embed_tokens.weight", "model.embed_tokens.weight")
+        add("norm.weight", "model.norm.weight")
+        if not config.tie_word_embeddings:
+            add("lm_head.weight", "lm_head.weight")
+        moe = "block_sparse_moe" if layout == "hf" else "mlp"
+        for i in range(config.num_hidden_layers):
+            src, dst = f"model.layers.{i}", f"layers.{i}"
+            add(f"{dst}.attn_norm.weight", f"{src}.input_layernorm.weight")
+            add(f"{dst}.ffn_norm.weight", f"{src}.post_attention_layernorm.weight")
+            for p in "qkvo":
+                add(f"{dst}.attn.{p}_proj.weight", f"{src}.self_attn.{p}_proj.weight")
+            add(f"{dst}.moe.router.weight", f"{src}.{moe}.gate.weight")
+            for e in range(E):
+                ours = f"{dst}.moe.experts.{e}"
+                if layout == "hf":
+                    for w in ("w1", "w2", "w3"):
+                        add(f"{ours}.{w}.weight", f"{src}.{moe}.experts.{e}.{w}.weight")
+                else:  # slices of the fused tensors: views, no copies
+                    add(f"{ours}.w1.weight", f"{src}.mlp.experts.gate_up_proj", lambda t, e=e: t[e, :F])
+                    add(f"{ours}.w3.weight", f"{src}.mlp.experts.gate_up_proj", lambda t, e=e: t[e, F:])
+                    add(f"{ours}.w2.weight", f"{src}.mlp.experts.down_proj", lambda t, e=e: t[e])
+    elif layout == "mistral":
+        add("embed_tokens.weight", "tok_embeddings.weight")
+        add("norm.weight", "norm.weight")
+        add("lm_head.weight", "output.weight")
+        Q, G = config.num_attention_heads, config.num_key_value_heads
+        for i in range(config.num_hidden_layers):
+            src, dst = f"layers.{i}", f"layers.{i}"
+            add(f"{dst}.attn_norm.weight", f"{src}.attention_norm.weight")
+            add(f"{dst}.ffn_norm.weight", f"{src}.ffn_norm.weight")
+            add(f"{dst}.attn.q_proj.weight", f"{src}.attention.wq.weight", lambda t: interleaved_to_half(t, Q))
+            add(f"{dst}.attn.k_proj.weight", f"{src}.attention.wk.weight", lambda t: interleaved_to_half(t, G))
+            add(f"{dst}.attn.v_proj.weight", f"{src}.attention.wv.weight")
+            add(f"{dst}.attn.o_proj.weight", f"{src}.attention.wo.weight")
+            add(f"{dst}.moe.router.weight", f"{src}.feed_forward.gate.weight")
+            for e in range(E):
+                for w in ("w1", "w2", "w3"):
+                    add(f"{dst}.moe.experts.{e}.{w}.weight", f"{src}.feed_forward.experts.{e}.{w}.weight")
+    else:
+        raise ValueError(f"unknown layout {layout!r}")
+    return table
+
+
+def detect_layout(names: set[str], where: Path) -> str:
+    if any(".block_sparse_moe." in n for n in names):
+        return "hf"
+    if any(n.endswith(".mlp.experts.gate_up_proj") for n in names):
+        return "hf_fused"
+    if "tok_embeddings.weight" in names or any(".feed_forward." in n for n in names):
+        return "mistral"
+    raise CheckpointError(
+        f"{where}: tensor names match no known Mixtral layout (HF block_sparse_moe, HF fused mlp.experts, "
+        f"or Mistral consolidated); first names: {sorted(names)[:3]}"
+    )
+
+
+def _expected_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(p.shape) for name, p in model.state_dict(keep_vars=True).items()}
+
+
+def _check_config_matches(config: ModelConfig, stored: dict[str, StoredTensor], layout: str, where: Path) -> None:
+    """Catch a config.json that belongs to another model before per-tensor shape errors."""
+    embed = "tok_embeddings.weight" if layout == "mistral" else "model.embed_tokens.weight"
+    if embed in stored:
+        expected = (config.vocab_size, config.hidden_size)
+        if stored[embed].shape != expected:
+            raise ConfigError(
+                f"{where}: the config does not match the weights: it says vocab_size={config.vocab_size}, "
+                f"hidden_size={config.hidden_size}, but '{embed}' in {stored[embed].file.name} has shape "
+                f"{list(stored[embed].shape)}"
+            )
+    layer_ids = {int(m.group(1)) for n in stored if (m := re.search(r"layers\.(\d+)\.", n))}
+    if layer_ids and max(layer_ids) + 1 != config.num_hidden_layers:
+        raise ConfigError(
+            f"{where}: the config does not match the weights: it says num_hidden_layers="
+            f"{config.num_hidden_layers}, but the weights have {max(layer_ids) + 1} layers"
+        )
+    if layout != "hf_fused":
+        expert_ids = {int(m.group(1)) for n in stored if (m := re.search(r"experts\.(\d+)\.", n))}
+        if expert_ids and max(expert_ids) + 1 != config.num_local_experts:
+            raise ConfigError(
+                f"{where}: the config does not match the weights: it says num_local_experts="
+                f"{config.num_local_experts}, but the weights have {max(expert_ids) + 1} experts per layer"
+            )
+
+
+def load_state(
+    model: torch.nn.Module,
+    config: ModelConfig,
+    stored: dict[str, StoredTensor],
+    where: Path,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> None:
+    """Map, validate and assign checkpoint tensors to a model built on the meta device."""
+    layout = detect_layout(set(stored), where)
+    _check_config_matches(config, stored, layout, where)
+    table = _names_for(config, layout)
+    used = {theirs for theirs, _ in table.values()}
+    missing = sorted(used - set(stored))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{where}: missing tensor '{missing[0]}'{more} for the {layout} layout")
+    unexpected = sorted(set(stored) - used)
+    if config.tie_word_embeddings and layout != "mistral":
+        unexpected = [n for n in unexpected if n != "lm_head.weight"]  # tied: a saved copy is redundant
+    if unexpected:
+        file = stored[unexpected[0]].file
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise CheckpointError(
+            f"{file}: unexpected tensor '{unexpected[0]}'{more}: it is not part of a Mixtral model with this config"
+        )
+    for theirs in used:
+        t = stored[theirs]
+        if t.tensor.dtype not in WEIGHT_DTYPES:
+            raise CheckpointError(
+                f"{t.file}: tensor '{theirs}' has unsupported dtype {t.dtype_name}; "
+                "weights must be F32, F16 or BF16"
+            )
+
+    expected = _expected_shapes(model)
+    state = {}
+    for ours, (theirs, take) in table.items():
+        t = stored[theirs]
+        try:
+            value = take(t.tensor)
+        except RuntimeError:
+            value = None
+        if value is None or tuple(value.shape) != expected[ours]:
+            raise CheckpointError(
+                f"{t.file}: tensor '{theirs}' has shape {list(t.shape)}, which does not fit "
+                f"'{ours}' of shape {list(expected[ours])} for this config"
+            )
+        state[ours] = value.to(device=device, dtype=dtype)
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+# --------------------------------------------------------------------------- save
+
+
+def hf_state_dict(model: torch.nn.Module, layout: str = "hf") -> dict[str, torch.Tensor]:
+    """Our parameters under the names of a checkpoint layout ('hf', 'hf_fused' or 'mistral')."""
+    config: ModelConfig = model.config
+    ours = {k: v.detach() for k, v in model.state_dict().items()}
+    table = _names_for(config, layout)
+    out: dict[str, torch.Tensor] = {}
+    Q, G, E = config.num_attention_heads, config.num_key_value_heads, config.num_local_experts
+    for name, (theirs, _) in table.items():
+        t = ours[name]
+        if layout == "mistral" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            t = half_to_interleaved(t, Q if "q_proj" in name else G)
+        if layout == "hf_fused" and ".moe.experts." in name:
+            continue
+        out[theirs] = t.contiguous()
+    if layout == "hf_fused":
+        for i in range(config.num_hidden_layers):
+            experts = [f"layers.{i}.moe.experts.{e}" for e in range(E)]
+            out[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.stack(
+                [torch.cat([ours[f"{x}.w1.weight"], ours[f"{x}.w3.weight"]], dim=0) for x in experts]
+            )
+            out[f"model.layers.{i}.mlp.experts.down_proj"] = torch.stack([ours[f"{x}.w2.weight"] for x in experts])
+    return out
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same directory, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(
+    model: torch.nn.Module,
+    path: str | Path,
+    *,
+    layout: str = "hf",
+    dtype: torch.dtype | str | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> None:
+    """Save config and weights (safetensors; sharded with an index above max_shard_bytes)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    dtype = parse_dtype(dtype)
+    config: ModelConfig = model.config
+    tensors = hf_state_dict(model, layout)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
+    stored_dtype = next(iter(tensors.values())).dtype
+    dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[stored_dtype]
+
+    if layout == "mistral":
+        params = {
+            "dim": config.hidden_size, "n_layers": config.num_hidden_layers, "head_dim": config.head_dim,
+            "hidden_dim": config.intermediate_size, "n_heads": config.num_attention_heads,
+            "n_kv_heads": config.num_key_value_heads, "norm_eps": config.rms_norm_eps,
+            "vocab_size": config.vocab_size, "rope_theta": config.rope_theta,
+            "sliding_window": config.sliding_window, "max_seq_len": config.max_position_embeddings,
+            "moe": {"num_experts": config.num_local_experts, "num_experts_per_tok": config.num_experts_per_tok},
+        }
+        atomic_write(path / "params.json", lambda p: p.write_text(json.dumps(params, indent=2) + "\n"))
+        atomic_write(path / "consolidated.safetensors", lambda p: save_file(tensors, str(p)))
+        return
+
+    hf = config.to_hf_dict()
+    hf["dtype"] = dtype_name
+    atomic_write(path / "config.json", lambda p: p.write_text(json.dumps(hf, indent=2) + "\n"))
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        if size + t.nbytes > max_shard_bytes and shards[-1]:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += t.nbytes
+    if len(shards) == 1:
+        atomic_write(path / "model.safetensors", lambda p: save_file(shards[0], str(p), {"format": "pt"}))
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        atomic_write(path / name, lambda p, s=shard: save_file(s, str(p), {"format": "pt"}))
+        weight_map.update(dict.fromkeys(shard, name))
+    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
+    atomic_write(path / "model.safetensors.index.json", lambda p: p.write_text(json.dumps(index, indent=2) + "\n"))
+
+
+# --------------------------------------------------------------------------- load
+
+
+def load_model(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str = "cpu",
+    allow_pickle: bool = False,
+) -> torch.nn.Module:
+    """Build the model on `meta`, memory-map the checkpoint, assign (no second copy)."""
+    from smoe.model import Transformer
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory; pass the checkpoint directory, not a file")
+    config = ModelConfig.from_dir(path)
+    stored = open_checkpoint(path, allow_pickle)
+    dtype = parse_dtype(dtype) or _stored_dtype(config, stored)
+    with torch.device("meta"):
+        model = Transformer(config)
+    load_state(model, config, stored, path, dtype, device)
+    model.rope.reset_parameters(device=device)
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def _stored_dtype(config: ModelConfig, stored: dict[str, StoredTensor]) -> torch.dtype:
+    """The checkpoint's own dtype: what config.json says, else what most weights are in."""
+    if config.torch_dtype in DTYPE_NAMES:
+        return DTYPE_NAMES[config.torch_dtype]
+    counts: dict[torch.dtype, int] = {}
+    for t in stored.values():
+        if t.tensor.dtype in WEIGHT_DTYPES:
+            counts[t.tensor.dtype] = counts.get(t.tensor.dtype, 0) + t.tensor.numel()
+    return max(counts, key=counts.get) if counts else torch.float32

@@ -1,0 +1,306 @@
+"""The engine: prefill, decode, sampling, stop handling, streaming, batching, timing.
+
+The engine owns a KV cache with a fixed number of rows. Each `Sequence` lives in one
+row from `add()` (which prefills its prompt) until it finishes; `step()` decodes one
+token for every live sequence at once. A scheduler (continuous batching, the server)
+calls `add()` and `step()` as requests come and go; `generate()` and
+`stream_generate()` are the simple drivers on top.
+
+The engine knows nothing about text beyond an optional tokenizer used for stop strings
+and streaming; the model knows nothing about sampling.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from smoe.cache import KVCache
+from smoe.errors import GenerationError
+from smoe.sampling import Sampler, SamplingParams
+from smoe.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@dataclass
+class Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    row: int = -1
+    token_ids: list[int] = field(default_factory=list)  # generated, including a final stop token
+    text: str = ""  # generated text shown so far (stop strings and tokens excluded)
+    finish_reason: str | None = None  # "stop" (EOS, stop token or string) or "length"
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    started: float = 0.0
+    first_token_at: float = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def position(self) -> int:
+        """Position of the last token fed to the model's cache + 1 = length of context."""
+        return len(self.prompt_ids) + len(self.token_ids)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str
+    time_to_first_token_s: float
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    total_s: float
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__, generated_tokens=len(self.token_ids))
+
+
+class Engine:
+    """Batched generation over a preallocated cache of `max_batch_size` rows of `max_seq_len` tokens."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Tokenizer | None = None,
+        *,
+        max_batch_size: int = 1,
+        max_seq_len: int | None = None,
+        prefill_chunk: int = 512,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.context = self.config.max_position_embeddings
+        self.max_seq_len = min(max_seq_len or self.context, self.context)
+        self.prefill_chunk = prefill_chunk
+        self.cache = KVCache(
+            self.config, max_batch_size, self.max_seq_len, dtype=model.dtype, device=model.device
+        )
+        self.rows: list[Sequence | None] = [None] * max_batch_size
+        eos = tokenizer.eos_id if tokenizer is not None and tokenizer.eos_id is not None else None
+        self.eos_ids = {eos} if eos is not None else set(self.config.eos_token_ids)
+        self._detok: dict[int, IncrementalDetokenizer] = {}
+        self._samplers: dict[int, Sampler] = {}
+        self._pending: dict[int, str] = {}  # text held back because it may start a stop string
+
+    # ------------------------------------------------------------------ admission
+    def check(self, prompt_len: int, params: SamplingParams) -> None:
+        if prompt_len == 0:
+            raise GenerationError("the prompt is empty: give at least one token")
+        total = prompt_len + params.max_tokens
+        if total > self.max_seq_len:
+            limit = "the model's context" if self.max_seq_len == self.context else "this engine's max_seq_len"
+            raise GenerationError(
+                f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) = {total} tokens exceeds "
+                f"{limit} of {self.max_seq_len}; shorten the prompt or lower max_tokens"
+            )
+        if params.stop and self.tokenizer is None:
+            raise GenerationError("stop strings need a tokenizer; use stop_token_ids with token-id prompts")
+
+    def add(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        """Put a sequence in a free row and prefill its prompt (its first token is sampled here)."""
+        vocab = self.config.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise GenerationError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        self.check(len(prompt_ids), params)
+        try:
+            row = self.rows.index(None)
+        except ValueError:
+            raise GenerationError("all rows of the engine are busy; wait for a sequence to finish") from None
+        seq = Sequence(list(prompt_ids), params, row=row, started=time.perf_counter())
+        self.rows[row] = seq
+        self._samplers[row] = Sampler(params, device=self.model.device)
+        self._pending[row] = ""
+        if self.tokenizer is not None:
+            self._detok[row] = IncrementalDetokenizer(self.tokenizer)
+        view = self.cache.view(row, row + 1)
+        view.reset()
+        device = self.model.device
+        ids = torch.tensor([prompt_ids], device=device)  # [1, P]
+        with torch.inference_mode():
+            for start in range(0, len(prompt_ids), self.prefill_chunk):
+                chunk = ids[:, start : start + self.prefill_chunk]  # [1, C]
+                positions = torch.arange(start, start + chunk.shape[1], device=device)[None]  # [1, C]
+                logits = self.model(chunk, positions, view, last_only=True)  # [1, 1, V]
+        seq.first_token_at = time.perf_counter()
+        seq.prefill_s = seq.first_token_at - seq.started
+        self._accept(seq, self._sample(seq, logits[0, -1]))
+        return seq
+
+    def remove(self, seq: Sequence) -> None:
+        if 0 <= seq.row < len(self.rows) and self.rows[seq.row] is seq:
+            self.rows[seq.row] = None
+            for d in (self._detok, self._samplers, self._pending):
+                d.pop(seq.row, None)
+
+    @property
+    def active(self) -> list[Sequence]:
+        return [s for s in self.rows if s is not None and not s.finished]
+
+    # --------------------------------------------------------------------- decode
+    def step(self) -> list[tuple[Sequence, str]]:
+        """Decode one token for every live sequence; return (sequence, new text) pairs."""
+        live = self.active
+        if not live:
+            return []
+        t0 = time.perf_counter()
+        lo = min(s.row for s in live)
+        hi = max(s.row for s in live) + 1
+        tokens, positions = [], []
+        for row in range(lo, hi):
+            seq = self.rows[row]
+            if seq is not None and not seq.finished:
+                tokens.append(seq.token_ids[-1])
+                positions.append(seq.position - 1)
+            else:  # an idle row in the span: recompute its last position, harmlessly
+                tokens.append(0)
+                positions.append(max((seq.position - 1) if seq else 0, 0))
+        device = self.model.device
+        with torch.inference_mode():
+            logits = self.model(
+                torch.tensor(tokens, device=device)[:, None],  # [b, 1]
+                torch.tensor(positions, device=device)[:, None],  # [b, 1]
+                self.cache.view(lo, hi),
+            )[:, -1]  # [b, V]
+        out = []
+        greedy = all(s.params.greedy and s.params.repetition_penalty == 1.0 for s in live)
+        if greedy:
+            best = logits.argmax(-1).tolist()
+        for seq in live:
+            token = best[seq.row - lo] if greedy else self._sample(seq, logits[seq.row - lo])
+            out.append((seq, self._accept(seq, token)))
+        dt = time.perf_counter() - t0
+        for seq in live:
+            seq.decode_s += dt
+        return out
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
+        context = torch.tensor(seq.prompt_ids + seq.token_ids, device=logits.device)
+        return self._samplers[seq.row](logits, context)
+
+    def _accept(self, seq: Sequence, token: int) -> str:
+        """Record a sampled token, apply stop rules, and return the text it makes visible."""
+        seq.token_ids.append(token)
+        params = seq.params
+        stopped = token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos)
+        piece = ""
+        detok = self._detok.get(seq.row)
+        if detok is not None and not stopped:
+            piece = detok.add(token)
+        if len(seq.token_ids) >= params.max_tokens and not stopped:
+            seq.finish_reason = "length"
+        if stopped:
+            seq.finish_reason = "stop"
+        if detok is not None and seq.finished:
+            piece += detok.flush()
+        if not params.stop:
+            seq.text += piece
+            return piece
+        # stop strings: hold back any tail that could be the start of one
+        pending = self._pending[seq.row] + piece
+        for s in params.stop:
+            at = pending.find(s)
+            if at >= 0:
+                pending = pending[:at]
+                seq.finish_reason = "stop"
+        if seq.finished:
+            emit, self._pending[seq.row] = pending, ""
+        else:
+            keep = max((k for s in params.stop for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
+            emit, self._pending[seq.row] = pending[: len(pending) - keep], pending[len(pending) - keep :]
+        seq.text += emit
+        return emit
+
+
+# ---------------------------------------------------------------------- drivers
+
+
+def _prompt_ids(tokenizer: Tokenizer | None, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise GenerationError("this model has no tokenizer: pass the prompt as a list of token ids")
+        return tokenizer.encode(prompt, bos=True)
+    return [int(t) for t in prompt]
+
+
+def _result(seq: Sequence) -> GenerationResult:
+    n = len(seq.token_ids)
+    total = seq.prefill_s + seq.decode_s
+    return GenerationResult(
+        text=seq.text,
+        token_ids=list(seq.token_ids),
+        prompt_tokens=len(seq.prompt_ids),
+        finish_reason=seq.finish_reason or "length",
+        time_to_first_token_s=seq.prefill_s,
+        prefill_tokens_per_s=len(seq.prompt_ids) / seq.prefill_s if seq.prefill_s else 0.0,
+        # the first token comes out of prefill; decode made the other n - 1
+        decode_tokens_per_s=(n - 1) / seq.decode_s if seq.decode_s and n > 1 else 0.0,
+        total_s=total,
+    )
+
+
+def _params(kwargs: dict) -> SamplingParams:
+    try:
+        return SamplingParams(**kwargs)
+    except TypeError as e:
+        raise GenerationError(str(e).replace("SamplingParams.__init__()", "generate()")) from None
+
+
+def generate(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer | None,
+    prompt: str | list[int] | list[str] | list[list[int]],
+    **sampling,
+) -> GenerationResult | list[GenerationResult]:
+    """Generate a continuation of `prompt` (text, or token ids), or of each prompt of a list.
+
+    Keywords: max_tokens, temperature (0 = greedy), top_k, top_p, min_p,
+    repetition_penalty, seed, stop (strings), stop_token_ids, ignore_eos.
+    """
+    batched = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
+    prompts = prompt if batched else [prompt]
+    params = _params(sampling)
+    all_ids = [_prompt_ids(tokenizer, p) for p in prompts]
+    longest = max(len(ids) for ids in all_ids)
+    engine = Engine(
+        model, tokenizer, max_batch_size=len(all_ids),
+        max_seq_len=min(longest + params.max_tokens, model.config.max_position_embeddings),
+    )
+    for ids in all_ids:
+        engine.check(len(ids), params)
+    seqs = [engine.add(ids, SamplingParams(**{**params.__dict__})) for ids in all_ids]
+    while engine.active:
+        engine.step()
+    results = [_result(s) for s in seqs]
+    return results if batched else results[0]
+
+
+def stream_generate(
+    model: torch.nn.Module, tokenizer: Tokenizer | None, prompt: str | list[int], **sampling
+) -> Iterator[str | GenerationResult]:
+    """Yield text pieces as they are decoded; the last item is the GenerationResult."""
+    if tokenizer is None:
+        raise GenerationError("streaming text needs a tokenizer")
+    params = _params(sampling)
+    ids = _prompt_ids(tokenizer, prompt)
+    engine = Engine(
+        model, tokenizer, max_batch_size=1,
+        max_seq_len=min(len(ids) + params.max_tokens, model.config.max_position_embeddings),
+    )
+    engine.check(len(ids), params)
+    seq = engine.add(ids, params)
+    if seq.text:
+        yield seq.text
+    while engine.active:
+        for _, piece in engine.step():
+            if piece:
+                yield piece
+    yield _result(seq)

@@ -1,0 +1,319 @@
+"""The Mixtral architecture as one readable nn.Module tree.
+
+Shape legend: B batch, T tokens, N = B*T token rows, H hidden, E experts, K experts per
+token (top-k), F expert hidden, Q query heads, G kv heads, D head dim, V vocab, S cache slots.
+
+    tokens -> embed -> L x Block -> RMSNorm -> lm_head -> logits
+    Block:  x = x + Attention(RMSNorm(x))      grouped-query attention, RoPE, optional sliding window
+            x = x + MoE(RMSNorm(x))            router -> top-k -> renormalise -> experts -> weighted sum
+
+Quantization, LoRA, offloading and parallelism are transforms that swap modules of this
+tree after it is built (DESIGN.md, "One model, many transforms"); nothing here knows
+about them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smoe.cache import KVCache
+from smoe.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019), computed in fp32 like the reference."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE (Su et al. 2021) in the 'rotate half' layout used by Hugging Face checkpoints:
+    dimension i pairs with i + D/2 (Mistral's consolidated files pair 2i with 2i+1; the
+    checkpoint loader permutes their q/k rows into this layout)."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self, device=None) -> torch.Tensor:
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
+        return 1.0 / (self.theta**exponents)  # [D/2]
+
+    def reset_parameters(self, device=None) -> None:
+        self.inv_freq = self._inv_freq(device)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq  # [B, T, D/2]
+        angles = torch.cat([freqs, freqs], dim=-1)  # [B, T, D]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, D]; cos, sin [B, 1, T, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclass
+class ForwardContext:
+    """What every layer of one forward pass shares: rotary tables, mask, cache."""
+
+    cos: torch.Tensor  # [B, 1, T, D]
+    sin: torch.Tensor
+    mask: torch.Tensor | None  # [B, 1, T, keys], True = may attend
+    is_causal: bool  # no mask needed beyond plain causality (uncached, no window in reach)
+    cache: KVCache | None
+
+
+class Attention(nn.Module):
+    """Grouped-query attention: Q query heads share G kv heads (Q/G queries per kv head)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        H, D = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(H, self.n_heads * D, bias=False)
+        self.k_proj = nn.Linear(H, self.n_kv_heads * D, bias=False)
+        self.v_proj = nn.Linear(H, self.n_kv_heads * D, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * D, H, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Q, T, D]
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, T, D]
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, T, D]
+        q = apply_rotary(q, ctx.cos, ctx.sin)
+        k = apply_rotary(k, ctx.cos, ctx.sin)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(self.layer_idx, k, v)  # [B, G, keys, D]
+        out = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=ctx.mask,
+            is_causal=ctx.is_causal,
+            enable_gqa=self.n_heads != self.n_kv_heads,
+        )  # [B, Q, T, D]
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # [B, T, Q*D]
+        return self.o_proj(out)
+
+
+class Router(nn.Module):
+    """softmax(x·Wgᵀ) in fp32 -> top-k -> renormalise, as Mixtral's checkpoints expect."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.weight = nn.Parameter(torch.empty(config.num_local_experts, config.hidden_size))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, H] -> router_logits [N, E], expert_weights [N, K] (fp32), expert_indices [N, K]."""
+        router_logits = F.linear(x, self.weight)  # [N, E]
+        probs = torch.softmax(router_logits.float(), dim=-1)  # [N, E]
+        expert_weights, expert_indices = torch.topk(probs, self.top_k, dim=-1)  # [N, K]
+        expert_weights = expert_weights / expert_weights.sum(dim=-1, keepdim=True)
+        return router_logits, expert_weights, expert_indices
+
+
+class Expert(nn.Module):
+    """A SwiGLU MLP (Shazeer 2020): w2(silu(w1·x) * w3·x)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(hidden_size, intermediate_size, bias=False)  # gate
+        self.w2 = nn.Linear(intermediate_size, hidden_size, bias=False)  # down
+        self.w3 = nn.Linear(hidden_size, intermediate_size, bias=False)  # up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+# ---------------------------------------------------------------------------------------
+# Expert dispatch: send each token row to its K experts and add up the weighted outputs.
+# All implementations compute the same thing; tests/test_dispatch.py proves they agree.
+# Each expert's output is weighted in fp32 and added in the model dtype, in ascending
+# expert order, which is what the reference implementation does.
+# ---------------------------------------------------------------------------------------
+
+
+def dispatch_loop(experts: nn.ModuleList, x, expert_indices, expert_weights) -> torch.Tensor:
+    """The reference, as Mixtral is usually taught: for each expert, find its tokens."""
+    out = torch.zeros_like(x)  # [N, H]
+    for e, expert in enumerate(experts):
+        token_idx, slot = torch.where(expert_indices == e)  # tokens routed to e, and which of their K slots
+        if token_idx.numel() == 0:
+            continue
+        y = expert(x[token_idx]).float() * expert_weights[token_idx, slot, None]  # [n_e, H]
+        out.index_add_(0, token_idx, y.to(x.dtype))
+    return out
+
+
+def dispatch_grouped(experts: nn.ModuleList, x, expert_indices, expert_weights) -> torch.Tensor:
+    """For many tokens (prefill, batches): sort the N*K token slots by expert so each expert
+    multiplies one contiguous block, then scatter-add the results back to their tokens."""
+    N, K = expert_indices.shape
+    flat_experts = expert_indices.reshape(-1)  # [N*K]
+    order = torch.argsort(flat_experts, stable=True)  # [N*K] slots grouped by expert
+    token_of_slot = order // K  # [N*K]
+    weight_of_slot = expert_weights.reshape(-1)[order]  # [N*K]
+    tokens_per_expert = torch.bincount(flat_experts, minlength=len(experts)).tolist()  # one host sync
+    x_sorted = x[token_of_slot]  # [N*K, H]
+    y_sorted = torch.empty_like(x_sorted)
+    start = 0
+    for e, count in enumerate(tokens_per_expert):
+        if count:
+            y_sorted[start : start + count] = experts[e](x_sorted[start : start + count])
+            start += count
+    y_sorted = (y_sorted.float() * weight_of_slot[:, None]).to(x.dtype)  # [N*K, H]
+    return torch.zeros_like(x).index_add_(0, token_of_slot, y_sorted)
+
+
+def dispatch_token(experts: nn.ModuleList, x, expert_indices, expert_weights) -> torch.Tensor:
+    """For one token (decode at batch 1): call its K experts directly, no sorting or scatter."""
+    if x.shape[0] != 1:
+        return dispatch_grouped(experts, x, expert_indices, expert_weights)
+    chosen, order = torch.sort(expert_indices[0])  # [K] ascending, as the reference adds them
+    weights = expert_weights[0, order]
+    out = None
+    for k, e in enumerate(chosen.tolist()):
+        y = (experts[e](x).float() * weights[k]).to(x.dtype)  # [1, H]
+        out = y if out is None else out + y
+    return out
+
+
+DISPATCH = {"loop": dispatch_loop, "grouped": dispatch_grouped, "token": dispatch_token}
+
+
+class MoE(nn.Module):
+    """Sparse mixture of experts: router -> top-k -> renormalise -> experts -> weighted sum."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.router = Router(config)
+        self.experts = nn.ModuleList(
+            Expert(config.hidden_size, config.intermediate_size) for _ in range(config.num_local_experts)
+        )
+        self.dispatch = "auto"  # or a key of DISPATCH
+        self.jitter_noise = config.router_jitter_noise
+        self.last_router_logits: torch.Tensor | None = None  # [N, E], kept when record_router_logits
+        self.record_router_logits = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, H = x.shape
+        x = x.reshape(B * T, H)  # [N, H]
+        if self.training and self.jitter_noise > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        router_logits, expert_weights, expert_indices = self.router(x)
+        if self.record_router_logits:
+            self.last_router_logits = router_logits
+        name = self.dispatch
+        if name == "auto":
+            name = "token" if B * T == 1 else "grouped"
+        out = DISPATCH[name](self.experts, x, expert_indices, expert_weights)
+        return out.view(B, T, H)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config, layer_idx)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.moe = MoE(config)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), ctx)
+        return x + self.moe(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def set_dispatch(self, name: str) -> None:
+        """Pick the expert dispatch for every MoE layer ('auto', 'loop', 'grouped', 'token')."""
+        if name != "auto" and name not in DISPATCH:
+            raise ValueError(f"unknown dispatch {name!r}; choose auto or one of {sorted(DISPATCH)}")
+        for layer in self.layers:
+            layer.moe.dispatch = name
+
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Random initialisation for training from scratch (normal(0, std), norms at 1)."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            else:
+                nn.init.normal_(p, 0.0, std, generator=generator)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        *,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V] ([B, 1, V] with last_only).
+
+        Without a cache this is the plain full-sequence forward (positions 0..T-1).
+        With a cache, `positions` [B, T] are the absolute positions of the new tokens.
+        """
+        B, T = input_ids.shape
+        if positions is None:
+            if cache is not None:
+                raise ValueError("positions are required with a cache")
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        cos, sin = self.rope(positions, self.dtype)  # [B, T, D]
+        cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, D]
+
+        if cache is not None:
+            mask = cache.begin(positions).mask
+            is_causal = False
+        else:
+            window = self.config.sliding_window
+            if window is None or window >= T:
+                mask, is_causal = None, True
+            else:
+                q = torch.arange(T, device=input_ids.device)[:, None]  # [T, 1]
+                k = torch.arange(T, device=input_ids.device)[None, :]  # [1, T]
+                mask, is_causal = ((k <= q) & (q - k < window))[None, None], False  # [1, 1, T, T]
+        ctx = ForwardContext(cos, sin, mask, is_causal, cache)
+
+        x = self.embed_tokens(input_ids)  # [B, T, H]
+        for layer in self.layers:
+            x = layer(x, ctx)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))  # [B, T, V]

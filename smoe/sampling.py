@@ -1,0 +1,101 @@
+"""Turning next-token logits into a token: penalties, temperature, top-k, top-p, min-p.
+
+The order is the one Hugging Face applies (repetition penalty, temperature, top-k,
+top-p, min-p), so a seed-independent setting (greedy) gives the same tokens there.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from smoe.errors import GenerationError
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off; > 1 discourages tokens already in the context
+    seed: int | None = None  # same seed -> same tokens; None draws a fresh one
+    stop: list[str] = field(default_factory=list)  # stop strings (not included in the text)
+    stop_token_ids: list[int] = field(default_factory=list)  # in addition to the model's EOS
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in self.stop if s]
+        checks = [
+            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "an integer >= 1"),
+            ("temperature", _finite(self.temperature) and self.temperature >= 0, "a number >= 0"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0"),
+            ("top_p", _finite(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
+            ("min_p", _finite(self.min_p) and 0 <= self.min_p <= 1, "a number in [0, 1]"),
+            ("repetition_penalty", _finite(self.repetition_penalty) and self.repetition_penalty > 0, "a number > 0"),
+        ]
+        for name, ok, what in checks:
+            if not ok:
+                raise GenerationError(f"{name} must be {what}, got {getattr(self, name)!r}")
+        if self.seed is None:
+            self.seed = random.SystemRandom().randrange(2**63)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, context: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty (Keskar et al. 2019): for tokens in the context, divide positive logits
+    by `penalty` and multiply negative ones. logits [V], context [n] token ids."""
+    if penalty == 1.0 or context.numel() == 0:
+        return logits
+    seen = logits.gather(0, context)
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits.scatter(0, context, seen)
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, top-p (nucleus) and min-p as -inf masks. logits [V] fp32."""
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token once the tokens before it already reach top_p (always keep the first)
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    if params.min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
+    return logits
+
+
+class Sampler:
+    """Per-sequence sampling state: parameters and a seeded generator."""
+
+    def __init__(self, params: SamplingParams, device: torch.device | str = "cpu") -> None:
+        self.params = params
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(params.seed)
+
+    def __call__(self, logits: torch.Tensor, context: torch.Tensor) -> int:
+        """logits [V] for the next token; context [n] all token ids so far (prompt + generated)."""
+        logits = apply_repetition_penalty(logits.float(), context, self.params.repetition_penalty)
+        if self.params.greedy:
+            return int(logits.argmax())
+        probs = filter_logits(logits, self.params).softmax(-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))

@@ -1,0 +1,250 @@
+"""One Tokenizer interface over three backends, a chat template, a streaming detokenizer.
+
+Backends:
+- ``HFTokenizer``: Hugging Face ``tokenizers`` reading ``tokenizer.json``;
+- ``SentencePieceTokenizer``: ``sentencepiece`` reading ``tokenizer.model`` (Mistral's v1-v3);
+- ``MistralCommonTokenizer``: Mistral's own ``mistral-common`` package (optional dependency).
+
+For Mixtral-8x7B's tokenizer (``tokenizer.model.v1``) all three give the same ids
+(tests/test_tokenizer.py checks it on a varied text set).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol
+
+from smoe.errors import TokenizerError
+
+Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
+
+
+class Tokenizer(Protocol):
+    bos_id: int | None
+    eos_id: int | None
+    vocab_size: int
+
+    def encode(self, text: str, *, bos: bool = True) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def apply_chat_template(self, messages: list[Message]) -> list[int]: ...
+
+
+class _TemplateMixin:
+    def apply_chat_template(self, messages: list[Message]) -> list[int]:
+        return mistral_instruct_ids(self, messages)
+
+
+class HFTokenizer(_TemplateMixin):
+    def __init__(self, path: str | Path, bos_token: str | None = None, eos_token: str | None = None) -> None:
+        from tokenizers import Tokenizer as _Tokenizer
+
+        path = Path(path)
+        try:
+            self.tok = _Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for bad files
+            raise TokenizerError(f"{path}: cannot read tokenizer ({e})") from None
+        self.path = path
+        config = _read_tokenizer_config(path.parent / "tokenizer_config.json")
+        bos_token = bos_token or _token_str(config.get("bos_token")) or "<s>"
+        eos_token = eos_token or _token_str(config.get("eos_token")) or "</s>"
+        self.bos_id = self.tok.token_to_id(bos_token)
+        self.eos_id = self.tok.token_to_id(eos_token)
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, *, bos: bool = True) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if bos and self.bos_id is not None else ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def id_to_piece(self, i: int) -> str:
+        return self.tok.id_to_token(i)
+
+
+class SentencePieceTokenizer(_TemplateMixin):
+    def __init__(self, path: str | Path) -> None:
+        import sentencepiece as spm
+
+        path = Path(path)
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(str(path))
+        except (OSError, RuntimeError) as e:
+            raise TokenizerError(f"{path}: cannot read SentencePiece model ({e})") from None
+        self.path = path
+        self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+        self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
+        self.vocab_size = self.sp.vocab_size()
+
+    def encode(self, text: str, *, bos: bool = True) -> list[int]:
+        ids = self.sp.EncodeAsIds(text)
+        return [self.bos_id, *ids] if bos and self.bos_id is not None else ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.DecodeIds(list(ids))
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.IdToPiece(i)
+
+
+class MistralCommonTokenizer:
+    def __init__(self, path: str | Path) -> None:
+        try:
+            from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+        except ImportError:
+            raise TokenizerError(
+                "the mistral-common backend needs the package: pip install 'smoe[mistral]'"
+            ) from None
+        path = Path(path)
+        try:
+            self.mistral = MistralTokenizer.from_file(str(path))
+        except Exception as e:  # mistral-common raises several types for bad files
+            raise TokenizerError(f"{path}: cannot read tokenizer with mistral-common ({e})") from None
+        self.path = path
+        self.raw = self.mistral.instruct_tokenizer.tokenizer
+        self.bos_id = self.raw.bos_id
+        self.eos_id = self.raw.eos_id
+        self.vocab_size = self.raw.n_words
+
+    def encode(self, text: str, *, bos: bool = True) -> list[int]:
+        return self.raw.encode(text, bos=bos, eos=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.raw.decode(list(ids))
+
+    def apply_chat_template(self, messages: list[Message]) -> list[int]:
+        from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+        from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+        kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+        request = ChatCompletionRequest(messages=[kinds[m["role"]](content=m["content"]) for m in messages])
+        return self.mistral.encode_chat_completion(request).tokens
+
+
+def mistral_instruct_ids(tokenizer: Tokenizer, messages: list[Message]) -> list[int]:
+    """The Mistral instruct format (v1, as Mixtral-8x7B-Instruct was trained):
+
+        <s>[INST] {system}\\n\\n{user 1} [/INST] {assistant 1}</s>[INST] {user 2} [/INST]
+
+    Each piece is tokenized on its own (so each gets SentencePiece's leading-space
+    prefix), system messages are merged into the first user turn, consecutive
+    messages of the same role are joined by a blank line.
+    """
+    _check_messages(messages)
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system" and m["content"])
+    turns: list[Message] = []
+    for m in messages:
+        if m["role"] == "system":
+            continue
+        if turns and turns[-1]["role"] == m["role"]:
+            turns[-1] = {"role": m["role"], "content": turns[-1]["content"] + "\n\n" + m["content"]}
+        else:
+            turns.append(dict(m))
+    ids = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    first_user = True
+    for m in turns:
+        if m["role"] == "user":
+            content = f"{system}\n\n{m['content']}" if first_user and system else m["content"]
+            first_user = False
+            ids += tokenizer.encode(f"[INST] {content} [/INST]", bos=False)
+        else:
+            ids += tokenizer.encode(m["content"], bos=False)
+            if tokenizer.eos_id is not None:
+                ids.append(tokenizer.eos_id)
+    return ids
+
+
+def _check_messages(messages: list[Message]) -> None:
+    if not messages:
+        raise TokenizerError("a chat needs at least one message")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise TokenizerError(f"message {i}: role must be 'system', 'user' or 'assistant'")
+        if not isinstance(m.get("content"), str):
+            raise TokenizerError(f"message {i}: content must be a string")
+    roles = [m["role"] for m in messages if m["role"] != "system"]
+    if not roles or roles[0] != "user":
+        raise TokenizerError("a chat must start with a user message (after any system messages)")
+
+
+def _read_tokenizer_config(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise TokenizerError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def _token_str(value) -> str | None:
+    if isinstance(value, dict):  # {"content": "<s>", ...} as older transformers write it
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+SENTENCEPIECE_NAMES = ("tokenizer.model", "tokenizer.model.v1", "tokenizer.model.v2", "tokenizer.model.v3")
+
+
+def load_tokenizer(path: str | Path, backend: str | None = None) -> Tokenizer | None:
+    """The tokenizer in a checkpoint directory (or a tokenizer file), or None if there is none.
+
+    backend: None picks tokenizer.json, then tokenizer.model*, then tekken.json;
+    'hf', 'sentencepiece' or 'mistral-common' forces one.
+    """
+    path = Path(path)
+    if path.is_file():
+        files = [path]
+    else:
+        files = [path / n for n in ("tokenizer.json", *SENTENCEPIECE_NAMES, "tekken.json") if (path / n).exists()]
+    if backend not in (None, "hf", "sentencepiece", "mistral-common"):
+        raise TokenizerError(f"unknown tokenizer backend {backend!r}; use hf, sentencepiece or mistral-common")
+    for file in files:
+        is_json = file.suffix == ".json"
+        if backend == "mistral-common" or (backend is None and file.name == "tekken.json"):
+            return MistralCommonTokenizer(file)
+        if backend in (None, "hf") and is_json:
+            return HFTokenizer(file)
+        if backend in (None, "sentencepiece") and not is_json:
+            return SentencePieceTokenizer(file)
+    if backend is not None and files:
+        raise TokenizerError(f"{path}: no tokenizer file for backend {backend!r}")
+    return None
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of token ids into text pieces, never emitting broken UTF-8.
+
+    Decoding token by token is wrong twice over: SentencePiece drops the leading space
+    of a sequence's first piece, and byte-fallback tokens split a character over several
+    ids. So each step decodes a short window twice — the tokens already shown, and the
+    same plus the new ones — and emits only the difference; while the difference ends
+    in U+FFFD (an incomplete character) it waits for more tokens.
+    Concatenating the pieces gives decode(all ids).
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # window start
+        self.read_offset = 0  # tokens before this are already emitted
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        return self._emit(final=False)
+
+    def flush(self) -> str:
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        shown = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        if (full.endswith("\ufffd") and not final) or len(full) < len(shown):
+            return ""
+        piece = full[len(shown) :]
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(self.ids)
+        return piece
