@@ -46,6 +46,8 @@ class HFTokenizer(_TemplateMixin):
             self.tok = _Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception for bad files
             raise TokenizerError(f"{path}: cannot read tokenizer ({e})") from None
+        # user text is text: "<s>" typed in a prompt must not become the BOS token
+        self.tok.encode_special_tokens = True
         self.path = path
         config = _read_tokenizer_config(path.parent / "tokenizer_config.json")
         bos_token = bos_token or _token_str(config.get("bos_token")) or "<s>"

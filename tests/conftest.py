@@ -1,0 +1,104 @@
+"""Shared fixtures: tiny random Mixtral checkpoints saved by transformers, the real v1 tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+BASE = dict(
+    vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+    max_position_embeddings=256, rope_theta=10000.0,
+)
+
+
+def hf_model(seed: int = 0, **overrides):
+    """A transformers MixtralForCausalLM with random weights from a fixed seed."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    kwargs = {**BASE, **overrides}
+    rope_theta = kwargs.pop("rope_theta")
+    config = MixtralConfig(**kwargs, rope_parameters={"rope_type": "default", "rope_theta": rope_theta})
+    torch.manual_seed(seed)
+    model = MixtralForCausalLM(config).eval()
+    # transformers initialises norms to ones; perturb them so a swapped norm cannot hide
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="session")
+def checkpoint_factory(tmp_path_factory):
+    """make(seed=0, **config) -> directory of a saved transformers checkpoint (cached per session)."""
+    made: dict[str, Path] = {}
+
+    def make(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> Path:
+        key = json.dumps([seed, str(dtype), sorted(overrides.items())], default=str)
+        if key not in made:
+            path = tmp_path_factory.mktemp("ckpt")
+            hf_model(seed, **overrides).to(dtype).save_pretrained(path)
+            made[key] = path
+        return made[key]
+
+    return make
+
+
+def v1_tokenizer_path() -> Path:
+    import mistral_common
+
+    return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+
+
+def sentencepiece_bpe_to_tokenizer_json(model_path: Path, out: Path) -> Path:
+    """Write the tokenizers (HF) equivalent of a SentencePiece BPE model with add_dummy_prefix
+    and the identity normalizer, as Mistral's v1 tokenizer is.
+
+    BPE merges are ranked by the score of the merged piece, as SentencePiece ranks them.
+    (transformers 5.23's SentencePieceExtractor ranks them by id instead, which breaks
+    whitespace runs: Mistral scores its '▁▁', '▁▁▁' pieces -1e9, last of all.)
+    """
+    import sentencepiece as spm
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    vocab = {sp.IdToPiece(i): i for i in range(sp.vocab_size())}
+    ranked = []
+    for piece, i in vocab.items():
+        if sp.IsControl(i) or sp.IsUnknown(i) or sp.IsByte(i):
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-sp.GetScore(i), i, vocab[left], left, right))
+    merges = [(left, right) for *_, left, right in sorted(ranked)]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in ("<unk>", "<s>", "</s>")])
+    tok.save(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def v1_tokenizer_json(tmp_path_factory) -> Path:
+    return sentencepiece_bpe_to_tokenizer_json(v1_tokenizer_path(), tmp_path_factory.mktemp("tok") / "tokenizer.json")
+
+
+@pytest.fixture(scope="session")
+def chat_checkpoint(tmp_path_factory, v1_tokenizer_json) -> Path:
+    """A tiny random model with the real 32000-token v1 vocabulary and its tokenizer files."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("chat")
+    hf_model(7, vocab_size=32000, hidden_size=32, num_hidden_layers=2, max_position_embeddings=512).save_pretrained(path)
+    shutil.copy(v1_tokenizer_path(), path / "tokenizer.model")
+    return path
