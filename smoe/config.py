@@ -105,8 +105,9 @@ class ModelConfig:
         head = 0 if self.tie_word_embeddings else self.vocab_size * H
         L = self.num_hidden_layers
         total = L * (per_layer_dense + self.num_local_experts * expert) + embed + head + H
-        # an embedding lookup reads one row; the head reads the whole matrix
-        active = L * (per_layer_dense + self.num_experts_per_tok * expert) + H + self.vocab_size * H
+        # an embedding lookup reads one row (none extra when tied to the head); the head reads all
+        embed_row = 0 if self.tie_word_embeddings else H
+        active = L * (per_layer_dense + self.num_experts_per_tok * expert) + H + embed_row + self.vocab_size * H
         return {"total": total, "active": active, "experts": L * self.num_local_experts * expert}
 
     # ------------------------------------------------------------------ readers

@@ -1,0 +1,268 @@
+"""The `smoe` command: generate, chat, info.
+
+User mistakes (bad path, bad flag value, broken checkpoint) print one line
+`smoe: error: ...` and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), higher = more random")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep tokens up to this mass (1 = off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability (0 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
+    g.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same output")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+
+
+def _model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
+    if positional:
+        p.add_argument("model", metavar="DIR", help="checkpoint directory")
+    else:
+        p.add_argument("--model", metavar="DIR", default=None, help="checkpoint directory (default: the demo model)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="compute dtype (default: the checkpoint's own)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read pickle weights (.bin/.pt/.pth) with torch.load(weights_only=True)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="smoe", description="Run Mixtral-family sparse mixture-of-experts models.",
+        epilog="Example: smoe generate --model ./Mixtral-8x7B --prompt 'The capital of France is'",
+    )
+    parser.add_argument("--version", action="version", version=f"smoe {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    g = sub.add_parser("generate", help="continue a prompt", description="Continue a prompt and print tokens/s.")
+    _model_args(g)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text ('-' reads standard input)")
+    src.add_argument("--prompt-ids", metavar="IDS", help="prompt as comma-separated token ids (models without a tokenizer)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--json", action="store_true", help="print one JSON object with text, token ids and timings")
+    _sampling_args(g)
+
+    c = sub.add_parser("chat", help="talk to the model", description="Interactive multi-turn chat. /reset clears, /exit quits.")
+    _model_args(c)
+    c.add_argument("--system", default=None, help="system prompt")
+    _sampling_args(c)
+    c.set_defaults(max_tokens=512)
+
+    i = sub.add_parser("info", help="describe a checkpoint", description="Config, parameters and memory of a checkpoint.")
+    i.add_argument("model", metavar="DIR", help="checkpoint directory")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def _version() -> str:
+    from smoe import __version__
+
+    return __version__
+
+
+def _sampling(args) -> dict:
+    return dict(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
+        ignore_eos=args.ignore_eos,
+    )
+
+
+def _load(args):
+    import smoe
+
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise smoe.SmoeError(f"--device {args.device}: no CUDA device is available; use --device cpu")
+    return smoe.load(args.model, dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle)
+
+
+def _stats_line(r) -> str:
+    return (
+        f"prompt: {r.prompt_tokens} tokens, {r.prefill_tokens_per_s:.1f} tokens/s | "
+        f"generation: {len(r.token_ids)} tokens, {r.decode_tokens_per_s:.1f} tokens/s | "
+        f"time to first token: {r.time_to_first_token_s * 1000:.0f} ms"
+    )
+
+
+def cmd_generate(args) -> int:
+    import smoe
+    from smoe.errors import SmoeError
+
+    if args.prompt_ids is not None:
+        try:
+            prompt = [int(t) for t in args.prompt_ids.replace(" ", "").split(",") if t]
+        except ValueError:
+            raise SmoeError("--prompt-ids must be comma-separated integers, e.g. 1,415,2936") from None
+    else:
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    model, tokenizer = _load(args)
+    if isinstance(prompt, str) and tokenizer is None:
+        raise SmoeError(f"{args.model}: this checkpoint has no tokenizer files; pass --prompt-ids instead")
+    if args.chat:
+        if tokenizer is None:
+            raise SmoeError("--chat needs a tokenizer")
+        if not isinstance(prompt, str):
+            raise SmoeError("--chat takes --prompt text, not --prompt-ids")
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    sampling = _sampling(args)
+    if args.json or tokenizer is None:
+        result = smoe.generate(model, tokenizer, prompt, **sampling)
+        if args.json:
+            print(json.dumps(result.to_dict(), ensure_ascii=False))
+        else:
+            print(" ".join(map(str, result.token_ids)))
+            print(_stats_line(result), file=sys.stderr)
+        return 0
+    if isinstance(prompt, str):
+        print(prompt, end="", flush=True)
+    result = None
+    for item in smoe.stream_generate(model, tokenizer, prompt, **sampling):
+        if isinstance(item, str):
+            print(item, end="", flush=True)
+        else:
+            result = item
+    print()
+    print(_stats_line(result), file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    import smoe
+    from smoe.errors import SmoeError
+
+    model, tokenizer = _load(args)
+    if tokenizer is None:
+        raise SmoeError("chat needs a tokenizer (tokenizer.json or tokenizer.model in the model directory)")
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("smoe chat — /reset to start over, /exit or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        if interactive:
+            print(">>> ", end="", flush=True, file=sys.stderr)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.rstrip("\n")
+        if text.strip() in ("/exit", "/quit"):
+            break
+        if text.strip() == "/reset":
+            history.clear()
+            continue
+        if not text.strip():
+            continue
+        history.append({"role": "user", "content": text})
+        ids = tokenizer.apply_chat_template(system + history)
+        reply, result = "", None
+        try:
+            for item in smoe.stream_generate(model, tokenizer, ids, **_sampling(args)):
+                if isinstance(item, str):
+                    reply += item
+                    print(item, end="", flush=True)
+                else:
+                    result = item
+        except SmoeError as e:
+            history.pop()
+            print(f"smoe: error: {e}", file=sys.stderr)
+            continue
+        print()
+        print(f"[{_stats_line(result)}]", file=sys.stderr)
+        history.append({"role": "assistant", "content": reply.strip()})
+    return 0
+
+
+def describe(config) -> dict:
+    counts = config.parameter_counts()
+    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+    memory = {}
+    for dtype, size in (("fp32", 4), ("bf16", 2), ("fp16", 2)):
+        memory[dtype] = {
+            "weights_bytes": counts["total"] * size,
+            "bytes_read_per_token": config.bytes_per_token(dtype),
+            "kv_cache_bytes_per_token": kv_per_token * size,
+        }
+    return {
+        "config": {k: v for k, v in config.to_hf_dict().items() if k not in ("architectures",)},
+        "parameters": counts["total"],
+        "active_parameters_per_token": counts["active"],
+        "expert_parameters": counts["experts"],
+        "memory": memory,
+    }
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def cmd_info(args) -> int:
+    from smoe.config import ModelConfig
+    from smoe.errors import SmoeError
+
+    path = Path(args.model)
+    if not path.is_dir():
+        raise SmoeError(f"{path}: not a checkpoint directory")
+    config = ModelConfig.from_dir(path)
+    info = describe(config)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    c = config
+    print(f"{path}")
+    print(f"  layers {c.num_hidden_layers}, hidden {c.hidden_size}, heads {c.num_attention_heads} "
+          f"(kv {c.num_key_value_heads}, head dim {c.head_dim}), vocab {c.vocab_size}")
+    print(f"  experts {c.num_local_experts} x ffn {c.intermediate_size}, top-{c.num_experts_per_tok} per token")
+    print(f"  rope theta {c.rope_theta:g}, sliding window {c.sliding_window or 'none'}, "
+          f"context {c.max_position_embeddings}")
+    print(f"  parameters: {info['parameters'] / 1e9:.3f} B total, "
+          f"{info['active_parameters_per_token'] / 1e9:.3f} B active per token "
+          f"({info['expert_parameters'] / info['parameters']:.0%} of all weights are experts)")
+    print("  dtype   weights      read/token   KV cache/token")
+    for dtype, m in info["memory"].items():
+        print(f"  {dtype:<6}  {_gib(m['weights_bytes']):<11}  {_gib(m['bytes_read_per_token']):<11}  "
+              f"{m['kv_cache_bytes_per_token'] / 1024:.1f} KiB")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from smoe.errors import SmoeError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except SmoeError as e:
+        print(f"smoe: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:  # unreadable file, permission denied, disk full
+        print(f"smoe: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

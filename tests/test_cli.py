@@ -1,0 +1,103 @@
+"""The `smoe` command, run as a user runs it: a subprocess, its stdout, stderr and exit code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import smoe
+
+
+def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "smoe.cli", *args], capture_output=True, text=True, input=stdin, timeout=300,
+    )
+
+
+def test_generate_json(chat_checkpoint):
+    out = run("generate", "--model", str(chat_checkpoint), "--prompt", "Bonjour", "--max-tokens", "12",
+              "--ignore-eos", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    for key in ("text", "token_ids", "prompt_tokens", "prefill_tokens_per_s", "decode_tokens_per_s"):
+        assert key in data
+    model, tok = smoe.load(chat_checkpoint)
+    expected = smoe.generate(model, tok, "Bonjour", max_tokens=12, ignore_eos=True)
+    assert data["token_ids"] == expected.token_ids and data["text"] == expected.text
+    assert data["prompt_tokens"] == len(tok.encode("Bonjour"))
+
+
+def test_generate_human_output_ends_with_speed(chat_checkpoint):
+    out = run("generate", "--model", str(chat_checkpoint), "--prompt", "Hello", "--max-tokens", "8",
+              "--temperature", "0.8", "--top-p", "0.9", "--top-k", "40", "--min-p", "0.02", "--seed", "3",
+              "--repetition-penalty", "1.1", "--dtype", "bf16", "--ignore-eos")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("Hello")
+    last = out.stderr.strip().splitlines()[-1]
+    assert "tokens/s" in last and last.startswith("prompt:")
+
+
+def test_generate_prompt_ids_without_tokenizer(checkpoint_factory):
+    path = checkpoint_factory()
+    out = run("generate", "--model", str(path), "--prompt-ids", "5,6,7", "--max-tokens", "5", "--ignore-eos", "--json")
+    assert out.returncode == 0, out.stderr
+    model, _ = smoe.load(path)
+    assert json.loads(out.stdout)["token_ids"] == smoe.generate(model, None, [5, 6, 7], max_tokens=5, ignore_eos=True).token_ids
+    text = run("generate", "--model", str(path), "--prompt", "hi")
+    assert text.returncode == 2 and "no tokenizer files; pass --prompt-ids" in text.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["generate", "--model", "/no/such/dir", "--prompt", "x"], "/no/such/dir: no such directory"),
+    (["generate", "--model", "CKPT", "--prompt", "x", "--top-p", "1.5"], "top_p must be a number in (0, 1]"),
+    (["generate", "--model", "CKPT", "--prompt", "x", "--max-tokens", "100000"], "exceeds the model's context of 512"),
+    (["generate", "--model", "CKPT", "--prompt-ids", "1,x"], "--prompt-ids must be comma-separated integers"),
+    (["info", "/no/such/dir"], "not a checkpoint directory"),
+])
+def test_user_mistakes_exit_2_with_one_line(chat_checkpoint, args, message):
+    args = [str(chat_checkpoint) if a == "CKPT" else a for a in args]
+    out = run(*args)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("smoe: error:") and message in lines[0]
+
+
+@pytest.mark.parametrize("args", [["generate", "--prompt", "x", "--temperature", "hot"], ["frobnicate"], ["generate"]])
+def test_bad_flags_exit_2(args):
+    out = run(*args)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "error:" in out.stderr
+
+
+def test_info_counts_parameters_like_transformers(checkpoint_factory):
+    from transformers import MixtralForCausalLM
+
+    path = checkpoint_factory(num_local_experts=8, head_dim=16)
+    out = run("info", str(path), "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    hf = MixtralForCausalLM.from_pretrained(path)
+    assert info["parameters"] == hf.num_parameters()
+    experts = sum(p.numel() for n, p in hf.named_parameters() if ".experts." in n)
+    assert info["expert_parameters"] == experts
+    # one token reads everything but 6 of 8 experts per layer, and one embedding row instead of all
+    embed = hf.model.embed_tokens.weight
+    assert info["active_parameters_per_token"] == hf.num_parameters() - experts * 6 // 8 - embed.numel() + embed.shape[1]
+    assert info["memory"]["bf16"]["bytes_read_per_token"] == 2 * info["active_parameters_per_token"]
+    human = run("info", str(path))
+    assert human.returncode == 0 and "active per token" in human.stdout
+
+
+def test_chat_multi_turn(chat_checkpoint):
+    out = run("chat", "--model", str(chat_checkpoint), "--max-tokens", "6", "--ignore-eos", "--system", "Be brief.",
+              stdin="Hello there\nAnd again?\n/exit\n")
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("[prompt:") == 2
+    model, tok = smoe.load(chat_checkpoint)
+    first = smoe.generate(model, tok, tok.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]),
+        max_tokens=6, ignore_eos=True)
+    assert out.stdout.startswith(first.text)

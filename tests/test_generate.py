@@ -1,0 +1,161 @@
+"""The engine: sampling against transformers' processors, seeds, stops, streaming, scheduling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import smoe
+from smoe.errors import GenerationError
+from smoe.generate import Engine
+from smoe.sampling import SamplingParams, apply_repetition_penalty, filter_logits
+
+
+@pytest.fixture(scope="module")
+def chat_model(chat_checkpoint):
+    return smoe.load(chat_checkpoint)
+
+
+def hf_filtered(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+    )
+
+    scores = logits[None].clone()
+    scores = TemperatureLogitsWarper(temperature)(None, scores)
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    if min_p:
+        scores = MinPLogitsWarper(min_p)(None, scores)
+    return scores[0]
+
+
+@pytest.mark.parametrize("kw", [
+    dict(temperature=0.7), dict(temperature=1.0, top_k=5), dict(temperature=0.9, top_p=0.8),
+    dict(temperature=1.3, min_p=0.1), dict(temperature=0.8, top_k=50, top_p=0.95, min_p=0.05),
+    dict(temperature=1.0, top_p=0.3),
+])
+def test_filters_match_transformers_warpers(kw):
+    torch.manual_seed(0)
+    for _ in range(5):
+        logits = torch.randn(500) * 3
+        ours = filter_logits(logits, SamplingParams(**kw))
+        theirs = hf_filtered(logits, **kw)
+        assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+        kept = ~torch.isinf(ours)
+        assert torch.allclose(ours[kept], theirs[kept])
+
+
+def test_repetition_penalty_matches_transformers():
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    torch.manual_seed(1)
+    logits = torch.randn(100)
+    context = torch.tensor([3, 7, 7, 50, 99])
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(context[None], logits[None].clone())[0]
+    assert torch.allclose(apply_repetition_penalty(logits, context, 1.3), expected)
+
+
+def test_greedy_with_repetition_penalty_matches_transformers(checkpoint_factory):
+    from transformers import MixtralForCausalLM
+
+    path = checkpoint_factory()
+    hf = MixtralForCausalLM.from_pretrained(path).eval()
+    model, _ = smoe.load(path)
+    ids = list(range(5, 15))
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=30, do_sample=False, repetition_penalty=1.5,
+                          eos_token_id=None)
+    got = smoe.generate(model, None, ids, max_tokens=30, repetition_penalty=1.5, ignore_eos=True)
+    assert got.token_ids == out[0, 10:].tolist()
+
+
+def test_same_seed_same_output_and_seeds_differ(chat_model):
+    model, tok = chat_model
+    kw = dict(max_tokens=24, temperature=1.0, top_p=0.95, ignore_eos=True)
+    a = smoe.generate(model, tok, "Once upon a time", seed=42, **kw)
+    b = smoe.generate(model, tok, "Once upon a time", seed=42, **kw)
+    c = smoe.generate(model, tok, "Once upon a time", seed=43, **kw)
+    assert a.token_ids == b.token_ids and a.text == b.text
+    assert a.token_ids != c.token_ids
+
+
+def test_stop_strings_cut_the_text(chat_model):
+    model, tok = chat_model
+    full = smoe.generate(model, tok, "The weather today", max_tokens=40, ignore_eos=True)
+    assert full.finish_reason == "length" and len(full.token_ids) == 40
+    assert full.text == tok.decode(full.token_ids)
+    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 3]
+    cut = smoe.generate(model, tok, "The weather today", max_tokens=40, ignore_eos=True, stop=[stop, "never-there"])
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index(stop)]
+    streamed = list(smoe.stream_generate(model, tok, "The weather today", max_tokens=40, ignore_eos=True, stop=stop))
+    assert "".join(streamed[:-1]) == cut.text and streamed[-1].text == cut.text
+
+
+def test_stop_token_ids_and_eos(chat_model):
+    model, tok = chat_model
+    full = smoe.generate(model, tok, "Numbers:", max_tokens=30, ignore_eos=True)
+    stop_id = full.token_ids[6]
+    first = full.token_ids.index(stop_id)
+    got = smoe.generate(model, tok, "Numbers:", max_tokens=30, ignore_eos=True, stop_token_ids=[stop_id])
+    assert got.token_ids == full.token_ids[: first + 1] and got.finish_reason == "stop"
+    assert got.text == tok.decode(full.token_ids[:first])
+
+
+def test_streaming_pieces_add_up_to_the_text(chat_model):
+    model, tok = chat_model
+    items = list(smoe.stream_generate(model, tok, "Grüße aus 日本", max_tokens=32, ignore_eos=True, seed=1,
+                                      temperature=0.8))
+    result = items[-1]
+    assert isinstance(result, smoe.GenerationResult)
+    assert "".join(items[:-1]) == result.text == tok.decode(result.token_ids)
+    assert result.prefill_tokens_per_s > 0 and result.decode_tokens_per_s > 0
+    assert result.time_to_first_token_s > 0 and result.prompt_tokens == len(tok.encode("Grüße aus 日本"))
+
+
+def test_context_limit_is_a_clear_error(chat_model):
+    model, tok = chat_model  # max_position_embeddings = 512
+    with pytest.raises(GenerationError, match=r"prompt \(\d+ tokens\) \+ max_tokens \(500\) = \d+ tokens exceeds the model's context of 512"):
+        smoe.generate(model, tok, "word " * 20, max_tokens=500)
+    with pytest.raises(GenerationError, match="prompt is empty"):
+        smoe.generate(model, None, [], max_tokens=5)
+    with pytest.raises(GenerationError, match="outside the vocabulary"):
+        smoe.generate(model, None, [1, 32000], max_tokens=5)
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(temperature=-1), "temperature must be"), (dict(top_p=0), "top_p must be"),
+    (dict(top_k=-2), "top_k must be"), (dict(min_p=2), "min_p must be"),
+    (dict(max_tokens=0), "max_tokens must be"), (dict(repetition_penalty=0), "repetition_penalty must be"),
+    (dict(temprature=0.5), "unexpected keyword argument 'temprature'"),
+])
+def test_bad_sampling_values(chat_model, kw, message):
+    model, tok = chat_model
+    with pytest.raises(GenerationError, match=message):
+        smoe.generate(model, tok, "hi", **kw)
+
+
+def test_sequences_join_and_leave_between_decode_steps(checkpoint_factory):
+    """What a continuous-batching scheduler does: add and remove sequences while others decode."""
+    model, _ = smoe.load(checkpoint_factory(sliding_window=6))
+    prompts = {"a": list(range(3, 14)), "b": list(range(40, 45)), "c": list(range(60, 80))}
+    alone = {k: smoe.generate(model, None, p, max_tokens=20, ignore_eos=True).token_ids for k, p in prompts.items()}
+    engine = Engine(model, max_batch_size=2, max_seq_len=64)
+    params = lambda: SamplingParams(max_tokens=20, ignore_eos=True)  # noqa: E731
+    a = engine.add(prompts["a"], params())
+    for _ in range(5):
+        engine.step()
+    b = engine.add(prompts["b"], params())
+    with pytest.raises(GenerationError, match="all rows of the engine are busy"):
+        engine.add(prompts["c"], params())
+    while not a.finished:
+        engine.step()
+    engine.remove(a)
+    c = engine.add(prompts["c"], params())  # reuses a's row, with its stale cache contents
+    assert c.row == a.row
+    while engine.active:
+        engine.step()
+    assert a.token_ids == alone["a"] and b.token_ids == alone["b"] and c.token_ids == alone["c"]
