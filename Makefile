@@ -16,8 +16,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+DEMO := smoe/assets/demo/config.json
+PROMPT := The meaning of life is
+
 run: install
-	$(BIN)/smoe generate --prompt "The meaning of life is" --max-tokens 64
+	@if [ -f $(DEMO) ]; then \
+		$(BIN)/smoe generate --prompt "$(PROMPT)" --max-tokens 64; \
+	else \
+		echo "(the demo model is not bundled yet: generating from a tiny random-weight Mixtral with Mixtral-8x7B's tokenizer)"; \
+		$(BIN)/python benchmarks/random_checkpoint.py --preset tiny --out .cache/random-tiny >/dev/null 2>&1 && \
+		$(BIN)/smoe generate --model .cache/random-tiny --prompt "$(PROMPT)" --max-tokens 64 --ignore-eos; \
+	fi
 
 test: install
 	$(BIN)/python -m pytest
@@ -29,4 +38,4 @@ lint: install
 	$(BIN)/ruff check smoe tests benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info .cache

@@ -33,12 +33,17 @@ def load(
     device: str | torch.device = "cpu",
     allow_pickle: bool = False,
     tokenizer_backend: str | None = None,
+    pack: bool | None = None,
 ):
     """Load a checkpoint directory -> (model, tokenizer).
 
     path=None loads the bundled demo model. dtype: 'fp32', 'bf16', 'fp16' or a torch dtype
     (default: the checkpoint's own). A directory without tokenizer files loads with
     tokenizer=None (prompts are then lists of token ids).
+
+    pack: store linear weights in oneDNN's blocked layout for fast CPU inference
+    (smoe/packing.py). Default: on when the device is the CPU. A packed model cannot be
+    trained or saved; load with pack=False for that.
     """
     from smoe.checkpoint import load_model
     from smoe.errors import CheckpointError
@@ -52,5 +57,12 @@ def load(
             )
         path = DEMO_MODEL
     model = load_model(path, dtype=dtype, device=device, allow_pickle=allow_pickle)
+    if pack is None:
+        pack = torch.device(device).type == "cpu"
+    if pack:
+        from smoe.packing import pack_linears, release_mmap
+
+        pack_linears(model)
+        release_mmap(model)
     tokenizer = load_tokenizer(path, backend=tokenizer_backend) if Path(path).is_dir() else None
     return model, tokenizer

@@ -40,6 +40,7 @@ class AttentionPlan:
     concat: bool  # attend over [old slots, new keys] (rolling buffer, T > 1)
     kv_len: int  # slots to attend over when not concat
     mask: torch.Tensor | None  # [B, 1, T, keys] True = may attend; None = attend to all keys
+    is_causal: bool = False  # no mask: keys are exactly positions 0..T-1 of a fresh prompt
 
 
 class KVCache:
@@ -102,9 +103,16 @@ class KVCache:
             kv_len = self.num_slots if self.rolling else int(positions.max()) + 1
             key_pos = slot_pos[:, :kv_len]  # [B, kv_len]
 
+        is_causal = False
         if T == 1 and B == 1:
             # one sequence, one token: every filled slot is in its past and in its window
             mask = None
+        elif (
+            B == 1 and not concat and kv_len == T and int(positions[0, 0]) == 0
+            and (self.window is None or self.window >= T)
+        ):
+            # a fresh prompt in one chunk: plain causal attention, which SDPA runs without a mask
+            mask, is_causal = None, True
         else:
             k_pos = key_pos[:, None, :]  # [B, 1, keys]
             mask = (k_pos >= 0) & (k_pos <= q_pos)  # [B, T, keys]
@@ -114,7 +122,7 @@ class KVCache:
 
         if concat:
             slot_pos.scatter_(1, write_slots, write_pos)
-        self.plan = AttentionPlan(self.rows, write_slots, concat, kv_len, mask)
+        self.plan = AttentionPlan(self.rows, write_slots, concat, kv_len, mask, is_causal)
         return self.plan
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

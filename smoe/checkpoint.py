@@ -396,6 +396,10 @@ def save_checkpoint(
     """Save config and weights (safetensors; sharded with an index above max_shard_bytes)."""
     from safetensors.torch import save_file
 
+    from smoe.packing import is_packed
+
+    if is_packed(model):
+        raise CheckpointError("this model's weights are packed for CPU inference; load it with pack=False to save it")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     dtype = parse_dtype(dtype)

@@ -30,7 +30,7 @@ class Sequence:
     params: SamplingParams
     row: int = -1
     token_ids: list[int] = field(default_factory=list)  # generated, including a final stop token
-    text: str = ""  # generated text shown so far (stop strings and tokens excluded)
+    text: str = ""  # generated text so far, with its leading space (stop strings and tokens excluded)
     finish_reason: str | None = None  # "stop" (EOS, stop token or string) or "length"
     prefill_s: float = 0.0
     decode_s: float = 0.0
@@ -120,7 +120,7 @@ class Engine:
         self._samplers[row] = Sampler(params, device=self.model.device)
         self._pending[row] = ""
         if self.tokenizer is not None:
-            self._detok[row] = IncrementalDetokenizer(self.tokenizer)
+            self._detok[row] = IncrementalDetokenizer(self.tokenizer, context=prompt_ids)
         view = self.cache.view(row, row + 1)
         view.reset()
         device = self.model.device

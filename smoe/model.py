@@ -299,8 +299,8 @@ class Transformer(nn.Module):
         cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, D]
 
         if cache is not None:
-            mask = cache.begin(positions).mask
-            is_causal = False
+            plan = cache.begin(positions)
+            mask, is_causal = plan.mask, plan.is_causal
         else:
             window = self.config.sliding_window
             if window is None or window >= T:

@@ -226,13 +226,20 @@ class IncrementalDetokenizer:
     same plus the new ones — and emits only the difference; while the difference ends
     in U+FFFD (an incomplete character) it waits for more tokens.
     Concatenating the pieces gives decode(all ids).
+
+    `context`: the ids before the stream (the prompt's last few are enough), so that the
+    first piece keeps the space that separates it from the prompt; the pieces then add up
+    to decode(context + ids)[len(decode(context)):].
     """
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, context: list[int] = ()) -> None:
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
+        context = list(context)[-4:]
+        while context and "\ufffd" in tokenizer.decode(context):  # do not start mid-character
+            context = context[1:]
+        self.ids: list[int] = context
         self.prefix_offset = 0  # window start
-        self.read_offset = 0  # tokens before this are already emitted
+        self.read_offset = len(context)  # tokens before this are already emitted
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)

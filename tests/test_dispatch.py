@@ -62,3 +62,33 @@ def test_whole_model_dispatches_agree(checkpoint_factory):
         assert (out - outputs["loop"]).abs().max().item() <= 1e-5, name
     with pytest.raises(ValueError, match="unknown dispatch"):
         model.set_dispatch("fastest")
+
+
+def test_packed_linears_agree_with_plain(checkpoint_factory):
+    """The CPU fast path (oneDNN-packed weights) against plain F.linear, whole model."""
+    from smoe.packing import PackedLinear, is_packed
+
+    path = checkpoint_factory(num_local_experts=8, sliding_window=5)
+    plain, _ = smoe.load(path, pack=False)
+    packed, _ = smoe.load(path)  # packs on CPU by default
+    if not is_packed(packed):
+        pytest.skip("oneDNN packing is not available in this torch build")
+    assert isinstance(packed.layers[0].moe.experts[0].w1, PackedLinear)
+    assert not is_packed(plain)
+    ids = torch.randint(0, 128, (2, 21), generator=torch.Generator().manual_seed(3))
+    assert (packed(ids) - plain(ids)).abs().max().item() <= 1e-5
+    a = smoe.generate(plain, None, ids[0].tolist(), max_tokens=30, ignore_eos=True)
+    b = smoe.generate(packed, None, ids[0].tolist(), max_tokens=30, ignore_eos=True)
+    assert a.token_ids == b.token_ids
+
+
+def test_packed_model_refuses_to_save(checkpoint_factory, tmp_path):
+    from smoe.checkpoint import save_checkpoint
+    from smoe.errors import CheckpointError
+    from smoe.packing import is_packed
+
+    model, _ = smoe.load(checkpoint_factory())
+    if not is_packed(model):
+        pytest.skip("oneDNN packing is not available in this torch build")
+    with pytest.raises(CheckpointError, match="load it with pack=False to save"):
+        save_checkpoint(model, tmp_path)

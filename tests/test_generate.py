@@ -86,7 +86,9 @@ def test_stop_strings_cut_the_text(chat_model):
     model, tok = chat_model
     full = smoe.generate(model, tok, "The weather today", max_tokens=40, ignore_eos=True)
     assert full.finish_reason == "length" and len(full.token_ids) == 40
-    assert full.text == tok.decode(full.token_ids)
+    prompt = tok.encode("The weather today")
+    assert full.text == tok.decode(prompt + full.token_ids)[len(tok.decode(prompt)):]
+    assert full.text.startswith(" ") == tok.id_to_piece(full.token_ids[0]).startswith("▁")
     stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 3]
     cut = smoe.generate(model, tok, "The weather today", max_tokens=40, ignore_eos=True, stop=[stop, "never-there"])
     assert cut.finish_reason == "stop"
@@ -102,7 +104,8 @@ def test_stop_token_ids_and_eos(chat_model):
     first = full.token_ids.index(stop_id)
     got = smoe.generate(model, tok, "Numbers:", max_tokens=30, ignore_eos=True, stop_token_ids=[stop_id])
     assert got.token_ids == full.token_ids[: first + 1] and got.finish_reason == "stop"
-    assert got.text == tok.decode(full.token_ids[:first])
+    prompt = tok.encode("Numbers:")
+    assert got.text == tok.decode(prompt + full.token_ids[:first])[len(tok.decode(prompt)):]
 
 
 def test_streaming_pieces_add_up_to_the_text(chat_model):
@@ -111,7 +114,8 @@ def test_streaming_pieces_add_up_to_the_text(chat_model):
                                       temperature=0.8))
     result = items[-1]
     assert isinstance(result, smoe.GenerationResult)
-    assert "".join(items[:-1]) == result.text == tok.decode(result.token_ids)
+    prompt = tok.encode("Grüße aus 日本")
+    assert "".join(items[:-1]) == result.text == tok.decode(prompt + result.token_ids)[len(tok.decode(prompt)):]
     assert result.prefill_tokens_per_s > 0 and result.decode_tokens_per_s > 0
     assert result.time_to_first_token_s > 0 and result.prompt_tokens == len(tok.encode("Grüße aus 日本"))
 

@@ -136,3 +136,12 @@ def test_chat_template_rejects_bad_messages(backends):
         tok.apply_chat_template([{"role": "assistant", "content": "hi"}])
     with pytest.raises(TokenizerError, match="message 0: role"):
         tok.apply_chat_template([{"role": "robot", "content": "hi"}])
+
+
+@pytest.mark.parametrize("name", ["hf", "sentencepiece", "mistral-common"])
+def test_detokenizer_with_prompt_context_keeps_the_space(backends, name):
+    tok = backends[name]
+    prompt, continuation = tok.encode("The meaning of life is"), tok.encode("to eat 🍕 daily", bos=False)
+    detok = IncrementalDetokenizer(tok, context=prompt)
+    pieces = [detok.add(i) for i in continuation] + [detok.flush()]
+    assert "".join(pieces) == " to eat 🍕 daily"
