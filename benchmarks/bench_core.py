@@ -80,8 +80,9 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=HERE / "out" / "core.json")
     args = p.parse_args()
 
-    import smoe
     from transformers import MixtralForCausalLM
+
+    import smoe
 
     torch.set_num_threads(args.threads)
     write(args.checkpoint, "bench", torch.bfloat16)
@@ -115,7 +116,8 @@ def main() -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    print(f"\n| dtype | smoe decode tok/s | transformers decode tok/s | ratio | smoe prefill tok/s | transformers prefill tok/s | ratio |")
+    print("\n| dtype | smoe decode tok/s | transformers decode tok/s | ratio "
+          "| smoe prefill tok/s | transformers prefill tok/s | ratio |")
     print("|---|---|---|---|---|---|---|")
     for name, b in results.items():
         print(f"| {name} | {b['smoe_decode']:.1f} | {b['hf_decode']:.1f} | {b['smoe_decode'] / b['hf_decode']:.2f}x "

@@ -48,22 +48,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    g = sub.add_parser("generate", help="continue a prompt", description="Continue a prompt and print tokens/s.")
+    g = sub.add_parser("generate", help="continue a prompt",
+                       description="Continue a prompt and print tokens/s.")
     _model_args(g)
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text ('-' reads standard input)")
-    src.add_argument("--prompt-ids", metavar="IDS", help="prompt as comma-separated token ids (models without a tokenizer)")
+    src.add_argument("--prompt-ids", metavar="IDS",
+                     help="prompt as comma-separated token ids (models without a tokenizer)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object with text, token ids and timings")
     _sampling_args(g)
 
-    c = sub.add_parser("chat", help="talk to the model", description="Interactive multi-turn chat. /reset clears, /exit quits.")
+    c = sub.add_parser("chat", help="talk to the model",
+                       description="Interactive multi-turn chat. /reset clears, /exit quits.")
     _model_args(c)
     c.add_argument("--system", default=None, help="system prompt")
     _sampling_args(c)
     c.set_defaults(max_tokens=512)
 
-    i = sub.add_parser("info", help="describe a checkpoint", description="Config, parameters and memory of a checkpoint.")
+    i = sub.add_parser("info", help="describe a checkpoint",
+                       description="Config, parameters and memory of a checkpoint.")
     i.add_argument("model", metavar="DIR", help="checkpoint directory")
     i.add_argument("--json", action="store_true", help="print JSON")
     return parser

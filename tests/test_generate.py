@@ -18,7 +18,10 @@ def chat_model(chat_checkpoint):
 
 def hf_filtered(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
     from transformers.generation.logits_process import (
-        MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
     )
 
     scores = logits[None].clone()

@@ -91,7 +91,7 @@ def test_batched_generation_equals_each_prompt_alone(checkpoint_factory, name):
     model, _ = smoe.load(path)
     prompts = [prompt(10, 3), prompt(11, 17), prompt(12, 9)]
     batched = smoe.generate(model, None, prompts, max_tokens=24, ignore_eos=True)
-    for p, got in zip(prompts, batched):
+    for p, got in zip(prompts, batched, strict=True):
         alone = smoe.generate(model, None, p, max_tokens=24, ignore_eos=True)
         assert got.token_ids == alone.token_ids
         assert got.prompt_tokens == len(p)

@@ -7,7 +7,11 @@ import pytest
 from conftest import v1_tokenizer_path
 from smoe.errors import TokenizerError
 from smoe.tokenizer import (
-    HFTokenizer, IncrementalDetokenizer, MistralCommonTokenizer, SentencePieceTokenizer, load_tokenizer,
+    HFTokenizer,
+    IncrementalDetokenizer,
+    MistralCommonTokenizer,
+    SentencePieceTokenizer,
+    load_tokenizer,
 )
 
 TEXTS = [
