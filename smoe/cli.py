@@ -66,6 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(c)
     c.set_defaults(max_tokens=512)
 
+    t = sub.add_parser("train", help="train a model (from scratch or a checkpoint)",
+                       description="Train with next-token cross-entropy plus Mixtral's load-balancing loss.")
+    t.add_argument("--config", required=True, metavar="FILE", help="training config (JSON), e.g. configs/demo.json")
+    t.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    t.add_argument("--max-steps", type=int, default=None, help="override the config's max_steps")
+
+    d = sub.add_parser("data", help="build the demo corpus", description="Build the demo model's corpus offline.")
+    dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
+    dsub.required = True
+    b = dsub.add_parser("build", help="download Debian fortune packages + the Python stdlib, split, train a tokenizer")
+    b.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory, e.g. data/corpus")
+    b.add_argument("--debs", type=Path, default=None, metavar="DIR", help="use these .deb files instead of apt-get download")
+    b.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default 8192)")
+
     i = sub.add_parser("info", help="describe a checkpoint",
                        description="Config, parameters and memory of a checkpoint.")
     i.add_argument("model", metavar="DIR", help="checkpoint directory")
@@ -246,7 +260,37 @@ def cmd_info(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
+def cmd_train(args) -> int:
+    from smoe.errors import SmoeError
+    from smoe.train import TrainConfig, train
+
+    cfg = TrainConfig.from_file(args.config)
+    if args.max_steps is not None:
+        if args.max_steps < 1:
+            raise SmoeError("--max-steps must be at least 1")
+        cfg.max_steps = args.max_steps
+    for name in ("train_data", "tokenizer") + (("heldout_data",) if cfg.heldout_data else ()):
+        if not Path(getattr(cfg, name)).exists():
+            raise SmoeError(f"{args.config}: {name} '{getattr(cfg, name)}' does not exist; "
+                            "build the corpus first: smoe data build --out data/corpus")
+    summary = train(cfg, resume=args.resume)
+    print(f"trained {summary['steps']} steps in {summary['wall_s'] / 60:.1f} min; checkpoints in {cfg.out}")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from smoe.data import build
+
+    stats = build(args.out, debs=args.debs, vocab_size=args.vocab_size)
+    for split in ("train", "heldout"):
+        parts = ", ".join(f"{d} {n} docs / {stats['bytes'][split][d] / 1e6:.2f} MB"
+                          for d, n in stats["documents"][split].items())
+        print(f"{split}: {parts}")
+    print(f"wrote {args.out}/train.jsonl, heldout.jsonl, tokenizer.json (vocab {args.vocab_size})")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "train": cmd_train, "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,398 @@
+"""Training: from scratch or from a checkpoint, with Mixtral's load-balancing loss.
+
+    smoe train --config configs/demo.json            # writes runs/demo/
+    smoe train --config configs/demo.json --resume   # continues from the last checkpoint
+
+Loss = next-token cross-entropy
+     + aux_loss_coef * load-balancing loss (Switch Transformer, Fedus et al. 2021, eq. 4;
+       the formulation transformers implements as `load_balancing_loss_func`)
+     + z_loss_coef * router z-loss (ST-MoE, Zoph et al. 2022, eq. 5).
+
+The data order is a pure function of (seed, step): batch m is drawn from the m-th slots
+of a chain of seeded permutations of the training chunks. Together with the optimizer and
+RNG state in each checkpoint, this makes a resumed run retrace the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from smoe.config import ModelConfig
+from smoe.errors import SmoeError
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    model: dict | None = None  # HF config.json fields of a new model ...
+    init_from: str | None = None  # ... or a checkpoint directory to continue from
+    train_data: str = "data/corpus/train.jsonl"
+    heldout_data: str | None = "data/corpus/heldout.jsonl"
+    tokenizer: str = "data/corpus/tokenizer.json"
+    seq_len: int = 256
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: int = 1000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+    aux_loss_coef: float = 0.02
+    z_loss_coef: float = 0.0
+    router_jitter: float = 0.0
+    autocast: str = "bf16"  # "bf16" (CPU autocast) or "none" (fp32)
+    init_std: float = 0.02
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 250
+    eval_tokens: int = 8192  # held-out tokens per domain
+    save_every: int = 250
+    keep_checkpoints: int = 2
+    threads: int | None = None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise SmoeError(f"{path}: no such config file") from None
+        except json.JSONDecodeError as e:
+            raise SmoeError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SmoeError(f"{path}: unknown field '{unknown[0]}'; known fields: {', '.join(sorted(known))}")
+        if "out" not in data:
+            raise SmoeError(f"{path}: missing field 'out' (the run directory)")
+        cfg = cls(**data)
+        if (cfg.model is None) == (cfg.init_from is None):
+            raise SmoeError(f"{path}: give exactly one of 'model' (a new model's config) or 'init_from'")
+        if cfg.autocast not in ("bf16", "none"):
+            raise SmoeError(f"{path}: autocast must be 'bf16' or 'none'")
+        return cfg
+
+
+# ------------------------------------------------------------------------ losses
+
+
+def load_balancing_loss(
+    router_logits: list[torch.Tensor], top_k: int, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Switch Transformer auxiliary loss, summed over layers' tokens:
+
+        E * Σ_e f_e · P_e,   f_e = share of top-k slots routed to e,  P_e = mean router probability of e
+
+    router_logits: one [N, E] tensor per layer; mask [N] (1 = real token, 0 = padding).
+    Equals 1 when routing is perfectly uniform, E/K-ish when it collapses.
+    """
+    E = router_logits[0].shape[-1]
+    weights = torch.ones(router_logits[0].shape[0], device=router_logits[0].device) if mask is None else mask.float()
+    slots = torch.zeros(E, device=weights.device)
+    probs = torch.zeros(E, device=weights.device)
+    rows = 0.0
+    for logits in router_logits:
+        p = torch.softmax(logits.float(), dim=-1)  # [N, E]
+        chosen = torch.topk(p, top_k, dim=-1).indices  # [N, K]
+        slots = slots + torch.zeros(E, device=p.device).scatter_add_(
+            0, chosen.reshape(-1), weights.repeat_interleave(top_k)
+        )
+        probs = probs + (p * weights[:, None]).sum(0)
+        rows = rows + weights.sum()
+    return E * torch.sum((slots / rows) * (probs / rows))
+
+
+def router_z_loss(router_logits: list[torch.Tensor]) -> torch.Tensor:
+    """Mean squared log-partition of the router logits: keeps them small and the softmax stable."""
+    return torch.stack([torch.logsumexp(r.float(), dim=-1).pow(2).mean() for r in router_logits]).mean()
+
+
+def expert_load(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
+    """[L, E] share of top-k slots each expert receives, per layer."""
+    E = router_logits[0].shape[-1]
+    loads = []
+    for logits in router_logits:
+        chosen = torch.topk(logits.float(), top_k, dim=-1).indices
+        loads.append(torch.bincount(chosen.reshape(-1), minlength=E).float() / chosen.numel())
+    return torch.stack(loads)
+
+
+# -------------------------------------------------------------------------- data
+
+
+def tokenize_documents(docs: list[dict], tokenizer) -> list[list[int]]:
+    texts = [d["text"] for d in docs]
+    encoded = tokenizer.tok.encode_batch(texts, add_special_tokens=False)
+    return [[tokenizer.bos_id, *e.ids, tokenizer.eos_id] for e in encoded]
+
+
+class TokenStream:
+    """Documents shuffled once (seeded) and concatenated; served as seq_len+1 windows."""
+
+    def __init__(self, token_docs: list[list[int]], seq_len: int, seed: int) -> None:
+        order = torch.randperm(len(token_docs), generator=torch.Generator().manual_seed(seed)).tolist()
+        self.tokens = torch.tensor([t for i in order for t in token_docs[i]], dtype=torch.long)
+        self.seq_len = seq_len
+        self.num_chunks = (len(self.tokens) - 1) // seq_len
+        if self.num_chunks < 1:
+            raise SmoeError(f"not enough training tokens ({len(self.tokens)}) for one sequence of {seq_len}")
+        self.seed = seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.num_chunks, generator=g)}
+        return self._perms[epoch]
+
+    def batch(self, index: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The index-th batch of the infinite seeded order: inputs and targets [B, T]."""
+        rows = []
+        for slot in range(index * batch_size, (index + 1) * batch_size):
+            epoch, pos = divmod(slot, self.num_chunks)
+            start = int(self._perm(epoch)[pos]) * self.seq_len
+            rows.append(self.tokens[start : start + self.seq_len + 1])
+        chunk = torch.stack(rows)  # [B, T+1]
+        return chunk[:, :-1], chunk[:, 1:]
+
+
+def domain_streams(token_docs: list[list[int]], docs: list[dict]) -> dict[str, torch.Tensor]:
+    by_domain: dict[str, list[int]] = {}
+    for doc, tokens in zip(docs, token_docs, strict=True):
+        by_domain.setdefault(doc.get("domain", "all"), []).extend(tokens)
+    return {d: torch.tensor(t, dtype=torch.long) for d, t in sorted(by_domain.items())}
+
+
+@torch.no_grad()
+def stream_perplexity(model, tokens: torch.Tensor, seq_len: int, max_tokens: int) -> tuple[float, int]:
+    """exp(mean next-token NLL) over the first max_tokens predictions of a token stream,
+    in non-overlapping windows of seq_len (each window starts without context)."""
+    tokens = tokens[: max_tokens + 1]
+    nll, count = 0.0, 0
+    for start in range(0, len(tokens) - 1, seq_len):
+        window = tokens[start : start + seq_len + 1]
+        if len(window) < 2:
+            break
+        logits = model(window[None, :-1]).float()  # [1, T, V]
+        nll += F.cross_entropy(logits[0], window[1:], reduction="sum").item()
+        count += len(window) - 1
+    return math.exp(nll / count), count
+
+
+def heldout_perplexity(model, tokenizer, docs: list[dict], seq_len: int, max_tokens: int) -> dict[str, float]:
+    streams = domain_streams(tokenize_documents(docs, tokenizer), docs)
+    return {d: round(stream_perplexity(model, s, seq_len, max_tokens)[0], 4) for d, s in streams.items()}
+
+
+# ----------------------------------------------------------------------- training
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay from lr to min_lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _record_router_logits(model, on: bool) -> None:
+    for layer in model.layers:
+        layer.moe.record_router_logits = on
+        layer.moe.last_router_logits = None
+
+
+def train_step_loss(model, x, y, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
+    """Forward one micro-batch; return the total loss and its parts (floats)."""
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast == "bf16" and x.device.type == "cpu")
+    with autocast:
+        logits = model(x)  # [B, T, V]
+    router_logits = [layer.moe.last_router_logits for layer in model.layers]
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+    aux = load_balancing_loss(router_logits, model.config.num_experts_per_tok)
+    loss = ce + cfg.aux_loss_coef * aux
+    parts = {"ce": ce.item(), "aux": aux.item()}
+    if cfg.z_loss_coef:
+        z = router_z_loss(router_logits)
+        loss = loss + cfg.z_loss_coef * z
+        parts["z"] = z.item()
+    return loss, parts
+
+
+def _optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]  # norms
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=tuple(cfg.betas), fused=False,
+    )
+
+
+def _save(run: Path, model, optimizer, step: int, cfg: TrainConfig, history: list[dict]) -> Path:
+    """Write ckpt-STEP/ through a temporary directory, then point `latest` at it."""
+    from smoe.checkpoint import atomic_write, save_checkpoint
+
+    final = run / f"ckpt-{step:07d}"
+    tmp = run / f".ckpt-{step:07d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_checkpoint(model, tmp, dtype="fp32")
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "step": step},
+        tmp / "trainer_state.pt",
+    )
+    (tmp / "history.json").write_text(json.dumps(history))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    atomic_write(run / "latest", lambda p: p.write_text(final.name + "\n"))
+    kept = sorted(run.glob("ckpt-*"))
+    for old in kept[: -cfg.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def plot_history(history: list[dict], out: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [h for h in history if "ce" in h]
+    evals = [h for h in history if "eval" in h]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot([h["step"] for h in train], [h["ce"] for h in train], lw=1, label="train cross-entropy")
+    for domain in sorted(evals[0]["eval"]) if evals else []:
+        ax.plot([h["step"] for h in evals], [math.log(h["eval"][domain]) for h in evals], marker="o", ms=3,
+                lw=1, label=f"held-out {domain}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("nats per token")
+    ax.set_title(title or "training loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = out.with_name(out.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out)
+
+
+def build_model(cfg: TrainConfig, vocab_size: int):
+    from smoe.checkpoint import load_model
+    from smoe.model import Transformer
+
+    if cfg.init_from:
+        model = load_model(cfg.init_from, dtype=torch.float32)
+        model.requires_grad_(True)
+        return model
+    config = ModelConfig.from_hf_dict({"model_type": "mixtral", "vocab_size": vocab_size, **cfg.model},
+                                      source="train config 'model'")
+    if config.vocab_size < vocab_size:
+        raise SmoeError(f"model vocab_size {config.vocab_size} is smaller than the tokenizer's {vocab_size}")
+    config.router_jitter_noise = cfg.router_jitter
+    model = Transformer(config)
+    model.rope.reset_parameters()
+    model.init_weights(std=cfg.init_std, generator=torch.Generator().manual_seed(cfg.seed))
+    return model
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
+    """Run (or resume) training; returns a summary. stop_after: stop early after that many
+    steps of this call (used to test that resuming retraces an uninterrupted run)."""
+    from tqdm import tqdm
+
+    from smoe.data import read_jsonl
+    from smoe.tokenizer import HFTokenizer
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    tokenizer = HFTokenizer(cfg.tokenizer)
+    train_docs = read_jsonl(Path(cfg.train_data))
+    stream = TokenStream(tokenize_documents(train_docs, tokenizer), cfg.seq_len, cfg.seed)
+    heldout_docs = read_jsonl(Path(cfg.heldout_data)) if cfg.heldout_data else []
+    heldout = domain_streams(tokenize_documents(heldout_docs, tokenizer), heldout_docs) if heldout_docs else {}
+
+    torch.manual_seed(cfg.seed)
+    start_step, history = 0, []
+    if resume and (run / "latest").exists():
+        ckpt = run / (run / "latest").read_text().strip()
+        from smoe.checkpoint import load_model
+
+        model = load_model(ckpt, dtype=torch.float32)
+        model.requires_grad_(True)
+        model.config.router_jitter_noise = cfg.router_jitter
+        for layer in model.layers:
+            layer.moe.jitter_noise = cfg.router_jitter
+        optimizer = _optimizer(model, cfg)
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        start_step = state["step"]
+        history = json.loads((ckpt / "history.json").read_text())
+    else:
+        if resume:
+            print(f"no checkpoint in {run} to resume from; starting from step 0")
+        model = build_model(cfg, tokenizer.vocab_size)
+        optimizer = _optimizer(model, cfg)
+    (run / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    model.train()
+    _record_router_logits(model, True)
+
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    last_step = cfg.max_steps if stop_after is None else min(cfg.max_steps, start_step + stop_after)
+    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not progress, unit="step", dynamic_ncols=True)
+    t_start, t_window, tokens_window = time.perf_counter(), time.perf_counter(), 0
+    for step in range(start_step, last_step):
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sums: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            x, y = stream.batch(step * cfg.grad_accum + micro, cfg.batch_size)
+            loss, parts = train_step_loss(model, x, y, cfg)
+            (loss / cfg.grad_accum).backward()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_window += tokens_per_step
+        done = step + 1
+        if done % cfg.log_every == 0 or done == last_step:
+            now = time.perf_counter()
+            tok_s = tokens_window / (now - t_window)
+            t_window, tokens_window = now, 0
+            history.append({"step": done, **{k: round(v, 5) for k, v in sums.items()}, "lr": lr,
+                            "grad_norm": round(grad_norm, 4), "tokens_per_s": round(tok_s, 1)})
+            bar.set_postfix(loss=f"{sums['ce']:.3f}", aux=f"{sums['aux']:.3f}", tok_s=f"{tok_s:.0f}")
+        if heldout and (done % cfg.eval_every == 0 or done == cfg.max_steps):
+            history.append({"step": done, "eval": evaluate(model, heldout, cfg)})
+            bar.write(f"step {done}: held-out perplexity " +
+                      ", ".join(f"{d} {p:.2f}" for d, p in history[-1]["eval"].items()))
+        if done % cfg.save_every == 0 or done == last_step:
+            _save(run, model, optimizer, done, cfg, history)
+            plot_history(history, run / "loss.png", title=f"{run.name}: training")
+        bar.update(1)
+    bar.close()
+    _record_router_logits(model, False)
+    model.eval()
+    return {"steps": last_step, "wall_s": time.perf_counter() - t_start, "history": history, "model": model}
+
+
+def evaluate(model, heldout: dict[str, torch.Tensor], cfg: TrainConfig) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
+        result = {d: round(stream_perplexity(model, s, cfg.seq_len, cfg.eval_tokens)[0], 3) for d, s in heldout.items()}
+    model.train(was_training)
+    return result
