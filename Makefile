@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench lint clean
+.PHONY: install run test bench lint clean demo
 
 install: $(STAMP)
 
@@ -21,7 +21,7 @@ PROMPT := The meaning of life is
 
 run: install
 	@if [ -f $(DEMO) ]; then \
-		$(BIN)/smoe generate --prompt "$(PROMPT)" --max-tokens 64; \
+		$(BIN)/smoe generate --prompt "$(PROMPT)" --max-tokens 80 --temperature 0.7 --top-p 0.9 --seed 0; \
 	else \
 		echo "(the demo model is not bundled yet: generating from a tiny random-weight Mixtral with Mixtral-8x7B's tokenizer)"; \
 		$(BIN)/python benchmarks/random_checkpoint.py --preset tiny --out .cache/random-tiny >/dev/null 2>&1 && \
@@ -30,6 +30,13 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# rebuild the bundled demo model from scratch (~70 min on 2 cores)
+demo: install
+	$(BIN)/smoe data build --out data/corpus
+	$(BIN)/python scripts/aux_experiment.py --out runs/aux-experiment
+	$(BIN)/smoe train --config configs/demo.json
+	$(BIN)/python scripts/export_demo.py --run runs/demo --corpus data/corpus
 
 bench: install
 	$(BIN)/python benchmarks/bench_core.py

@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     dsub.required = True
     b = dsub.add_parser("build", help="download Debian fortune packages + the Python stdlib, split, train a tokenizer")
     b.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory, e.g. data/corpus")
-    b.add_argument("--debs", type=Path, default=None, metavar="DIR", help="use these .deb files instead of apt-get download")
+    b.add_argument("--debs", type=Path, default=None, metavar="DIR",
+                   help="use these .deb files instead of apt-get download")
     b.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default 8192)")
 
     i = sub.add_parser("info", help="describe a checkpoint",

@@ -49,6 +49,7 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0
     aux_loss_coef: float = 0.02
+    aux_loss_per_layer: bool = True  # False = transformers' pooled formulation (see load_balancing_loss)
     z_loss_coef: float = 0.0
     router_jitter: float = 0.0
     autocast: str = "bf16"  # "bf16" (CPU autocast) or "none" (fp32)
@@ -88,15 +89,24 @@ class TrainConfig:
 
 
 def load_balancing_loss(
-    router_logits: list[torch.Tensor], top_k: int, mask: torch.Tensor | None = None
+    router_logits: list[torch.Tensor], top_k: int, mask: torch.Tensor | None = None, per_layer: bool = False
 ) -> torch.Tensor:
     """Switch Transformer auxiliary loss, summed over layers' tokens:
 
         E * Σ_e f_e · P_e,   f_e = share of top-k slots routed to e,  P_e = mean router probability of e
 
     router_logits: one [N, E] tensor per layer; mask [N] (1 = real token, 0 = padding).
-    Equals 1 when routing is perfectly uniform, E/K-ish when it collapses.
+
+    per_layer=False pools the statistics of all layers before multiplying, exactly as
+    transformers' `load_balancing_loss_func` does. That pooled loss is blind to layers that
+    each collapse onto different experts (their pooled load looks even), so training uses
+    per_layer=True: the mean over layers of the same loss computed for each layer alone,
+    as the Switch Transformer adds one auxiliary loss per MoE layer.
+    With Σ_e f_e = K, it equals K when routing is perfectly uniform and grows to E·K/... as
+    routing collapses onto few experts (K·E when every token picks the same K, with certainty).
     """
+    if per_layer:
+        return torch.stack([load_balancing_loss([r], top_k, mask) for r in router_logits]).mean()
     E = router_logits[0].shape[-1]
     weights = torch.ones(router_logits[0].shape[0], device=router_logits[0].device) if mask is None else mask.float()
     slots = torch.zeros(E, device=weights.device)
@@ -219,7 +229,7 @@ def train_step_loss(model, x, y, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
         logits = model(x)  # [B, T, V]
     router_logits = [layer.moe.last_router_logits for layer in model.layers]
     ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-    aux = load_balancing_loss(router_logits, model.config.num_experts_per_tok)
+    aux = load_balancing_loss(router_logits, model.config.num_experts_per_tok, per_layer=cfg.aux_loss_per_layer)
     loss = ce + cfg.aux_loss_coef * aux
     parts = {"ce": ce.item(), "aux": aux.item()}
     if cfg.z_loss_coef:
@@ -238,7 +248,7 @@ def _optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     )
 
 
-def _save(run: Path, model, optimizer, step: int, cfg: TrainConfig, history: list[dict]) -> Path:
+def _save(run: Path, model, optimizer, step: int, cfg: TrainConfig, history: list[dict], elapsed: float) -> Path:
     """Write ckpt-STEP/ through a temporary directory, then point `latest` at it."""
     from smoe.checkpoint import atomic_write, save_checkpoint
 
@@ -247,7 +257,7 @@ def _save(run: Path, model, optimizer, step: int, cfg: TrainConfig, history: lis
     shutil.rmtree(tmp, ignore_errors=True)
     save_checkpoint(model, tmp, dtype="fp32")
     torch.save(
-        {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "step": step},
+        {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "step": step, "elapsed_s": elapsed},
         tmp / "trainer_state.pt",
     )
     (tmp / "history.json").write_text(json.dumps(history))
@@ -323,7 +333,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
     heldout = domain_streams(tokenize_documents(heldout_docs, tokenizer), heldout_docs) if heldout_docs else {}
 
     torch.manual_seed(cfg.seed)
-    start_step, history = 0, []
+    start_step, history, elapsed_before = 0, [], 0.0
     if resume and (run / "latest").exists():
         ckpt = run / (run / "latest").read_text().strip()
         from smoe.checkpoint import load_model
@@ -338,6 +348,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         start_step = state["step"]
+        elapsed_before = float(state.get("elapsed_s", 0.0))
         history = json.loads((ckpt / "history.json").read_text())
     else:
         if resume:
@@ -380,13 +391,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
             bar.write(f"step {done}: held-out perplexity " +
                       ", ".join(f"{d} {p:.2f}" for d, p in history[-1]["eval"].items()))
         if done % cfg.save_every == 0 or done == last_step:
-            _save(run, model, optimizer, done, cfg, history)
+            _save(run, model, optimizer, done, cfg, history, elapsed_before + time.perf_counter() - t_start)
             plot_history(history, run / "loss.png", title=f"{run.name}: training")
         bar.update(1)
     bar.close()
     _record_router_logits(model, False)
     model.eval()
-    return {"steps": last_step, "wall_s": time.perf_counter() - t_start, "history": history, "model": model}
+    wall = elapsed_before + time.perf_counter() - t_start
+    if last_step == cfg.max_steps:
+        (run / "summary.json").write_text(json.dumps({"steps": last_step, "wall_s": round(wall, 1)}) + "\n")
+    return {"steps": last_step, "wall_s": wall, "history": history, "model": model}
 
 
 def evaluate(model, heldout: dict[str, torch.Tensor], cfg: TrainConfig) -> dict[str, float]:

@@ -55,6 +55,19 @@ def test_aux_loss_equals_transformers(top_k, masked):
     assert torch.allclose(got, expected, rtol=1e-6, atol=1e-7)
 
 
+def test_per_layer_aux_loss_is_the_mean_of_transformers_per_layer():
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    g = torch.Generator().manual_seed(5)
+    logits = [torch.randn(20, 8, generator=g) for _ in range(3)]
+    expected = torch.stack([load_balancing_loss_func((r,), 8, 2) for r in logits]).mean()
+    assert torch.allclose(load_balancing_loss(logits, 2, per_layer=True), expected)
+    # two layers collapsed onto different experts look balanced when pooled, not per layer
+    collapsed = [torch.full((10, 2), -9.0).index_fill(1, torch.tensor([i]), 9.0) for i in (0, 1)]
+    assert load_balancing_loss(collapsed, 1).item() == pytest.approx(1.0, abs=1e-3)
+    assert load_balancing_loss(collapsed, 1, per_layer=True).item() == pytest.approx(2.0, abs=1e-3)
+
+
 def test_aux_loss_is_one_when_balanced():
     # every expert equally likely and equally chosen: E * sum_e (1/E * 1/E) = 1
     logits = [torch.zeros(8, 4)]
