@@ -130,3 +130,15 @@ def test_rolling_cache_memory_is_bounded(checkpoint_factory):
     assert engine.cache.k.shape[3] == 5
     no_window = Engine(smoe.load(checkpoint_factory())[0], max_seq_len=256)
     assert no_window.cache.nbytes == engine.cache.nbytes * 256 // 5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_matches_cpu(checkpoint_factory):
+    path = checkpoint_factory(**CONFIGS["window5"])
+    cpu, _ = smoe.load(path)
+    gpu, _ = smoe.load(path, device="cuda")
+    ids = torch.tensor([prompt(6, 20)])
+    assert (gpu(ids.cuda()).cpu() - cpu(ids)).abs().max().item() <= 1e-3
+    a = smoe.generate(cpu, None, ids[0].tolist(), max_tokens=32, ignore_eos=True)
+    b = smoe.generate(gpu, None, ids[0].tolist(), max_tokens=32, ignore_eos=True)
+    assert a.token_ids == b.token_ids
