@@ -165,17 +165,26 @@ def model_card(config, train_cfg, history, summary, perplexity, unigram, samples
                   for h in evals]
         lines.append("")
     if aux:
-        w, wo = aux["with_aux"], aux["without_aux"]
+        names = {"per_layer": "per-layer aux loss (smoe's default)", "pooled": "pooled aux loss (transformers' formulation)",
+                 "without_aux": "no aux loss"}
         lines += [
             "## Does the load-balancing loss even out expert load?", "",
-            f"`scripts/aux_experiment.py`: two {aux['steps']}-step runs of a smaller model (hidden "
+            f"`scripts/aux_experiment.py`: {aux['steps']}-step runs of a smaller model (hidden "
             f"{aux['model']['hidden_size']}, {aux['model']['num_hidden_layers']} layers, 8 experts, top-2), same seed and data, "
-            "with and without the loss; load = share of top-2 slots per expert on held-out text.", "",
-            "| run | CV of expert load (mean over layers; 0 = even) | largest expert share | final train CE |",
-            "|---|---|---|---|",
-            f"| aux loss × {w['aux_loss_coef']} | {w['cv_mean']:.3f} | {w['max_share']:.3f} | {w['final_train_ce']:.3f} |",
-            f"| no aux loss | {wo['cv_mean']:.3f} | {wo['max_share']:.3f} | {wo['final_train_ce']:.3f} |", "",
+            "differing only in the load-balancing loss; load = share of top-2 slots per expert, per layer, on 8192 "
+            "held-out tokens. CV = coefficient of variation of the 8 loads (0 = perfectly even), averaged over layers.", "",
+            "| run | coefficient | CV of expert load | largest expert share in a layer | final train CE |",
+            "|---|---|---|---|---|",
         ]
+        for key in ("per_layer", "pooled", "without_aux"):
+            if key in aux:
+                r = aux[key]
+                lines.append(f"| {names[key]} | {r['aux_loss_coef']} | {r['cv_mean']:.3f} | {r['max_share']:.3f} | "
+                             f"{r['final_train_ce']:.3f} |")
+        lines += ["", "transformers' `load_balancing_loss_func` pools the statistics of all layers before multiplying, so "
+                  "layers that each collapse onto different experts look balanced to it; the per-layer loss "
+                  "(mean over layers of the same quantity, as the Switch Transformer adds one loss per MoE layer) "
+                  "sees them. A top-2 share of 0.5 means every token of that layer picks that expert.", ""]
     lines += ["## Samples", "", "Temperature 0.7, top-p 0.9, seed 0, 60 tokens:", ""]
     for prompt, text in samples:
         lines += ["```", prompt + text, "```", ""]
