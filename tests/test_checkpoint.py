@@ -271,8 +271,7 @@ def test_bad_params_json(tmp_path):
         ModelConfig.from_dir(tmp_path)
 
 
-def test_load_without_path_before_demo_model_exists():
-    if smoe.DEMO_MODEL.joinpath("config.json").exists():
-        pytest.skip("the demo model is installed")
+def test_load_without_path_and_no_demo_model(monkeypatch, tmp_path):
+    monkeypatch.setattr(smoe, "DEMO_MODEL", tmp_path / "not-installed")
     with pytest.raises(CheckpointError, match="pass a checkpoint directory"):
         smoe.load()
