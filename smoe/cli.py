@@ -228,6 +228,10 @@ def describe(config) -> dict:
     }
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
@@ -251,8 +255,8 @@ def cmd_info(args) -> int:
     print(f"  experts {c.num_local_experts} x ffn {c.intermediate_size}, top-{c.num_experts_per_tok} per token")
     print(f"  rope theta {c.rope_theta:g}, sliding window {c.sliding_window or 'none'}, "
           f"context {c.max_position_embeddings}")
-    print(f"  parameters: {info['parameters'] / 1e9:.3f} B total, "
-          f"{info['active_parameters_per_token'] / 1e9:.3f} B active per token "
+    print(f"  parameters: {_count(info['parameters'])} total, "
+          f"{_count(info['active_parameters_per_token'])} active per token "
           f"({info['expert_parameters'] / info['parameters']:.0%} of all weights are experts)")
     print("  dtype   weights      read/token   KV cache/token")
     for dtype, m in info["memory"].items():

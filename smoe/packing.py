@@ -57,7 +57,11 @@ def pack_linears(model: nn.Module) -> int:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and child.bias is None and can_pack(child.weight):
-                setattr(parent, name, PackedLinear(child))
+                try:
+                    packed = PackedLinear(child)
+                except RuntimeError:  # a oneDNN build without this dtype: keep the plain linear
+                    continue
+                setattr(parent, name, packed)
                 count += 1
     if count:
         model.packed = True
