@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="prompt as comma-separated token ids (models without a tokenizer)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object with text, token ids and timings")
+    g.add_argument("--trace-routing", type=Path, metavar="FILE", default=None,
+                   help="write each token's experts, weights and router entropy per layer to FILE (JSON)")
     _sampling_args(g)
 
     c = sub.add_parser("chat", help="talk to the model",
@@ -80,6 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--debs", type=Path, default=None, metavar="DIR",
                    help="use these .deb files instead of apt-get download")
     b.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default 8192)")
+
+    r = sub.add_parser("routes", help="analyse expert routing on a text",
+                       description="Expert load, per-domain load and consecutive-token routing, "
+                                   "as in the Mixtral paper.")
+    _model_args(r)
+    r.add_argument("--input", type=Path, metavar="FILE", help="text file, or JSONL with 'text' (and 'domain')")
+    r.add_argument("--domains", type=Path, metavar="FILE", help="JSONL of documents labelled with 'domain'")
+    r.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
+    r.add_argument("--layer", type=int, default=None, help="layer the HTML page colours by (default: the middle one)")
+    r.add_argument("--max-tokens-per-doc", type=int, default=1024, help="truncate documents (default 1024 tokens)")
+    r.add_argument("--max-docs", type=int, default=None, help="use at most this many documents per domain")
 
     i = sub.add_parser("info", help="describe a checkpoint",
                        description="Config, parameters and memory of a checkpoint.")
@@ -142,6 +155,8 @@ def cmd_generate(args) -> int:
             raise SmoeError("--chat takes --prompt text, not --prompt-ids")
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     sampling = _sampling(args)
+    if args.trace_routing is not None:
+        return _generate_traced(args, model, tokenizer, prompt, sampling)
     if args.json or tokenizer is None:
         result = smoe.generate(model, tokenizer, prompt, **sampling)
         if args.json:
@@ -160,6 +175,74 @@ def cmd_generate(args) -> int:
             result = item
     print()
     print(_stats_line(result), file=sys.stderr)
+    return 0
+
+
+def _generate_traced(args, model, tokenizer, prompt, sampling) -> int:
+    import smoe
+    from smoe.checkpoint import atomic_write
+    from smoe.routing import token_pieces, trace_routing
+
+    with trace_routing(model) as trace:
+        result = smoe.generate(model, tokenizer, prompt, **sampling)
+    prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    fed = prompt_ids + result.token_ids[:-1]  # the last token was sampled but never run through the model
+    pieces = token_pieces(tokenizer, fed) if tokenizer is not None else None
+    data = {"prompt_tokens": len(prompt_ids), **trace.to_json(fed, pieces)}
+    atomic_write(args.trace_routing, lambda f: f.write_text(json.dumps(data) + "\n"))
+    if args.json:
+        print(json.dumps(result.to_dict(), ensure_ascii=False))
+    else:
+        print((prompt if isinstance(prompt, str) else "") + result.text if tokenizer else result.token_ids)
+        print(_stats_line(result), file=sys.stderr)
+        print(f"routing trace of {len(fed)} tokens written to {args.trace_routing}", file=sys.stderr)
+    return 0
+
+
+def cmd_routes(args) -> int:
+    from collections import Counter
+
+    from smoe.data import read_jsonl
+    from smoe.errors import SmoeError
+    from smoe.routing import run_routes
+
+    if args.input is None and args.domains is None:
+        raise SmoeError("give --input FILE and/or --domains FILE")
+    docs: list[dict] = []
+    for path in (args.input, args.domains):
+        if path is None:
+            continue
+        if not path.is_file():
+            raise SmoeError(f"{path}: no such file")
+        if path.suffix == ".jsonl":
+            docs += read_jsonl(path)
+        else:
+            text = path.read_text(encoding="utf-8", errors="replace")
+            if not text.strip():
+                raise SmoeError(f"{path}: the file is empty")
+            docs.append({"domain": path.stem, "text": text})
+    if args.max_docs is not None:
+        kept, seen = [], Counter()
+        for d in docs:
+            seen[d.get("domain", "text")] += 1
+            if seen[d.get("domain", "text")] <= args.max_docs:
+                kept.append(d)
+        docs = kept
+    model, tokenizer = _load(args)
+    if tokenizer is None:
+        raise SmoeError(f"{args.model}: routes needs a tokenizer (tokenizer.json or tokenizer.model)")
+    L = model.config.num_hidden_layers
+    if args.layer is not None and not 0 <= args.layer < L:
+        raise SmoeError(f"--layer must be between 0 and {L - 1}")
+    report = run_routes(model, tokenizer, docs, args.out, layer=args.layer, max_tokens_per_doc=args.max_tokens_per_doc)
+    base = report["random_baseline"]
+    print(f"{report['tokens']} tokens in {len(docs)} documents; random baseline: same first expert "
+          f"{base['consecutive_same_first']:.1%}, shared top-{report['top_k']} {base['consecutive_same_topk']:.1%}")
+    print("layer  same-first  same-top-k  load CV")
+    for layer in report["layers"]:
+        print(f"{layer['layer']:>5}  {layer['consecutive_same_first']:>10.1%}  {layer['consecutive_same_topk']:>10.1%}"
+              f"  {layer['load_cv']:>7.3f}")
+    print(f"wrote {args.out}/routes.json, heatmap_*.png, routes.html")
     return 0
 
 
@@ -295,7 +378,10 @@ def cmd_data(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "train": cmd_train, "data": cmd_data}
+COMMANDS = {
+    "generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "train": cmd_train, "data": cmd_data,
+    "routes": cmd_routes,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

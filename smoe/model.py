@@ -213,6 +213,8 @@ class MoE(nn.Module):
         self.jitter_noise = config.router_jitter_noise
         self.last_router_logits: torch.Tensor | None = None  # [N, E], kept when record_router_logits
         self.record_router_logits = False
+        self.trace = None  # a routing.RoutingTrace while tracing is on (smoe/routing.py)
+        self.layer_idx = -1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, H = x.shape
@@ -222,6 +224,8 @@ class MoE(nn.Module):
         router_logits, expert_weights, expert_indices = self.router(x)
         if self.record_router_logits:
             self.last_router_logits = router_logits
+        if self.trace is not None:
+            self.trace.record(self.layer_idx, router_logits, expert_weights, expert_indices)
         name = self.dispatch
         if name == "auto":
             name = "token" if B * T == 1 else "grouped"
@@ -236,6 +240,7 @@ class Block(nn.Module):
         self.attn = Attention(config, layer_idx)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.moe = MoE(config)
+        self.moe.layer_idx = layer_idx
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), ctx)
