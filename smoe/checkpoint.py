@@ -309,7 +309,8 @@ def load_state(
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{where}: missing tensor '{missing[0]}'{more} for the {layout} layout")
-    unexpected = sorted(set(stored) - used)
+    # some older checkpoints carry RoPE's inverse frequencies, which the model recomputes from the config
+    unexpected = sorted(n for n in set(stored) - used if not n.endswith("rotary_emb.inv_freq"))
     if config.tie_word_embeddings and layout != "mistral":
         unexpected = [n for n in unexpected if n != "lm_head.weight"]  # tied: a saved copy is redundant
     if unexpected:

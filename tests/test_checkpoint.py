@@ -197,6 +197,13 @@ def test_unexpected_tensor(hf_dir, tmp_path):
         load_model(path)
 
 
+def test_saved_rope_buffers_are_ignored(hf_dir, tmp_path):
+    """transformers v4.3x wrote self_attn.rotary_emb.inv_freq into some checkpoints; it is derived, not a weight."""
+    path = copy_ckpt(hf_dir, tmp_path / "c")
+    rewrite(path, lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.zeros(8)}))
+    assert (load_model(path)(IDS) - reference_logits()).abs().max() <= 1e-5
+
+
 def test_wrong_shape(hf_dir, tmp_path):
     path = copy_ckpt(hf_dir, tmp_path / "c")
     rewrite(path, lambda t: t.update({"model.layers.0.block_sparse_moe.experts.2.w3.weight": torch.zeros(40, 32)}))
