@@ -23,7 +23,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability (0 = off)")
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
     g.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same output")
-    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help=r"stop at this text (repeatable; \n and \t are understood)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
 
 
@@ -96,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="describe a checkpoint",
                        description="Config, parameters and memory of a checkpoint.")
-    i.add_argument("model", metavar="DIR", help="checkpoint directory")
+    i.add_argument("model", metavar="DIR", nargs="?", default=None,
+                   help="checkpoint directory (default: the demo model)")
     i.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
@@ -107,12 +109,16 @@ def _version() -> str:
     return __version__
 
 
+def _unescape(text: str) -> str:
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
 def _sampling(args) -> dict:
-    return dict(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
-        ignore_eos=args.ignore_eos,
-    )
+    return {
+        "max_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+        "min_p": args.min_p, "repetition_penalty": args.repetition_penalty, "seed": args.seed,
+        "stop": [_unescape(s) for s in args.stop], "ignore_eos": args.ignore_eos,
+    }
 
 
 def _load(args):
@@ -320,10 +326,11 @@ def _gib(n: int) -> str:
 
 
 def cmd_info(args) -> int:
+    from smoe import DEMO_MODEL
     from smoe.config import ModelConfig
     from smoe.errors import SmoeError
 
-    path = Path(args.model)
+    path = Path(args.model) if args.model is not None else DEMO_MODEL
     if not path.is_dir():
         raise SmoeError(f"{path}: not a checkpoint directory")
     config = ModelConfig.from_dir(path)

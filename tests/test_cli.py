@@ -101,3 +101,14 @@ def test_chat_multi_turn(chat_checkpoint):
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]),
         max_tokens=6, ignore_eos=True)
     assert out.stdout.startswith(first.text)
+
+
+def test_stop_escapes_and_info_default():
+    """On the demo model (it writes newlines): --stop '\\n' is a newline, not backslash-n."""
+    args = ["generate", "--prompt", "Q: Why?\nA:", "--max-tokens", "60", "--json", "--ignore-eos"]
+    free = json.loads(run(*args).stdout)
+    assert "\n" in free["text"]
+    cut = json.loads(run(*args, "--stop", r"\n").stdout)
+    assert cut["text"] == free["text"][: free["text"].index("\n")] and cut["finish_reason"] == "stop"
+    info = run("info")
+    assert info.returncode == 0 and "assets/demo" in info.stdout
