@@ -34,6 +34,7 @@ def load(
     allow_pickle: bool = False,
     tokenizer_backend: str | None = None,
     pack: bool | None = None,
+    adapter: str | Path | None = None,
 ):
     """Load a checkpoint directory -> (model, tokenizer).
 
@@ -44,6 +45,8 @@ def load(
     pack: store linear weights in oneDNN's blocked layout for fast CPU inference
     (smoe/packing.py). Default: on when the device is the CPU. A packed model cannot be
     trained or saved; load with pack=False for that.
+
+    adapter: a LoRA adapter directory in PEFT format (smoe/lora.py) to apply.
     """
     from smoe.checkpoint import load_model
     from smoe.errors import CheckpointError
@@ -57,6 +60,11 @@ def load(
             )
         path = DEMO_MODEL
     model = load_model(path, dtype=dtype, device=device, allow_pickle=allow_pickle)
+    if adapter is not None:
+        from smoe.lora import load_adapter
+
+        load_adapter(model, adapter)
+        model.requires_grad_(False)
     if pack is None:
         pack = torch.device(device).type == "cpu"
     if pack:

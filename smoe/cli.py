@@ -38,6 +38,7 @@ def _model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read pickle weights (.bin/.pt/.pth) with torch.load(weights_only=True)")
+    p.add_argument("--adapter", metavar="DIR", default=None, help="apply a LoRA adapter (PEFT format)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,7 +130,8 @@ def _load(args):
 
         if not torch.cuda.is_available():
             raise smoe.SmoeError(f"--device {args.device}: no CUDA device is available; use --device cpu")
-    return smoe.load(args.model, dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle)
+    return smoe.load(args.model, dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle,
+                     adapter=args.adapter)
 
 
 def _stats_line(r) -> str:

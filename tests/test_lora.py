@@ -1,0 +1,106 @@
+"""LoRA adapters: peft reads what smoe writes; merge == unmerged; only adapters get gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from smoe.checkpoint import load_model
+from smoe.errors import SmoeError
+from smoe.lora import apply_lora, load_adapter, lora_modules, merge_lora, save_adapter, unmerge_lora
+
+IDS = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(0))
+
+
+def randomize_b(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.1)
+
+
+def test_peft_loads_smoe_attention_adapter(checkpoint_factory, tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import MixtralForCausalLM
+
+    path = checkpoint_factory(num_local_experts=4, sliding_window=6)
+    model = load_model(path)
+    apply_lora(model, ["q_proj", "k_proj", "v_proj", "o_proj"], rank=4, alpha=8)
+    randomize_b(model)
+    save_adapter(model, tmp_path / "adapter", base_model=str(path))
+    hf = peft.PeftModel.from_pretrained(MixtralForCausalLM.from_pretrained(path), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        expected = hf(IDS).logits
+        plain = MixtralForCausalLM.from_pretrained(path)(IDS).logits
+    got = model(IDS)
+    assert (got - expected).abs().max().item() <= 1e-4
+    assert (expected - plain).abs().max().item() > 1e-2  # the adapter does change the output
+    reloaded = load_model(path)
+    load_adapter(reloaded, tmp_path / "adapter")
+    assert torch.equal(reloaded(IDS), got)
+
+
+def test_fresh_adapter_is_identity_and_merge_matches(checkpoint_factory):
+    path = checkpoint_factory()
+    base = load_model(path)(IDS)
+    model = load_model(path)
+    wrapped = apply_lora(model, ["q_proj", "v_proj", "w1", "w2", "w3"], rank=2, alpha=4)
+    assert len(wrapped) == 2 * (2 + 4 * 3)
+    assert torch.equal(model(IDS), base)  # B = 0
+    randomize_b(model)
+    unmerged = model(IDS)
+    merge_lora(model)
+    assert (model(IDS) - unmerged).abs().max().item() <= 1e-5
+    unmerge_lora(model)
+    assert (model(IDS) - unmerged).abs().max().item() <= 1e-5
+
+
+def test_gradients_reach_only_adapters(checkpoint_factory):
+    model = load_model(checkpoint_factory())
+    apply_lora(model, ["q_proj", "o_proj", "w2"], rank=2, alpha=2)
+    randomize_b(model)
+    model.train()
+    model(IDS).float().logsumexp(-1).mean().backward()
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert not p.requires_grad and p.grad is None, name
+
+
+def test_bad_targets():
+    with pytest.raises(SmoeError, match="unknown LoRA target"):
+        from smoe.config import ModelConfig
+        from smoe.model import Transformer
+
+        model = Transformer(ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, num_local_experts=2,
+                                        num_experts_per_tok=1))
+        apply_lora(model, ["gate_proj"])
+
+
+def test_load_and_generate_with_adapter(checkpoint_factory, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import smoe
+
+    path = checkpoint_factory()
+    model = load_model(path)
+    apply_lora(model, ["q_proj", "w1"], rank=2, alpha=4)
+    randomize_b(model, seed=3)
+    save_adapter(model, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["smoe_expert_targets"] == ["w1"] and config["target_modules"] == ["q_proj", "w1"]
+    packed, _ = smoe.load(path, adapter=tmp_path / "a")  # adapters over packed linears, for inference
+    assert (packed(IDS) - model(IDS)).abs().max().item() <= 1e-5
+    expected = smoe.generate(model, None, [5, 6, 7], max_tokens=6, ignore_eos=True).token_ids
+    out = subprocess.run([sys.executable, "-m", "smoe.cli", "generate", "--model", str(path), "--adapter",
+                          str(tmp_path / "a"), "--prompt-ids", "5,6,7", "--max-tokens", "6", "--ignore-eos", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["token_ids"] == expected
+    bad = subprocess.run([sys.executable, "-m", "smoe.cli", "generate", "--model", str(path), "--adapter",
+                          str(tmp_path), "--prompt-ids", "5"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "no adapter_config.json" in bad.stderr
