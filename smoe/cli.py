@@ -96,6 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-tokens-per-doc", type=int, default=1024, help="truncate documents (default 1024 tokens)")
     r.add_argument("--max-docs", type=int, default=None, help="use at most this many documents per domain")
 
+    lo = sub.add_parser("lora", help="LoRA adapter tools", description="LoRA adapter tools.")
+    losub = lo.add_subparsers(dest="lora_command", metavar="ACTION")
+    losub.required = True
+    m = losub.add_parser("merge", help="merge an adapter into its base model and save a plain checkpoint")
+    m.add_argument("--model", required=True, metavar="DIR", help="base checkpoint directory")
+    m.add_argument("--adapter", required=True, metavar="DIR", help="LoRA adapter directory (PEFT format)")
+    m.add_argument("--out", required=True, type=Path, metavar="DIR", help="where to write the merged checkpoint")
+    m.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="dtype to save (default: the base's)")
+
     i = sub.add_parser("info", help="describe a checkpoint",
                        description="Config, parameters and memory of a checkpoint.")
     i.add_argument("model", metavar="DIR", nargs="?", default=None,
@@ -387,9 +397,34 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_lora(args) -> int:
+    import shutil
+
+    from smoe.checkpoint import load_model, parse_dtype, save_checkpoint
+    from smoe.errors import SmoeError
+    from smoe.lora import LoRALinear, load_adapter, merge_lora
+
+    if args.out.exists() and any(args.out.iterdir()):
+        raise SmoeError(f"{args.out}: directory exists and is not empty; choose a new --out")
+    saved_dtype = parse_dtype(args.dtype) or load_model(args.model).dtype  # memory-mapped: no copy
+    model = load_model(args.model, dtype="fp32")  # merge in fp32, then save in the wanted dtype
+    load_adapter(model, args.adapter)
+    merge_lora(model)
+    for layer in model.modules():  # unwrap: the merged base linears replace their LoRA wrappers
+        for name, child in list(layer.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(layer, name, child.base)
+    save_checkpoint(model, args.out, dtype=saved_dtype)
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "generation_config.json"):
+        if (Path(args.model) / name).exists():
+            shutil.copy(Path(args.model) / name, args.out / name)
+    print(f"merged {args.adapter} into {args.model}; wrote {args.out}")
+    return 0
+
+
 COMMANDS = {
     "generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "train": cmd_train, "data": cmd_data,
-    "routes": cmd_routes,
+    "routes": cmd_routes, "lora": cmd_lora,
 }
 
 

@@ -104,3 +104,25 @@ def test_load_and_generate_with_adapter(checkpoint_factory, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "smoe.cli", "generate", "--model", str(path), "--adapter",
                           str(tmp_path), "--prompt-ids", "5"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no adapter_config.json" in bad.stderr
+
+
+def test_lora_merge_cli_writes_an_equivalent_checkpoint(checkpoint_factory, tmp_path):
+    import subprocess
+    import sys
+
+    path = checkpoint_factory(num_local_experts=4)
+    model = load_model(path)
+    apply_lora(model, ["k_proj", "o_proj", "w3"], rank=3, alpha=6)
+    randomize_b(model, seed=4)
+    save_adapter(model, tmp_path / "a")
+    out = subprocess.run([sys.executable, "-m", "smoe.cli", "lora", "merge", "--model", str(path), "--adapter",
+                          str(tmp_path / "a"), "--out", str(tmp_path / "merged")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    merged = load_model(tmp_path / "merged")
+    assert not lora_modules(merged)
+    assert (merged(IDS) - model(IDS)).abs().max().item() <= 1e-5
+    again = subprocess.run([sys.executable, "-m", "smoe.cli", "lora", "merge", "--model", str(path), "--adapter",
+                            str(tmp_path / "a"), "--out", str(tmp_path / "merged")], capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 2 and "not empty" in again.stderr
