@@ -175,9 +175,10 @@ def open_checkpoint(path: Path, allow_pickle: bool = False) -> dict[str, StoredT
 
 # --------------------------------------------------------------------------- name tables
 
-# For each of our parameter names: (checkpoint tensor name, how to get our tensor from it).
+# For each of our parameter names: (checkpoint tensor name, how to get our tensor from it,
+# how to turn ours back into the checkpoint's when saving).
 Take = Callable[[torch.Tensor], torch.Tensor]
-NameTable = dict[str, tuple[str, Take]]
+NameTable = dict[str, tuple[str, Take, Take]]
 
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
@@ -202,8 +203,8 @@ def _names_for(config: ModelConfig, layout: str) -> NameTable:
     table: NameTable = {}
     E, F = config.num_local_experts, config.intermediate_size
 
-    def add(ours: str, theirs: str, take: Take = _identity) -> None:
-        table[ours] = (theirs, take)
+    def add(ours: str, theirs: str, take: Take = _identity, give: Take = _identity) -> None:
+        table[ours] = (theirs, take, give)
 
     if layout in ("hf", "hf_fused"):
         add("embed_tokens.weight", "model.embed_tokens.weight")
@@ -236,8 +237,10 @@ def _names_for(config: ModelConfig, layout: str) -> NameTable:
             src, dst = f"layers.{i}", f"layers.{i}"
             add(f"{dst}.attn_norm.weight", f"{src}.attention_norm.weight")
             add(f"{dst}.ffn_norm.weight", f"{src}.ffn_norm.weight")
-            add(f"{dst}.attn.q_proj.weight", f"{src}.attention.wq.weight", lambda t: interleaved_to_half(t, Q))
-            add(f"{dst}.attn.k_proj.weight", f"{src}.attention.wk.weight", lambda t: interleaved_to_half(t, G))
+            add(f"{dst}.attn.q_proj.weight", f"{src}.attention.wq.weight",
+                lambda t: interleaved_to_half(t, Q), lambda t: half_to_interleaved(t, Q))
+            add(f"{dst}.attn.k_proj.weight", f"{src}.attention.wk.weight",
+                lambda t: interleaved_to_half(t, G), lambda t: half_to_interleaved(t, G))
             add(f"{dst}.attn.v_proj.weight", f"{src}.attention.wv.weight")
             add(f"{dst}.attn.o_proj.weight", f"{src}.attention.wo.weight")
             add(f"{dst}.moe.router.weight", f"{src}.feed_forward.gate.weight")
@@ -304,7 +307,7 @@ def load_state(
     layout = detect_layout(set(stored), where)
     _check_config_matches(config, stored, layout, where)
     table = _names_for(config, layout)
-    used = {theirs for theirs, _ in table.values()}
+    used = {theirs for theirs, _, _ in table.values()}
     missing = sorted(used - set(stored))
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -329,7 +332,7 @@ def load_state(
 
     expected = _expected_shapes(model)
     state = {}
-    for ours, (theirs, take) in table.items():
+    for ours, (theirs, take, _) in table.items():
         t = stored[theirs]
         try:
             value = take(t.tensor)
@@ -355,14 +358,11 @@ def hf_state_dict(model: torch.nn.Module, layout: str = "hf") -> dict[str, torch
     ours = {k: v.detach() for k, v in model.state_dict().items()}
     table = _names_for(config, layout)
     out: dict[str, torch.Tensor] = {}
-    Q, G, E = config.num_attention_heads, config.num_key_value_heads, config.num_local_experts
-    for name, (theirs, _) in table.items():
-        t = ours[name]
-        if layout == "mistral" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            t = half_to_interleaved(t, Q if "q_proj" in name else G)
+    E = config.num_local_experts
+    for name, (theirs, _, give) in table.items():
         if layout == "hf_fused" and ".moe.experts." in name:
-            continue
-        out[theirs] = t.contiguous()
+            continue  # many of ours make one fused tensor: stacked below
+        out[theirs] = give(ours[name]).contiguous()
     if layout == "hf_fused":
         for i in range(config.num_hidden_layers):
             experts = [f"layers.{i}.moe.experts.{e}" for e in range(E)]

@@ -201,9 +201,9 @@ def _generate_traced(args, model, tokenizer, prompt, sampling) -> int:
     from smoe.checkpoint import atomic_write
     from smoe.routing import token_pieces, trace_routing
 
-    with trace_routing(model) as trace:
-        result = smoe.generate(model, tokenizer, prompt, **sampling)
     prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    with trace_routing(model) as trace:
+        result = smoe.generate(model, tokenizer, prompt_ids, **sampling)
     fed = prompt_ids + result.token_ids[:-1]  # the last token was sampled but never run through the model
     pieces = token_pieces(tokenizer, fed) if tokenizer is not None else None
     data = {"prompt_tokens": len(prompt_ids), **trace.to_json(fed, pieces)}
@@ -402,18 +402,14 @@ def cmd_lora(args) -> int:
 
     from smoe.checkpoint import load_model, parse_dtype, save_checkpoint
     from smoe.errors import SmoeError
-    from smoe.lora import LoRALinear, load_adapter, merge_lora
+    from smoe.lora import load_adapter, merge_lora
 
     if args.out.exists() and any(args.out.iterdir()):
         raise SmoeError(f"{args.out}: directory exists and is not empty; choose a new --out")
     saved_dtype = parse_dtype(args.dtype) or load_model(args.model).dtype  # memory-mapped: no copy
     model = load_model(args.model, dtype="fp32")  # merge in fp32, then save in the wanted dtype
     load_adapter(model, args.adapter)
-    merge_lora(model)
-    for layer in model.modules():  # unwrap: the merged base linears replace their LoRA wrappers
-        for name, child in list(layer.named_children()):
-            if isinstance(child, LoRALinear):
-                setattr(layer, name, child.base)
+    merge_lora(model, unwrap=True)
     save_checkpoint(model, args.out, dtype=saved_dtype)
     for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "generation_config.json"):
         if (Path(args.model) / name).exists():

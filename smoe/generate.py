@@ -35,7 +35,6 @@ class Sequence:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     started: float = 0.0
-    first_token_at: float = 0.0
 
     @property
     def finished(self) -> bool:
@@ -130,8 +129,7 @@ class Engine:
                 chunk = ids[:, start : start + self.prefill_chunk]  # [1, C]
                 positions = torch.arange(start, start + chunk.shape[1], device=device)[None]  # [1, C]
                 logits = self.model(chunk, positions, view, last_only=True)  # [1, 1, V]
-        seq.first_token_at = time.perf_counter()
-        seq.prefill_s = seq.first_token_at - seq.started
+        seq.prefill_s = time.perf_counter() - seq.started
         self._accept(seq, self._sample(seq, logits[0, -1]))
         return seq
 
@@ -183,8 +181,7 @@ class Engine:
         return out
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
-        context = torch.tensor(seq.prompt_ids + seq.token_ids, device=logits.device)
-        return self._samplers[seq.row](logits, context)
+        return self._samplers[seq.row](logits, seq.prompt_ids + seq.token_ids)
 
     def _accept(self, seq: Sequence, token: int) -> str:
         """Record a sampled token, apply stop rules, and return the text it makes visible."""
@@ -276,7 +273,7 @@ def generate(
     )
     for ids in all_ids:
         engine.check(len(ids), params)
-    seqs = [engine.add(ids, SamplingParams(**{**params.__dict__})) for ids in all_ids]
+    seqs = [engine.add(ids, params) for ids in all_ids]
     while engine.active:
         engine.step()
     results = [_result(s) for s in seqs]

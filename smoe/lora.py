@@ -109,9 +109,16 @@ def lora_modules(model) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def merge_lora(model) -> None:
+def merge_lora(model, unwrap: bool = False) -> None:
+    """Fold every adapter into its base weight; with unwrap, put the plain base linears back
+    in place of the wrappers (a model that saves like any other)."""
     for m in lora_modules(model).values():
         m.merge()
+    if unwrap:
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, LoRALinear):
+                    setattr(parent, name, child.base)
 
 
 def unmerge_lora(model) -> None:

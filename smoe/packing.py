@@ -3,7 +3,7 @@
 A plain bf16 ``F.linear`` matrix-vector product reads its weight at ~20-27 GB/s on our
 2-core machine; the same product on a weight that oneDNN has reordered once into its
 blocked layout reads at ~35 GB/s, and larger products run 1.1-2.2x faster too
-(benchmarks/README: ``python benchmarks/linear_kernels.py``). Packing is a transform
+(docs/BENCHMARKS.md, "Where the time goes"). Packing is a transform
 (DESIGN.md): it swaps each frozen ``nn.Linear`` for a ``PackedLinear`` with the same
 call, after the model is loaded. The packed tensor is opaque — only oneDNN can read
 it — so a packed model is for inference: training, LoRA and saving use an unpacked one.

@@ -73,9 +73,9 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        sorted_probs = sorted_logits.softmax(-1)
         # drop a token once the tokens before it already reach top_p (always keep the first)
-        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= params.top_p
+        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
         drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     if params.min_p > 0.0:
@@ -92,9 +92,12 @@ class Sampler:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(params.seed)
 
-    def __call__(self, logits: torch.Tensor, context: torch.Tensor) -> int:
-        """logits [V] for the next token; context [n] all token ids so far (prompt + generated)."""
-        logits = apply_repetition_penalty(logits.float(), context, self.params.repetition_penalty)
+    def __call__(self, logits: torch.Tensor, context: list[int]) -> int:
+        """logits [V] for the next token; context: all token ids so far (prompt + generated)."""
+        logits = logits.float()
+        if self.params.repetition_penalty != 1.0:  # only then is the growing context read
+            ids = torch.tensor(context, device=logits.device)
+            logits = apply_repetition_penalty(logits, ids, self.params.repetition_penalty)
         if self.params.greedy:
             return int(logits.argmax())
         probs = filter_logits(logits, self.params).softmax(-1)
