@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from smoe.cache import KVCache
@@ -124,7 +125,10 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, H] -> router_logits [N, E], expert_weights [N, K] (fp32), expert_indices [N, K]."""
-        router_logits = F.linear(x, self.weight)  # [N, E]
+        return self.route(F.linear(x, self.weight))
+
+    def route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """router_logits [N, E] -> (router_logits, expert_weights [N, K], expert_indices [N, K])."""
         probs = torch.softmax(router_logits.float(), dim=-1)  # [N, E]
         expert_weights, expert_indices = torch.topk(probs, self.top_k, dim=-1)  # [N, K]
         expert_weights = expert_weights / expert_weights.sum(dim=-1, keepdim=True)
@@ -258,6 +262,8 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = RotaryEmbedding(config.head_dim, config.rope_theta)
+        # recompute each block's activations in backward instead of keeping them (training only)
+        self.gradient_checkpointing = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -317,8 +323,12 @@ class Transformer(nn.Module):
         ctx = ForwardContext(cos, sin, mask, is_causal, cache)
 
         x = self.embed_tokens(input_ids)  # [B, T, H]
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, ctx)
+            if checkpointing:
+                x = torch.utils.checkpoint.checkpoint(layer, x, ctx, use_reentrant=False)
+            else:
+                x = layer(x, ctx)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))  # [B, T, V]

@@ -97,7 +97,10 @@ class NF4Linear(nn.Module):
         return dict(self.named_buffers())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = dequantize_nf4(self.quantized(), x.dtype)  # [out, in], rebuilt each call
+        # under autocast (QLoRA training in bf16) rebuild the weight directly in the compute dtype
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        weight = dequantize_nf4(self.quantized(), dtype)  # [out, in], rebuilt each call
         return F.linear(x, weight)
 
     @property

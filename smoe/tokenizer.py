@@ -136,6 +136,11 @@ def mistral_instruct_ids(tokenizer: Tokenizer, messages: list[Message]) -> list[
     prefix), system messages are merged into the first user turn, consecutive
     messages of the same role are joined by a blank line.
     """
+    return [i for ids, _ in mistral_instruct_segments(tokenizer, messages) for i in ids]
+
+
+def mistral_instruct_segments(tokenizer: Tokenizer, messages: list[Message]) -> list[tuple[list[int], bool]]:
+    """mistral_instruct_ids as (ids, is_assistant) pieces: an assistant piece is its answer and </s>."""
     _check_messages(messages)
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system" and m["content"])
     turns: list[Message] = []
@@ -146,18 +151,38 @@ def mistral_instruct_ids(tokenizer: Tokenizer, messages: list[Message]) -> list[
             turns[-1] = {"role": m["role"], "content": turns[-1]["content"] + "\n\n" + m["content"]}
         else:
             turns.append(dict(m))
-    ids = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    segments = [([tokenizer.bos_id], False)] if tokenizer.bos_id is not None else []
     first_user = True
     for m in turns:
         if m["role"] == "user":
             content = f"{system}\n\n{m['content']}" if first_user and system else m["content"]
             first_user = False
-            ids += tokenizer.encode(f"[INST] {content} [/INST]", bos=False)
+            segments.append((tokenizer.encode(f"[INST] {content} [/INST]", bos=False), False))
         else:
-            ids += tokenizer.encode(m["content"], bos=False)
-            if tokenizer.eos_id is not None:
-                ids.append(tokenizer.eos_id)
-    return ids
+            eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+            segments.append((tokenizer.encode(m["content"], bos=False) + eos, True))
+    return segments
+
+
+def chat_training_ids(tokenizer: Tokenizer, messages: list[Message]) -> tuple[list[int], list[bool]]:
+    """A conversation rendered with the model's chat template -> (ids, trained): trained[i]
+    is True for the tokens of assistant answers (and their </s>), the only ones a chat
+    fine-tune learns to predict."""
+    if not isinstance(tokenizer, MistralCommonTokenizer):
+        segments = mistral_instruct_segments(tokenizer, messages)
+        return [i for ids, _ in segments for i in ids], [t for ids, t in segments for _ in ids]
+    # mistral-common renders whole requests; an answer is what its message adds to the prefix
+    ids = tokenizer.apply_chat_template(messages)
+    trained = [False] * len(ids)
+    for n, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before, through = tokenizer.apply_chat_template(messages[:n]), tokenizer.apply_chat_template(messages[: n + 1])
+        if through[: len(before)] != before or ids[: len(through)] != through:
+            raise TokenizerError(f"message {n}: the chat template does not render this conversation "
+                                 "as a sequence of prefixes; merge consecutive assistant messages")
+        trained[len(before) : len(through)] = [True] * (len(through) - len(before))
+    return ids, trained
 
 
 def _check_messages(messages: list[Message]) -> None:

@@ -1,7 +1,14 @@
-"""Training: from scratch or from a checkpoint, with Mixtral's load-balancing loss.
+"""Training: from scratch, from a checkpoint, or fine-tuning with LoRA / QLoRA adapters.
 
     smoe train --config configs/demo.json            # writes runs/demo/
     smoe train --config configs/demo.json --resume   # continues from the last checkpoint
+    smoe finetune --model DIR --data FILE --out ADAPTER_DIR [--qlora] [--chat]   # builds a TrainConfig
+
+Fine-tuning is the same loop over a different model and data: `lora` (a sub-config)
+wraps the base in LoRA adapters (smoe/lora.py) — over an NF4 base for QLoRA
+(smoe/quantize.py) — and only the adapters train; checkpoints then hold the adapter and
+the optimizer state, not the base. Chat data trains only on assistant tokens (targets
+of other tokens are -100, which cross-entropy ignores).
 
 Loss = next-token cross-entropy
      + aux_loss_coef * load-balancing loss (Switch Transformer, Fedus et al. 2021, eq. 4;
@@ -37,7 +44,7 @@ class TrainConfig:
     init_from: str | None = None  # ... or a checkpoint directory to continue from
     train_data: str = "data/corpus/train.jsonl"
     heldout_data: str | None = "data/corpus/heldout.jsonl"
-    tokenizer: str = "data/corpus/tokenizer.json"
+    tokenizer: str | None = "data/corpus/tokenizer.json"  # None: the init_from model's own
     seq_len: int = 256
     batch_size: int = 16
     grad_accum: int = 1
@@ -61,6 +68,11 @@ class TrainConfig:
     save_every: int = 250
     keep_checkpoints: int = 2
     threads: int | None = None
+    epochs: float | None = None  # when set, max_steps = epochs over the training data
+    chat: bool = False  # train_data holds {"messages": [...]} conversations: learn assistant tokens only
+    gradient_checkpointing: bool = False
+    # LoRA fine-tuning: {"rank": 8, "alpha": 16, "dropout": 0.0, "targets": ["q_proj", ...], "quantize": "nf4" | None}
+    lora: dict | None = None
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:
@@ -80,9 +92,31 @@ class TrainConfig:
         cfg = cls(**data)
         if (cfg.model is None) == (cfg.init_from is None):
             raise SmoeError(f"{path}: give exactly one of 'model' (a new model's config) or 'init_from'")
-        if cfg.autocast not in ("bf16", "none"):
-            raise SmoeError(f"{path}: autocast must be 'bf16' or 'none'")
+        try:
+            cfg.validate()
+        except SmoeError as e:
+            raise SmoeError(f"{path}: {e}") from None
         return cfg
+
+    def validate(self) -> None:
+        if self.autocast not in ("bf16", "none"):
+            raise SmoeError("autocast must be 'bf16' or 'none'")
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise SmoeError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise SmoeError(f"epochs must be positive, got {self.epochs}")
+        if self.lora is not None:
+            if self.init_from is None:
+                raise SmoeError("LoRA fine-tuning needs a base model: set 'init_from'")
+            known = {"rank", "alpha", "dropout", "targets", "quantize"}
+            unknown = sorted(set(self.lora) - known)
+            if unknown:
+                raise SmoeError(f"lora: unknown field '{unknown[0]}'; known fields: {', '.join(sorted(known))}")
+            if self.lora.get("quantize") not in (None, "nf4"):
+                raise SmoeError(f"lora.quantize must be 'nf4' or null, got {self.lora['quantize']!r}")
+            if not 0 <= self.lora.get("dropout", 0.0) < 1:
+                raise SmoeError("lora.dropout must be in [0, 1)")
 
 
 # ------------------------------------------------------------------------ losses
@@ -143,11 +177,34 @@ def expert_load(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
 
 def tokenize_documents(docs: list[dict], tokenizer) -> list[list[int]]:
     texts = [d["text"] for d in docs]
-    encoded = tokenizer.tok.encode_batch(texts, add_special_tokens=False)
-    return [[tokenizer.bos_id, *e.ids, tokenizer.eos_id] for e in encoded]
+    if hasattr(tokenizer, "tok"):  # tokenizers' batch encoder: much faster on many documents
+        encoded = [e.ids for e in tokenizer.tok.encode_batch(texts, add_special_tokens=False)]
+    else:
+        encoded = [tokenizer.encode(t, bos=False) for t in texts]
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    return [bos + e + eos for e in encoded]
 
 
-class TokenStream:
+class SeededOrder:
+    """An infinite order over num_chunks items: a chain of seeded permutations, one per
+    epoch, so the item at any slot is a pure function of (seed, slot)."""
+
+    num_chunks: int
+    seed: int
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if getattr(self, "_perm_epoch", None) != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm_epoch, self._perm_cached = epoch, torch.randperm(self.num_chunks, generator=g)
+        return self._perm_cached
+
+    def item_at(self, slot: int) -> int:
+        epoch, pos = divmod(slot, self.num_chunks)
+        return int(self._perm(epoch)[pos])
+
+
+class TokenStream(SeededOrder):
     """Documents shuffled once (seeded) and concatenated; served as seq_len+1 windows."""
 
     def __init__(self, token_docs: list[list[int]], seq_len: int, seed: int) -> None:
@@ -156,25 +213,54 @@ class TokenStream:
         self.seq_len = seq_len
         self.num_chunks = (len(self.tokens) - 1) // seq_len
         if self.num_chunks < 1:
-            raise SmoeError(f"not enough training tokens ({len(self.tokens)}) for one sequence of {seq_len}")
+            raise SmoeError(f"not enough training tokens ({len(self.tokens)}) for one sequence of {seq_len}; "
+                            "add data or lower the sequence length")
         self.seed = seed
-        self._perms: dict[int, torch.Tensor] = {}
 
-    def _perm(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._perms:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perms = {epoch: torch.randperm(self.num_chunks, generator=g)}
-        return self._perms[epoch]
-
-    def batch(self, index: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The index-th batch of the infinite seeded order: inputs and targets [B, T]."""
+    def batch(self, index: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """The index-th batch of the infinite seeded order: inputs and targets [B, T]
+        (every position is a real token: no padding mask)."""
         rows = []
         for slot in range(index * batch_size, (index + 1) * batch_size):
-            epoch, pos = divmod(slot, self.num_chunks)
-            start = int(self._perm(epoch)[pos]) * self.seq_len
+            start = self.item_at(slot) * self.seq_len
             rows.append(self.tokens[start : start + self.seq_len + 1])
         chunk = torch.stack(rows)  # [B, T+1]
-        return chunk[:, :-1], chunk[:, 1:]
+        return chunk[:, :-1], chunk[:, 1:], None
+
+
+class ExampleStream(SeededOrder):
+    """Chat examples, one per row, right-padded to the longest row of the batch.
+
+    Targets are -100 (ignored by cross-entropy) except where the next token is trained
+    (an assistant token); `valid` [B, T] marks real tokens, so padding stays out of the
+    load-balancing loss. Examples longer than seq_len+1 tokens are truncated.
+    """
+
+    def __init__(self, examples: list[tuple[list[int], list[bool]]], seq_len: int, seed: int, pad_id: int) -> None:
+        kept = [(ids[: seq_len + 1], trained[: seq_len + 1]) for ids, trained in examples]
+        self.truncated = sum(len(ids) > seq_len + 1 for ids, _ in examples)
+        self.examples = [(ids, trained) for ids, trained in kept if any(trained[1:])]
+        self.dropped = len(kept) - len(self.examples)
+        if not self.examples:
+            raise SmoeError("no example has an assistant token within the sequence length; "
+                            "raise --seq-len or shorten the prompts")
+        self.num_chunks, self.seed, self.pad_id = len(self.examples), seed, pad_id
+
+    def rows(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        T = max(len(self.examples[i][0]) for i in indices) - 1
+        x = torch.full((len(indices), T), self.pad_id, dtype=torch.long)
+        y = torch.full((len(indices), T), -100, dtype=torch.long)
+        valid = torch.zeros((len(indices), T), dtype=torch.bool)
+        for row, i in enumerate(indices):
+            ids, trained = self.examples[i]
+            n = len(ids) - 1
+            x[row, :n] = torch.tensor(ids[:-1])
+            y[row, :n] = torch.where(torch.tensor(trained[1:]), torch.tensor(ids[1:]), -100)
+            valid[row, :n] = True
+        return x, y, valid
+
+    def batch(self, index: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.rows([self.item_at(slot) for slot in range(index * batch_size, (index + 1) * batch_size)])
 
 
 def domain_streams(token_docs: list[list[int]], docs: list[dict]) -> dict[str, torch.Tensor]:
@@ -205,6 +291,18 @@ def heldout_perplexity(model, tokenizer, docs: list[dict], seq_len: int, max_tok
     return {d: round(stream_perplexity(model, s, seq_len, max_tokens)[0], 4) for d, s in streams.items()}
 
 
+@torch.no_grad()
+def example_perplexity(model, examples: ExampleStream, batch_size: int = 8) -> tuple[float, int]:
+    """exp(mean NLL) over the trained (assistant) tokens of every example, in order."""
+    nll, count = 0.0, 0
+    for start in range(0, examples.num_chunks, batch_size):
+        x, y, _ = examples.rows(list(range(start, min(start + batch_size, examples.num_chunks))))
+        logits = model(x).float()  # [B, T, V]
+        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").item()
+        count += int((y != -100).sum())
+    return math.exp(nll / count), count
+
+
 # ----------------------------------------------------------------------- training
 
 
@@ -222,14 +320,16 @@ def _record_router_logits(model, on: bool) -> None:
         layer.moe.last_router_logits = None
 
 
-def train_step_loss(model, x, y, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
-    """Forward one micro-batch; return the total loss and its parts (floats)."""
+def train_step_loss(model, x, y, cfg: TrainConfig, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Forward one micro-batch; return the total loss and its parts (floats).
+    y: targets [B, T], -100 where nothing is learned; valid: [B, T] real (unpadded) tokens."""
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast == "bf16" and x.device.type == "cpu")
     with autocast:
         logits = model(x)  # [B, T, V]
     router_logits = [layer.moe.last_router_logits for layer in model.layers]
-    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-    aux = load_balancing_loss(router_logits, model.config.num_experts_per_tok, per_layer=cfg.aux_loss_per_layer)
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
+    mask = None if valid is None else valid.reshape(-1)
+    aux = load_balancing_loss(router_logits, model.config.num_experts_per_tok, mask, per_layer=cfg.aux_loss_per_layer)
     loss = ce + cfg.aux_loss_coef * aux
     parts = {"ce": ce.item(), "aux": aux.item()}
     if cfg.z_loss_coef:
@@ -240,8 +340,10 @@ def train_step_loss(model, x, y, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
 
 
 def _optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]  # norms
+    """AdamW over the trainable parameters (all of them, or only LoRA adapters)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]  # norms
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=tuple(cfg.betas), fused=False,
@@ -255,7 +357,12 @@ def _save(run: Path, model, optimizer, step: int, cfg: TrainConfig, history: lis
     final = run / f"ckpt-{step:07d}"
     tmp = run / f".ckpt-{step:07d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_checkpoint(model, tmp, dtype="fp32")
+    if cfg.lora is not None:
+        from smoe.lora import save_adapter
+
+        save_adapter(model, tmp, base_model=cfg.init_from)
+    else:
+        save_checkpoint(model, tmp, dtype="fp32")
     torch.save(
         {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "step": step, "elapsed_s": elapsed},
         tmp / "trainer_state.pt",
@@ -295,23 +402,89 @@ def plot_history(history: list[dict], out: Path, title: str = "") -> None:
     os.replace(tmp, out)
 
 
-def build_model(cfg: TrainConfig, vocab_size: int):
+def build_model(cfg: TrainConfig, vocab_size: int | None, adapter: Path | None = None):
+    """The model to train: new (random init), loaded from init_from, or init_from wrapped in
+    LoRA adapters (over an NF4 base for QLoRA), with adapter weights from `adapter` when resuming."""
     from smoe.checkpoint import load_model
     from smoe.model import Transformer
 
     if cfg.init_from:
         model = load_model(cfg.init_from, dtype=torch.float32)
-        model.requires_grad_(True)
-        return model
-    config = ModelConfig.from_hf_dict({"model_type": "mixtral", "vocab_size": vocab_size, **cfg.model},
-                                      source="train config 'model'")
-    if config.vocab_size < vocab_size:
-        raise SmoeError(f"model vocab_size {config.vocab_size} is smaller than the tokenizer's {vocab_size}")
-    config.router_jitter_noise = cfg.router_jitter
-    model = Transformer(config)
-    model.rope.reset_parameters()
-    model.init_weights(std=cfg.init_std, generator=torch.Generator().manual_seed(cfg.seed))
+        model.config.router_jitter_noise = cfg.router_jitter
+        for layer in model.layers:
+            layer.moe.jitter_noise = cfg.router_jitter
+        if cfg.lora is None:
+            model.requires_grad_(True)
+        else:
+            from smoe.lora import apply_lora, load_adapter_weights
+
+            if cfg.lora.get("quantize") == "nf4":
+                from smoe.quantize import quantize_model_nf4
+
+                quantize_model_nf4(model)
+            apply_lora(model, cfg.lora.get("targets", ["q_proj", "k_proj", "v_proj", "o_proj"]),
+                       rank=int(cfg.lora.get("rank", 8)), alpha=float(cfg.lora.get("alpha", 16)),
+                       dropout=float(cfg.lora.get("dropout", 0.0)), seed=cfg.seed)
+            if adapter is not None:
+                load_adapter_weights(model, adapter)
+    else:
+        config = ModelConfig.from_hf_dict({"model_type": "mixtral", "vocab_size": vocab_size, **cfg.model},
+                                          source="train config 'model'")
+        if config.vocab_size < vocab_size:
+            raise SmoeError(f"model vocab_size {config.vocab_size} is smaller than the tokenizer's {vocab_size}")
+        config.router_jitter_noise = cfg.router_jitter
+        model = Transformer(config)
+        model.rope.reset_parameters()
+        model.init_weights(std=cfg.init_std, generator=torch.Generator().manual_seed(cfg.seed))
+    model.gradient_checkpointing = cfg.gradient_checkpointing
     return model
+
+
+def _tokenizer(cfg: TrainConfig):
+    from smoe.tokenizer import HFTokenizer, load_tokenizer
+
+    if cfg.tokenizer:
+        return HFTokenizer(cfg.tokenizer) if Path(cfg.tokenizer).suffix == ".json" else load_tokenizer(cfg.tokenizer)
+    tokenizer = load_tokenizer(cfg.init_from) if cfg.init_from else None
+    if tokenizer is None:
+        raise SmoeError(f"{cfg.init_from}: the model has no tokenizer files (tokenizer.json or tokenizer.model); "
+                        "add them or name a tokenizer")
+    return tokenizer
+
+
+def load_data(cfg: TrainConfig, tokenizer) -> tuple[TokenStream | ExampleStream, dict]:
+    """The training stream and the held-out sets ({name: token tensor or ExampleStream}).
+    Without a held-out file, a fine-tune holds out part of its data (data.split_heldout)."""
+    from smoe.data import read_examples, split_heldout
+    from smoe.tokenizer import chat_training_ids
+
+    train_examples = read_examples(Path(cfg.train_data), chat=cfg.chat)
+    if cfg.heldout_data:
+        heldout_examples = read_examples(Path(cfg.heldout_data), chat=cfg.chat)
+    elif cfg.init_from:
+        train_examples, heldout_examples = split_heldout(train_examples)
+    else:
+        heldout_examples = []
+    if not cfg.chat:
+        stream = TokenStream(tokenize_documents(train_examples, tokenizer), cfg.seq_len, cfg.seed)
+        heldout = domain_streams(tokenize_documents(heldout_examples, tokenizer), heldout_examples)
+        return stream, heldout
+    pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+
+    def examples(items: list[dict], file: str) -> ExampleStream:
+        rendered = []
+        for n, item in enumerate(items):
+            try:
+                rendered.append(chat_training_ids(tokenizer, item["messages"]))
+            except SmoeError as e:
+                raise SmoeError(f"{file}: example {n + 1}: {e}") from None
+        return ExampleStream(rendered, cfg.seq_len, cfg.seed, pad_id)
+
+    stream = examples(train_examples, cfg.train_data)
+    if stream.truncated:
+        print(f"note: {stream.truncated} conversation(s) longer than {cfg.seq_len + 1} tokens were truncated")
+    heldout = {"assistant": examples(heldout_examples, cfg.heldout_data or cfg.train_data)} if heldout_examples else {}
+    return stream, heldout
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
@@ -319,30 +492,24 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
     steps of this call (used to test that resuming retraces an uninterrupted run)."""
     from tqdm import tqdm
 
-    from smoe.data import read_jsonl
-    from smoe.tokenizer import HFTokenizer
-
+    cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
-    tokenizer = HFTokenizer(cfg.tokenizer)
-    train_docs = read_jsonl(Path(cfg.train_data))
-    stream = TokenStream(tokenize_documents(train_docs, tokenizer), cfg.seq_len, cfg.seed)
-    heldout_docs = read_jsonl(Path(cfg.heldout_data)) if cfg.heldout_data else []
-    heldout = domain_streams(tokenize_documents(heldout_docs, tokenizer), heldout_docs) if heldout_docs else {}
+    tokenizer = _tokenizer(cfg)
+    stream, heldout = load_data(cfg, tokenizer)
+    if cfg.epochs is not None:
+        cfg.max_steps = max(1, math.ceil(cfg.epochs * stream.num_chunks / (cfg.batch_size * cfg.grad_accum)))
 
     torch.manual_seed(cfg.seed)
     start_step, history, elapsed_before = 0, [], 0.0
     if resume and (run / "latest").exists():
         ckpt = run / (run / "latest").read_text().strip()
-        from smoe.checkpoint import load_model
-
-        model = load_model(ckpt, dtype=torch.float32)
-        model.requires_grad_(True)
-        model.config.router_jitter_noise = cfg.router_jitter
-        for layer in model.layers:
-            layer.moe.jitter_noise = cfg.router_jitter
+        if cfg.lora is not None:
+            model = build_model(cfg, None, adapter=ckpt)
+        else:
+            model = build_model(TrainConfig(**{**asdict(cfg), "init_from": str(ckpt), "model": None}), None)
         optimizer = _optimizer(model, cfg)
         state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
@@ -359,7 +526,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
     model.train()
     _record_router_logits(model, True)
 
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    trainable = [p for p in model.parameters() if p.requires_grad]
     last_step = cfg.max_steps if stop_after is None else min(cfg.max_steps, start_step + stop_after)
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not progress, unit="step", dynamic_ncols=True)
     t_start, t_window, tokens_window = time.perf_counter(), time.perf_counter(), 0
@@ -369,15 +536,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
             group["lr"] = lr
         sums: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
-            x, y = stream.batch(step * cfg.grad_accum + micro, cfg.batch_size)
-            loss, parts = train_step_loss(model, x, y, cfg)
+            x, y, valid = stream.batch(step * cfg.grad_accum + micro, cfg.batch_size)
+            loss, parts = train_step_loss(model, x, y, cfg, valid)
             (loss / cfg.grad_accum).backward()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+            tokens_window += x.numel() if valid is None else int(valid.sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        tokens_window += tokens_per_step
         done = step + 1
         if done % cfg.log_every == 0 or done == last_step:
             now = time.perf_counter()
@@ -399,14 +566,24 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
     model.eval()
     wall = elapsed_before + time.perf_counter() - t_start
     if last_step == cfg.max_steps:
+        if cfg.lora is not None:  # the finished adapter at the top of the run: --adapter RUN_DIR
+            from smoe.lora import save_adapter
+
+            save_adapter(model, run, base_model=cfg.init_from)
         (run / "summary.json").write_text(json.dumps({"steps": last_step, "wall_s": round(wall, 1)}) + "\n")
     return {"steps": last_step, "wall_s": wall, "history": history, "model": model}
 
 
-def evaluate(model, heldout: dict[str, torch.Tensor], cfg: TrainConfig) -> dict[str, float]:
+def evaluate(model, heldout: dict, cfg: TrainConfig) -> dict[str, float]:
+    """Held-out perplexity per set: token streams (per domain) or chat examples (assistant tokens)."""
     was_training = model.training
     model.eval()
+    result = {}
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
-        result = {d: round(stream_perplexity(model, s, cfg.seq_len, cfg.eval_tokens)[0], 3) for d, s in heldout.items()}
+        for name, data in heldout.items():
+            if isinstance(data, ExampleStream):
+                result[name] = round(example_perplexity(model, data, cfg.batch_size)[0], 3)
+            else:
+                result[name] = round(stream_perplexity(model, data, cfg.seq_len, cfg.eval_tokens)[0], 3)
     model.train(was_training)
     return result
