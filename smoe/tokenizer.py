@@ -96,6 +96,7 @@ class SentencePieceTokenizer(_TemplateMixin):
 class MistralCommonTokenizer:
     def __init__(self, path: str | Path) -> None:
         try:
+            from mistral_common.protocol.instruct.validator import ValidationMode
             from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
         except ImportError:
             raise TokenizerError(
@@ -104,6 +105,7 @@ class MistralCommonTokenizer:
         path = Path(path)
         try:
             self.mistral = MistralTokenizer.from_file(str(path))
+            self.mistral_finetuning = MistralTokenizer.from_file(str(path), mode=ValidationMode.finetuning)
         except Exception as e:  # mistral-common raises several types for bad files
             raise TokenizerError(f"{path}: cannot read tokenizer with mistral-common ({e})") from None
         self.path = path
@@ -118,13 +120,16 @@ class MistralCommonTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.raw.decode(list(ids))
 
-    def apply_chat_template(self, messages: list[Message]) -> list[int]:
+    def apply_chat_template(self, messages: list[Message], *, finetuning: bool = False) -> list[int]:
+        """The prompt for a reply; finetuning=True renders a conversation that ends with an
+        assistant answer (and its </s>), as mistral-common's finetuning mode validates it."""
         from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
         kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
         request = ChatCompletionRequest(messages=[kinds[m["role"]](content=m["content"]) for m in messages])
-        return self.mistral.encode_chat_completion(request).tokens
+        encoder = self.mistral_finetuning if finetuning else self.mistral
+        return encoder.encode_chat_completion(request).tokens
 
 
 def mistral_instruct_ids(tokenizer: Tokenizer, messages: list[Message]) -> list[int]:
@@ -167,17 +172,22 @@ def mistral_instruct_segments(tokenizer: Tokenizer, messages: list[Message]) -> 
 def chat_training_ids(tokenizer: Tokenizer, messages: list[Message]) -> tuple[list[int], list[bool]]:
     """A conversation rendered with the model's chat template -> (ids, trained): trained[i]
     is True for the tokens of assistant answers (and their </s>), the only ones a chat
-    fine-tune learns to predict."""
+    fine-tune learns to predict. Messages after the last answer teach nothing and are dropped."""
+    last_answer = max((n for n, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+    if last_answer is None:
+        raise TokenizerError("no assistant message: nothing to learn from this conversation")
+    messages = messages[: last_answer + 1]
     if not isinstance(tokenizer, MistralCommonTokenizer):
         segments = mistral_instruct_segments(tokenizer, messages)
         return [i for ids, _ in segments for i in ids], [t for ids, t in segments for _ in ids]
-    # mistral-common renders whole requests; an answer is what its message adds to the prefix
-    ids = tokenizer.apply_chat_template(messages)
+    # mistral-common renders whole requests; an answer is what its message adds to the prefix before it
+    ids = tokenizer.apply_chat_template(messages, finetuning=True)
     trained = [False] * len(ids)
     for n, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before, through = tokenizer.apply_chat_template(messages[:n]), tokenizer.apply_chat_template(messages[: n + 1])
+        before = tokenizer.apply_chat_template(messages[:n])
+        through = tokenizer.apply_chat_template(messages[: n + 1], finetuning=True)
         if through[: len(before)] != before or ids[: len(through)] != through:
             raise TokenizerError(f"message {n}: the chat template does not render this conversation "
                                  "as a sequence of prefixes; merge consecutive assistant messages")

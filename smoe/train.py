@@ -63,9 +63,9 @@ class TrainConfig:
     init_std: float = 0.02
     seed: int = 0
     log_every: int = 10
-    eval_every: int = 250
+    eval_every: int = 250  # 0: five evaluations over the run
     eval_tokens: int = 8192  # held-out tokens per domain
-    save_every: int = 250
+    save_every: int = 250  # 0: five checkpoints over the run
     keep_checkpoints: int = 2
     threads: int | None = None
     epochs: float | None = None  # when set, max_steps = epochs over the training data
@@ -101,9 +101,12 @@ class TrainConfig:
     def validate(self) -> None:
         if self.autocast not in ("bf16", "none"):
             raise SmoeError("autocast must be 'bf16' or 'none'")
-        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "save_every"):
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise SmoeError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("eval_every", "save_every", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise SmoeError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.epochs is not None and self.epochs <= 0:
             raise SmoeError(f"epochs must be positive, got {self.epochs}")
         if self.lora is not None:
@@ -501,6 +504,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
     stream, heldout = load_data(cfg, tokenizer)
     if cfg.epochs is not None:
         cfg.max_steps = max(1, math.ceil(cfg.epochs * stream.num_chunks / (cfg.batch_size * cfg.grad_accum)))
+    cfg.eval_every = cfg.eval_every or math.ceil(cfg.max_steps / 5)
+    cfg.save_every = cfg.save_every or math.ceil(cfg.max_steps / 5)
 
     torch.manual_seed(cfg.seed)
     start_step, history, elapsed_before = 0, [], 0.0
@@ -526,6 +531,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
     model.train()
     _record_router_logits(model, True)
 
+    if heldout and cfg.init_from and start_step == 0:  # the starting point a fine-tune improves on
+        history.append({"step": 0, "eval": evaluate(model, heldout, cfg)})
+        print("step 0: held-out perplexity " + ", ".join(f"{d} {p:.2f}" for d, p in history[-1]["eval"].items()))
     trainable = [p for p in model.parameters() if p.requires_grad]
     last_step = cfg.max_steps if stop_after is None else min(cfg.max_steps, start_step + stop_after)
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not progress, unit="step", dynamic_ncols=True)
@@ -560,6 +568,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
         if done % cfg.save_every == 0 or done == last_step:
             _save(run, model, optimizer, done, cfg, history, elapsed_before + time.perf_counter() - t_start)
             plot_history(history, run / "loss.png", title=f"{run.name}: training")
+        if done % cfg.log_every == 0:  # evaluation and saving stay out of the next window's tokens/s
+            t_window = time.perf_counter()
         bar.update(1)
     bar.close()
     _record_router_logits(model, False)
