@@ -4,6 +4,8 @@
 
 Presets:
   bench  hidden 1024, 16 layers, 16 heads, 4 kv heads, ffn 3584, 8 experts (top-2), vocab 32000 (bf16, ~2.9 GB)
+  medium hidden 512, 8 layers, 8 heads, 2 kv heads, ffn 1792, 8 experts (top-2), vocab 32000 (bf16, ~0.43 GB;
+         the fine-tuning memory benchmark)
   tiny   hidden 64, 2 layers, 4 heads, 2 kv heads, ffn 128, 8 experts (top-2), vocab 32000 (Mixtral's v1 tokenizer)
 """
 
@@ -20,6 +22,9 @@ PRESETS = {
     "bench": dict(vocab_size=32000, hidden_size=1024, intermediate_size=3584, num_hidden_layers=16,
                   num_attention_heads=16, num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2,
                   max_position_embeddings=4096),
+    "medium": dict(vocab_size=32000, hidden_size=512, intermediate_size=1792, num_hidden_layers=8,
+                   num_attention_heads=8, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+                   max_position_embeddings=4096),
     "tiny": dict(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
                  max_position_embeddings=2048, sliding_window=1024),

@@ -35,6 +35,8 @@ def load(
     tokenizer_backend: str | None = None,
     pack: bool | None = None,
     adapter: str | Path | None = None,
+    quant: str | None = None,
+    progress: bool = False,
 ):
     """Load a checkpoint directory -> (model, tokenizer).
 
@@ -47,6 +49,11 @@ def load(
     trained or saved; load with pack=False for that.
 
     adapter: a LoRA adapter directory in PEFT format (smoe/lora.py) to apply.
+
+    quant: quantize the attention and expert weights at load (smoe/quantize.py): 'int8'
+    (per output channel) or 'int4' (groups of 32 input columns; 'int4-g64', 'int4-g128',
+    'int4-g256' for larger groups). A checkpoint written by `smoe quantize` loads quantized
+    without it. progress: show a progress bar while quantizing.
     """
     from smoe.checkpoint import load_model
     from smoe.errors import CheckpointError
@@ -60,6 +67,14 @@ def load(
             )
         path = DEMO_MODEL
     model = load_model(path, dtype=dtype, device=device, allow_pickle=allow_pickle)
+    if quant is not None:
+        from smoe.quantize import parse_quant, quantize_model
+
+        bits, group_size = parse_quant(quant)
+        if model.config.quantization:
+            raise SmoeError(f"{path}: the checkpoint is already quantized "
+                            f"({model.config.quantization['bits']} bits); drop quant")
+        quantize_model(model, bits, group_size, progress=progress)
     if adapter is not None:
         from smoe.lora import load_adapter
 

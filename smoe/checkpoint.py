@@ -252,6 +252,24 @@ def _names_for(config: ModelConfig, layout: str) -> NameTable:
     return table
 
 
+def _with_quantized(table: NameTable, ours_names: set[str], where: Path | str) -> NameTable:
+    """The table with each quantized linear's `X.weight` entry replaced by its stored parts
+    (`X.qweight`, `X.scales` or `X.scales_and_zeros`) under the same checkpoint prefix."""
+    out: NameTable = {}
+    for ours, (theirs, take, give) in table.items():
+        if ours in ours_names or not ours.endswith(".weight"):
+            out[ours] = (theirs, take, give)
+            continue
+        prefix, their_prefix = ours[: -len("weight")], theirs[: -len("weight")]
+        parts = [n for n in ours_names if n.startswith(prefix) and "." not in n[len(prefix):]]
+        if not parts or take is not _identity:
+            raise CheckpointError(f"{where}: quantized checkpoints use the HF per-expert layout; "
+                                  f"cannot place '{ours}'")
+        for name in parts:
+            out[name] = (their_prefix + name[len(prefix):], _identity, _identity)
+    return out
+
+
 def detect_layout(names: set[str], where: Path) -> str:
     if any(".block_sparse_moe." in n for n in names):
         return "hf"
@@ -306,7 +324,10 @@ def load_state(
     """Map, validate and assign checkpoint tensors to a model built on the meta device."""
     layout = detect_layout(set(stored), where)
     _check_config_matches(config, stored, layout, where)
+    expected = _expected_shapes(model)
     table = _names_for(config, layout)
+    if config.quantization:
+        table = _with_quantized(table, set(expected), where)
     used = {theirs for theirs, _, _ in table.values()}
     missing = sorted(used - set(stored))
     if missing:
@@ -322,15 +343,19 @@ def load_state(
         raise CheckpointError(
             f"{file}: unexpected tensor '{unexpected[0]}'{more}: it is not part of a Mixtral model with this config"
         )
+    quantized_parts = {theirs for ours, (theirs, _, _) in table.items() if ours.endswith(".qweight")}
     for theirs in used:
         t = stored[theirs]
-        if t.tensor.dtype not in WEIGHT_DTYPES:
+        if theirs in quantized_parts:
+            if t.tensor.dtype not in (torch.int8, torch.uint8):
+                raise CheckpointError(f"{t.file}: quantized tensor '{theirs}' has dtype {t.dtype_name}; "
+                                      "expected I8 or U8")
+        elif t.tensor.dtype not in WEIGHT_DTYPES:
             raise CheckpointError(
                 f"{t.file}: tensor '{theirs}' has unsupported dtype {t.dtype_name}; "
                 "weights must be F32, F16 or BF16"
             )
 
-    expected = _expected_shapes(model)
     state = {}
     for ours, (theirs, take, _) in table.items():
         t = stored[theirs]
@@ -343,7 +368,11 @@ def load_state(
                 f"{t.file}: tensor '{theirs}' has shape {list(t.shape)}, which does not fit "
                 f"'{ours}' of shape {list(expected[ours])} for this config"
             )
-        state[ours] = value.to(device=device, dtype=dtype)
+        if not value.is_floating_point() and value.data_ptr() % 64:
+            # quantized codes: the int8/int4 CPU kernels fault on rows that are not 64-byte aligned,
+            # and safetensors packs tensors back to back, so give misaligned ones memory of their own
+            value = value.clone()
+        state[ours] = value.to(device=device, dtype=dtype if value.is_floating_point() else None)
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
@@ -357,6 +386,10 @@ def hf_state_dict(model: torch.nn.Module, layout: str = "hf") -> dict[str, torch
     config: ModelConfig = model.config
     ours = {k: v.detach() for k, v in model.state_dict().items()}
     table = _names_for(config, layout)
+    if config.quantization:
+        if layout != "hf":
+            raise CheckpointError("a quantized model saves in the 'hf' layout only")
+        table = _with_quantized(table, set(ours), "the model")
     out: dict[str, torch.Tensor] = {}
     E = config.num_local_experts
     for name, (theirs, _, give) in table.items():
@@ -409,10 +442,10 @@ def save_checkpoint(
     dtype = parse_dtype(dtype)
     config: ModelConfig = model.config
     tensors = hf_state_dict(model, layout)
-    if dtype is not None:
-        tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    if dtype is not None:  # quantized codes stay integers
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
-    stored_dtype = next(iter(tensors.values())).dtype
+    stored_dtype = next(v.dtype for v in tensors.values() if v.is_floating_point())
     dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[stored_dtype]
 
     if layout == "mistral":
@@ -474,6 +507,11 @@ def load_model(
     dtype = parse_dtype(dtype) or _stored_dtype(config, stored)
     with torch.device("meta"):
         model = Transformer(config)
+    if config.quantization:  # empty int8 / int4 modules for the stored codes to be assigned to
+        from smoe.quantize import quantize_model
+
+        model.to(dtype)
+        quantize_model(model, config.quantization["bits"], config.quantization.get("group_size"))
     load_state(model, config, stored, path, dtype, device)
     model.rope.reset_parameters(device=device)
     model.requires_grad_(False)

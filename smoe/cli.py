@@ -39,6 +39,10 @@ def _model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="read pickle weights (.bin/.pt/.pth) with torch.load(weights_only=True)")
     p.add_argument("--adapter", metavar="DIR", default=None, help="apply a LoRA adapter (PEFT format)")
+    p.add_argument("--quant", choices=["int8", "int4"], default=None,
+                   help="quantize the weights at load: int8 per channel, or int4 in groups (see --group-size)")
+    p.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128, 256],
+                   help="int4 group size (default 32)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="dtype to save (default: the base's)")
 
+    q = sub.add_parser("quantize", help="write an int8 or int4 weight-only quantized checkpoint",
+                       description="Quantize the attention and expert weights (int8 per output channel, or int4 "
+                                   "with a scale and zero per group of input columns); the router, norms, "
+                                   "embeddings and output head stay in high precision. Every verb loads the "
+                                   "result directly.")
+    q.add_argument("--model", metavar="DIR", default=None, help="checkpoint directory (default: the demo model)")
+    q.add_argument("--bits", type=int, choices=[8, 4], required=True, help="8 or 4")
+    q.add_argument("--group-size", type=int, choices=[32, 64, 128, 256], default=32,
+                   help="int4: input columns per scale and zero (default 32)")
+    q.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="dtype of the unquantized weights and scales (default: the checkpoint's)")
+    q.add_argument("--out", required=True, type=Path, metavar="DIR", help="where to write the quantized checkpoint")
+
     i = sub.add_parser("info", help="describe a checkpoint",
                        description="Config, parameters and memory of a checkpoint.")
     i.add_argument("model", metavar="DIR", nargs="?", default=None,
@@ -181,8 +198,9 @@ def _load(args):
 
         if not torch.cuda.is_available():
             raise smoe.SmoeError(f"--device {args.device}: no CUDA device is available; use --device cpu")
+    quant = args.quant if args.quant != "int4" else f"int4-g{args.group_size}"
     return smoe.load(args.model, dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle,
-                     adapter=args.adapter)
+                     adapter=args.adapter, quant=quant, progress=True)
 
 
 def _stats_line(r) -> str:
@@ -495,23 +513,58 @@ def cmd_data(args) -> int:
     return 0
 
 
-def cmd_lora(args) -> int:
+def _copy_tokenizer_files(src, dst: Path) -> None:
     import shutil
 
-    from smoe.checkpoint import load_model, parse_dtype, save_checkpoint
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "tekken.json",
+                 "generation_config.json"):
+        if (Path(src) / name).exists():
+            shutil.copy(Path(src) / name, dst / name)
+
+
+def _check_new_dir(path: Path) -> None:
     from smoe.errors import SmoeError
+
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise SmoeError(f"{path}: exists and is not an empty directory; choose a new --out")
+
+
+def cmd_quantize(args) -> int:
+    import time
+
+    from smoe import DEMO_MODEL
+    from smoe.checkpoint import load_model, save_checkpoint
+    from smoe.errors import SmoeError
+    from smoe.quantize import quantize_model
+
+    _check_new_dir(args.out)
+    source = args.model or str(DEMO_MODEL)
+    start = time.perf_counter()
+    model = load_model(source, dtype=args.dtype)  # memory-mapped: each weight is read once, as it is quantized
+    if model.config.quantization:
+        raise SmoeError(f"{source}: is already quantized ({model.config.quantization['bits']} bits)")
+    before = sum(t.nbytes for t in model.state_dict().values())
+    count = quantize_model(model, args.bits, args.group_size if args.bits == 4 else None, progress=True)
+    after = sum(t.nbytes for t in model.state_dict().values())
+    save_checkpoint(model, args.out)
+    _copy_tokenizer_files(source, args.out)
+    kind = "int8 per channel" if args.bits == 8 else f"int4, group {args.group_size}"
+    print(f"quantized {count} linears ({kind}): {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB "
+          f"in {time.perf_counter() - start:.1f} s; wrote {args.out}")
+    return 0
+
+
+def cmd_lora(args) -> int:
+    from smoe.checkpoint import load_model, parse_dtype, save_checkpoint
     from smoe.lora import load_adapter, merge_lora
 
-    if args.out.exists() and any(args.out.iterdir()):
-        raise SmoeError(f"{args.out}: directory exists and is not empty; choose a new --out")
+    _check_new_dir(args.out)
     saved_dtype = parse_dtype(args.dtype) or load_model(args.model).dtype  # memory-mapped: no copy
     model = load_model(args.model, dtype="fp32")  # merge in fp32, then save in the wanted dtype
     load_adapter(model, args.adapter)
     merge_lora(model, unwrap=True)
     save_checkpoint(model, args.out, dtype=saved_dtype)
-    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "generation_config.json"):
-        if (Path(args.model) / name).exists():
-            shutil.copy(Path(args.model) / name, args.out / name)
+    _copy_tokenizer_files(args.model, args.out)
     print(f"merged {args.adapter} into {args.model}; wrote {args.out}")
     return 0
 
@@ -519,6 +572,7 @@ def cmd_lora(args) -> int:
 COMMANDS = {
     "generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "train": cmd_train, "data": cmd_data,
     "routes": cmd_routes, "lora": cmd_lora, "finetune": cmd_finetune,
+    "quantize": cmd_quantize,
 }
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from smoe.errors import ConfigError
 
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+_NOT_HF_FIELDS = ("extra", "torch_dtype", "rope_theta", "quantization")  # written under other names, or only if set
 
 
 @dataclass
@@ -45,6 +46,8 @@ class ModelConfig:
     router_jitter_noise: float = 0.0
     router_aux_loss_coef: float = 0.001
     torch_dtype: str | None = None  # dtype the checkpoint was saved in, if it says
+    # weight-only quantization of a smoe quantized checkpoint: {"method": "smoe", "bits": 8 | 4, "group_size": G}
+    quantization: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # fields we keep but do not use
 
     def __post_init__(self) -> None:
@@ -81,6 +84,14 @@ class ModelConfig:
             raise ConfigError(f"sliding_window must be null or a positive integer, got {self.sliding_window!r}")
         if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
             raise ConfigError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
+        if self.quantization is not None:
+            q = self.quantization
+            if not isinstance(q, dict) or q.get("method") != "smoe" or q.get("bits") not in (4, 8):
+                raise ConfigError(f"quantization must be {{\"method\": \"smoe\", \"bits\": 8 or 4, ...}}, "
+                                  f"got {q!r}; smoe reads the quantized checkpoints that `smoe quantize` writes")
+            if q["bits"] == 4 and q.get("group_size") not in (32, 64, 128, 256):
+                raise ConfigError(f"quantization.group_size must be 32, 64, 128 or 256 for 4 bits, "
+                                  f"got {q.get('group_size')!r}")
 
     # ----------------------------------------------------------------- derived
     @property
@@ -173,6 +184,7 @@ class ModelConfig:
             router_jitter_noise=float(d.get("router_jitter_noise", 0.0)),
             router_aux_loss_coef=float(d.get("router_aux_loss_coef", 0.001)),
             torch_dtype=d.get("dtype", d.get("torch_dtype")),
+            quantization=d.get("quantization"),
             extra={k: v for k, v in d.items() if k not in known},
         )
         return cfg
@@ -226,12 +238,14 @@ class ModelConfig:
         d = {
             "architectures": ["MixtralForCausalLM"],
             "model_type": "mixtral",
-            **{k: v for k, v in asdict(self).items() if k not in ("extra", "torch_dtype", "rope_theta")},
+            **{k: v for k, v in asdict(self).items() if k not in _NOT_HF_FIELDS},
             "hidden_act": "silu",
             "rope_parameters": {"rope_theta": self.rope_theta, "rope_type": "default"},
         }
         if self.torch_dtype:
             d["dtype"] = self.torch_dtype
+        if self.quantization:
+            d["quantization"] = dict(self.quantization)
         for k, v in self.extra.items():
             d.setdefault(k, v)
         return d

@@ -412,7 +412,10 @@ def build_model(cfg: TrainConfig, vocab_size: int | None, adapter: Path | None =
     from smoe.model import Transformer
 
     if cfg.init_from:
-        model = load_model(cfg.init_from, dtype=torch.float32)
+        qlora = cfg.lora is not None and cfg.lora.get("quantize") == "nf4"
+        # QLoRA quantizes straight from the memory-mapped checkpoint, so the full-precision
+        # weights of the quantized linears are never all in memory at once
+        model = load_model(cfg.init_from, dtype=None if qlora else torch.float32)
         model.config.router_jitter_noise = cfg.router_jitter
         for layer in model.layers:
             layer.moe.jitter_noise = cfg.router_jitter
@@ -421,10 +424,11 @@ def build_model(cfg: TrainConfig, vocab_size: int | None, adapter: Path | None =
         else:
             from smoe.lora import apply_lora, load_adapter_weights
 
-            if cfg.lora.get("quantize") == "nf4":
+            if qlora:
                 from smoe.quantize import quantize_model_nf4
 
                 quantize_model_nf4(model)
+                model.float()  # embeddings, norms, routers, lm_head: fp32 master weights
             apply_lora(model, cfg.lora.get("targets", ["q_proj", "k_proj", "v_proj", "o_proj"]),
                        rank=int(cfg.lora.get("rank", 8)), alpha=float(cfg.lora.get("alpha", 16)),
                        dropout=float(cfg.lora.get("dropout", 0.0)), seed=cfg.seed)

@@ -93,3 +93,22 @@ def test_qlora_is_lora_over_nf4(checkpoint_factory):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     assert len(lora_modules(model)) == 2 * (2 + 4 * 3)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_nf4_backward_rebuilds_the_weight(autocast):
+    """Gradients through NF4Linear equal those through a plain linear holding the dequantized weight."""
+    linear = torch.nn.Linear(128, 64, bias=False)
+    nf4 = NF4Linear(linear)
+    weight = dequantize_nf4(nf4.quantized())
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = nf4(x)
+        y_ref = torch.nn.functional.linear(x_ref, weight)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    y.float().backward(g)
+    y_ref.float().backward(g)
+    assert y.dtype == y_ref.dtype and x.grad.dtype == torch.float32
+    assert torch.allclose(y.float(), y_ref.float(), atol=1e-5 if not autocast else 1e-2)
+    assert torch.allclose(x.grad, x_ref.grad, atol=1e-5 if not autocast else 2e-2)
