@@ -65,7 +65,7 @@ def _dims(base: nn.Module) -> tuple[int, int]:
 
 class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, adapter_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if rank < 1:
             raise SmoeError(f"LoRA rank must be at least 1, got {rank}")
@@ -77,6 +77,7 @@ class LoRALinear(nn.Module):
         # adapters train in the base's precision when it is a float weight, else (NF4) in fp32
         weight = getattr(base, "weight", None)
         dtype = weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else torch.float32
+        dtype = adapter_dtype or dtype
         self.adapter_dtype = dtype
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, dtype=dtype)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, dtype=dtype)
@@ -141,16 +142,17 @@ def _targets(model, targets) -> list[tuple[str, nn.Module, str]]:
 
 
 def apply_lora(model, targets=("q_proj", "v_proj"), rank: int = 8, alpha: float = 16.0,
-               dropout: float = 0.0, seed: int = 0) -> list[str]:
+               dropout: float = 0.0, seed: int = 0, adapter_dtype: torch.dtype | None = None) -> list[str]:
     """Wrap the target linears in LoRALinear (the router in LoRARouter), freeze all else;
-    returns the wrapped paths. `seed` fixes the random A matrices (the global RNG is untouched)."""
+    returns the wrapped paths. `seed` fixes the random A matrices (the global RNG is untouched);
+    adapter_dtype: the adapters' precision (default: the base weight's, fp32 over quantized bases)."""
     generator = torch.Generator().manual_seed(seed)
     targets = parse_targets(targets)
     model.requires_grad_(False)
     wrapped = []
     for path, parent, attr in _targets(model, targets):
         kind = LoRARouter if attr == "router" else LoRALinear
-        setattr(parent, attr, kind(getattr(parent, attr), rank, alpha, dropout, generator))
+        setattr(parent, attr, kind(getattr(parent, attr), rank, alpha, dropout, generator, adapter_dtype))
         wrapped.append(path)
     model.lora_config = {"r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": targets}
     return wrapped

@@ -414,8 +414,15 @@ def build_model(cfg: TrainConfig, vocab_size: int | None, adapter: Path | None =
     if cfg.init_from:
         qlora = cfg.lora is not None and cfg.lora.get("quantize") == "nf4"
         # QLoRA quantizes straight from the memory-mapped checkpoint, so the full-precision
-        # weights of the quantized linears are never all in memory at once
-        model = load_model(cfg.init_from, dtype=None if qlora else torch.float32)
+        # weights of the quantized linears are never all in memory at once; a LoRA base that
+        # only ever computes in bf16 (autocast) is kept in bf16: half the memory, no casts
+        if qlora:
+            base_dtype = None
+        elif cfg.lora is not None and cfg.autocast == "bf16":
+            base_dtype = torch.bfloat16
+        else:
+            base_dtype = torch.float32
+        model = load_model(cfg.init_from, dtype=base_dtype)
         model.config.router_jitter_noise = cfg.router_jitter
         for layer in model.layers:
             layer.moe.jitter_noise = cfg.router_jitter
@@ -431,7 +438,7 @@ def build_model(cfg: TrainConfig, vocab_size: int | None, adapter: Path | None =
                 model.float()  # embeddings, norms, routers, lm_head: fp32 master weights
             apply_lora(model, cfg.lora.get("targets", ["q_proj", "k_proj", "v_proj", "o_proj"]),
                        rank=int(cfg.lora.get("rank", 8)), alpha=float(cfg.lora.get("alpha", 16)),
-                       dropout=float(cfg.lora.get("dropout", 0.0)), seed=cfg.seed)
+                       dropout=float(cfg.lora.get("dropout", 0.0)), seed=cfg.seed, adapter_dtype=torch.float32)
             if adapter is not None:
                 load_adapter_weights(model, adapter)
     else:

@@ -125,4 +125,4 @@ def test_lora_merge_cli_writes_an_equivalent_checkpoint(checkpoint_factory, tmp_
     again = subprocess.run([sys.executable, "-m", "smoe.cli", "lora", "merge", "--model", str(path), "--adapter",
                             str(tmp_path / "a"), "--out", str(tmp_path / "merged")], capture_output=True, text=True,
                            timeout=120)
-    assert again.returncode == 2 and "not empty" in again.stderr
+    assert again.returncode == 2 and "not an empty directory" in again.stderr
