@@ -42,7 +42,6 @@ sys.path.insert(0, str(HERE))
 
 LLAMA_VERSION = "0.3.36"
 LLAMA_TYPES = {"bf16": "LLAMA_FTYPE_MOSTLY_BF16", "int8": "LLAMA_FTYPE_MOSTLY_Q8_0", "int4": "LLAMA_FTYPE_MOSTLY_Q4_0"}
-SMOE_QUANT = {"bf16": None, "int8": "int8", "int4": "int4-g32"}
 
 
 def peak_rss_mib() -> float:
@@ -65,7 +64,7 @@ def run_smoe(model_dir: str, precision: str, threads: int, cfg: dict) -> dict:
     import smoe
 
     torch.set_num_threads(threads)
-    model, _ = smoe.load(model_dir, dtype="bf16", quant=SMOE_QUANT[precision])
+    model, _ = smoe.load(model_dir, dtype="bf16")  # int8 / int4: a checkpoint written by `smoe quantize`
     vocab = model.config.vocab_size
     out = {}
     with torch.inference_mode():
@@ -256,6 +255,16 @@ def gguf_files(model_dir: Path, work: Path, precisions: list[str]) -> dict[str, 
     return files
 
 
+def smoe_checkpoint(model_dir: Path, out: Path, precision: str) -> Path:
+    """The checkpoint quantized by smoe (made once, like the GGUF files)."""
+    if not (out / "config.json").exists():
+        print(f"smoe quantize {precision} ...", flush=True)
+        bits, extra = (8, []) if precision == "int8" else (4, ["--group-size", "32"])
+        subprocess.run([sys.executable, "-m", "smoe.cli", "quantize", "--model", str(model_dir), "--bits", str(bits),
+                        *extra, "--out", str(out)], check=True)
+    return out
+
+
 def rooflines(model_dir: Path, threads: int) -> dict:
     """Streaming-read bandwidth (GB/s) and bf16 GEMM throughput (GFLOP/s) of this machine."""
     import torch
@@ -372,11 +381,16 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     engines, precisions = args.engines.split(","), args.precisions.split(",")
     ggufs = gguf_files(args.model, args.out / f"gguf-{args.model.name}", precisions) if "llama.cpp" in engines else {}
+    quantized = {"bf16": args.model}
+    for precision in precisions:
+        if precision != "bf16" and "smoe" in engines:
+            quantized[precision] = smoe_checkpoint(args.model, args.out / f"smoe-{args.model.name}-{precision}",
+                                                   precision)
     combos = [(e, pr) for pr in precisions for e in engines if not (e == "transformers" and pr != "bf16")]
     best: dict[tuple, dict] = {}
     for r in range(args.repeats):
         for engine, precision in combos:
-            target = str(ggufs[precision]) if engine == "llama.cpp" else str(args.model)
+            target = str(ggufs[precision] if engine == "llama.cpp" else quantized[precision])
             cmd = [sys.executable, __file__, "--engine", engine, "--precision", precision, "--target", target,
                    "--threads", str(args.threads), "--batches", args.batches, "--prefill", str(args.prefill),
                    "--prompt", str(args.prompt), "--decode", str(args.decode)]
