@@ -43,8 +43,11 @@ demo: install
 	$(BIN)/smoe train --config configs/demo.json
 	$(BIN)/python scripts/export_demo.py --run runs/demo --corpus data/corpus
 
+# llama-cpp-python builds llama.cpp from source (~6 min, once)
 bench: install
+	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python benchmarks/bench_core.py
+	$(BIN)/python benchmarks/bench_engines.py
 
 lint: install
 	$(BIN)/ruff check smoe tests benchmarks

@@ -19,9 +19,11 @@ engines interleaved, best of --repeats:
 - time to first token of the 512-token prompt; peak RSS.
 llama.cpp is driven through its C API with a greedy argmax over llama_get_logits_ith.
 
-Rooflines: decode bytes per token (the weights one token reads; at batch 8 the expected
-number of distinct experts per layer) ÷ the machine's streaming-read bandwidth; prefill
-FLOPs per token ÷ the measured bf16 GEMM throughput. Output: a table, results.json and a
+Rooflines: decode bytes per token (each engine's stored weights times the share one token
+reads: attention, routers, output head, and its experts — at batch 8 the expected number of
+distinct experts per layer, shared by the 8 sequences) ÷ the machine's streaming-read
+bandwidth; prefill FLOPs per token (2 × active parameters) ÷ the measured bf16 GEMM
+throughput. Output: a table, results.json and a
 PNG chart in --out.
 """
 
@@ -291,22 +293,32 @@ def rooflines(model_dir: Path, threads: int) -> dict:
     return {"bandwidth_gbs": round(max(copy, read), 1), "gemm_bf16_gflops": round(2 * 512 * 1024 * 3584 / t / 1e9, 1)}
 
 
-def bytes_and_flops(model_dir: Path) -> dict:
+def active_fraction(model_dir: Path, batch: int) -> float:
+    """Share of the stored weights one decode step reads per sequence: attention, routers and
+    the output head always; of the experts, the expected number of distinct ones the batch
+    routes to per layer (E·(1 - (1 - K/E)^B)); the embedding only a row."""
     from smoe.config import ModelConfig
 
     c = ModelConfig.from_dir(model_dir)
-    H, F, L, E, K = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_local_experts, c.num_experts_per_tok
-    attn = H * c.head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
-    expert = 3 * H * F
-    head = c.vocab_size * H
-    out = {}
-    for precision, per_weight in (("bf16", 2.0), ("int8", 1.0 + 2 / H), ("int4", 0.5 + 4 / 32)):
-        for batch in (1, 8):
-            distinct = E * (1 - (1 - K / E) ** batch)  # expected distinct experts per layer
-            weights = L * (attn + distinct * expert) * per_weight + head * 2 + L * H * E * 2
-            out[f"{precision}/{batch}"] = weights / batch  # bytes per token
-    out["flops_per_token"] = 2 * (L * (attn + K * expert + H * E) + head)
-    return out
+    counts = c.parameter_counts()
+    E, K = c.num_local_experts, c.num_experts_per_tok
+    distinct = E * (1 - (1 - K / E) ** batch)
+    embed = c.vocab_size * c.hidden_size
+    read = counts["total"] - embed - counts["experts"] * (1 - distinct / E)
+    return read / counts["total"] / batch
+
+
+def weight_bytes(path: Path) -> int:
+    """Bytes of weights an engine holds: its safetensors or GGUF files."""
+    files = [path] if path.is_file() else [*path.glob("*.safetensors")]
+    return sum(f.stat().st_size for f in files)
+
+
+def flops_per_token(model_dir: Path) -> float:
+    from smoe.config import ModelConfig
+
+    c = ModelConfig.from_dir(model_dir)
+    return 2 * (c.parameter_counts()["active"] - c.hidden_size)
 
 
 # ------------------------------------------------------------------------------- driver
@@ -414,14 +426,16 @@ def main() -> int:
                   f"prefill {b1['prefill_tok_s']:7.1f} tok/s", flush=True)
 
     roof = rooflines(args.model, args.threads)
-    work = bytes_and_flops(args.model)
+    flops = flops_per_token(args.model)
     rows = []
     for (engine, precision, batch), m in sorted(best.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
-        bytes_per_token = work[f"{precision}/{batch}"]
+        stored = weight_bytes(ggufs[precision] if engine == "llama.cpp" else quantized[precision])
+        bytes_per_token = stored * active_fraction(args.model, batch)
         rows.append({"engine": engine, "precision": precision, "batch": batch,
                      **{k: round(v, 3) for k, v in m.items()},
                      "decode_roofline": round(m["decode_tok_s"] * bytes_per_token / 1e9 / roof["bandwidth_gbs"], 3),
-                     "prefill_gemm": round(m["prefill_tok_s"] * work["flops_per_token"] / 1e9
+                     "bytes_per_token": int(bytes_per_token),
+                     "prefill_gemm": round(m["prefill_tok_s"] * flops / 1e9
                                            / roof["gemm_bf16_gflops"], 3)})
     lines = [f"model: {args.model}  commit: {commit()}  machine: {platform.processor() or platform.machine()}, "
              f"{args.threads} threads  bandwidth {roof['bandwidth_gbs']} GB/s  bf16 GEMM {roof['gemm_bf16_gflops']} "

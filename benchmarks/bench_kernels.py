@@ -2,9 +2,11 @@
 
     python benchmarks/bench_kernels.py                 # Mixtral-bench shapes, rows 1..16
 
-For one linear of the benchmark checkpoint's expert shape (1024 -> 3584 and back), times
-y = x · Wᵀ for a few rows x with: plain bf16 F.linear, oneDNN-packed bf16, PyTorch's int8
-and int4 weight-only kernels, smoe's compiled int8 / int4 kernels, and dequantize + GEMM.
+For the benchmark checkpoint's expert shapes (1024 -> 3584 and back), times y = x · Wᵀ for a
+few rows x with: plain bf16 F.linear, oneDNN-packed bf16, PyTorch's int8 weight-only kernel,
+PyTorch's int4 kernel, and smoe's Int8Linear / Int4Linear (those kernels for up to
+KERNEL_MAX_ROWS rows, dequantize + GEMM for more). Each call uses the next of --copies
+weights, so the weights come from memory, not from the caches.
 The roofline is a streaming read of a large buffer (a copy, which reads and writes, counted
 as 2 bytes moved per byte copied), best of several.
 """
@@ -36,42 +38,50 @@ def bandwidth_gbs(size_mb: int = 512) -> float:
     return 2 * src.nbytes / t / 1e9
 
 
-def kernels(x, linear, packed, q8, q4) -> dict:
-    """name -> (function, bytes of weight it reads)."""
+def kernels(x, sets: list[tuple]) -> dict:
+    """name -> (function, bytes of weight it reads); each call takes the next weight set."""
+    turn = [0]
+
+    def nxt() -> tuple:
+        turn[0] = (turn[0] + 1) % len(sets)
+        return sets[turn[0]]
+
+    linear, _, _, q4 = sets[0]
     N, K = linear.weight.shape
     int4_bytes = N * K // 2 + q4.scales_and_zeros.nbytes
     return {
-        "bf16 F.linear": (lambda: F.linear(x, linear.weight), 2 * N * K),
-        "bf16 packed": (lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""), 2 * N * K),
-        "int8 aten kernel": (lambda: torch.ops.aten._weight_int8pack_mm(x, q8.qweight, q8.scales), N * K),
-        "int8 smoe module": (lambda: q8(x), N * K),
-        "int8 dequant+GEMM": (lambda: F.linear(x, q8.dequantize(x.dtype)), N * K),
-        "int4 aten kernel": (lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x, q4.qweight, 32, q4.scales_and_zeros), int4_bytes),
-        "int4 smoe module": (lambda: q4(x), int4_bytes),
-        "int4 dequant+GEMM": (lambda: F.linear(x, q4.dequantize(x.dtype)), int4_bytes),
+        "bf16 F.linear": (lambda: F.linear(x, nxt()[0].weight), 2 * N * K),
+        "bf16 packed": (lambda: torch.ops.mkldnn._linear_pointwise(x, nxt()[1], None, "none", [], ""), 2 * N * K),
+        "int8 aten kernel": (lambda: (lambda s: torch.ops.aten._weight_int8pack_mm(x, s.qweight, s.scales))(nxt()[2]),
+                             N * K),
+        "int8 smoe": (lambda: nxt()[2](x), N * K),
+        "int4 aten kernel": (lambda: (lambda s: torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x, s.qweight, 32, s.scales_and_zeros))(nxt()[3]), int4_bytes),
+        "int4 smoe": (lambda: nxt()[3](x), int4_bytes),
     }
 
 
 def main() -> int:
-    from smoe.quantize import KERNEL_MAX_ROWS, Int4Linear, Int8Linear
+    from smoe.quantize import Int4Linear, Int8Linear
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="1024x3584,3584x1024", help="in x out, comma-separated")
     p.add_argument("--rows", default="1,2,4,8,16")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--copies", type=int, default=24, help="distinct weights cycled through (default 24)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"streaming copy: {bandwidth_gbs():.1f} GB/s (read + write)   KERNEL_MAX_ROWS = {KERNEL_MAX_ROWS}")
+    print(f"streaming copy: {bandwidth_gbs():.1f} GB/s (read + write)")
     for shape in args.shapes.split(","):
         K, N = map(int, shape.split("x"))
-        linear = torch.nn.Linear(K, N, bias=False, dtype=torch.bfloat16).requires_grad_(False)
-        packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight, 1)
-        q8, q4 = Int8Linear.from_linear(linear), Int4Linear.from_linear(linear, 32)
-        q4.qweight = q4.qweight.clone()
+        sets = []
+        for _ in range(args.copies):
+            linear = torch.nn.Linear(K, N, bias=False, dtype=torch.bfloat16).requires_grad_(False)
+            sets.append((linear, torch.ops.mkldnn._reorder_linear_weight(linear.weight, 1),
+                         Int8Linear.from_linear(linear), Int4Linear.from_linear(linear, 32)))
         for rows in map(int, args.rows.split(",")):
             x = torch.randn(rows, K, dtype=torch.bfloat16)
-            cases = kernels(x, linear, packed, q8, q4)
+            cases = kernels(x, sets)
             with torch.inference_mode():
                 for name, (fn, nbytes) in cases.items():
                     t = best_time(fn)

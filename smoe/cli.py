@@ -164,6 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the unquantized weights and scales (default: the checkpoint's)")
     q.add_argument("--out", required=True, type=Path, metavar="DIR", help="where to write the quantized checkpoint")
 
+    be = sub.add_parser("bench", help="speed vs llama.cpp and transformers (runs benchmarks/bench_engines.py)",
+                        description="Prefill and decode tokens/s, time to first token and peak RSS of smoe, "
+                                    "llama.cpp and transformers at bf16 / int8 / int4, with roofline fractions; "
+                                    "needs a source checkout and `pip install -e '.[bench]'`. Extra arguments "
+                                    "go to the script (see python benchmarks/bench_engines.py --help).")
+    be.add_argument("--model", metavar="DIR", default=None,
+                    help="checkpoint (default: the benchmark checkpoint, written if missing)")
+    be.add_argument("rest", nargs=argparse.REMAINDER, help="more options for benchmarks/bench_engines.py")
+
     i = sub.add_parser("info", help="describe a checkpoint",
                        description="Config, parameters and memory of a checkpoint.")
     i.add_argument("model", metavar="DIR", nargs="?", default=None,
@@ -554,6 +563,19 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import subprocess
+
+    from smoe.errors import SmoeError
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_engines.py"
+    if not script.exists():
+        raise SmoeError("smoe bench runs from a source checkout (benchmarks/bench_engines.py is not installed "
+                        "with the package); clone the repository and run it there")
+    model = ["--model", args.model] if args.model else []
+    return subprocess.run([sys.executable, str(script), *model, *args.rest]).returncode
+
+
 def cmd_lora(args) -> int:
     from smoe.checkpoint import load_model, parse_dtype, save_checkpoint
     from smoe.lora import load_adapter, merge_lora
@@ -572,7 +594,7 @@ def cmd_lora(args) -> int:
 COMMANDS = {
     "generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "train": cmd_train, "data": cmd_data,
     "routes": cmd_routes, "lora": cmd_lora, "finetune": cmd_finetune,
-    "quantize": cmd_quantize,
+    "quantize": cmd_quantize, "bench": cmd_bench,
 }
 
 
