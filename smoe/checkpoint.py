@@ -17,10 +17,12 @@ the wanted dtype is never copied, so weights are not held twice.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import mmap
 import os
 import re
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,12 +40,30 @@ SAFETENSORS_DTYPES = {
 }
 WEIGHT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+MADV_DONTNEED = 4  # Linux <sys/mman.h>
 
 DTYPE_NAMES = {
     "fp32": torch.float32, "float32": torch.float32,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
     "fp16": torch.float16, "float16": torch.float16,
 }
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Give back the resident pages of a tensor that views a checkpoint's memory map, once its
+    contents live elsewhere (packed, quantized, copied): they are clean private file pages,
+    so dropping them loses nothing — touching the tensor again reads them from the file. This
+    keeps a load's peak memory at the new copy instead of the new copy plus the file."""
+    if sys.platform != "linux" or t.device.type != "cpu" or not t.is_contiguous():
+        return
+    if t.untyped_storage().resizable():  # memory torch allocated, not a view of the map
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    start = -(-t.data_ptr() // page) * page  # whole pages inside the tensor only
+    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+    if end > start:
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -371,7 +391,8 @@ def load_state(
         if not value.is_floating_point() and value.data_ptr() % 64:
             # quantized codes: the int8/int4 CPU kernels fault on rows that are not 64-byte aligned,
             # and safetensors packs tensors back to back, so give misaligned ones memory of their own
-            value = value.clone()
+            source, value = value, value.clone()
+            release_pages(source)
         state[ours] = value.to(device=device, dtype=dtype if value.is_floating_point() else None)
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]

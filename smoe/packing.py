@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from smoe.checkpoint import release_pages
+
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -62,6 +64,7 @@ def pack_linears(model: nn.Module) -> int:
                 except RuntimeError:  # a oneDNN build without this dtype: keep the plain linear
                     continue
                 setattr(parent, name, packed)
+                release_pages(child.weight)  # the packed copy replaces the file's pages
                 count += 1
     if count:
         model.packed = True

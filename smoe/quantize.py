@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smoe.checkpoint import release_pages
 from smoe.errors import SmoeError
 
 # The 16 NF4 levels as published with QLoRA / bitsandbytes.
@@ -323,6 +324,9 @@ def quantize_model(model, bits: int, group_size: int | None = None, progress: bo
         targets += [(expert, name) for expert in layer.moe.experts for name in ("w1", "w2", "w3")]
     meta = bool(targets) and getattr(*targets[0]).weight.is_meta
     for parent, name in tqdm(targets, desc=f"int{bits}", unit="linear", disable=not progress or meta):
-        setattr(parent, name, quantized_linear(getattr(parent, name), bits, group_size))
+        linear = getattr(parent, name)
+        setattr(parent, name, quantized_linear(linear, bits, group_size))
+        if not meta:
+            release_pages(linear.weight)  # read once from the memory map; the codes replace it
     model.config.quantization = {"method": "smoe", "bits": bits, "group_size": group_size}
     return len(targets)

@@ -282,3 +282,28 @@ def test_load_without_path_and_no_demo_model(monkeypatch, tmp_path):
     monkeypatch.setattr(smoe, "DEMO_MODEL", tmp_path / "not-installed")
     with pytest.raises(CheckpointError, match="pass a checkpoint directory"):
         smoe.load()
+
+
+def test_release_pages_keeps_values_and_frees_the_map(checkpoint_factory, tmp_path):
+    """Dropping a memory-mapped weight's pages loses nothing: touching it re-reads the file."""
+    import sys
+
+    from smoe.checkpoint import release_pages
+
+    model = load_model(checkpoint_factory(vocab_size=4096, hidden_size=256))
+    weight = model.embed_tokens.weight  # 4 MiB viewing the file's memory map
+    before = weight.clone()
+    assert not weight.untyped_storage().resizable()
+
+    def rss_file_kib() -> int:
+        status = open("/proc/self/status").read()
+        return int(status.split("RssFile:")[1].split()[0])
+
+    weight.sum()  # fault the pages in
+    touched = rss_file_kib() if sys.platform == "linux" else 0
+    release_pages(weight)
+    if sys.platform == "linux":
+        assert rss_file_kib() < touched - 2048  # most of the 4 MiB left the resident set
+    assert torch.equal(weight, before)
+    release_pages(before)  # memory torch allocated: left alone
+    assert torch.equal(weight, before)
