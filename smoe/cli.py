@@ -415,6 +415,9 @@ def cmd_info(args) -> int:
         raise SmoeError(f"{path}: not a checkpoint directory")
     config = ModelConfig.from_dir(path)
     info = describe(config)
+    stored = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    if stored:
+        info["stored_bytes"] = stored
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -428,7 +431,11 @@ def cmd_info(args) -> int:
     print(f"  parameters: {_count(info['parameters'])} total, "
           f"{_count(info['active_parameters_per_token'])} active per token "
           f"({info['expert_parameters'] / info['parameters']:.0%} of all weights are experts)")
-    print("  dtype   weights      read/token   KV cache/token")
+    q = c.quantization
+    if q:
+        kind = "int8 per output channel" if q["bits"] == 8 else f"int4 in groups of {q['group_size']} columns"
+        print(f"  quantized: attention and expert weights {kind}; {_gib(stored)} on disk")
+    print("  dtype   weights      read/token   KV cache/token" + ("   (unquantized, for comparison)" if q else ""))
     for dtype, m in info["memory"].items():
         print(f"  {dtype:<6}  {_gib(m['weights_bytes']):<11}  {_gib(m['bytes_read_per_token']):<11}  "
               f"{m['kv_cache_bytes_per_token'] / 1024:.1f} KiB")

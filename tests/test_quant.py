@@ -100,6 +100,10 @@ def test_quantized_checkpoint_round_trips(checkpoint_factory, tmp_path, capsys):
         assert main(["quantize", "--model", str(out), "--bits", "8", "--out", str(tmp_path / "again")]) == 2
         assert "already quantized" in capsys.readouterr().err
         assert main(["generate", "--model", str(out), "--prompt-ids", "1,2,3", "--max-tokens", "4"]) == 0
+        capsys.readouterr()
+        assert main(["info", str(out)]) == 0
+        kind = "int8 per output channel" if bits == 8 else "int4 in groups of 64 columns"
+        assert f"quantized: attention and expert weights {kind}" in capsys.readouterr().out
 
 
 def test_bad_quantization_input(checkpoint_factory, tmp_path, capsys):
