@@ -66,17 +66,23 @@ def test_whole_model_dispatches_agree(checkpoint_factory):
 
 def test_packed_linears_agree_with_plain(checkpoint_factory):
     """The CPU fast path (oneDNN-packed weights) against plain F.linear, whole model."""
-    from smoe.packing import PackedLinear, is_packed
+    from smoe.packing import PackedExpert, PackedLinear, is_packed
 
     path = checkpoint_factory(num_local_experts=8, sliding_window=5)
     plain, _ = smoe.load(path, pack=False)
     packed, _ = smoe.load(path)  # packs on CPU by default
     if not is_packed(packed):
         pytest.skip("oneDNN packing is not available in this torch build")
-    assert isinstance(packed.layers[0].moe.experts[0].w1, PackedLinear)
+    assert isinstance(packed.layers[0].moe.experts[0], PackedExpert)  # w1 and w3 packed as one matrix
+    assert isinstance(packed.layers[0].attn.q_proj, PackedLinear)
     assert not is_packed(plain)
     ids = torch.randint(0, 128, (2, 21), generator=torch.Generator().manual_seed(3))
     assert (packed(ids) - plain(ids)).abs().max().item() <= 1e-5
+    for dispatch in ("loop", "grouped", "token"):  # every dispatch calls packed experts the same way
+        packed.set_dispatch(dispatch)
+        plain.set_dispatch(dispatch)
+        assert (packed(ids[:, :1]) - plain(ids[:, :1])).abs().max().item() <= 1e-5
+    packed.set_dispatch("auto")
     a = smoe.generate(plain, None, ids[0].tolist(), max_tokens=30, ignore_eos=True)
     b = smoe.generate(packed, None, ids[0].tolist(), max_tokens=30, ignore_eos=True)
     assert a.token_ids == b.token_ids
