@@ -5,8 +5,10 @@ A plain bf16 ``F.linear`` matrix-vector product reads its weight at ~20-27 GB/s 
 blocked layout reads at ~35 GB/s, and larger products run 1.1-2.2x faster too
 (docs/BENCHMARKS.md, "Where the time goes"). Packing is a transform
 (DESIGN.md): it swaps each frozen ``nn.Linear`` for a ``PackedLinear`` with the same
-call, after the model is loaded. The packed tensor is opaque — only oneDNN can read
-it — so a packed model is for inference: training, LoRA and saving use an unpacked one.
+call, after the model is loaded, and each expert for a ``PackedExpert`` whose gate and up
+projections are one packed matrix (one matrix-vector product instead of two per token).
+The packed tensor is opaque — only oneDNN can read it — so a packed model is for
+inference: training, LoRA and saving use an unpacked one.
 """
 
 from __future__ import annotations
