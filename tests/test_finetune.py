@@ -230,3 +230,16 @@ def test_refuses_to_overwrite_a_run_without_resume(chat_checkpoint, tmp_path, ca
     assert "add --resume" in capsys.readouterr().err
     assert finetune(chat_checkpoint, data, tmp_path / "run", "--max-steps", "2", "--resume") == 0
     assert (tmp_path / "run" / "latest").read_text().strip() == "ckpt-0000002"
+
+
+def test_full_finetune_writes_model_checkpoints(chat_checkpoint, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", [{"text": t} for t in TEXTS])
+    assert finetune(chat_checkpoint, data, tmp_path / "run", "--full", "--max-steps", "2", "--lr", "1e-3") == 0
+    assert "model checkpoints in" in capsys.readouterr().out
+    ckpt = tmp_path / "run" / "ckpt-0000002"
+    assert (ckpt / "model.safetensors").exists() and not (tmp_path / "run" / "adapter_config.json").exists()
+    trained, base = load_model(ckpt), load_model(chat_checkpoint)
+    changed = [n for n, p in trained.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
+    assert any("experts" in n for n in changed) and any("attn" in n for n in changed)  # every weight trains
+    assert finetune(chat_checkpoint, data, tmp_path / "x", "--full", "--qlora", "--max-steps", "1") == 2
+    assert "exclude each other" in capsys.readouterr().err
