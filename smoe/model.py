@@ -148,6 +148,21 @@ class Expert(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+class FusedExpert(nn.Module):
+    """An Expert whose gate and up projections are one [2F, H] linear (any linear-like module:
+    packed, int8, int4): one matrix product per call instead of two, the same dot products.
+    Built by the inference transforms (packing.py, quantize.py), never trained or saved."""
+
+    def __init__(self, w13: nn.Module, w2: nn.Module, intermediate_size: int) -> None:
+        super().__init__()
+        self.w13, self.w2, self.intermediate_size = w13, w2, intermediate_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.w13(x)  # [..., 2F]: gate, then up
+        F_ = self.intermediate_size
+        return self.w2(F.silu(h[..., :F_]) * h[..., F_:])
+
+
 # ---------------------------------------------------------------------------------------
 # Expert dispatch: send each token row to its K experts and add up the weighted outputs.
 # All implementations compute the same thing; tests/test_dispatch.py proves they agree.

@@ -5,7 +5,7 @@ A plain bf16 ``F.linear`` matrix-vector product reads its weight at ~20-27 GB/s 
 blocked layout reads at ~35 GB/s, and larger products run 1.1-2.2x faster too
 (docs/BENCHMARKS.md, "Where the time goes"). Packing is a transform
 (DESIGN.md): it swaps each frozen ``nn.Linear`` for a ``PackedLinear`` with the same
-call, after the model is loaded, and each expert for a ``PackedExpert`` whose gate and up
+call, after the model is loaded, and each expert for a ``FusedExpert`` whose gate and up
 projections are one packed matrix (one matrix-vector product instead of two per token).
 The packed tensor is opaque — only oneDNN can read it — so a packed model is for
 inference: training, LoRA and saving use an unpacked one.
@@ -14,10 +14,10 @@ inference: training, LoRA and saving use an unpacked one.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from smoe.checkpoint import release_pages
+from smoe.model import FusedExpert
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -54,26 +54,6 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.dtype}"
 
 
-class PackedExpert(nn.Module):
-    """A SwiGLU expert whose gate (w1) and up (w3) projections are packed as one [2F, H]
-    matrix: one matrix-vector product per token instead of two, which streams the weights
-    faster (docs/BENCHMARKS.md) and computes the same dot products."""
-
-    def __init__(self, expert: nn.Module) -> None:
-        super().__init__()
-        w1, w3 = expert.w1.weight.detach(), expert.w3.weight.detach()
-        self.hidden, self.intermediate = w1.shape[1], w1.shape[0]
-        self.register_buffer("packed_w13", torch.ops.mkldnn._reorder_linear_weight(torch.cat([w1, w3]), 1),
-                             persistent=False)
-        self.w2 = PackedLinear(expert.w2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.hidden)  # [N, H]
-        h = torch.ops.mkldnn._linear_pointwise(rows, self.packed_w13, None, "none", [], "")  # [N, 2F]
-        y = self.w2(F.silu(h[:, : self.intermediate]) * h[:, self.intermediate :])  # [N, H]
-        return y.view(*x.shape[:-1], self.hidden)
-
-
 def _plain_expert(expert: nn.Module) -> bool:
     return all(type(getattr(expert, n, None)) is nn.Linear and can_pack(getattr(expert, n).weight)
                for n in ("w1", "w2", "w3"))
@@ -89,8 +69,11 @@ def pack_linears(model: nn.Module) -> int:
         experts = layer.moe.experts
         for e, expert in enumerate(experts):
             if _plain_expert(expert):
+                w1, w3 = expert.w1.weight.detach(), expert.w3.weight.detach()
+                gate_up = nn.Linear(w1.shape[1], 2 * w1.shape[0], bias=False, device="meta")
+                gate_up.weight = nn.Parameter(torch.cat([w1, w3]), requires_grad=False)  # [2F, H]
                 try:
-                    experts[e] = PackedExpert(expert)
+                    experts[e] = FusedExpert(PackedLinear(gate_up), PackedLinear(expert.w2), w1.shape[0])
                 except RuntimeError:  # a oneDNN build without this dtype: keep the plain expert
                     continue
                 for n in ("w1", "w2", "w3"):
@@ -112,7 +95,8 @@ def pack_linears(model: nn.Module) -> int:
 
 
 def is_packed(model: nn.Module) -> bool:
-    return any(isinstance(m, PackedLinear | PackedExpert) for m in model.modules())
+    """Transformed for inference: packed weights, or experts with fused projections."""
+    return any(isinstance(m, PackedLinear | FusedExpert) for m in model.modules())
 
 
 def release_mmap(model: nn.Module) -> None:

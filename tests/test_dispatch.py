@@ -66,14 +66,16 @@ def test_whole_model_dispatches_agree(checkpoint_factory):
 
 def test_packed_linears_agree_with_plain(checkpoint_factory):
     """The CPU fast path (oneDNN-packed weights) against plain F.linear, whole model."""
-    from smoe.packing import PackedExpert, PackedLinear, is_packed
+    from smoe.model import FusedExpert
+    from smoe.packing import PackedLinear, is_packed
 
     path = checkpoint_factory(num_local_experts=8, sliding_window=5)
     plain, _ = smoe.load(path, pack=False)
     packed, _ = smoe.load(path)  # packs on CPU by default
     if not is_packed(packed):
         pytest.skip("oneDNN packing is not available in this torch build")
-    assert isinstance(packed.layers[0].moe.experts[0], PackedExpert)  # w1 and w3 packed as one matrix
+    assert isinstance(packed.layers[0].moe.experts[0], FusedExpert)  # w1 and w3 packed as one matrix
+    assert isinstance(packed.layers[0].moe.experts[0].w13, PackedLinear)
     assert isinstance(packed.layers[0].attn.q_proj, PackedLinear)
     assert not is_packed(plain)
     ids = torch.randint(0, 128, (2, 21), generator=torch.Generator().manual_seed(3))
