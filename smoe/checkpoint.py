@@ -18,6 +18,7 @@ the wanted dtype is never copied, so weights are not held twice.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import mmap
 import os
@@ -58,12 +59,16 @@ def release_pages(t: torch.Tensor) -> None:
         return
     if t.untyped_storage().resizable():  # memory torch allocated, not a view of the map
         return
-    libc = ctypes.CDLL(None, use_errno=True)
     page = mmap.PAGESIZE
     start = -(-t.data_ptr() // page) * page  # whole pages inside the tensor only
     end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
     if end > start:
-        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

@@ -472,9 +472,9 @@ def finetune_config(args):
     config = ModelConfig.from_dir(model)  # fails early, naming the directory, if it is not a checkpoint
     for flag in ("lora_rank", "batch_size", "grad_accum", "seq_len", "max_steps", "eval_every", "save_every",
                  "warmup_steps"):
-        value = getattr(args, flag)
-        if value is not None and value < (0 if flag == "warmup_steps" else 1):
-            raise SmoeError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+        value, floor = getattr(args, flag), 0 if flag == "warmup_steps" else 1
+        if value is not None and value < floor:
+            raise SmoeError(f"--{flag.replace('_', '-')} must be at least {floor}, got {value}")
     if args.qlora and args.full:
         raise SmoeError("--qlora and --full exclude each other: QLoRA trains adapters over a frozen 4-bit base")
     if not 0 <= args.lora_dropout < 1:

@@ -124,9 +124,8 @@ class LoRARouter(LoRALinear):
         return self.base.route(router_logits)
 
 
-def _targets(model, targets) -> list[tuple[str, nn.Module, str]]:
-    """(our module path, parent module, attribute) for each linear to wrap."""
-    targets = parse_targets(targets)
+def _targets(model, targets: list[str]) -> list[tuple[str, nn.Module, str]]:
+    """(our module path, parent module, attribute) for each linear to wrap; targets as parse_targets gives them."""
     found = []
     for i, layer in enumerate(model.layers):
         for name in ATTENTION_TARGETS:

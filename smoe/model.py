@@ -151,7 +151,7 @@ class Expert(nn.Module):
 class FusedExpert(nn.Module):
     """An Expert whose gate and up projections are one [2F, H] linear (any linear-like module:
     packed, int8, int4): one matrix product per call instead of two, the same dot products.
-    Built by the inference transforms (packing.py, quantize.py), never trained or saved."""
+    Built by the inference transform in packing.py, never trained or saved."""
 
     def __init__(self, w13: nn.Module, w2: nn.Module, intermediate_size: int) -> None:
         super().__init__()

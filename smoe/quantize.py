@@ -155,7 +155,7 @@ def quantize_model_nf4(model, include_lm_head: bool = False, block: int = 64, do
 # Decode multiplies few rows: PyTorch's weight-only CPU kernels (_weight_int8pack_mm,
 # _weight_int4pack_mm_for_cpu) read the small weights directly. Prefill multiplies many rows,
 # where those kernels are slower than a bf16 GEMM: there the weight is dequantized and
-# multiplied with F.linear. KERNEL_MAX_ROWS picks the crossover (benchmarks/bench_quant.py).
+# multiplied with F.linear. KERNEL_MAX_ROWS picks the crossover (benchmarks/bench_kernels.py).
 # ---------------------------------------------------------------------------------------
 
 KERNEL_MAX_ROWS = 4

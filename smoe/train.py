@@ -27,7 +27,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -193,11 +193,13 @@ class SeededOrder:
     """An infinite order over num_chunks items: a chain of seeded permutations, one per
     epoch, so the item at any slot is a pure function of (seed, slot)."""
 
-    num_chunks: int
-    seed: int
+    def __init__(self, num_chunks: int, seed: int) -> None:
+        self.num_chunks, self.seed = num_chunks, seed
+        self._perm_epoch: int | None = None  # the epoch whose permutation is held
+        self._perm_cached = torch.empty(0, dtype=torch.long)
 
     def _perm(self, epoch: int) -> torch.Tensor:
-        if getattr(self, "_perm_epoch", None) != epoch:
+        if self._perm_epoch != epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._perm_epoch, self._perm_cached = epoch, torch.randperm(self.num_chunks, generator=g)
         return self._perm_cached
@@ -214,11 +216,11 @@ class TokenStream(SeededOrder):
         order = torch.randperm(len(token_docs), generator=torch.Generator().manual_seed(seed)).tolist()
         self.tokens = torch.tensor([t for i in order for t in token_docs[i]], dtype=torch.long)
         self.seq_len = seq_len
-        self.num_chunks = (len(self.tokens) - 1) // seq_len
-        if self.num_chunks < 1:
+        num_chunks = (len(self.tokens) - 1) // seq_len
+        if num_chunks < 1:
             raise SmoeError(f"not enough training tokens ({len(self.tokens)}) for one sequence of {seq_len}; "
                             "add data or lower the sequence length")
-        self.seed = seed
+        super().__init__(num_chunks, seed)
 
     def batch(self, index: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, None]:
         """The index-th batch of the infinite seeded order: inputs and targets [B, T]
@@ -243,11 +245,11 @@ class ExampleStream(SeededOrder):
         kept = [(ids[: seq_len + 1], trained[: seq_len + 1]) for ids, trained in examples]
         self.truncated = sum(len(ids) > seq_len + 1 for ids, _ in examples)
         self.examples = [(ids, trained) for ids, trained in kept if any(trained[1:])]
-        self.dropped = len(kept) - len(self.examples)
         if not self.examples:
             raise SmoeError("no example has an assistant token within the sequence length; "
                             "raise --seq-len or shorten the prompts")
-        self.num_chunks, self.seed, self.pad_id = len(self.examples), seed, pad_id
+        super().__init__(len(self.examples), seed)
+        self.pad_id = pad_id
 
     def rows(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         T = max(len(self.examples[i][0]) for i in indices) - 1
@@ -525,7 +527,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
         if cfg.lora is not None:
             model = build_model(cfg, None, adapter=ckpt)
         else:
-            model = build_model(TrainConfig(**{**asdict(cfg), "init_from": str(ckpt), "model": None}), None)
+            model = build_model(replace(cfg, init_from=str(ckpt), model=None), None)
         optimizer = _optimizer(model, cfg)
         state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])

@@ -102,3 +102,14 @@ def chat_checkpoint(tmp_path_factory, v1_tokenizer_json) -> Path:
     hf_model(7, vocab_size=32000, hidden_size=32, num_hidden_layers=2, max_position_embeddings=512).save_pretrained(path)
     shutil.copy(v1_tokenizer_path(), path / "tokenizer.model")
     return path
+
+
+def peft_logits(checkpoint: Path, adapter: Path, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits of transformers' model with the adapter loaded by peft, logits without it)."""
+    import peft
+    from transformers import MixtralForCausalLM
+
+    with torch.no_grad():
+        adapted = peft.PeftModel.from_pretrained(MixtralForCausalLM.from_pretrained(checkpoint), adapter).eval()
+        plain = MixtralForCausalLM.from_pretrained(checkpoint).eval()
+        return adapted(ids).logits, plain(ids).logits

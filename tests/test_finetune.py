@@ -42,8 +42,8 @@ def finetune(model_dir, data, out, *extra):
 
 
 def test_peft_loads_an_adapter_trained_by_smoe(chat_checkpoint, tmp_path, capsys):
-    peft = pytest.importorskip("peft")
-    from transformers import MixtralForCausalLM
+    pytest.importorskip("peft")
+    from conftest import peft_logits
 
     data = write_jsonl(tmp_path / "train.jsonl", [{"text": t} for t in TEXTS])
     assert finetune(chat_checkpoint, data, tmp_path / "run", "--max-steps", "4", "--lr", "1e-2",
@@ -57,10 +57,8 @@ def test_peft_loads_an_adapter_trained_by_smoe(chat_checkpoint, tmp_path, capsys
     model = load_model(chat_checkpoint)
     load_adapter(model, adapter)
     assert all(m.lora_B.weight.abs().sum() > 0 for m in lora_modules(model).values())  # training moved B
-    hf = peft.PeftModel.from_pretrained(MixtralForCausalLM.from_pretrained(chat_checkpoint), adapter).eval()
+    expected, plain = peft_logits(chat_checkpoint, adapter, ids)
     with torch.no_grad():
-        expected = hf(ids).logits
-        plain = MixtralForCausalLM.from_pretrained(chat_checkpoint)(ids).logits
         got = model(ids)
     assert (got - expected).abs().max().item() <= 1e-4
     assert (expected - plain).abs().max().item() > 1e-3  # the trained adapter changes the output
