@@ -37,6 +37,11 @@ def load(
     adapter: str | Path | None = None,
     quant: str | None = None,
     progress: bool = False,
+    max_memory: int | str | None = None,
+    cache_policy: str = "lru",
+    expert_profile: str | Path | None = None,
+    prefetch: bool = True,
+    max_cpu_memory: int | str = 0,
 ):
     """Load a checkpoint directory -> (model, tokenizer).
 
@@ -54,8 +59,15 @@ def load(
     (per output channel) or 'int4' (groups of 32 input columns; 'int4-g64', 'int4-g128',
     'int4-g256' for larger groups). A checkpoint written by `smoe quantize` loads quantized
     without it. progress: show a progress bar while quantizing.
+
+    max_memory: offload the experts (smoe/offload.py): keep at most this many bytes of them
+    on the device ('6GiB', '512MiB' or a number), read the rest from the checkpoint when a
+    token needs them. cache_policy 'lru' or 'lfu'; expert_profile: a `smoe profile` file whose
+    most used experts are pinned; prefetch: guess and load the next layer's experts in the
+    background; max_cpu_memory: a RAM tier between disk and a GPU. The store, with its
+    statistics, is `model.expert_store`.
     """
-    from smoe.checkpoint import load_model
+    from smoe.checkpoint import load_model_deferred
     from smoe.errors import CheckpointError
     from smoe.tokenizer import load_tokenizer
 
@@ -66,22 +78,49 @@ def load(
                 "pass a checkpoint directory (smoe.load('path/to/model'), or --model DIR)"
             )
         path = DEMO_MODEL
-    model = load_model(path, dtype=dtype, device=device, allow_pickle=allow_pickle)
+    offload = max_memory is not None
+    if offload and adapter is not None:
+        raise SmoeError("a LoRA adapter cannot be applied to offloaded experts yet; merge it first "
+                        "(smoe lora merge) and offload the merged checkpoint")
+    if not offload and (expert_profile is not None or cache_policy != "lru"):
+        raise SmoeError("an expert profile or cache policy needs offloading: give max_memory (--max-memory)")
+    model, expert_weights = load_model_deferred(path, dtype=dtype, device=device, allow_pickle=allow_pickle,
+                                                defer_experts=offload)
+    if pack is None:
+        pack = torch.device(device).type == "cpu"
+    prepare = []  # what an offloaded expert goes through when loaded, as the resident ones do here
     if quant is not None:
-        from smoe.quantize import parse_quant, quantize_model
+        from smoe.quantize import parse_quant, quantize_expert
 
         bits, group_size = parse_quant(quant)
         if model.config.quantization:
             raise SmoeError(f"{path}: the checkpoint is already quantized "
                             f"({model.config.quantization['bits']} bits); drop quant")
+        prepare.append(lambda m: quantize_expert(m, bits, group_size))
+    if pack and offload:
+        from smoe.packing import fuse_expert
+
+        prepare.append(fuse_expert)
+    if offload:
+        from smoe.offload import offload_experts
+
+        def prepare_expert(module):
+            for step in prepare:
+                module = step(module)
+            return module
+
+        offload_experts(model, expert_weights, max_memory, policy=cache_policy, prefetch=prefetch,
+                        profile=expert_profile, prepare=prepare_expert, max_cpu_memory=max_cpu_memory,
+                        progress=progress)
+    if quant is not None:  # the resident weights (all of them without offloading)
+        from smoe.quantize import quantize_model
+
         quantize_model(model, bits, group_size, progress=progress)
     if adapter is not None:
         from smoe.lora import load_adapter
 
         load_adapter(model, adapter)
         model.requires_grad_(False)
-    if pack is None:
-        pack = torch.device(device).type == "cpu"
     if pack:
         from smoe.packing import pack_linears, release_mmap
 

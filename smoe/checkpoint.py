@@ -345,8 +345,13 @@ def load_state(
     where: Path,
     dtype: torch.dtype,
     device: torch.device | str,
-) -> None:
-    """Map, validate and assign checkpoint tensors to a model built on the meta device."""
+    defer: Callable[[str], bool] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Map, validate and assign checkpoint tensors to a model built on the meta device.
+
+    Parameters for which `defer(name)` is true are validated but not assigned: they are
+    returned as views of the file (their stored dtype, unaligned, nothing read yet) and
+    stay on `meta` in the model — the expert store of smoe/offload.py reads them later."""
     layout = detect_layout(set(stored), where)
     _check_config_matches(config, stored, layout, where)
     expected = _expected_shapes(model)
@@ -381,7 +386,7 @@ def load_state(
                 "weights must be F32, F16 or BF16"
             )
 
-    state = {}
+    state, deferred = {}, {}
     for ours, (theirs, take, _) in table.items():
         t = stored[theirs]
         try:
@@ -393,6 +398,9 @@ def load_state(
                 f"{t.file}: tensor '{theirs}' has shape {list(t.shape)}, which does not fit "
                 f"'{ours}' of shape {list(expected[ours])} for this config"
             )
+        if defer is not None and defer(ours):
+            deferred[ours] = value
+            continue
         if not value.is_floating_point() and value.data_ptr() % 64:
             # quantized codes: the int8/int4 CPU kernels fault on rows that are not 64-byte aligned,
             # and safetensors packs tensors back to back, so give misaligned ones memory of their own
@@ -401,7 +409,8 @@ def load_state(
         state[ours] = value.to(device=device, dtype=dtype if value.is_floating_point() else None)
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict(state, strict=not deferred, assign=True)
+    return deferred
 
 
 # --------------------------------------------------------------------------- save
@@ -521,6 +530,23 @@ def load_model(
     allow_pickle: bool = False,
 ) -> torch.nn.Module:
     """Build the model on `meta`, memory-map the checkpoint, assign (no second copy)."""
+    return load_model_deferred(path, dtype=dtype, device=device, allow_pickle=allow_pickle)[0]
+
+
+def is_expert_weight(name: str) -> bool:
+    return ".moe.experts." in name
+
+
+def load_model_deferred(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str = "cpu",
+    allow_pickle: bool = False,
+    defer_experts: bool = False,
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """load_model, optionally leaving the experts on `meta`: then also returns their weights
+    as unread views of the checkpoint files, by parameter name (for smoe/offload.py)."""
     from smoe.model import Transformer
 
     path = Path(path)
@@ -538,11 +564,12 @@ def load_model(
 
         model.to(dtype)
         quantize_model(model, config.quantization["bits"], config.quantization.get("group_size"))
-    load_state(model, config, stored, path, dtype, device)
+    deferred = load_state(model, config, stored, path, dtype, device,
+                          defer=is_expert_weight if defer_experts else None)
     model.rope.reset_parameters(device=device)
     model.requires_grad_(False)
     model.eval()
-    return model
+    return model, deferred
 
 
 def _stored_dtype(config: ModelConfig, stored: dict[str, StoredTensor]) -> torch.dtype:

@@ -43,6 +43,19 @@ def _model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
                    help="quantize the weights at load: int8 per channel, or int4 in groups (see --group-size)")
     p.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128, 256],
                    help="int4 group size (default 32)")
+    o = p.add_argument_group("expert offloading (docs/OFFLOAD.md)")
+    o.add_argument("--max-memory", metavar="SIZE", default=None,
+                   help="keep at most SIZE of experts in memory (e.g. 6GiB, 512MiB); read the rest from disk")
+    o.add_argument("--cache-policy", choices=["lru", "lfu"], default="lru",
+                   help="which expert leaves the cache first: least recently (default) or least often used")
+    o.add_argument("--expert-profile", metavar="FILE", default=None,
+                   help="pin the experts a `smoe profile` file shows used most")
+    o.add_argument("--no-prefetch", action="store_true",
+                   help="do not load the next layer's guessed experts in the background")
+    o.add_argument("--max-cpu-memory", metavar="SIZE", default="0",
+                   help="with --device cuda: a RAM tier of SIZE between disk and the GPU cache (default none)")
+    o.add_argument("--stats", action="store_true",
+                   help="print expert cache statistics at the end (hit rates, disk reads, prefetch accuracy)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-tokens-per-doc", type=int, default=1024, help="truncate documents (default 1024 tokens)")
     r.add_argument("--max-docs", type=int, default=None, help="use at most this many documents per domain")
 
+    pr = sub.add_parser("profile", help="record which experts a workload uses (for --expert-profile)",
+                        description="Run a text through the model and count, per layer, the tokens each expert "
+                                    "gets. Offloading with --expert-profile pins the most used experts.")
+    _model_args(pr)
+    pr.add_argument("--input", type=Path, required=True, metavar="FILE",
+                    help="the workload: a text file, or JSONL with a 'text' field per line")
+    pr.add_argument("--out", type=Path, required=True, metavar="FILE", help="where to write the profile (JSON)")
+    pr.add_argument("--max-input-tokens", type=int, default=None, help="use at most this many tokens of the input")
+    pr.add_argument("--window", type=int, default=512, help="tokens per forward pass (default 512)")
+
     lo = sub.add_parser("lora", help="LoRA adapter tools", description="LoRA adapter tools.")
     losub = lo.add_subparsers(dest="lora_command", metavar="ACTION")
     losub.required = True
@@ -208,8 +231,19 @@ def _load(args):
         if not torch.cuda.is_available():
             raise smoe.SmoeError(f"--device {args.device}: no CUDA device is available; use --device cpu")
     quant = args.quant if args.quant != "int4" else f"int4-g{args.group_size}"
-    return smoe.load(args.model, dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle,
-                     adapter=args.adapter, quant=quant, progress=True)
+    if args.max_memory is None and (args.expert_profile or args.cache_policy != "lru" or args.stats):
+        raise smoe.SmoeError("--expert-profile, --cache-policy and --stats work on offloaded experts: "
+                             "add --max-memory SIZE")
+    model, tokenizer = smoe.load(
+        args.model, dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle, adapter=args.adapter,
+        quant=quant, progress=True, max_memory=args.max_memory, cache_policy=args.cache_policy,
+        expert_profile=args.expert_profile, prefetch=not args.no_prefetch, max_cpu_memory=args.max_cpu_memory)
+    if args.stats:
+        _LOADED.append(model)
+    return model, tokenizer
+
+
+_LOADED: list = []  # models whose expert statistics --stats prints at the end
 
 
 def _stats_line(r) -> str:
@@ -329,6 +363,34 @@ def cmd_routes(args) -> int:
         print(f"{layer['layer']:>5}  {layer['consecutive_same_first']:>10.1%}  {layer['consecutive_same_topk']:>10.1%}"
               f"  {layer['load_cv']:>7.3f}")
     print(f"wrote {args.out}/routes.json, heatmap_*.png, routes.html")
+    return 0
+
+
+def cmd_profile(args) -> int:
+    from smoe.data import read_jsonl
+    from smoe.errors import SmoeError
+    from smoe.offload import expert_usage, write_profile
+
+    if args.window < 1:
+        raise SmoeError("--window must be at least 1")
+    docs = read_jsonl(args.input)
+    model, tokenizer = _load(args)
+    if tokenizer is None:
+        raise SmoeError(f"{args.model}: profile needs a tokenizer (tokenizer.json or tokenizer.model)")
+    ids: list[int] = []
+    for doc in docs:
+        ids += tokenizer.encode(doc["text"])
+    if args.max_input_tokens is not None:
+        ids = ids[: args.max_input_tokens]
+    if not ids:
+        raise SmoeError(f"{args.input}: no tokens to profile")
+    counts = expert_usage(model, ids, window=args.window, progress=True)
+    write_profile(args.out, counts, len(ids), source=str(args.input))
+    share = counts.float() / counts.sum(1, keepdim=True)  # [L, E]
+    half = share.sort(1, descending=True).values[:, : counts.shape[1] // 2].sum(1)  # [L]
+    print(f"{len(ids)} tokens; the most used half of each layer's experts gets "
+          f"{half.min():.1%}-{half.max():.1%} of its token slots (uniform: 50%)")
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -601,7 +663,7 @@ def cmd_lora(args) -> int:
 COMMANDS = {
     "generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "train": cmd_train, "data": cmd_data,
     "routes": cmd_routes, "lora": cmd_lora, "finetune": cmd_finetune,
-    "quantize": cmd_quantize, "bench": cmd_bench,
+    "quantize": cmd_quantize, "bench": cmd_bench, "profile": cmd_profile,
 }
 
 
@@ -610,7 +672,11 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        for model in _LOADED:
+            print(model.expert_store.stats.format(), file=sys.stderr)
+        _LOADED.clear()
+        return code
     except SmoeError as e:
         print(f"smoe: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -59,6 +59,20 @@ def _plain_expert(expert: nn.Module) -> bool:
                for n in ("w1", "w2", "w3"))
 
 
+def fuse_expert(expert: nn.Module) -> nn.Module:
+    """A plain bf16/fp32 CPU expert as a FusedExpert with one packed [2F, H] gate+up matrix
+    and a packed down matrix; any other expert comes back unchanged."""
+    if not _plain_expert(expert):
+        return expert
+    w1, w3 = expert.w1.weight.detach(), expert.w3.weight.detach()
+    gate_up = nn.Linear(w1.shape[1], 2 * w1.shape[0], bias=False, device="meta")
+    gate_up.weight = nn.Parameter(torch.cat([w1, w3]), requires_grad=False)  # [2F, H]
+    try:
+        return FusedExpert(PackedLinear(gate_up), PackedLinear(expert.w2), w1.shape[0])
+    except RuntimeError:  # a oneDNN build without this dtype: keep the plain expert
+        return expert
+
+
 def pack_linears(model: nn.Module) -> int:
     """Replace every packable nn.Linear of a frozen CPU model (an expert's w1 and w3 packed
     together); returns how many linears were packed."""
@@ -67,15 +81,11 @@ def pack_linears(model: nn.Module) -> int:
     count = 0
     for layer in getattr(model, "layers", []):
         experts = layer.moe.experts
+        if not isinstance(experts, nn.ModuleList):  # offloaded: the expert store packs each one it loads
+            continue
         for e, expert in enumerate(experts):
-            if _plain_expert(expert):
-                w1, w3 = expert.w1.weight.detach(), expert.w3.weight.detach()
-                gate_up = nn.Linear(w1.shape[1], 2 * w1.shape[0], bias=False, device="meta")
-                gate_up.weight = nn.Parameter(torch.cat([w1, w3]), requires_grad=False)  # [2F, H]
-                try:
-                    experts[e] = FusedExpert(PackedLinear(gate_up), PackedLinear(expert.w2), w1.shape[0])
-                except RuntimeError:  # a oneDNN build without this dtype: keep the plain expert
-                    continue
+            experts[e] = fuse_expert(expert)
+            if experts[e] is not expert:
                 for n in ("w1", "w2", "w3"):
                     release_pages(getattr(expert, n).weight)
                 count += 3

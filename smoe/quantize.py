@@ -303,6 +303,13 @@ def parse_quant(spec: str) -> tuple[int, int | None]:
     raise SmoeError(f"unknown quantization {spec!r}; use int8, int4 or int4-g32/-g64/-g128/-g256")
 
 
+def quantize_expert(expert: nn.Module, bits: int, group_size: int | None) -> nn.Module:
+    """Quantize one expert's w1, w2, w3 in place (offloaded experts, as they are loaded)."""
+    for name in ("w1", "w2", "w3"):
+        setattr(expert, name, quantized_linear(getattr(expert, name), bits, group_size if bits == 4 else None))
+    return expert
+
+
 def quantize_model(model, bits: int, group_size: int | None = None, progress: bool = False) -> int:
     """Swap the attention and expert linears for Int8Linear (bits=8) or Int4Linear (bits=4,
     group_size 32/64/128/256); the router, norms, embeddings and lm_head stay in high
@@ -321,7 +328,8 @@ def quantize_model(model, bits: int, group_size: int | None = None, progress: bo
     targets = []
     for layer in model.layers:
         targets += [(layer.attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        targets += [(expert, name) for expert in layer.moe.experts for name in ("w1", "w2", "w3")]
+        if isinstance(layer.moe.experts, nn.ModuleList):  # offloaded experts are quantized as they load
+            targets += [(expert, name) for expert in layer.moe.experts for name in ("w1", "w2", "w3")]
     meta = bool(targets) and getattr(*targets[0]).weight.is_meta
     for parent, name in tqdm(targets, desc=f"int{bits}", unit="linear", disable=not progress or meta):
         linear = getattr(parent, name)

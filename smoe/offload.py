@@ -1,0 +1,609 @@
+"""Expert offloading: run a model whose experts do not all fit in memory.
+
+A sparse MoE computes like a small model but must hold every expert: Mixtral-8x7B reads
+~13 B parameters per token out of 47 B. Offloading keeps the attention, embeddings, norms
+and routers resident and treats the experts as a store with tiers:
+
+    disk (the checkpoint's memory map) -> RAM cache -> GPU cache (when the model is on a GPU)
+
+Each cache holds whole experts under a byte budget (`max_memory`); a miss reads the expert
+from the tier below. Eviction is LRU (least recently used) by default, or LFU (least
+frequently used); a usage profile (`smoe profile`) can pin the experts a workload uses most,
+so they are loaded once and never evicted.
+
+Prefetch (the speculative loading of Eliseev & Mazur 2023, "Fast inference of
+mixture-of-experts language models with offloading"): consecutive layers change the hidden
+state little, so layer L+1's router applied to layer L's hidden state guesses L+1's experts
+well. While layer L's experts compute, a background thread loads the guessed experts.
+
+It is a transform (DESIGN.md): `offload_experts` swaps each MoE layer's `experts` list for
+an `OffloadedExperts` with the same indexing, so every dispatch runs unchanged, and hooks
+the norms and routers for prefetch. An offloaded expert goes through the same preparation
+as a resident one (quantization, packing), so the outputs are identical.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import json
+import re
+import sys
+import threading
+import time
+from collections import Counter, OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from smoe.checkpoint import atomic_write, release_pages
+from smoe.errors import SmoeError
+
+POLICIES = ("lru", "lfu")
+PROFILE_FORMAT = "smoe-expert-profile"
+Key = tuple[int, int]  # (layer, expert)
+M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_size(text: str | int | float) -> int:
+    """'6GiB', '512MiB', '1.5GB', '800M', 1234 -> bytes."""
+    if isinstance(text, int | float):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise SmoeError(f"cannot read the memory size {text!r}; write it like 6GiB, 512MiB or 2GB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of a module's tensors (oneDNN-packed weights counted by their element count)."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+@dataclass
+class TierStats:
+    name: str
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / max(1, self.hits + self.misses)
+
+
+@dataclass
+class OffloadStats:
+    tiers: list[TierStats]
+    disk_bytes: int = 0  # read from the checkpoint files
+    disk_reads: int = 0
+    disk_s: float = 0.0
+    stall_s: float = 0.0  # the forward pass waiting for an expert to arrive
+    prefetch_loads: int = 0  # experts loaded by the prefetcher
+    prefetch_used: int = 0  # ... and then asked for by the forward pass
+    prefetch_skipped: int = 0  # guesses with no room to load them into
+    guessed: int = 0  # experts the routers chose, for layers that had a guess
+    guessed_right: int = 0  # ... that were in the guess
+
+    @property
+    def prefetch_accuracy(self) -> float:
+        return self.guessed_right / max(1, self.guessed)
+
+    def to_dict(self) -> dict:
+        return {
+            "tiers": [{"name": t.name, "hits": t.hits, "misses": t.misses, "hit_rate": round(t.hit_rate, 4),
+                       "evictions": t.evictions} for t in self.tiers],
+            "disk_bytes": self.disk_bytes, "disk_reads": self.disk_reads, "disk_s": round(self.disk_s, 4),
+            "stall_s": round(self.stall_s, 4), "prefetch_loads": self.prefetch_loads,
+            "prefetch_used": self.prefetch_used, "prefetch_skipped": self.prefetch_skipped,
+            "prefetch_accuracy": round(self.prefetch_accuracy, 4), "guessed": self.guessed,
+        }
+
+    def format(self) -> str:
+        lines = [f"expert cache {t.name}: {t.hit_rate:.1%} hits ({t.hits} hits, {t.misses} misses, "
+                 f"{t.evictions} evictions)" for t in self.tiers]
+        rate = self.disk_bytes / self.disk_s / 1e9 if self.disk_s else 0.0
+        lines.append(f"read from disk: {format_bytes(self.disk_bytes)} in {self.disk_reads} expert loads "
+                     f"({self.disk_s:.2f} s, {rate:.2f} GB/s); stalled on loads: {self.stall_s:.2f} s")
+        if self.guessed:
+            lines.append(f"prefetch: {self.prefetch_accuracy:.1%} of chosen experts guessed; "
+                         f"{self.prefetch_loads} loaded, {self.prefetch_used} used, "
+                         f"{self.prefetch_skipped} skipped for lack of room")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- one cache tier
+
+
+class ExpertCache:
+    """Whole experts on one device under a byte budget. Not thread-safe: the store locks."""
+
+    def __init__(self, name: str, device: torch.device, budget: int, policy: str = "lru") -> None:
+        if policy not in POLICIES:
+            raise SmoeError(f"unknown cache policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        self.name, self.device, self.budget, self.policy = name, device, budget, policy
+        self.entries: OrderedDict[Key, tuple[nn.Module, int]] = OrderedDict()  # oldest use first
+        self.pinned: set[Key] = set()
+        self.uses: Counter[Key] = Counter()
+        self.used = 0  # bytes held, plus bytes reserved for loads in flight
+        self.stats = TierStats(name)
+
+    def get(self, key: Key) -> nn.Module | None:
+        entry = self.entries.get(key)
+        if entry is None:
+            return None
+        self.entries.move_to_end(key)
+        self.uses[key] += 1
+        return entry[0]
+
+    def _victim(self, keep: set[Key]) -> Key | None:
+        candidates = [k for k in self.entries if k not in self.pinned and k not in keep]  # oldest use first
+        if not candidates:
+            return None
+        if self.policy == "lfu":
+            return min(candidates, key=lambda k: self.uses[k])  # min() keeps the first (oldest) of ties
+        return candidates[0]
+
+    def make_room(self, nbytes: int, keep: set[Key] = frozenset()) -> bool:
+        """Evict until nbytes more fit in the budget; False if that would take an expert in `keep`
+        or a pinned one."""
+        while self.used + nbytes > self.budget:
+            victim = self._victim(keep)
+            if victim is None:
+                return False
+            _, size = self.entries.pop(victim)
+            self.used -= size
+            self.stats.evictions += 1
+        return True
+
+    def put(self, key: Key, module: nn.Module, nbytes: int, reserved: int = 0) -> None:
+        """Insert an expert for which `reserved` bytes were set aside (after make_room)."""
+        if key in self.entries:
+            self.used -= self.entries.pop(key)[1]
+        self.used += nbytes - reserved
+        self.entries[key] = (module, nbytes)
+        self.uses[key] += 1
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class ExpertStore:
+    """All experts of a model, by (layer, expert): read from the checkpoint's memory map on a
+    miss, kept in the tiers' caches, loaded ahead by a background thread on a guess.
+
+    sources: {(layer, expert): {parameter name in the expert module: file view}};
+    templates: one expert module per layer on `meta` (the layer's structure: plain, int8, int4);
+    prepare: what a resident expert goes through after loading (quantize, pack), applied when
+    the expert enters the compute tier. tiers: [(name, device, budget)], slowest first; the
+    last one is where the experts compute."""
+
+    def __init__(
+        self,
+        sources: dict[Key, dict[str, torch.Tensor]],
+        templates: list[nn.Module],
+        dtype: torch.dtype,
+        tiers: list[tuple[str, torch.device | str, int]],
+        policy: str = "lru",
+        prepare: Callable[[nn.Module], nn.Module] | None = None,
+        prefetch: bool = True,
+        top_k: int = 2,
+    ) -> None:
+        self.sources, self.templates, self.dtype, self.top_k = sources, templates, dtype, top_k
+        self.prepare = prepare or (lambda m: m)
+        self.tiers = [ExpertCache(name, torch.device(device), budget, policy) for name, device, budget in tiers]
+        self.compute = self.tiers[-1]
+        self.stats = OffloadStats([t.stats for t in self.tiers])
+        self.prefetch_enabled = prefetch
+        self.num_layers = len(templates)
+        self.num_experts = 1 + max(e for _, e in sources)
+        self._lock = threading.Lock()
+        self._pending: dict[Key, Future] = {}
+        self._prefetched: set[Key] = set()  # loaded by the prefetcher, not yet asked for
+        self._guess: dict[int, set[int]] = {}  # layer -> guessed experts
+        self._busy: set[Key] = set()  # experts of the layer now computing: never evicted for a prefetch
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="smoe-prefetch") if prefetch else None
+        self.expert_bytes = self._measure()
+        for tier in self.tiers:
+            if tier.budget < self.expert_bytes:
+                raise SmoeError(
+                    f"the expert memory budget for {tier.name} ({format_bytes(tier.budget)}) holds no expert: "
+                    f"one takes {format_bytes(self.expert_bytes)}; give --max-memory at least that "
+                    f"({top_k} experts per token and layer, {format_bytes(top_k * self.expert_bytes)}, "
+                    "or more avoids reloading within a token)")
+
+    def _measure(self) -> int:
+        """Bytes one expert takes in the compute tier: load the first one and see."""
+        module = self.templates[0]
+        for i in range(len(self.tiers)):
+            module = self._into(i, self._read((0, 0)) if i == 0 else module)
+        self.stats.disk_bytes = self.stats.disk_reads = 0
+        self.stats.disk_s = 0.0
+        return module_bytes(module)
+
+    # -- loading
+
+    def _read(self, key: Key) -> nn.Module:
+        """Disk tier: a fresh expert module holding copies of its weights, in the model dtype."""
+        layer, e = key
+        t0 = time.perf_counter()
+        module = copy.deepcopy(self.templates[layer])  # on meta: structure only
+        state, nbytes = {}, 0
+        first_tier = self.tiers[0].device
+        for name, view in self.sources[key].items():
+            dtype = self.dtype if view.is_floating_point() else view.dtype
+            t = torch.empty(view.shape, dtype=dtype, device=first_tier)
+            t.copy_(view)
+            nbytes += view.numel() * view.element_size()
+            release_pages(view)  # the copy replaces the file pages in our resident set
+            state[name] = t
+        module.load_state_dict(state, strict=True, assign=True)
+        module.requires_grad_(False)
+        with self._lock:
+            self.stats.disk_bytes += nbytes
+            self.stats.disk_reads += 1
+            self.stats.disk_s += time.perf_counter() - t0
+        return module
+
+    def _into(self, index: int, module: nn.Module) -> nn.Module:
+        """The form an expert takes in tier `index`: on its device, prepared in the compute tier."""
+        tier = self.tiers[index]
+        module = module.to(tier.device)
+        if index == len(self.tiers) - 1:
+            return self.prepare(module)
+        if tier.device.type == "cpu" and self.compute.device.type == "cuda":
+            module._apply(torch.Tensor.pin_memory)  # page-locked host memory copies to the GPU faster
+        return module
+
+    def _load(self, key: Key, keep: set[Key], prefetch: bool) -> tuple[nn.Module | None, int]:
+        """Bring an expert into the compute tier through the tiers below it; returns it and the
+        bytes reserved for it in the compute tier. A prefetch must find room without evicting
+        `keep` and gives up (None) when there is none; a load the forward pass waits for
+        evicts whatever it must (all but pinned experts)."""
+        reserved = self.expert_bytes
+        with self._lock:
+            if not self.compute.make_room(reserved, keep) and prefetch:
+                return None, 0
+            self.compute.used += reserved
+            found, source = None, -1
+            for i in range(len(self.tiers) - 2, -1, -1):  # the tiers between disk and the compute tier
+                found = self.tiers[i].get(key)
+                if found is not None:
+                    self.tiers[i].stats.hits += 1
+                    source = i
+                    break
+                self.tiers[i].stats.misses += 1
+        try:
+            module = found if found is not None else self._read(key)
+            for i in range(source + 1, len(self.tiers)):
+                module = self._into(i, module)
+                if i < len(self.tiers) - 1:
+                    size = module_bytes(module)
+                    with self._lock:
+                        if self.tiers[i].make_room(size):
+                            self.tiers[i].put(key, module, size)
+        except BaseException:
+            with self._lock:
+                self.compute.used -= reserved
+            raise
+        size = module_bytes(module)
+        with self._lock:
+            self.compute.put(key, module, size, reserved)
+        return module, reserved
+
+    def get(self, layer: int, e: int) -> nn.Module:
+        """The expert, ready to compute (blocks until it is loaded)."""
+        key = (layer, e)
+        with self._lock:
+            module = self.compute.get(key)
+            if module is not None:
+                self.compute.stats.hits += 1
+                self._count_prefetch_use(key)
+                return module
+            pending = self._pending.get(key)
+            if pending is None:  # load it here; a prefetch of the same expert will see it in flight
+                mine = self._pending[key] = Future()
+        t0 = time.perf_counter()
+        try:
+            if pending is not None:
+                module = pending.result()  # None: the prefetch found no room
+                with self._lock:
+                    if module is not None:
+                        self.compute.stats.hits += 1
+                        self._count_prefetch_use(key)
+                    else:
+                        self.compute.stats.misses += 1
+                if module is None:
+                    module, _ = self._load(key, set(), prefetch=False)
+            else:
+                with self._lock:
+                    self.compute.stats.misses += 1
+                try:
+                    module, _ = self._load(key, set(), prefetch=False)
+                finally:
+                    with self._lock:
+                        del self._pending[key]
+                    mine.set_result(module)
+        finally:
+            self.stats.stall_s += time.perf_counter() - t0
+        return module
+
+    def _count_prefetch_use(self, key: Key) -> None:
+        if key in self._prefetched:
+            self._prefetched.discard(key)
+            self.stats.prefetch_used += 1
+
+    # -- pinning and prefetch
+
+    def pin(self, keys: list[Key], progress: bool = False) -> None:
+        """Load these experts now and never evict them."""
+        from tqdm import tqdm
+
+        for key in tqdm(keys, desc="pinning experts", unit="expert", disable=not progress):
+            module = self.get(*key)
+            with self._lock:
+                self.compute.pinned.add(key)
+                self.compute.stats.misses -= 1  # loading ahead is not a miss of the workload
+        del module
+
+    def set_busy(self, layer: int, experts: set[int]) -> None:
+        with self._lock:
+            self._busy = {(layer, e) for e in experts}
+
+    def record_choice(self, layer: int, experts: set[int]) -> None:
+        """Compare the experts layer's router chose with the guess made for it."""
+        guess = self._guess.pop(layer, None)
+        if guess is not None:
+            self.stats.guessed += len(experts)
+            self.stats.guessed_right += len(experts & guess)
+
+    def prefetch(self, layer: int, experts: set[int]) -> None:
+        """Start loading these experts of `layer` in the background (those not already here)."""
+        self._guess[layer] = experts
+        if self._worker is None:
+            return
+        for e in sorted(experts):
+            key = (layer, e)
+            with self._lock:
+                if key in self.compute.entries or key in self._pending:
+                    continue
+                future = Future()
+                self._pending[key] = future
+            self._worker.submit(self._prefetch_one, key, future)
+
+    def _prefetch_one(self, key: Key, future: Future) -> None:
+        module = None
+        try:
+            with self._lock:
+                keep = self._busy | set(self._pending) | self._prefetched
+            module, _ = self._load(key, keep, prefetch=True)
+            with self._lock:
+                if module is None:
+                    self.stats.prefetch_skipped += 1
+                else:
+                    self.stats.prefetch_loads += 1
+                    self._prefetched.add(key)
+        except BaseException as exc:  # handed to the forward pass, if it waits for this expert
+            with self._lock:
+                del self._pending[key]
+            future.set_exception(exc)
+            return
+        with self._lock:
+            del self._pending[key]
+        future.set_result(module)
+
+    def wait(self) -> None:
+        """Let loads in flight finish (before measuring memory, or closing)."""
+        for future in list(self._pending.values()):
+            try:
+                future.result()
+            except BaseException:
+                pass
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
+
+    def resident_bytes(self) -> int:
+        return sum(t.used for t in self.tiers)
+
+
+# --------------------------------------------------------------------------- the transform
+
+
+class OffloadedExperts(nn.Module):
+    """Stands where a layer's nn.ModuleList of experts stood: `experts[e](x)` fetches expert e
+    from the store and runs it. Holds no weights itself."""
+
+    def __init__(self, store: ExpertStore, layer: int, num_experts: int) -> None:
+        super().__init__()
+        self.store, self.layer, self.num_experts = store, layer, num_experts
+
+    def __len__(self) -> int:
+        return self.num_experts
+
+    def __getitem__(self, e: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        if not 0 <= e < self.num_experts:
+            raise IndexError(e)
+        return lambda x: self.store.get(self.layer, e)(x)
+
+    def __iter__(self):
+        return (self[e] for e in range(self.num_experts))
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, experts={self.num_experts}, offloaded"
+
+
+class _PrefetchHooks:
+    """Forward hooks that guess layer L+1's experts from layer L's hidden state."""
+
+    def __init__(self, model: nn.Module, store: ExpertStore) -> None:
+        self.model, self.store = model, store
+        self.hidden: torch.Tensor | None = None
+        self.handles = []
+        for layer_idx, layer in enumerate(model.layers):
+            self.handles.append(layer.ffn_norm.register_forward_hook(self._keep_hidden))
+            self.handles.append(layer.moe.router.register_forward_hook(
+                lambda m, inp, out, layer_idx=layer_idx: self._routed(layer_idx, out)))
+
+    def _keep_hidden(self, module, inputs, output) -> None:
+        self.hidden = inputs[0]  # the residual stream after this layer's attention
+
+    @torch.no_grad()
+    def _routed(self, layer_idx: int, out) -> None:
+        _, _, expert_indices = out
+        chosen = set(expert_indices.reshape(-1).tolist())
+        self.store.set_busy(layer_idx, chosen)
+        self.store.record_choice(layer_idx, chosen)
+        nxt = layer_idx + 1
+        if nxt >= len(self.model.layers) or self.hidden is None:
+            return
+        layer = self.model.layers[nxt]
+        h = self.hidden.reshape(-1, self.hidden.shape[-1])
+        logits = torch.nn.functional.linear(layer.ffn_norm.forward(h), layer.moe.router.weight)  # no hooks
+        guess = torch.topk(logits, layer.moe.router.top_k, dim=-1).indices
+        self.store.prefetch(nxt, set(guess.reshape(-1).tolist()))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def offload_experts(
+    model: nn.Module,
+    sources: dict[str, torch.Tensor],
+    max_memory: int | str,
+    *,
+    policy: str = "lru",
+    prefetch: bool = True,
+    profile: str | Path | None = None,
+    prepare: Callable[[nn.Module], nn.Module] | None = None,
+    max_cpu_memory: int | str = 0,
+    progress: bool = False,
+) -> ExpertStore:
+    """The transform: serve `model`'s experts (left on `meta` by
+    checkpoint.load_model_deferred, their weights in `sources`) from an ExpertStore with
+    `max_memory` bytes on the model's device (plus a `max_cpu_memory` RAM tier when that
+    device is a GPU). profile: a `smoe profile` file whose hottest experts are pinned."""
+    budget = parse_size(max_memory)
+    _return_freed_memory()
+    device = model.device
+    tiers = []
+    if device.type != "cpu" and parse_size(max_cpu_memory) > 0:
+        tiers.append(("ram", torch.device("cpu"), parse_size(max_cpu_memory)))
+    tiers.append(("ram" if device.type == "cpu" else str(device), device, budget))
+    by_key: dict[Key, dict[str, torch.Tensor]] = {}
+    for name, view in sources.items():
+        m = re.fullmatch(r"layers\.(\d+)\.moe\.experts\.(\d+)\.(.+)", name)
+        if m is None:
+            raise SmoeError(f"not an expert weight: {name}")
+        by_key.setdefault((int(m.group(1)), int(m.group(2))), {})[m.group(3)] = view
+    config = model.config
+    templates = [layer.moe.experts[0] for layer in model.layers]  # on meta: the structure to fill
+    store = ExpertStore(by_key, templates, model.dtype, tiers, policy=policy, prepare=prepare,
+                        prefetch=prefetch, top_k=config.num_experts_per_tok)
+    for i, layer in enumerate(model.layers):
+        layer.moe.experts = OffloadedExperts(store, i, config.num_local_experts)
+    store.hooks = _PrefetchHooks(model, store)
+    model.expert_store = store
+    if profile is not None:
+        store.pin(pinned_experts(read_profile(profile, config), store.compute.budget, store.expert_bytes,
+                                 config.num_experts_per_tok), progress=progress)
+    return store
+
+
+def _return_freed_memory() -> None:
+    """Make glibc give large freed blocks back to the system at once. By default it raises its
+    mmap threshold after the first large free and keeps later blocks in its heaps (one per
+    thread), so evicted experts would stay in the resident set; a fixed 1 MiB threshold
+    serves every expert tensor with its own mapping, unmapped when the expert is evicted."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 1 << 20)
+        except (OSError, AttributeError):  # not glibc
+            pass
+
+
+# --------------------------------------------------------------------------- usage profiles
+
+
+def expert_usage(model: nn.Module, token_ids: list[int], window: int = 512, progress: bool = False) -> torch.Tensor:
+    """How many token slots each expert of each layer gets on a text: counts [L, E],
+    running the text through the model in windows of `window` tokens."""
+    from tqdm import tqdm
+
+    config = model.config
+    counts = torch.zeros(config.num_hidden_layers, config.num_local_experts, dtype=torch.long)
+    handles = []
+    for i, layer in enumerate(model.layers):
+        def count(module, inputs, out, i=i):
+            counts[i] += torch.bincount(out[2].reshape(-1).cpu(), minlength=config.num_local_experts)
+        handles.append(layer.moe.router.register_forward_hook(count))
+    try:
+        with torch.inference_mode():
+            for start in tqdm(range(0, len(token_ids), window), desc="profiling", unit="window",
+                              disable=not progress):
+                chunk = torch.tensor([token_ids[start: start + window]], device=model.device)
+                model(chunk, last_only=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return counts
+
+
+def write_profile(path: str | Path, counts: torch.Tensor, tokens: int, source: str = "") -> None:
+    data = {"format": PROFILE_FORMAT, "version": 1, "source": source, "tokens": tokens,
+            "num_hidden_layers": counts.shape[0], "num_local_experts": counts.shape[1],
+            "counts": counts.tolist()}
+    atomic_write(Path(path), lambda p: p.write_text(json.dumps(data) + "\n"))
+
+
+def read_profile(path: str | Path, config) -> torch.Tensor:
+    """A `smoe profile` file -> counts [L, E], checked against the model's shape."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SmoeError(f"{path}: no such expert profile; write one with smoe profile") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise SmoeError(f"{path}: not an expert profile (not JSON); write one with smoe profile") from None
+    if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
+        raise SmoeError(f"{path}: not an expert profile (no \"format\": \"{PROFILE_FORMAT}\"); "
+                        "write one with smoe profile")
+    L, E = config.num_hidden_layers, config.num_local_experts
+    counts = data.get("counts")
+    if (not isinstance(counts, list) or len(counts) != L
+            or any(not isinstance(row, list) or len(row) != E for row in counts)
+            or any(not isinstance(c, int) or c < 0 for row in counts for c in row)):
+        raise SmoeError(f"{path}: field 'counts' must be {L} lists of {E} non-negative integers "
+                        f"(one per layer and expert of this model); was the profile written for another model?")
+    return torch.tensor(counts, dtype=torch.long)
+
+
+def pinned_experts(counts: torch.Tensor, budget: int, expert_bytes: int, top_k: int) -> list[Key]:
+    """The most used experts that fit in the budget while leaving room for `top_k` more
+    (the working set of a token whose experts are not pinned)."""
+    slots = budget // expert_bytes - top_k
+    if slots <= 0:
+        return []
+    L, E = counts.shape
+    order = torch.argsort(counts.reshape(-1), descending=True, stable=True)[:slots].tolist()
+    return [(i // E, i % E) for i in order if counts.reshape(-1)[i] > 0]
