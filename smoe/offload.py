@@ -31,6 +31,7 @@ import re
 import sys
 import threading
 import time
+import warnings
 from collections import Counter, OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -356,12 +357,11 @@ class ExpertStore:
         """Load these experts now and never evict them."""
         from tqdm import tqdm
 
-        for key in tqdm(keys, desc="pinning experts", unit="expert", disable=not progress):
-            module = self.get(*key)
+        for key in tqdm(keys, desc="pinning experts", unit="expert", disable=not progress or not keys):
+            self.get(*key)
             with self._lock:
                 self.compute.pinned.add(key)
                 self.compute.stats.misses -= 1  # loading ahead is not a miss of the workload
-        del module
 
     def set_busy(self, layer: int, experts: set[int]) -> None:
         with self._lock:
@@ -525,8 +525,13 @@ def offload_experts(
     store.hooks = _PrefetchHooks(model, store)
     model.expert_store = store
     if profile is not None:
-        store.pin(pinned_experts(read_profile(profile, config), store.compute.budget, store.expert_bytes,
-                                 config.num_experts_per_tok), progress=progress)
+        keys = pinned_experts(read_profile(profile, config), store.compute.budget, store.expert_bytes,
+                              config.num_experts_per_tok)
+        if not keys:
+            warnings.warn(f"{profile}: the budget ({format_bytes(store.compute.budget)}) leaves no room to pin "
+                          f"experts beyond the {config.num_experts_per_tok} a token needs "
+                          f"({format_bytes(store.expert_bytes)} each); nothing is pinned", stacklevel=2)
+        store.pin(keys, progress=progress)
     return store
 
 
