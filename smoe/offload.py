@@ -99,6 +99,7 @@ class OffloadStats:
     stall_s: float = 0.0  # the forward pass waiting for an expert to arrive
     prefetch_loads: int = 0  # experts loaded by the prefetcher
     prefetch_used: int = 0  # ... and then asked for by the forward pass
+    prefetch_late: int = 0  # ... asked for while still loading (a miss that stalled less)
     prefetch_skipped: int = 0  # guesses with no room to load them into
     guessed: int = 0  # experts the routers chose, for layers that had a guess
     guessed_right: int = 0  # ... that were in the guess
@@ -113,7 +114,7 @@ class OffloadStats:
                        "evictions": t.evictions} for t in self.tiers],
             "disk_bytes": self.disk_bytes, "disk_reads": self.disk_reads, "disk_s": round(self.disk_s, 4),
             "stall_s": round(self.stall_s, 4), "prefetch_loads": self.prefetch_loads,
-            "prefetch_used": self.prefetch_used, "prefetch_skipped": self.prefetch_skipped,
+            "prefetch_used": self.prefetch_used, "prefetch_late": self.prefetch_late, "prefetch_skipped": self.prefetch_skipped,
             "prefetch_accuracy": round(self.prefetch_accuracy, 4), "guessed": self.guessed,
         }
 
@@ -125,7 +126,8 @@ class OffloadStats:
                      f"({self.disk_s:.2f} s, {rate:.2f} GB/s); stalled on loads: {self.stall_s:.2f} s")
         if self.guessed:
             lines.append(f"prefetch: {self.prefetch_accuracy:.1%} of chosen experts guessed; "
-                         f"{self.prefetch_loads} loaded, {self.prefetch_used} used, "
+                         f"{self.prefetch_loads} loaded, {self.prefetch_used} used "
+                         f"({self.prefetch_late} of them still loading when asked for), "
                          f"{self.prefetch_skipped} skipped for lack of room")
         return "\n".join(lines)
 
@@ -310,7 +312,8 @@ class ExpertStore:
         return module, reserved
 
     def get(self, layer: int, e: int) -> nn.Module:
-        """The expert, ready to compute (blocks until it is loaded)."""
+        """The expert, ready to compute (blocks until it is loaded). A hit is an expert that is
+        in the compute tier when asked for; one still on its way from a prefetch is a miss."""
         key = (layer, e)
         with self._lock:
             module = self.compute.get(key)
@@ -323,19 +326,17 @@ class ExpertStore:
                 mine = self._pending[key] = Future()
         t0 = time.perf_counter()
         try:
+            with self._lock:
+                self.compute.stats.misses += 1  # not ready when asked for, even if a prefetch is bringing it
             if pending is not None:
                 module = pending.result()  # None: the prefetch found no room
-                with self._lock:
-                    if module is not None:
-                        self.compute.stats.hits += 1
+                if module is not None:
+                    with self._lock:
                         self._count_prefetch_use(key)
-                    else:
-                        self.compute.stats.misses += 1
-                if module is None:
+                        self.stats.prefetch_late += 1
+                else:
                     module, _ = self._load(key, set(), prefetch=False)
             else:
-                with self._lock:
-                    self.compute.stats.misses += 1
                 try:
                     module, _ = self._load(key, set(), prefetch=False)
                 finally:

@@ -200,3 +200,14 @@ def test_bad_offload_input_gets_a_clear_error(checkpoint_factory, tmp_path, caps
     assert parse_size("6GiB") == 6 << 30 and parse_size("1.5GB") == 1_500_000_000 and parse_size("512") == 512
     with pytest.raises(smoe.SmoeError, match="profile"):
         read_profile(wrong, smoe.load(path)[0].config)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_offloading_on_a_gpu_with_a_ram_tier(checkpoint_factory):
+    path = checkpoint_factory(seed=3, **CONFIG)
+    resident, _ = smoe.load(path, device="cuda")
+    size = _expert_bytes(torch.float32)
+    offloaded, _ = smoe.load(path, device="cuda", max_memory=4 * size, max_cpu_memory=16 * size)
+    assert _generate(offloaded) == _generate(resident)
+    ram, gpu = offloaded.expert_store.stats.tiers
+    assert gpu.misses > 0 and ram.hits > 0
