@@ -7,8 +7,8 @@ For each domain of the demo's evaluation slice (smoe/assets/demo/eval_slice.json
 documents are split in two: every other document goes to the profile (`smoe profile`'s
 counting, smoe.offload.expert_usage), the rest is the workload. The workload is run token
 by token through the KV cache (what decoding does, with the text's own next tokens) and the
-expert cache is measured under each policy: LRU, LFU, pinned from the same domain's profile
-("matched") and from another domain's ("mismatched"), each without prefetch (so the hit rate
+expert cache is measured under each policy: LRU, LFU, pinned from a profile of the workload
+itself, of the domain's other documents, and of another domain, each without prefetch (so the hit rate
 is the cache's alone), and LRU with prefetch (its guess accuracy, and the hit rate it adds).
 Statistics cover the whole run from a cold cache; pinned experts are loaded before it starts.
 """
@@ -67,6 +67,8 @@ def main() -> None:
         workloads[d] = [t for text in mine[1::2] for t in tokenizer.encode(text)][: args.tokens]
         profiles[d] = tmp / f"profile-{d}.json"
         write_profile(profiles[d], expert_usage(resident, profile_ids), len(profile_ids), source=f"{SLICE}:{d}")
+        profiles[d + "-self"] = tmp / f"profile-{d}-self.json"
+        write_profile(profiles[d + "-self"], expert_usage(resident, workloads[d]), len(workloads[d]))
     probe, _ = smoe.load(max_memory=10 << 30, prefetch=False)
     budget = n * probe.expert_store.expert_bytes
     del probe
@@ -79,6 +81,7 @@ def main() -> None:
         variants = [
             ("LRU", dict(cache_policy="lru", prefetch=False)),
             ("LFU", dict(cache_policy="lfu", prefetch=False)),
+            ("pinned, profile of this text", dict(expert_profile=profiles[d + "-self"], prefetch=False)),
             (f"pinned, {d} profile", dict(expert_profile=profiles[d], prefetch=False)),
             (f"pinned, {other} profile", dict(expert_profile=profiles[other], prefetch=False)),
             ("LRU + prefetch", dict(cache_policy="lru", prefetch=True)),
@@ -91,7 +94,7 @@ def main() -> None:
             model.expert_store.wait()
             s = model.expert_store.stats
             row = {"domain": d, "policy": name, "hit_rate": s.tiers[0].hit_rate,
-                   "prefetch_accuracy": s.prefetch_accuracy if s.guessed else None,
+                   "prefetch_accuracy": s.prefetch_accuracy if kw["prefetch"] else None,
                    "disk_mb_per_token": s.disk_bytes / len(workloads[d]) / 2**20, "tokens_per_s": tps,
                    "resident_tokens_per_s": base_tps, "stall_s": s.stall_s}
             rows.append(row)

@@ -48,6 +48,7 @@ POLICIES = ("lru", "lfu")
 PROFILE_FORMAT = "smoe-expert-profile"
 Key = tuple[int, int]  # (layer, expert)
 M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
+PIN_SHARE = 0.5  # of the budget pinned from a profile; the rest stays an LRU cache (docs/OFFLOAD.md)
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
@@ -604,12 +605,17 @@ def read_profile(path: str | Path, config) -> torch.Tensor:
     return torch.tensor(counts, dtype=torch.long)
 
 
-def pinned_experts(counts: torch.Tensor, budget: int, expert_bytes: int, top_k: int) -> list[Key]:
-    """The most used experts that fit in the budget while leaving room for `top_k` more
-    (the working set of a token whose experts are not pinned)."""
-    slots = budget // expert_bytes - top_k
+def pinned_experts(counts: torch.Tensor, budget: int, expert_bytes: int, top_k: int,
+                   share: float = PIN_SHARE) -> list[Key]:
+    """The most used experts of a profile, as many as fit in `share` of the budget (and never
+    so many that fewer than `top_k` slots are left for the experts of a token that are not
+    pinned). The rest of the budget is an LRU cache: routing has locality (consecutive tokens
+    often share experts), which only a cache that follows the text can use."""
+    total_slots = budget // expert_bytes
+    slots = min(int(total_slots * share), total_slots - top_k)
     if slots <= 0:
         return []
     L, E = counts.shape
-    order = torch.argsort(counts.reshape(-1), descending=True, stable=True)[:slots].tolist()
-    return [(i // E, i % E) for i in order if counts.reshape(-1)[i] > 0]
+    flat = counts.reshape(-1)
+    order = torch.argsort(flat, descending=True, stable=True)[:slots].tolist()
+    return [(i // E, i % E) for i in order if flat[i] > 0]

@@ -153,12 +153,17 @@ def quantize_model_nf4(model, include_lm_head: bool = False, block: int = 64, do
 #       w ≈ (q - 8) · scale[n, g] + zero[n, g], q in [0, 15], zero = min + 8 · scale.
 #
 # Decode multiplies few rows: PyTorch's weight-only CPU kernels (_weight_int8pack_mm,
-# _weight_int4pack_mm_for_cpu) read the small weights directly. Prefill multiplies many rows,
-# where those kernels are slower than a bf16 GEMM: there the weight is dequantized and
-# multiplied with F.linear. KERNEL_MAX_ROWS picks the crossover (benchmarks/bench_kernels.py).
+# _weight_int4pack_mm_for_cpu) read the small weights directly; their cost grows with every
+# row. Prefill multiplies many rows: there the weight is dequantized and multiplied with a
+# bf16 GEMM, a fixed cost per weight. The dequantization goes a block of output rows at a
+# time (DEQUANT_BLOCK_BYTES of bf16 each), so its temporaries stay in the caches: whole-matrix
+# dequantization of a Mixtral-8x7B expert projection took 230 ms (int4) and 83 ms (int8),
+# ~30x the kernels' per-row cost. KERNEL_MAX_ROWS picks the crossover per kind
+# (benchmarks/bench_kernels.py --rows 1,4,16,32,64,128,256).
 # ---------------------------------------------------------------------------------------
 
-KERNEL_MAX_ROWS = 4
+KERNEL_MAX_ROWS = {8: 24, 4: 96}
+DEQUANT_BLOCK_BYTES = 1 << 20
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 INT4_BLOCK_N = 64  # rows per block in the int4 layout below
 
@@ -217,15 +222,16 @@ class Int8Linear(nn.Module):
         m.qweight, m.scales = q, scale.to(linear.weight.dtype)
         return m
 
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.qweight.to(dtype) * self.scales.to(dtype)[:, None]  # [N, K]
+    def dequantize(self, dtype: torch.dtype, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The weight [N, K] (or its output rows start:stop) in `dtype`."""
+        return self.qweight[start:stop].to(dtype) * self.scales[start:stop].to(dtype)[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).contiguous()  # [M, K]; the kernels need dense rows
-        if x2.shape[0] <= KERNEL_MAX_ROWS and x.device.type == "cpu":
+        if x2.shape[0] <= KERNEL_MAX_ROWS[8] and x.device.type == "cpu":
             y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales.to(x.dtype))
         else:
-            y = F.linear(x2, self.dequantize(x.dtype))
+            y = blockwise_linear(x2, self, self.out_features, 1)
         return y.view(*x.shape[:-1], self.out_features)
 
 
@@ -256,22 +262,37 @@ class Int4Linear(nn.Module):
         m.scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(linear.weight.dtype).contiguous()
         return m
 
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        N, K, G = self.out_features, self.in_features, self.group_size
-        codes = unpack_int4(self.qweight, K)[:N].view(N, K // G, G).to(dtype)  # [N, K/G, G]
-        scale = self.scales_and_zeros[:, :N, 0].t().to(dtype)[..., None]  # [N, K/G, 1]
-        zero = self.scales_and_zeros[:, :N, 1].t().to(dtype)[..., None]
-        return ((codes - 8) * scale + zero).view(N, K)
+    def dequantize(self, dtype: torch.dtype, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The weight [N, K] (or its output rows start:stop; start a multiple of 64) in `dtype`."""
+        K, G = self.in_features, self.group_size
+        stop = self.out_features if stop is None else min(stop, self.out_features)
+        padded_stop = -(-stop // INT4_BLOCK_N) * INT4_BLOCK_N
+        n = stop - start
+        codes = unpack_int4(self.qweight[start:padded_stop], K)[:n].view(n, K // G, G).to(dtype)  # [n, K/G, G]
+        scale = self.scales_and_zeros[:, start:stop, 0].t().to(dtype)[..., None]  # [n, K/G, 1]
+        zero = self.scales_and_zeros[:, start:stop, 1].t().to(dtype)[..., None]
+        return ((codes - 8) * scale + zero).view(n, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).contiguous()  # [M, K]; the kernels need dense rows
-        if x2.shape[0] <= KERNEL_MAX_ROWS and x.device.type == "cpu":
+        if x2.shape[0] <= KERNEL_MAX_ROWS[4] and x.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2, self.qweight, self.group_size, self.scales_and_zeros.to(x.dtype))
             y = y[:, : self.out_features]
         else:
-            y = F.linear(x2, self.dequantize(x.dtype))
+            y = blockwise_linear(x2, self, self.out_features, INT4_BLOCK_N)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def blockwise_linear(x: torch.Tensor, layer: nn.Module, out_features: int, align: int) -> torch.Tensor:
+    """x [M, K] · Wᵀ with W dequantized by `layer` a block of output rows at a time (block
+    starts aligned to `align` rows), each block's temporaries small enough to stay in cache."""
+    K = x.shape[1]
+    if x.device.type != "cpu":  # GPUs have the memory bandwidth: one dequantization, one GEMM
+        return F.linear(x, layer.dequantize(x.dtype))
+    rows = max(align, DEQUANT_BLOCK_BYTES // (2 * K) // align * align)
+    return torch.cat([F.linear(x, layer.dequantize(x.dtype, start, start + rows))
+                      for start in range(0, out_features, rows)], dim=1)
 
 
 def check_int4_shape(in_features: int, group_size: int) -> None:

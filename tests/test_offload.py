@@ -63,7 +63,7 @@ def test_offloaded_output_is_token_for_token_the_resident_output(checkpoint_fact
     else:
         assert stats.prefetch_loads == 0
     if policy == "profile":
-        assert len(store.compute.pinned) == 16 - 2  # all the budget but a token's two experts
+        assert len(store.compute.pinned) == 16 // 2  # half the budget; the other half is an LRU cache
         assert store.compute.pinned <= set(store.compute.entries)
 
 
@@ -161,10 +161,11 @@ def test_profile_counts_are_the_routing(checkpoint_factory, tmp_path, capsys, v1
     counts = expert_usage(model, PROMPT)
     for layer in range(CONFIG["num_hidden_layers"]):
         assert counts[layer].tolist() == torch.bincount(experts[:, layer].reshape(-1), minlength=8).tolist()
-    keys = pinned_experts(counts, budget=10 * 1000, expert_bytes=1000, top_k=2)
-    assert len(keys) == 8
-    flat = sorted(counts.reshape(-1).tolist(), reverse=True)
-    assert sorted((counts[k].item() for k in keys), reverse=True) == flat[:8]
+    ranked = torch.arange(32).view(4, 8)  # expert (l, e) used 8l + e times
+    keys = pinned_experts(ranked, budget=16 * 1000, expert_bytes=1000, top_k=2, share=1.0)
+    assert keys == [((31 - i) // 8, (31 - i) % 8) for i in range(14)]  # all but a token's top-2, hottest first
+    assert len(pinned_experts(ranked, budget=16 * 1000, expert_bytes=1000, top_k=2)) == 8  # half by default
+    assert pinned_experts(ranked, budget=2 * 1000, expert_bytes=1000, top_k=2) == []  # no room beyond top-2
 
 
 def test_profile_cli_and_stats(chat_checkpoint, tmp_path, capsys):

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import smoe
+import smoe.quantize
 from smoe.checkpoint import load_model
 from smoe.cli import main
 from smoe.errors import ConfigError, SmoeError
@@ -46,11 +47,14 @@ def test_quantization_error_is_within_half_a_step():
 @pytest.mark.parametrize("kind", ["int8", "int4-g32", "int4-g128"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("out_features", [192, 96])  # 96: the int4 kernel's 64-row blocks padded
-def test_kernels_match_dequantize_then_matmul(kind, dtype, out_features):
+@pytest.mark.parametrize("block_rows", [None, 64])  # 64: dequantized in blocks of 64 output rows
+def test_kernels_match_dequantize_then_matmul(kind, dtype, out_features, block_rows, monkeypatch):
+    if block_rows:
+        monkeypatch.setattr(smoe.quantize, "DEQUANT_BLOCK_BYTES", 2 * 256 * block_rows)
     linear = nn.Linear(256, out_features, bias=False, dtype=dtype)
     m = Int8Linear.from_linear(linear) if kind == "int8" else Int4Linear.from_linear(linear, int(kind[6:]))
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    for rows in (1, 3, 4, 5, 17):  # kernel below KERNEL_MAX_ROWS, dequantize above
+    for rows in (1, 3, 4, 5, 17, 25, 97, 130):  # kernels up to KERNEL_MAX_ROWS[bits], blockwise dequantize above
         x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows)).to(dtype)
         expected = x.double() @ m.dequantize(torch.float64).t()
         got = m(x).double()
