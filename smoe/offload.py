@@ -41,7 +41,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from smoe.checkpoint import atomic_write, release_pages
+from smoe.checkpoint import atomic_write, read_ahead, release_pages
 from smoe.errors import SmoeError
 
 POLICIES = ("lru", "lfu")
@@ -251,6 +251,8 @@ class ExpertStore:
         module = copy.deepcopy(self.templates[layer])  # on meta: structure only
         state, nbytes = {}, 0
         first_tier = self.tiers[0].device
+        for view in self.sources[key].values():
+            read_ahead(view)
         for name, view in self.sources[key].items():
             dtype = self.dtype if view.is_floating_point() else view.dtype
             t = torch.empty(view.shape, dtype=dtype, device=first_tier)
