@@ -215,9 +215,6 @@ class ExpertStore:
         self.tiers = [ExpertCache(name, torch.device(device), budget, policy) for name, device, budget in tiers]
         self.compute = self.tiers[-1]
         self.stats = OffloadStats([t.stats for t in self.tiers])
-        self.prefetch_enabled = prefetch
-        self.num_layers = len(templates)
-        self.num_experts = 1 + max(e for _, e in sources)
         self._lock = threading.Lock()
         self._pending: dict[Key, Future] = {}
         self._prefetched: set[Key] = set()  # loaded by the prefetcher, not yet asked for
@@ -393,7 +390,6 @@ class ExpertStore:
             self._worker.submit(self._prefetch_one, key, future)
 
     def _prefetch_one(self, key: Key, future: Future) -> None:
-        module = None
         try:
             with self._lock:
                 keep = self._busy | set(self._pending) | self._prefetched
@@ -425,9 +421,6 @@ class ExpertStore:
         if self._worker is not None:
             self._worker.shutdown(wait=True)
             self._worker = None
-
-    def resident_bytes(self) -> int:
-        return sum(t.used for t in self.tiers)
 
 
 # --------------------------------------------------------------------------- the transform
