@@ -234,7 +234,7 @@ class ExpertStore:
         """Bytes one expert takes in the compute tier: load the first one and see."""
         module = self.templates[0]
         for i in range(len(self.tiers)):
-            module = self._into(i, self._read((0, 0)) if i == 0 else module)
+            module = self._into(i, (0, 0), self._read((0, 0)) if i == 0 else module)
         self.stats.disk_bytes = self.stats.disk_reads = 0
         self.stats.disk_s = 0.0
         return module_bytes(module)
@@ -265,10 +265,14 @@ class ExpertStore:
             self.stats.disk_s += time.perf_counter() - t0
         return module
 
-    def _into(self, index: int, module: nn.Module) -> nn.Module:
-        """The form an expert takes in tier `index`: on its device, prepared in the compute tier."""
+    def _into(self, index: int, key: Key, module: nn.Module) -> nn.Module:
+        """The form an expert takes in tier `index`: on its device (a copy: the tier below keeps
+        its own), prepared in the compute tier."""
         tier = self.tiers[index]
-        module = module.to(tier.device)
+        if any(t.device != tier.device for t in module.state_dict().values()):
+            state = {name: t.to(tier.device, non_blocking=True) for name, t in module.state_dict().items()}
+            module = copy.deepcopy(self.templates[key[0]])  # on meta: structure only
+            module.load_state_dict(state, strict=True, assign=True)
         if index == len(self.tiers) - 1:
             return self.prepare(module)
         if tier.device.type == "cpu" and self.compute.device.type == "cuda":
@@ -296,7 +300,7 @@ class ExpertStore:
         try:
             module = found if found is not None else self._read(key)
             for i in range(source + 1, len(self.tiers)):
-                module = self._into(i, module)
+                module = self._into(i, key, module)
                 if i < len(self.tiers) - 1:
                     size = module_bytes(module)
                     with self._lock:
