@@ -253,7 +253,12 @@ class ExpertStore:
         for name, view in self.sources[key].items():
             dtype = self.dtype if view.is_floating_point() else view.dtype
             t = torch.empty(view.shape, dtype=dtype, device=first_tier)
-            t.copy_(view)
+            if t.dtype == view.dtype and t.device == view.device and view.is_contiguous():
+                # one plain memcpy, without the GIL or torch's thread pool: on the prefetch
+                # thread, a parallel copy would take the cores from the forward pass
+                ctypes.memmove(t.data_ptr(), view.data_ptr(), view.numel() * view.element_size())
+            else:
+                t.copy_(view)
             nbytes += view.numel() * view.element_size()
             release_pages(view)  # the copy replaces the file pages in our resident set
             state[name] = t
