@@ -238,6 +238,16 @@ def _load(args):
         args.model, dtype=args.dtype, device=args.device, allow_pickle=args.allow_pickle, adapter=args.adapter,
         quant=quant, progress=True, max_memory=args.max_memory, cache_policy=args.cache_policy,
         expert_profile=args.expert_profile, prefetch=not args.no_prefetch, max_cpu_memory=args.max_cpu_memory)
+    if args.max_memory is not None:
+        from smoe.offload import format_bytes
+
+        store, c = model.expert_store, model.config
+        total = c.num_hidden_layers * c.num_local_experts
+        fits = min(total, store.compute.budget // store.expert_bytes)
+        how = f"{len(store.compute.pinned)} pinned from {args.expert_profile}, the rest " if args.expert_profile else ""
+        how += args.cache_policy.upper() + (", no prefetch" if args.no_prefetch else ", prefetch on")
+        print(f"offloading experts: {format_bytes(store.compute.budget)} holds {fits} of the {total} experts "
+              f"({format_bytes(store.expert_bytes)} each); {how}", file=sys.stderr)
     if args.stats:
         _LOADED.append(model)
     return model, tokenizer
@@ -501,6 +511,15 @@ def cmd_info(args) -> int:
     for dtype, m in info["memory"].items():
         print(f"  {dtype:<6}  {_gib(m['weights_bytes']):<11}  {_gib(m['bytes_read_per_token']):<11}  "
               f"{m['kv_cache_bytes_per_token'] / 1024:.1f} KiB")
+    n_experts = c.num_hidden_layers * c.num_local_experts
+    if q:  # codes, plus a bf16 scale (int8: per row; int4: scale and zero per group)
+        per_param = 1.0 if q["bits"] == 8 else 0.5 + 4 / q["group_size"]
+        label = f"int{q['bits']}"
+    else:
+        per_param, label = 2.0, "bf16"
+    expert = 3 * c.hidden_size * c.intermediate_size * per_param
+    print(f"  offloading (--max-memory): {n_experts} experts of {_gib(expert)} ({label}); "
+          f"half of them in memory takes {_gib(expert * n_experts / 2)}")
     return 0
 
 

@@ -33,10 +33,10 @@ import threading
 import time
 import warnings
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -115,7 +115,8 @@ class OffloadStats:
                        "evictions": t.evictions} for t in self.tiers],
             "disk_bytes": self.disk_bytes, "disk_reads": self.disk_reads, "disk_s": round(self.disk_s, 4),
             "stall_s": round(self.stall_s, 4), "prefetch_loads": self.prefetch_loads,
-            "prefetch_used": self.prefetch_used, "prefetch_late": self.prefetch_late, "prefetch_skipped": self.prefetch_skipped,
+            "prefetch_used": self.prefetch_used, "prefetch_late": self.prefetch_late,
+            "prefetch_skipped": self.prefetch_skipped,
             "prefetch_accuracy": round(self.prefetch_accuracy, 4), "guessed": self.guessed,
         }
 
@@ -123,7 +124,7 @@ class OffloadStats:
         lines = [f"expert cache {t.name}: {t.hit_rate:.1%} hits ({t.hits} hits, {t.misses} misses, "
                  f"{t.evictions} evictions)" for t in self.tiers]
         rate = self.disk_bytes / self.disk_s / 1e9 if self.disk_s else 0.0
-        lines.append(f"read from disk: {format_bytes(self.disk_bytes)} in {self.disk_reads} expert loads "
+        lines.append(f"read from the checkpoint: {format_bytes(self.disk_bytes)} in {self.disk_reads} loads "
                      f"({self.disk_s:.2f} s, {rate:.2f} GB/s); stalled on loads: {self.stall_s:.2f} s")
         if self.guessed:
             lines.append(f"prefetch: {self.prefetch_accuracy:.1%} of chosen experts guessed; "

@@ -180,7 +180,7 @@ def test_profile_cli_and_stats(chat_checkpoint, tmp_path, capsys):
     assert main(["generate", "--model", str(chat_checkpoint), "--prompt", "The quick", "--max-tokens", "8",
                  "--max-memory", "40KiB", "--expert-profile", str(profile), "--stats"]) == 0
     err = capsys.readouterr().err
-    assert "expert cache ram:" in err and "read from disk:" in err and "prefetch:" in err
+    assert "expert cache ram:" in err and "read from the checkpoint:" in err and "prefetch:" in err
 
 
 def test_bad_offload_input_gets_a_clear_error(checkpoint_factory, tmp_path, capsys):
