@@ -49,8 +49,14 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=512, help="workload tokens per domain (default 512)")
     p.add_argument("--domains", default="de,en,es,it")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--pin-share", type=float, default=None,
+                   help=f"share of the budget pinned from a profile (default {smoe.offload.PIN_SHARE})")
+    p.add_argument("--sweep", type=Path, default=None, metavar="PNG",
+                   help="instead: hit rate against the budget (6 to 42 experts) for each policy, as a chart")
     args = p.parse_args()
     torch.set_num_threads(2)
+    if args.pin_share is not None:
+        smoe.offload.PIN_SHARE = args.pin_share
 
     resident, tokenizer = smoe.load()
     config = resident.config
@@ -70,8 +76,11 @@ def main() -> None:
         profiles[d + "-self"] = tmp / f"profile-{d}-self.json"
         write_profile(profiles[d + "-self"], expert_usage(resident, workloads[d]), len(workloads[d]))
     probe, _ = smoe.load(max_memory=10 << 30, prefetch=False)
-    budget = n * probe.expert_store.expert_bytes
+    expert_bytes = probe.expert_store.expert_bytes
+    budget = n * expert_bytes
     del probe
+    if args.sweep:
+        return sweep(args.sweep, domains, workloads, profiles, expert_bytes, total)
     print(f"demo model: {total} experts of {smoe.offload.format_bytes(budget // n)}; budget {n} experts "
           f"({smoe.offload.format_bytes(budget)}); {args.tokens} workload tokens per domain")
 
@@ -112,6 +121,44 @@ def main() -> None:
         acc = f"{r['prefetch_accuracy']:.1%}" if r["prefetch_accuracy"] is not None else "–"
         print(f"| {r['domain']} | {r['policy']} | {r['hit_rate']:.1%} | {acc} | {r['disk_mb_per_token']:.2f} | "
               f"{r['tokens_per_s']:.1f} |")
+
+
+def sweep(png: Path, domains: list[str], workloads: dict, profiles: dict, expert_bytes: int, total: int) -> None:
+    """Hit rate (mean over the domains) against the budget, per policy; no prefetch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    policies = {
+        "LRU": lambda d: dict(cache_policy="lru"),
+        "LFU": lambda d: dict(cache_policy="lfu"),
+        "pinned, same-language profile": lambda d: dict(expert_profile=profiles[d]),
+        "pinned, python profile": lambda d: dict(expert_profile=profiles["python"]),
+    }
+    sizes = [6, 12, 18, 24, 30, 36, 42]
+    curves = {name: [] for name in policies}
+    for n in sizes:
+        for name, kw in policies.items():
+            rates = []
+            for d in domains:
+                model, _ = smoe.load(max_memory=n * expert_bytes, prefetch=False, **kw(d))
+                run_workload(model, workloads[d])
+                rates.append(model.expert_store.stats.tiers[0].hit_rate)
+                model.expert_store.close()
+            curves[name].append(sum(rates) / len(rates))
+            print(f"{n:>3} experts  {name:<32} {curves[name][-1]:.1%}", flush=True)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, ys in curves.items():
+        ax.plot([100 * n / total for n in sizes], [100 * y for y in ys], marker="o", label=name)
+    ax.set_xlabel(f"budget (% of the {total} experts)")
+    ax.set_ylabel("hit rate (%)")
+    ax.set_title(f"demo model, token by token over {', '.join(domains)} text (mean)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    print(f"wrote {png}")
 
 
 if __name__ == "__main__":

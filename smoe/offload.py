@@ -611,12 +611,13 @@ def read_profile(path: str | Path, config) -> torch.Tensor:
 
 
 def pinned_experts(counts: torch.Tensor, budget: int, expert_bytes: int, top_k: int,
-                   share: float = PIN_SHARE) -> list[Key]:
+                   share: float | None = None) -> list[Key]:
     """The most used experts of a profile, as many as fit in `share` of the budget (and never
     so many that fewer than `top_k` slots are left for the experts of a token that are not
     pinned). The rest of the budget is an LRU cache: routing has locality (consecutive tokens
     often share experts), which only a cache that follows the text can use."""
     total_slots = budget // expert_bytes
+    share = PIN_SHARE if share is None else share
     slots = min(int(total_slots * share), total_slots - top_k)
     if slots <= 0:
         return []
