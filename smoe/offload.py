@@ -514,7 +514,10 @@ def offload_experts(
     _return_freed_memory()
     device = model.device
     tiers = []
-    if device.type != "cpu" and parse_size(max_cpu_memory) > 0:
+    if parse_size(max_cpu_memory) > 0:
+        if device.type == "cpu":
+            raise SmoeError("--max-cpu-memory is a RAM tier under a GPU's expert cache; on the CPU, "
+                            "--max-memory is the RAM budget")
         tiers.append(("ram", torch.device("cpu"), parse_size(max_cpu_memory)))
     tiers.append(("ram" if device.type == "cpu" else str(device), device, budget))
     by_key: dict[Key, dict[str, torch.Tensor]] = {}

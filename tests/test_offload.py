@@ -195,6 +195,7 @@ def test_bad_offload_input_gets_a_clear_error(checkpoint_factory, tmp_path, caps
         (["--max-memory", "lots"], "cannot read the memory size 'lots'"),
         (["--max-memory", "1KiB"], "holds no expert"),
         (["--stats"], "add --max-memory"),
+        (["--max-memory", "1MiB", "--max-cpu-memory", "1GiB"], "RAM tier under a GPU"),
         (["--max-memory", "1MiB", "--expert-profile", str(tmp_path / "none.json")], "no such expert profile"),
     ]
     wrong = tmp_path / "wrong.json"
