@@ -422,7 +422,9 @@ def load_state(
         state[ours] = value.to(device=device, dtype=dtype if value.is_floating_point() else None)
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
-    model.load_state_dict(state, strict=not deferred, assign=True)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if set(missing) != set(deferred) or unexpected:  # the name table covers the model exactly
+        raise CheckpointError(f"{where}: cannot place {sorted(set(missing) - set(deferred) or unexpected)[:3]}")
     return deferred
 
 

@@ -34,11 +34,13 @@ import time
 import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Callable
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from smoe.checkpoint import atomic_write, read_ahead, release_pages
@@ -420,12 +422,11 @@ class ExpertStore:
         future.set_result(module)
 
     def wait(self) -> None:
-        """Let loads in flight finish (before measuring memory, or closing)."""
-        for future in list(self._pending.values()):
-            try:
-                future.result()
-            except BaseException:
-                pass
+        """Let loads in flight finish (before measuring memory, or closing); a failed one
+        raises where the forward pass asks for its expert, not here."""
+        with self._lock:
+            pending = list(self._pending.values())
+        futures.wait(pending)
 
     def close(self) -> None:
         if self._worker is not None:
@@ -484,9 +485,9 @@ class _PrefetchHooks:
         if nxt >= len(self.model.layers) or self.hidden is None:
             return
         layer = self.model.layers[nxt]
-        h = self.hidden.reshape(-1, self.hidden.shape[-1])
-        logits = torch.nn.functional.linear(layer.ffn_norm.forward(h), layer.moe.router.weight)  # no hooks
-        guess = torch.topk(logits, layer.moe.router.top_k, dim=-1).indices
+        h = self.hidden.reshape(-1, self.hidden.shape[-1])  # [N, H]
+        router_logits = F.linear(layer.ffn_norm.forward(h), layer.moe.router.weight)  # [N, E]; .forward: no hooks
+        guess = torch.topk(router_logits, layer.moe.router.top_k, dim=-1).indices  # [N, K]
         self.store.prefetch(nxt, set(guess.reshape(-1).tolist()))
 
     def remove(self) -> None:
