@@ -50,7 +50,7 @@ POLICIES = ("lru", "lfu")
 PROFILE_FORMAT = "smoe-expert-profile"
 Key = tuple[int, int]  # (layer, expert)
 M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
-PIN_SHARE = 0.5  # of the budget pinned from a profile; the rest stays an LRU cache (docs/OFFLOAD.md)
+PIN_SHARE = 0.5  # of the budget pinned from a profile; the rest stays an LRU cache (pinned_experts)
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
@@ -616,13 +616,23 @@ def read_profile(path: str | Path, config) -> torch.Tensor:
 
 def pinned_experts(counts: torch.Tensor, budget: int, expert_bytes: int, top_k: int,
                    share: float | None = None) -> list[Key]:
-    """The most used experts of a profile, as many as fit in `share` of the budget (and never
-    so many that fewer than `top_k` slots are left for the experts of a token that are not
-    pinned). The rest of the budget is an LRU cache: routing has locality (consecutive tokens
-    often share experts), which only a cache that follows the text can use."""
+    """The most used experts of a profile counts [L, E] to pin within the budget.
+
+    A token needs L · top_k experts, one layer after the other. With room for at least that
+    many, pinning takes `share` of the budget (PIN_SHARE, half) but always leaves L · top_k
+    slots to an LRU cache: routing has locality (consecutive tokens often share experts),
+    which only a cache that follows the text can use. With less room than one token needs,
+    an LRU cache evicts every expert just before the next token asks for it again, so all but
+    top_k slots (the layer being computed) are pinned. Worked example, the demo model
+    (L = 6, top_k = 2, so 12 slots a token): budget 24 -> 12 pinned, 12 LRU; budget 18 -> 6
+    pinned; budget 12 -> none (plain LRU); budget 6 -> 4 pinned."""
     total_slots = budget // expert_bytes
-    share = PIN_SHARE if share is None else share
-    slots = min(int(total_slots * share), total_slots - top_k)
+    working_set = counts.shape[0] * top_k
+    if total_slots < working_set:
+        slots = total_slots - top_k
+    else:
+        share = PIN_SHARE if share is None else share
+        slots = min(int(total_slots * share), total_slots - working_set)
     if slots <= 0:
         return []
     L, E = counts.shape

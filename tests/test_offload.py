@@ -63,7 +63,7 @@ def test_offloaded_output_is_token_for_token_the_resident_output(checkpoint_fact
     else:
         assert stats.prefetch_loads == 0
     if policy == "profile":
-        assert len(store.compute.pinned) == 16 // 2  # half the budget; the other half is an LRU cache
+        assert len(store.compute.pinned) == 16 // 2  # half the budget; the other half (a token's 4 x 2) is LRU
         assert store.compute.pinned <= set(store.compute.entries)
 
 
@@ -167,10 +167,12 @@ def test_profile_counts_are_the_routing(checkpoint_factory, tmp_path, capsys, v1
     counts = expert_usage(model, PROMPT)
     for layer in range(CONFIG["num_hidden_layers"]):
         assert counts[layer].tolist() == torch.bincount(experts[:, layer].reshape(-1), minlength=8).tolist()
-    ranked = torch.arange(32).view(4, 8)  # expert (l, e) used 8l + e times
+    ranked = torch.arange(32).view(4, 8)  # expert (l, e) used 8l + e times; a token needs 4 x 2 experts
     keys = pinned_experts(ranked, budget=16 * 1000, expert_bytes=1000, top_k=2, share=1.0)
-    assert keys == [((31 - i) // 8, (31 - i) % 8) for i in range(14)]  # all but a token's top-2, hottest first
-    assert len(pinned_experts(ranked, budget=16 * 1000, expert_bytes=1000, top_k=2)) == 8  # half by default
+    assert keys == [((31 - i) // 8, (31 - i) % 8) for i in range(8)]  # hottest first, 8 slots left to LRU
+    assert len(pinned_experts(ranked, budget=20 * 1000, expert_bytes=1000, top_k=2)) == 10  # half by default
+    assert len(pinned_experts(ranked, budget=10 * 1000, expert_bytes=1000, top_k=2)) == 2  # keep LRU's 8
+    assert len(pinned_experts(ranked, budget=6 * 1000, expert_bytes=1000, top_k=2)) == 4  # below a token's 8
     assert pinned_experts(ranked, budget=2 * 1000, expert_bytes=1000, top_k=2) == []  # no room beyond top-2
 
 
