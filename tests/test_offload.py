@@ -126,8 +126,9 @@ def test_peak_memory_stays_within_the_budget(checkpoint_factory):
         def kib(field):
             return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
         budget = {expert} * int(sys.argv[1]) if sys.argv[1] != "all" else None
-        warm, _ = smoe.load({str(path)!r}, max_memory=2 * {expert})
-        warm(torch.tensor([[1]]))  # torch's kernels and thread pools set up, then let go
+        warm, _ = smoe.load({str(path)!r}, max_memory=2 * {expert}, pack=False, prefetch=False)
+        # the same run once, so torch's kernels, thread pools and caches are set up, then let go
+        smoe.generate(warm, None, list(range(1, 60)), max_tokens=24, ignore_eos=True)
         del warm
         gc.collect()
         base = kib("VmRSS")
@@ -147,14 +148,14 @@ def test_peak_memory_stays_within_the_budget(checkpoint_factory):
         return int(peak), int(resident)
 
     peak, _ = growth("all")
-    assert peak > 80 * 2**20  # without offloading the experts come into memory
+    assert peak > 20 * expert  # without offloading the experts come into memory (32 of 3 MiB)
     for n in (2, 6):
         peak, resident = growth(str(n))
         assert resident < 8 * 2**20  # attention, embeddings, head, norms, routers and the KV cache
-        # the budget, the resident weights, and the transient memory of the one expert being read
-        # (its file pages until given back, and allocator slack; measured ~2 experts' worth).
-        # Without prefetch, so exactly one load is in flight whatever the machine's load.
-        assert peak < n * expert + resident + 2 * expert + 2 * 2**20, (n, peak, resident)
+        # the budget, the resident weights, and the file pages of the one expert being read, until
+        # they are given back (measured 1.2 MiB over budget + resident). Without prefetch, so
+        # exactly one load is in flight whatever the machine's load.
+        assert peak < n * expert + resident + expert + 2 * 2**20, (n, peak, resident)
 
 
 def test_profile_counts_are_the_routing(checkpoint_factory, tmp_path, capsys, v1_tokenizer_json):
