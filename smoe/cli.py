@@ -473,14 +473,16 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
 
 def cmd_info(args) -> int:
+    import torch
+
     from smoe import DEMO_MODEL
     from smoe.config import ModelConfig
     from smoe.errors import SmoeError
+    from smoe.model import Expert
+    from smoe.offload import format_bytes, module_bytes
+    from smoe.quantize import quantize_expert
 
     path = Path(args.model) if args.model is not None else DEMO_MODEL
     if not path.is_dir():
@@ -506,20 +508,21 @@ def cmd_info(args) -> int:
     q = c.quantization
     if q:
         kind = "int8 per output channel" if q["bits"] == 8 else f"int4 in groups of {q['group_size']} columns"
-        print(f"  quantized: attention and expert weights {kind}; {_gib(stored)} on disk")
+        print(f"  quantized: attention and expert weights {kind}; {format_bytes(stored)} on disk")
     print("  dtype   weights      read/token   KV cache/token" + ("   (unquantized, for comparison)" if q else ""))
     for dtype, m in info["memory"].items():
-        print(f"  {dtype:<6}  {_gib(m['weights_bytes']):<11}  {_gib(m['bytes_read_per_token']):<11}  "
+        weights, read = format_bytes(m["weights_bytes"]), format_bytes(m["bytes_read_per_token"])
+        print(f"  {dtype:<6}  {weights:<11}  {read:<11}  "
               f"{m['kv_cache_bytes_per_token'] / 1024:.1f} KiB")
+    # one expert as it is stored and loaded: its structure on meta (quantized like the checkpoint)
+    expert = Expert(c.hidden_size, c.intermediate_size).to(device="meta", dtype=torch.bfloat16)
+    if q:
+        expert = quantize_expert(expert, q["bits"], q.get("group_size"))
     n_experts = c.num_hidden_layers * c.num_local_experts
-    if q:  # codes, plus a bf16 scale (int8: per row; int4: scale and zero per group)
-        per_param = 1.0 if q["bits"] == 8 else 0.5 + 4 / q["group_size"]
-        label = f"int{q['bits']}"
-    else:
-        per_param, label = 2.0, "bf16"
-    expert = 3 * c.hidden_size * c.intermediate_size * per_param
-    print(f"  offloading (--max-memory): {n_experts} experts of {_gib(expert)} ({label}); "
-          f"half of them in memory takes {_gib(expert * n_experts / 2)}")
+    size = module_bytes(expert)
+    label = f"int{q['bits']}" if q else "bf16"
+    print(f"  offloading (--max-memory): {n_experts} experts of {format_bytes(size)} ({label}); "
+          f"half of them in memory takes {format_bytes(size * n_experts // 2)}")
     return 0
 
 

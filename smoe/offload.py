@@ -235,9 +235,9 @@ class ExpertStore:
 
     def _measure(self) -> int:
         """Bytes one expert takes in the compute tier: load the first one and see."""
-        module = self.templates[0]
+        module = self._read((0, 0))
         for i in range(len(self.tiers)):
-            module = self._into(i, (0, 0), self._read((0, 0)) if i == 0 else module)
+            module = self._into(i, (0, 0), module)
         self.stats.disk_bytes = self.stats.disk_reads = 0
         self.stats.disk_s = 0.0
         return module_bytes(module)
@@ -248,7 +248,6 @@ class ExpertStore:
         """Disk tier: a fresh expert module holding copies of its weights, in the model dtype."""
         layer, e = key
         t0 = time.perf_counter()
-        module = copy.deepcopy(self.templates[layer])  # on meta: structure only
         state, nbytes = {}, 0
         first_tier = self.tiers[0].device
         for view in self.sources[key].values():
@@ -265,22 +264,26 @@ class ExpertStore:
             nbytes += view.numel() * view.element_size()
             release_pages(view)  # the copy replaces the file pages in our resident set
             state[name] = t
-        module.load_state_dict(state, strict=True, assign=True)
-        module.requires_grad_(False)
+        module = self._build(layer, state)
         with self._lock:
             self.stats.disk_bytes += nbytes
             self.stats.disk_reads += 1
             self.stats.disk_s += time.perf_counter() - t0
         return module
 
+    def _build(self, layer: int, state: dict[str, torch.Tensor]) -> nn.Module:
+        """An expert module of `layer`'s structure holding these tensors (no copies)."""
+        module = copy.deepcopy(self.templates[layer])  # on meta: structure only
+        module.load_state_dict(state, strict=True, assign=True)
+        return module.requires_grad_(False)
+
     def _into(self, index: int, key: Key, module: nn.Module) -> nn.Module:
         """The form an expert takes in tier `index`: on its device (a copy: the tier below keeps
         its own), prepared in the compute tier."""
         tier = self.tiers[index]
-        if any(t.device != tier.device for t in module.state_dict().values()):
-            state = {name: t.to(tier.device, non_blocking=True) for name, t in module.state_dict().items()}
-            module = copy.deepcopy(self.templates[key[0]])  # on meta: structure only
-            module.load_state_dict(state, strict=True, assign=True)
+        state = module.state_dict()
+        if any(t.device != tier.device for t in state.values()):
+            module = self._build(key[0], {name: t.to(tier.device, non_blocking=True) for name, t in state.items()})
         if index == len(self.tiers) - 1:
             return self.prepare(module)
         if tier.device.type == "cpu" and self.compute.device.type == "cuda":
@@ -626,8 +629,9 @@ def pinned_experts(counts: torch.Tensor, budget: int, expert_bytes: int, top_k: 
     top_k slots (the layer being computed) are pinned. Worked example, the demo model
     (L = 6, top_k = 2, so 12 slots a token): budget 24 -> 12 pinned, 12 LRU; budget 18 -> 6
     pinned; budget 12 -> none (plain LRU); budget 6 -> 4 pinned."""
+    L, E = counts.shape
     total_slots = budget // expert_bytes
-    working_set = counts.shape[0] * top_k
+    working_set = L * top_k
     if total_slots < working_set:
         slots = total_slots - top_k
     else:
@@ -635,7 +639,6 @@ def pinned_experts(counts: torch.Tensor, budget: int, expert_bytes: int, top_k: 
         slots = min(int(total_slots * share), total_slots - working_set)
     if slots <= 0:
         return []
-    L, E = counts.shape
     flat = counts.reshape(-1)
     order = torch.argsort(flat, descending=True, stable=True)[:slots].tolist()
     return [(i // E, i % E) for i in order if flat[i] > 0]
