@@ -38,7 +38,7 @@ test: install browser
 
 # rebuild the bundled demo model from scratch (~70 min on 2 cores)
 demo: install
-	$(BIN)/smoe data build --out data/corpus
+	$(BIN)/python scripts/build_corpus.py --out data/corpus
 	$(BIN)/python scripts/aux_experiment.py --out runs/aux-experiment
 	$(BIN)/smoe train --config configs/demo.json
 	$(BIN)/python scripts/export_demo.py --run runs/demo --corpus data/corpus

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from smoe.data import read_jsonl
+from smoe.routing import observe_routing
 from smoe.tokenizer import HFTokenizer
-from smoe.train import TrainConfig, _record_router_logits, expert_load, tokenize_documents, train
+from smoe.train import TrainConfig, expert_load, tokenize_documents, train
 
 MODEL = {
     "vocab_size": 8192, "hidden_size": 128, "intermediate_size": 192, "num_hidden_layers": 4,
@@ -30,13 +31,17 @@ MODEL = {
 @torch.no_grad()
 def measure_load(model, tokenizer, docs, tokens: int = 8192) -> dict:
     ids = torch.tensor([t for d in tokenize_documents(docs, tokenizer) for t in d][:tokens])
-    _record_router_logits(model, True)
     model.eval()
     loads = torch.zeros(model.config.num_hidden_layers, model.config.num_local_experts)  # [L, E]
-    for start in range(0, len(ids) - 128, 128):
-        model(ids[None, start : start + 128])
-        logits = [layer.moe.last_router_logits for layer in model.layers]
-        loads += expert_load(logits, model.config.num_experts_per_tok)
+    logits = [None] * model.config.num_hidden_layers
+
+    def keep(layer, router_logits, expert_weights, expert_indices):
+        logits[layer] = router_logits
+
+    with observe_routing(model, keep):
+        for start in range(0, len(ids) - 128, 128):
+            model(ids[None, start : start + 128])
+            loads += expert_load(logits, model.config.num_experts_per_tok)
     loads = loads / loads.sum(-1, keepdim=True)  # [L, E] share of slots
     cv = (loads.std(-1, unbiased=False) / loads.mean(-1)).tolist()
     return {"cv_per_layer": [round(c, 3) for c in cv], "cv_mean": round(sum(cv) / len(cv), 3),

@@ -31,6 +31,15 @@ import torch
 from smoe.config import ModelConfig
 
 
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """True where a query at q_pos may attend a key at k_pos (broadcast shapes): the key is
+    filled (>= 0), not in the future, and inside the sliding window when there is one."""
+    mask = (k_pos >= 0) & (k_pos <= q_pos)
+    if window is not None:
+        mask &= q_pos - k_pos < window
+    return mask
+
+
 @dataclass
 class AttentionPlan:
     """Decided once per forward pass, shared by every layer."""
@@ -114,11 +123,7 @@ class KVCache:
             # a fresh prompt in one chunk: plain causal attention, which SDPA runs without a mask
             mask, is_causal = None, True
         else:
-            k_pos = key_pos[:, None, :]  # [B, 1, keys]
-            mask = (k_pos >= 0) & (k_pos <= q_pos)  # [B, T, keys]
-            if self.window is not None:
-                mask &= q_pos - k_pos < self.window
-            mask = mask[:, None]  # [B, 1, T, keys]
+            mask = attention_mask(q_pos, key_pos[:, None, :], self.window)[:, None]  # [B, 1, T, keys]
 
         if concat:
             slot_pos.scatter_(1, write_slots, write_pos)

@@ -17,14 +17,9 @@ the wanted dtype is never copied, so weights are not held twice.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import json
 import mmap
-import os
 import re
-import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +28,7 @@ import torch
 
 from smoe.config import ModelConfig
 from smoe.errors import CheckpointError, ConfigError
+from smoe.fsutil import atomic_write, release_pages
 
 SAFETENSORS_DTYPES = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -41,47 +37,12 @@ SAFETENSORS_DTYPES = {
 }
 WEIGHT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
-MADV_WILLNEED, MADV_DONTNEED = 3, 4  # Linux <sys/mman.h>
 
 DTYPE_NAMES = {
     "fp32": torch.float32, "float32": torch.float32,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
     "fp16": torch.float16, "float16": torch.float16,
 }
-
-
-def _advise(t: torch.Tensor, advice: int, whole_pages: bool) -> None:
-    if sys.platform != "linux" or t.device.type != "cpu" or not t.is_contiguous():
-        return
-    if t.untyped_storage().resizable():  # memory torch allocated, not a view of the map
-        return
-    page = mmap.PAGESIZE
-    begin, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-    if whole_pages:  # only pages entirely inside the tensor
-        start, end = -(-begin // page) * page, end // page * page
-    else:  # every page the tensor touches
-        start, end = begin // page * page, -(-end // page) * page
-    if end > start:
-        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice)
-
-
-def read_ahead(t: torch.Tensor) -> None:
-    """Ask the kernel to start reading a memory-mapped tensor's pages from the file now, in
-    large requests, instead of page by page as the copy touches them (~20 % faster cold reads)."""
-    _advise(t, MADV_WILLNEED, whole_pages=False)
-
-
-def release_pages(t: torch.Tensor) -> None:
-    """Give back the resident pages of a tensor that views a checkpoint's memory map, once its
-    contents live elsewhere (packed, quantized, copied): they are clean private file pages,
-    so dropping them loses nothing — touching the tensor again reads them from the file. This
-    keeps a load's peak memory at the new copy instead of the new copy plus the file."""
-    _advise(t, MADV_DONTNEED, whole_pages=True)
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -456,22 +417,6 @@ def hf_state_dict(model: torch.nn.Module, layout: str = "hf") -> dict[str, torch
     return out
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same directory, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(
     model: torch.nn.Module,
     path: str | Path,
@@ -575,10 +520,11 @@ def load_model_deferred(
     with torch.device("meta"):
         model = Transformer(config)
     if config.quantization:  # empty int8 / int4 modules for the stored codes to be assigned to
+        from smoe.options import QuantSpec
         from smoe.quantize import quantize_model
 
         model.to(dtype)
-        quantize_model(model, config.quantization["bits"], config.quantization.get("group_size"))
+        quantize_model(model, QuantSpec.from_config(config.quantization))
     deferred = load_state(model, config, stored, path, dtype, device,
                           defer=is_expert_weight if defer_experts else None)
     model.rope.reset_parameters(device=device)

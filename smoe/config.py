@@ -95,10 +95,6 @@ class ModelConfig:
 
     # ----------------------------------------------------------------- derived
     @property
-    def num_kv_groups(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
-    @property
     def eos_token_ids(self) -> list[int]:
         if self.eos_token_id is None:
             return []
@@ -249,6 +245,23 @@ class ModelConfig:
         for k, v in self.extra.items():
             d.setdefault(k, v)
         return d
+
+    def describe(self) -> dict:
+        """Sizes a user plans by: parameters (total, active per token), and per dtype the
+        weights' bytes, the bytes one decode step reads and the KV cache per token."""
+        counts = self.parameter_counts()
+        kv_per_token = 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim
+        memory = {dtype: {"weights_bytes": counts["total"] * size,
+                          "bytes_read_per_token": self.bytes_per_token(dtype),
+                          "kv_cache_bytes_per_token": kv_per_token * size}
+                  for dtype, size in _DTYPE_BYTES.items()}
+        return {
+            "config": {k: v for k, v in self.to_hf_dict().items() if k != "architectures"},
+            "parameters": counts["total"],
+            "active_parameters_per_token": counts["active"],
+            "expert_parameters": counts["experts"],
+            "memory": memory,
+        }
 
     def bytes_per_token(self, dtype: str) -> int:
         """Weight bytes one decode step reads at batch 1 (active parameters)."""

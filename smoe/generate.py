@@ -46,6 +46,13 @@ class Sequence:
         return len(self.prompt_ids) + len(self.token_ids)
 
 
+@dataclass(frozen=True)
+class TextPiece:
+    """Text that stream_generate has decoded since the last piece."""
+
+    text: str
+
+
 @dataclass
 class GenerationResult:
     text: str
@@ -116,7 +123,7 @@ class Engine:
             raise GenerationError("all rows of the engine are busy; wait for a sequence to finish") from None
         seq = Sequence(list(prompt_ids), params, row=row, started=time.perf_counter())
         self.rows[row] = seq
-        self._samplers[row] = Sampler(params, device=self.model.device)
+        self._samplers[row] = Sampler(params, self.config.vocab_size, context=prompt_ids, device=self.model.device)
         self._pending[row] = ""
         if self.tokenizer is not None:
             self._detok[row] = IncrementalDetokenizer(self.tokenizer, context=prompt_ids)
@@ -181,11 +188,12 @@ class Engine:
         return out
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
-        return self._samplers[seq.row](logits, seq.prompt_ids + seq.token_ids)
+        return self._samplers[seq.row](logits)
 
     def _accept(self, seq: Sequence, token: int) -> str:
         """Record a sampled token, apply stop rules, and return the text it makes visible."""
         seq.token_ids.append(token)
+        self._samplers[seq.row].add(token)
         params = seq.params
         stopped = token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos)
         piece = ""
@@ -245,6 +253,8 @@ def _result(seq: Sequence) -> GenerationResult:
 
 
 def _params(kwargs: dict) -> SamplingParams:
+    if kwargs.get("stop") is None:  # stop=None: no stop strings
+        kwargs = {k: v for k, v in kwargs.items() if k != "stop"}
     try:
         return SamplingParams(**kwargs)
     except TypeError as e:
@@ -282,8 +292,8 @@ def generate(
 
 def stream_generate(
     model: torch.nn.Module, tokenizer: Tokenizer | None, prompt: str | list[int], **sampling
-) -> Iterator[str | GenerationResult]:
-    """Yield text pieces as they are decoded; the last item is the GenerationResult."""
+) -> Iterator[TextPiece | GenerationResult]:
+    """Yield a TextPiece for each piece of text as it is decoded, then one GenerationResult."""
     if tokenizer is None:
         raise GenerationError("streaming text needs a tokenizer")
     params = _params(sampling)
@@ -295,9 +305,9 @@ def stream_generate(
     engine.check(len(ids), params)
     seq = engine.add(ids, params)
     if seq.text:
-        yield seq.text
+        yield TextPiece(seq.text)
     while engine.active:
         for _, piece in engine.step():
             if piece:
-                yield piece
+                yield TextPiece(piece)
     yield _result(seq)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smoe.errors import SmoeError
+from smoe.options import PEFT_DEFAULT_ALPHA, LoraSpec
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 EXPERT_TARGETS = ("w1", "w2", "w3")
@@ -133,27 +134,26 @@ def _targets(model, targets: list[str]) -> list[tuple[str, nn.Module, str]]:
                 found.append((f"layers.{i}.attn.{name}", layer.attn, name))
         if ROUTER_TARGET in targets:
             found.append((f"layers.{i}.moe.router", layer.moe, "router"))
-        for e, expert in enumerate(layer.moe.experts):
+        for e, expert in enumerate(layer.moe.experts):  # the ExpertList: LoRA goes on before stacking
             for name in EXPERT_TARGETS:
                 if name in targets:
                     found.append((f"layers.{i}.moe.experts.{e}.{name}", expert, name))
     return found
 
 
-def apply_lora(model, targets=("q_proj", "v_proj"), rank: int = 8, alpha: float = 16.0,
-               dropout: float = 0.0, seed: int = 0, adapter_dtype: torch.dtype | None = None) -> list[str]:
-    """Wrap the target linears in LoRALinear (the router in LoRARouter), freeze all else;
+def apply_lora(model, spec: LoraSpec, seed: int = 0, adapter_dtype: torch.dtype | None = None) -> list[str]:
+    """Wrap the spec's target linears in LoRALinear (the router in LoRARouter), freeze all else;
     returns the wrapped paths. `seed` fixes the random A matrices (the global RNG is untouched);
     adapter_dtype: the adapters' precision (default: the base weight's, fp32 over quantized bases)."""
     generator = torch.Generator().manual_seed(seed)
-    targets = parse_targets(targets)
     model.requires_grad_(False)
     wrapped = []
-    for path, parent, attr in _targets(model, targets):
+    for path, parent, attr in _targets(model, spec.targets):
         kind = LoRARouter if attr == "router" else LoRALinear
-        setattr(parent, attr, kind(getattr(parent, attr), rank, alpha, dropout, generator, adapter_dtype))
+        setattr(parent, attr, kind(getattr(parent, attr), spec.rank, spec.alpha, spec.dropout, generator,
+                                   adapter_dtype))
         wrapped.append(path)
-    model.lora_config = {"r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": targets}
+    model.lora_spec = spec
     return wrapped
 
 
@@ -206,11 +206,11 @@ def save_adapter(model, path: str | Path, base_model: str | None = None) -> None
         key = _peft_key(name)
         tensors[f"{key}.lora_A.weight"] = m.lora_A.weight.detach().float().contiguous()
         tensors[f"{key}.lora_B.weight"] = m.lora_B.weight.detach().float().contiguous()
-    cfg = model.lora_config
-    targets = cfg["target_modules"]
+    spec: LoraSpec = model.lora_spec
+    targets = spec.targets
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "lora_dropout": cfg["lora_dropout"],
+        "r": spec.rank, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
         "target_modules": [t for t in ATTENTION_TARGETS if t in targets], "bias": "none", "fan_in_fan_out": False,
         "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
     }
@@ -225,8 +225,9 @@ def save_adapter(model, path: str | Path, base_model: str | None = None) -> None
     atomic_write(path / "adapter_config.json", lambda f: f.write_text(json.dumps(config, indent=2) + "\n"))
 
 
-def read_adapter_config(path: str | Path) -> dict:
-    """adapter_config.json -> {'r', 'lora_alpha', 'lora_dropout', 'targets'} (smoe target names)."""
+def read_adapter_config(path: str | Path) -> LoraSpec:
+    """adapter_config.json -> the LoraSpec it describes (smoe target names; a missing
+    lora_alpha means what it means to peft, PEFT_DEFAULT_ALPHA)."""
     path = Path(path)
     config_file = path / "adapter_config.json"
     if not config_file.exists():
@@ -247,11 +248,10 @@ def read_adapter_config(path: str | Path) -> dict:
     if config.get("smoe_router"):
         targets.append(ROUTER_TARGET)
     try:
-        targets = parse_targets(targets)
-    except SmoeError as e:
+        return LoraSpec(rank=int(config["r"]), alpha=float(config.get("lora_alpha", PEFT_DEFAULT_ALPHA)),
+                        dropout=float(config.get("lora_dropout") or 0.0), targets=tuple(targets))
+    except (SmoeError, TypeError, ValueError) as e:
         raise SmoeError(f"{config_file}: {e}") from None
-    return {"r": int(config["r"]), "lora_alpha": float(config.get("lora_alpha", config["r"])),
-            "lora_dropout": float(config.get("lora_dropout") or 0.0), "targets": targets}
 
 
 def load_adapter_weights(model, path: str | Path) -> None:
@@ -276,6 +276,5 @@ def load_adapter_weights(model, path: str | Path) -> None:
 
 def load_adapter(model, path: str | Path) -> None:
     """Apply a PEFT-format LoRA adapter directory to a (plain or quantized, unpacked) model."""
-    config = read_adapter_config(path)
-    apply_lora(model, config["targets"], rank=config["r"], alpha=config["lora_alpha"])
+    apply_lora(model, read_adapter_config(path))
     load_adapter_weights(model, path)

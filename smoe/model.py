@@ -8,8 +8,9 @@ token (top-k), F expert hidden, Q query heads, G kv heads, D head dim, V vocab, 
             x = x + MoE(RMSNorm(x))            router -> top-k -> renormalise -> experts -> weighted sum
 
 Quantization, LoRA, offloading and parallelism are transforms that swap modules of this
-tree after it is built (DESIGN.md, "One model, many transforms"); nothing here knows
-about them.
+tree after it is built (DESIGN.md, "One model, many transforms"; the order is in
+smoe/loader.py); nothing here knows about them. The experts and their implementations
+live in smoe/experts.py.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from smoe.cache import KVCache
+from smoe.cache import KVCache, attention_mask
 from smoe.config import ModelConfig
+from smoe.experts import Expert, ExpertList
 
 
 class RMSNorm(nn.Module):
@@ -135,121 +137,28 @@ class Router(nn.Module):
         return router_logits, expert_weights, expert_indices
 
 
-class Expert(nn.Module):
-    """A SwiGLU MLP (Shazeer 2020): w2(silu(w1·x) * w3·x)."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(hidden_size, intermediate_size, bias=False)  # gate
-        self.w2 = nn.Linear(intermediate_size, hidden_size, bias=False)  # down
-        self.w3 = nn.Linear(hidden_size, intermediate_size, bias=False)  # up
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
-class FusedExpert(nn.Module):
-    """An Expert whose gate and up projections are one [2F, H] linear (any linear-like module:
-    packed, int8, int4): one matrix product per call instead of two, the same dot products.
-    Built by the inference transform in packing.py, never trained or saved."""
-
-    def __init__(self, w13: nn.Module, w2: nn.Module, intermediate_size: int) -> None:
-        super().__init__()
-        self.w13, self.w2, self.intermediate_size = w13, w2, intermediate_size
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.w13(x)  # [..., 2F]: gate, then up
-        F_ = self.intermediate_size
-        return self.w2(F.silu(h[..., :F_]) * h[..., F_:])
-
-
-# ---------------------------------------------------------------------------------------
-# Expert dispatch: send each token row to its K experts and add up the weighted outputs.
-# All implementations compute the same thing; tests/test_dispatch.py proves they agree.
-# Each expert's output is weighted in fp32 and added in the model dtype, in ascending
-# expert order, which is what the reference implementation does.
-# ---------------------------------------------------------------------------------------
-
-
-def dispatch_loop(experts: nn.ModuleList, x, expert_indices, expert_weights) -> torch.Tensor:
-    """The reference, as Mixtral is usually taught: for each expert, find its tokens."""
-    out = torch.zeros_like(x)  # [N, H]
-    for e, expert in enumerate(experts):
-        token_idx, slot = torch.where(expert_indices == e)  # tokens routed to e, and which of their K slots
-        if token_idx.numel() == 0:
-            continue
-        y = expert(x[token_idx]).float() * expert_weights[token_idx, slot, None]  # [n_e, H]
-        out.index_add_(0, token_idx, y.to(x.dtype))
-    return out
-
-
-def dispatch_grouped(experts: nn.ModuleList, x, expert_indices, expert_weights) -> torch.Tensor:
-    """For many tokens (prefill, batches): sort the N*K token slots by expert so each expert
-    multiplies one contiguous block, then scatter-add the results back to their tokens."""
-    N, K = expert_indices.shape
-    flat_experts = expert_indices.reshape(-1)  # [N*K]
-    order = torch.argsort(flat_experts, stable=True)  # [N*K] slots grouped by expert
-    token_of_slot = order // K  # [N*K]
-    weight_of_slot = expert_weights.reshape(-1)[order]  # [N*K]
-    tokens_per_expert = torch.bincount(flat_experts, minlength=len(experts)).tolist()  # one host sync
-    x_sorted = x[token_of_slot]  # [N*K, H]
-    y_sorted = torch.empty_like(x_sorted)
-    start = 0
-    for e, count in enumerate(tokens_per_expert):
-        if count:
-            y_sorted[start : start + count] = experts[e](x_sorted[start : start + count])
-            start += count
-    y_sorted = (y_sorted.float() * weight_of_slot[:, None]).to(x.dtype)  # [N*K, H]
-    return torch.zeros_like(x).index_add_(0, token_of_slot, y_sorted)
-
-
-def dispatch_token(experts: nn.ModuleList, x, expert_indices, expert_weights) -> torch.Tensor:
-    """For one token (decode at batch 1): call its K experts directly, no sorting or scatter."""
-    if x.shape[0] != 1:
-        return dispatch_grouped(experts, x, expert_indices, expert_weights)
-    chosen, order = torch.sort(expert_indices[0])  # [K] ascending, as the reference adds them
-    weights = expert_weights[0, order]
-    out = None
-    for k, e in enumerate(chosen.tolist()):
-        y = (experts[e](x).float() * weights[k]).to(x.dtype)  # [1, H]
-        out = y if out is None else out + y
-    return out
-
-
-DISPATCH = {"loop": dispatch_loop, "grouped": dispatch_grouped, "token": dispatch_token}
-
-
 class MoE(nn.Module):
-    """Sparse mixture of experts: router -> top-k -> renormalise -> experts -> weighted sum."""
+    """Sparse mixture of experts: router -> top-k -> renormalise -> experts -> weighted sum.
+
+    The experts are one module called as experts(x [N, H], expert_indices [N, K],
+    expert_weights [N, K]) -> [N, H] (smoe/experts.py); whoever wants to see the routing
+    hooks the router (smoe/routing.py, observe_routing)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.router = Router(config)
-        self.experts = nn.ModuleList(
+        self.experts = ExpertList(
             Expert(config.hidden_size, config.intermediate_size) for _ in range(config.num_local_experts)
         )
-        self.dispatch = "auto"  # or a key of DISPATCH
         self.jitter_noise = config.router_jitter_noise
-        self.last_router_logits: torch.Tensor | None = None  # [N, E], kept when record_router_logits
-        self.record_router_logits = False
-        self.trace = None  # a routing.RoutingTrace while tracing is on (smoe/routing.py)
-        self.layer_idx = -1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, H = x.shape
         x = x.reshape(B * T, H)  # [N, H]
         if self.training and self.jitter_noise > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-        router_logits, expert_weights, expert_indices = self.router(x)
-        if self.record_router_logits:
-            self.last_router_logits = router_logits
-        if self.trace is not None:
-            self.trace.record(self.layer_idx, router_logits, expert_weights, expert_indices)
-        name = self.dispatch
-        if name == "auto":
-            name = "token" if B * T == 1 else "grouped"
-        out = DISPATCH[name](self.experts, x, expert_indices, expert_weights)
-        return out.view(B, T, H)
+        router_logits, expert_weights, expert_indices = self.router(x)  # [N, E], [N, K], [N, K]
+        return self.experts(x, expert_indices, expert_weights).view(B, T, H)
 
 
 class Block(nn.Module):
@@ -259,7 +168,6 @@ class Block(nn.Module):
         self.attn = Attention(config, layer_idx)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.moe = MoE(config)
-        self.moe.layer_idx = layer_idx
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), ctx)
@@ -287,13 +195,6 @@ class Transformer(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
-
-    def set_dispatch(self, name: str) -> None:
-        """Pick the expert dispatch for every MoE layer ('auto', 'loop', 'grouped', 'token')."""
-        if name != "auto" and name not in DISPATCH:
-            raise ValueError(f"unknown dispatch {name!r}; choose auto or one of {sorted(DISPATCH)}")
-        for layer in self.layers:
-            layer.moe.dispatch = name
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
         """Random initialisation for training from scratch (normal(0, std), norms at 1)."""
@@ -332,9 +233,8 @@ class Transformer(nn.Module):
             if window is None or window >= T:
                 mask, is_causal = None, True
             else:
-                q = torch.arange(T, device=input_ids.device)[:, None]  # [T, 1]
-                k = torch.arange(T, device=input_ids.device)[None, :]  # [1, T]
-                mask, is_causal = ((k <= q) & (q - k < window))[None, None], False  # [1, 1, T, T]
+                pos = torch.arange(T, device=input_ids.device)
+                mask, is_causal = attention_mask(pos[:, None], pos[None, :], window)[None, None], False  # [1, 1, T, T]
         ctx = ForwardContext(cos, sin, mask, is_causal, cache)
 
         x = self.embed_tokens(input_ids)  # [B, T, H]

@@ -16,10 +16,12 @@ mixture-of-experts language models with offloading"): consecutive layers change 
 state little, so layer L+1's router applied to layer L's hidden state guesses L+1's experts
 well. While layer L's experts compute, a background thread loads the guessed experts.
 
-It is a transform (DESIGN.md): `offload_experts` swaps each MoE layer's `experts` list for
-an `OffloadedExperts` with the same indexing, so every dispatch runs unchanged, and hooks
-the norms and routers for prefetch. An offloaded expert goes through the same preparation
-as a resident one (quantization, packing), so the outputs are identical.
+It is a transform (DESIGN.md): `offload_experts` swaps each MoE layer's experts for an
+`OffloadedExperts` with the same call (smoe/experts.py). Later transforms reach it through
+the same two methods as any experts module: `map_experts` (quantization) and
+`for_inference` (stacking, packing) are recorded and applied to each expert as it loads,
+so an offloaded expert goes through exactly what a resident one does and the outputs are
+identical. The loader starts the store (`ExpertStore.start`) once every transform is known.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import copy
 import ctypes
 import json
 import re
-import sys
 import threading
 import time
 import warnings
@@ -43,27 +44,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smoe.checkpoint import atomic_write, read_ahead, release_pages
 from smoe.errors import SmoeError
+from smoe.experts import ExpertList, dispatch_sorted
+from smoe.fsutil import atomic_write, read_ahead, release_pages, return_freed_memory
+from smoe.options import DEFAULT_CACHE_POLICY, OffloadSpec
+from smoe.routing import count_experts, observe_routing
 
-POLICIES = ("lru", "lfu")
 PROFILE_FORMAT = "smoe-expert-profile"
 Key = tuple[int, int]  # (layer, expert)
-M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
 PIN_SHARE = 0.5  # of the budget pinned from a profile; the rest stays an LRU cache (pinned_experts)
-
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-          "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-
-
-def parse_size(text: str | int | float) -> int:
-    """'6GiB', '512MiB', '1.5GB', '800M', 1234 -> bytes."""
-    if isinstance(text, int | float):
-        return int(text)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise SmoeError(f"cannot read the memory size {text!r}; write it like 6GiB, 512MiB or 2GB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 def format_bytes(n: float) -> str:
@@ -142,9 +131,7 @@ class OffloadStats:
 class ExpertCache:
     """Whole experts on one device under a byte budget. Not thread-safe: the store locks."""
 
-    def __init__(self, name: str, device: torch.device, budget: int, policy: str = "lru") -> None:
-        if policy not in POLICIES:
-            raise SmoeError(f"unknown cache policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    def __init__(self, name: str, device: torch.device, budget: int, policy: str = DEFAULT_CACHE_POLICY) -> None:
         self.name, self.device, self.budget, self.policy = name, device, budget, policy
         self.entries: OrderedDict[Key, tuple[nn.Module, int]] = OrderedDict()  # oldest use first
         self.pinned: set[Key] = set()
@@ -198,9 +185,10 @@ class ExpertStore:
 
     sources: {(layer, expert): {parameter name in the expert module: file view}};
     templates: one expert module per layer on `meta` (the layer's structure: plain, int8, int4);
-    prepare: what a resident expert goes through after loading (quantize, pack), applied when
-    the expert enters the compute tier. tiers: [(name, device, budget)], slowest first; the
-    last one is where the experts compute."""
+    steps: per layer, what a resident expert goes through after loading (quantize, stack,
+    pack: recorded by OffloadedExperts), applied to a one-expert ExpertList when the expert
+    enters the compute tier. tiers: [(name, device, budget)], slowest first; the last one is
+    where the experts compute. Nothing is loaded until `start`."""
 
     def __init__(
         self,
@@ -208,13 +196,12 @@ class ExpertStore:
         templates: list[nn.Module],
         dtype: torch.dtype,
         tiers: list[tuple[str, torch.device | str, int]],
-        policy: str = "lru",
-        prepare: Callable[[nn.Module], nn.Module] | None = None,
+        policy: str = DEFAULT_CACHE_POLICY,
         prefetch: bool = True,
         top_k: int = 2,
     ) -> None:
         self.sources, self.templates, self.dtype, self.top_k = sources, templates, dtype, top_k
-        self.prepare = prepare or (lambda m: m)
+        self.steps: dict[int, list[Callable[[nn.Module], nn.Module]]] = {i: [] for i in range(len(templates))}
         self.tiers = [ExpertCache(name, torch.device(device), budget, policy) for name, device, budget in tiers]
         self.compute = self.tiers[-1]
         self.stats = OffloadStats([t.stats for t in self.tiers])
@@ -224,14 +211,28 @@ class ExpertStore:
         self._guess: dict[int, set[int]] = {}  # layer -> guessed experts
         self._busy: set[Key] = set()  # experts of the layer now computing: never evicted for a prefetch
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="smoe-prefetch") if prefetch else None
+        self.expert_bytes = 0  # measured by start()
+
+    def start(self, pinned: Callable[[ExpertStore], list[Key]] | None = None, progress: bool = False) -> None:
+        """Measure an expert as the compute tier holds it, check the budgets, and pin the
+        experts `pinned(store)` names; called once every transform has added its step."""
         self.expert_bytes = self._measure()
         for tier in self.tiers:
             if tier.budget < self.expert_bytes:
                 raise SmoeError(
                     f"the expert memory budget for {tier.name} ({format_bytes(tier.budget)}) holds no expert: "
                     f"one takes {format_bytes(self.expert_bytes)}; give --max-memory at least that "
-                    f"({top_k} experts per token and layer, {format_bytes(top_k * self.expert_bytes)}, "
+                    f"({self.top_k} experts per token and layer, {format_bytes(self.top_k * self.expert_bytes)}, "
                     "or more avoids reloading within a token)")
+        if pinned is not None:
+            self.pin(pinned(self), progress=progress)
+
+    def prepare(self, layer: int, module: nn.Module) -> nn.Module:
+        """An expert as it computes: a one-expert experts module after the layer's steps."""
+        experts = ExpertList([module])
+        for step in self.steps[layer]:
+            experts = step(experts)
+        return experts
 
     def _measure(self) -> int:
         """Bytes one expert takes in the compute tier: load the first one and see."""
@@ -285,7 +286,7 @@ class ExpertStore:
         if any(t.device != tier.device for t in state.values()):
             module = self._build(key[0], {name: t.to(tier.device, non_blocking=True) for name, t in state.items()})
         if index == len(self.tiers) - 1:
-            return self.prepare(module)
+            return self.prepare(key[0], module)
         if tier.device.type == "cpu" and self.compute.device.type == "cuda":
             module._apply(torch.Tensor.pin_memory)  # page-locked host memory copies to the GPU faster
         return module
@@ -441,8 +442,10 @@ class ExpertStore:
 
 
 class OffloadedExperts(nn.Module):
-    """Stands where a layer's nn.ModuleList of experts stood: `experts[e](x)` fetches expert e
-    from the store and runs it. Holds no weights itself."""
+    """Stands where a layer's experts stood, with the same call: reads the routing on the host
+    (the store must know which experts to load), fetches each chosen expert from the store
+    and runs it. Holds no weights itself; transforms given to it are applied to each expert
+    as it loads."""
 
     def __init__(self, store: ExpertStore, layer: int, num_experts: int) -> None:
         super().__init__()
@@ -451,36 +454,40 @@ class OffloadedExperts(nn.Module):
     def __len__(self) -> int:
         return self.num_experts
 
-    def __getitem__(self, e: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        if not 0 <= e < self.num_experts:
-            raise IndexError(e)
-        return lambda x: self.store.get(self.layer, e)(x)
+    def forward(self, x: torch.Tensor, expert_indices: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
+        return dispatch_sorted(self.expert, self.num_experts, x, expert_indices, expert_weights)
 
-    def __iter__(self):
-        return (self[e] for e in range(self.num_experts))
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return self.store.get(self.layer, e).expert(0, x)
+
+    def map_experts(self, fn: Callable[[nn.Module], nn.Module]) -> OffloadedExperts:
+        self.store.steps[self.layer].append(lambda experts: experts.map_experts(fn))
+        return self
+
+    def for_inference(self, pack: bool) -> OffloadedExperts:
+        self.store.steps[self.layer].append(lambda experts: experts.for_inference(pack))
+        return self
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, experts={self.num_experts}, offloaded"
 
 
-class _PrefetchHooks:
-    """Forward hooks that guess layer L+1's experts from layer L's hidden state."""
+class _Prefetcher:
+    """Guesses layer L+1's experts from layer L's hidden state: a hook keeps the residual
+    entering each layer's ffn_norm, and the routing observer, when layer L is routed, applies
+    layer L+1's norm and router to it."""
 
     def __init__(self, model: nn.Module, store: ExpertStore) -> None:
         self.model, self.store = model, store
         self.hidden: torch.Tensor | None = None
-        self.handles = []
-        for layer_idx, layer in enumerate(model.layers):
-            self.handles.append(layer.ffn_norm.register_forward_hook(self._keep_hidden))
-            self.handles.append(layer.moe.router.register_forward_hook(
-                lambda m, inp, out, layer_idx=layer_idx: self._routed(layer_idx, out)))
+        self.handles = [layer.ffn_norm.register_forward_hook(self._keep_hidden) for layer in model.layers]
+        self.observer = observe_routing(model, self._routed)
 
     def _keep_hidden(self, module, inputs, output) -> None:
         self.hidden = inputs[0]  # the residual stream after this layer's attention
 
     @torch.no_grad()
-    def _routed(self, layer_idx: int, out) -> None:
-        _, _, expert_indices = out
+    def _routed(self, layer_idx: int, router_logits, expert_weights, expert_indices) -> None:
         chosen = set(expert_indices.reshape(-1).tolist())
         self.store.set_busy(layer_idx, chosen)
         self.store.record_choice(layer_idx, chosen)
@@ -496,34 +503,24 @@ class _PrefetchHooks:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        self.observer.remove()
 
 
-def offload_experts(
-    model: nn.Module,
-    sources: dict[str, torch.Tensor],
-    max_memory: int | str,
-    *,
-    policy: str = "lru",
-    prefetch: bool = True,
-    profile: str | Path | None = None,
-    prepare: Callable[[nn.Module], nn.Module] | None = None,
-    max_cpu_memory: int | str = 0,
-    progress: bool = False,
-) -> ExpertStore:
+def offload_experts(model: nn.Module, sources: dict[str, torch.Tensor], spec: OffloadSpec) -> ExpertStore:
     """The transform: serve `model`'s experts (left on `meta` by
     checkpoint.load_model_deferred, their weights in `sources`) from an ExpertStore with
-    `max_memory` bytes on the model's device (plus a `max_cpu_memory` RAM tier when that
-    device is a GPU). profile: a `smoe profile` file whose hottest experts are pinned."""
-    budget = parse_size(max_memory)
-    _return_freed_memory()
+    spec.max_memory bytes on the model's device (plus a spec.max_cpu_memory RAM tier when that
+    device is a GPU). The store starts (measures, pins spec.profile's hottest experts) when
+    the loader calls `start_store`, after the transforms that follow this one."""
+    return_freed_memory()
     device = model.device
     tiers = []
-    if parse_size(max_cpu_memory) > 0:
+    if spec.max_cpu_memory > 0:
         if device.type == "cpu":
             raise SmoeError("--max-cpu-memory is a RAM tier under a GPU's expert cache; on the CPU, "
                             "--max-memory is the RAM budget")
-        tiers.append(("ram", torch.device("cpu"), parse_size(max_cpu_memory)))
-    tiers.append(("ram" if device.type == "cpu" else str(device), device, budget))
+        tiers.append(("ram", torch.device("cpu"), spec.max_cpu_memory))
+    tiers.append(("ram" if device.type == "cpu" else str(device), device, spec.max_memory))
     by_key: dict[Key, dict[str, torch.Tensor]] = {}
     for name, view in sources.items():
         m = re.fullmatch(r"layers\.(\d+)\.moe\.experts\.(\d+)\.(.+)", name)
@@ -532,33 +529,29 @@ def offload_experts(
         by_key.setdefault((int(m.group(1)), int(m.group(2))), {})[m.group(3)] = view
     config = model.config
     templates = [layer.moe.experts[0] for layer in model.layers]  # on meta: the structure to fill
-    store = ExpertStore(by_key, templates, model.dtype, tiers, policy=policy, prepare=prepare,
-                        prefetch=prefetch, top_k=config.num_experts_per_tok)
+    store = ExpertStore(by_key, templates, model.dtype, tiers, policy=spec.policy, prefetch=spec.prefetch,
+                        top_k=config.num_experts_per_tok)
     for i, layer in enumerate(model.layers):
         layer.moe.experts = OffloadedExperts(store, i, config.num_local_experts)
-    store.hooks = _PrefetchHooks(model, store)
+    store.hooks = _Prefetcher(model, store)
     model.expert_store = store
-    if profile is not None:
-        keys = pinned_experts(read_profile(profile, config), store.compute.budget, store.expert_bytes,
-                              config.num_experts_per_tok)
-        if not keys:
-            warnings.warn(f"{profile}: the budget ({format_bytes(store.compute.budget)}) leaves no room to pin "
-                          f"experts beyond the {config.num_experts_per_tok} a token needs "
-                          f"({format_bytes(store.expert_bytes)} each); nothing is pinned", stacklevel=2)
-        store.pin(keys, progress=progress)
     return store
 
 
-def _return_freed_memory() -> None:
-    """Make glibc give large freed blocks back to the system at once. By default it raises its
-    mmap threshold after the first large free and keeps later blocks in its heaps (one per
-    thread), so evicted experts would stay in the resident set; a fixed 1 MiB threshold
-    serves every expert tensor with its own mapping, unmapped when the expert is evicted."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 1 << 20)
-        except (OSError, AttributeError):  # not glibc
-            pass
+def start_store(model: nn.Module, spec: OffloadSpec, progress: bool = False) -> None:
+    """Start the model's expert store, pinning the hottest experts of spec.profile."""
+    config = model.config
+
+    def pinned(store: ExpertStore) -> list[Key]:
+        keys = pinned_experts(read_profile(spec.profile, config), store.compute.budget, store.expert_bytes,
+                              config.num_experts_per_tok)
+        if not keys:
+            warnings.warn(f"{spec.profile}: the budget ({format_bytes(store.compute.budget)}) leaves no room to "
+                          f"pin experts beyond the {config.num_experts_per_tok} a token needs "
+                          f"({format_bytes(store.expert_bytes)} each); nothing is pinned", stacklevel=3)
+        return keys
+
+    model.expert_store.start(pinned if spec.profile is not None else None, progress=progress)
 
 
 # --------------------------------------------------------------------------- usage profiles
@@ -571,20 +564,14 @@ def expert_usage(model: nn.Module, token_ids: list[int], window: int = 512, prog
 
     config = model.config
     counts = torch.zeros(config.num_hidden_layers, config.num_local_experts, dtype=torch.long)
-    handles = []
-    for i, layer in enumerate(model.layers):
-        def count(module, inputs, out, i=i):
-            counts[i] += torch.bincount(out[2].reshape(-1).cpu(), minlength=config.num_local_experts)
-        handles.append(layer.moe.router.register_forward_hook(count))
-    try:
-        with torch.inference_mode():
-            for start in tqdm(range(0, len(token_ids), window), desc="profiling", unit="window",
-                              disable=not progress):
-                chunk = torch.tensor([token_ids[start: start + window]], device=model.device)
-                model(chunk, last_only=True)
-    finally:
-        for h in handles:
-            h.remove()
+
+    def count(layer: int, router_logits, expert_weights, expert_indices) -> None:
+        counts[layer] += count_experts(expert_indices, config.num_local_experts)
+
+    with observe_routing(model, count), torch.inference_mode():
+        for start in tqdm(range(0, len(token_ids), window), desc="profiling", unit="window", disable=not progress):
+            chunk = torch.tensor([token_ids[start: start + window]], device=model.device)
+            model(chunk, last_only=True)
     return counts
 
 

@@ -5,8 +5,9 @@ A plain bf16 ``F.linear`` matrix-vector product reads its weight at ~20-27 GB/s 
 blocked layout reads at ~35 GB/s, and larger products run 1.1-2.2x faster too
 (docs/BENCHMARKS.md, "Where the time goes"). Packing is a transform
 (DESIGN.md): it swaps each frozen ``nn.Linear`` for a ``PackedLinear`` with the same
-call, after the model is loaded, and each expert for a ``FusedExpert`` whose gate and up
-projections are one packed matrix (one matrix-vector product instead of two per token).
+call, after the model is loaded; stacked experts (smoe/experts.py) hold their experts as
+``PackedLinears``, each expert's gate and up projections one packed [2F, H] matrix (one
+matrix-vector product instead of two per token).
 The packed tensor is opaque — only oneDNN can read it — so a packed model is for
 inference: training, LoRA and saving use an unpacked one.
 """
@@ -16,8 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from smoe.checkpoint import release_pages
-from smoe.model import FusedExpert
+from smoe.fsutil import release_pages
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -54,41 +54,36 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.dtype}"
 
 
-def _plain_expert(expert: nn.Module) -> bool:
-    return all(type(getattr(expert, n, None)) is nn.Linear and can_pack(getattr(expert, n).weight)
-               for n in ("w1", "w2", "w3"))
+class PackedLinears(nn.ModuleList):
+    """The stacked-experts kind for oneDNN: one PackedLinear per expert (the packed layout is
+    opaque, so the experts cannot share one tensor); CPU only, so no gathered path."""
 
+    @staticmethod
+    def stack(rows: list[list[nn.Linear]]) -> PackedLinears:
+        packed = []
+        for row in rows:
+            weight = torch.cat([lin.weight.detach() for lin in row]) if len(row) > 1 else row[0].weight.detach()
+            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+            linear.weight = nn.Parameter(weight, requires_grad=False)
+            packed.append(PackedLinear(linear))
+            for lin in row:
+                release_pages(lin.weight)  # the packed copy replaces the file's pages
+        return PackedLinears(packed)
 
-def fuse_expert(expert: nn.Module) -> nn.Module:
-    """A plain bf16/fp32 CPU expert as a FusedExpert with one packed [2F, H] gate+up matrix
-    and a packed down matrix; any other expert comes back unchanged."""
-    if not _plain_expert(expert):
-        return expert
-    w1, w3 = expert.w1.weight.detach(), expert.w3.weight.detach()
-    gate_up = nn.Linear(w1.shape[1], 2 * w1.shape[0], bias=False, device="meta")
-    gate_up.weight = nn.Parameter(torch.cat([w1, w3]), requires_grad=False)  # [2F, H]
-    try:
-        return FusedExpert(PackedLinear(gate_up), PackedLinear(expert.w2), w1.shape[0])
-    except RuntimeError:  # a oneDNN build without this dtype: keep the plain expert
-        return expert
+    @property
+    def num_experts(self) -> int:
+        return len(self)
+
+    def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return self[e](x)
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Replace every packable nn.Linear of a frozen CPU model (an expert's w1 and w3 packed
-    together); returns how many linears were packed."""
+    """Replace every packable nn.Linear of a frozen CPU model (attention, output head; the
+    experts are packed when they are stacked); returns how many linears were packed."""
     if any(p.requires_grad for p in model.parameters()):
         raise ValueError("pack_linears is for inference: call model.requires_grad_(False) first")
     count = 0
-    for layer in getattr(model, "layers", []):
-        experts = layer.moe.experts
-        if not isinstance(experts, nn.ModuleList):  # offloaded: the expert store packs each one it loads
-            continue
-        for e, expert in enumerate(experts):
-            experts[e] = fuse_expert(expert)
-            if experts[e] is not expert:
-                for n in ("w1", "w2", "w3"):
-                    release_pages(getattr(expert, n).weight)
-                count += 3
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and child.bias is None and can_pack(child.weight):
@@ -99,14 +94,14 @@ def pack_linears(model: nn.Module) -> int:
                 setattr(parent, name, packed)
                 release_pages(child.weight)  # the packed copy replaces the file's pages
                 count += 1
-    if count:
-        model.packed = True
     return count
 
 
 def is_packed(model: nn.Module) -> bool:
-    """Transformed for inference: packed weights, or experts with fused projections."""
-    return any(isinstance(m, PackedLinear | FusedExpert) for m in model.modules())
+    """Transformed for inference: packed weights or stacked experts (which no checkpoint layout names)."""
+    from smoe.experts import StackedExperts
+
+    return any(isinstance(m, PackedLinear | StackedExperts) for m in model.modules())
 
 
 def release_mmap(model: nn.Module) -> None:

@@ -1,170 +1,39 @@
-"""Weight-only quantization transforms. For now: 4-bit NormalFloat (NF4), the QLoRA base format.
+"""Weight-only int8 and int4 for inference: weights stored in 8 or 4 bits, activations and
+accumulation in the model dtype. (NF4, the QLoRA training format, is in nf4.py.)
 
-NF4 (Dettmers et al. 2023, QLoRA, section 3): each block of 64 weights is divided by its
-absolute maximum and every value is replaced by the nearest of 16 levels placed at
-quantiles of a standard normal (so each level is equally used by normally distributed
-weights), 4 bits per weight, two per byte (first value in the high nibble, as
-bitsandbytes packs them).
+int8: symmetric per output channel, w ≈ q · scale[n], q in [-127, 127].
+int4: asymmetric per group of G input columns (G = 32, 64, 128 or 256):
+      w ≈ (q - 8) · scale[n, g] + zero[n, g], q in [0, 15], zero = min + 8 · scale.
 
-Double quantization: the fp32 absmax of each 64-block would cost 0.5 bit per weight; it is
-stored instead as 8 bits per block: minus its mean, scaled per group of 256 blocks by that
-group's largest magnitude into int8 (127 levels each side). bitsandbytes quantizes the same
-constants with its 8-bit "dynamic" float code; both cost 8 bits per block and a little
-error on the scale (tests/test_quantize.py compares ours with bitsandbytes').
+Decode multiplies few rows: PyTorch's weight-only CPU kernels (_weight_int8pack_mm,
+_weight_int4pack_mm_for_cpu) read the small weights directly; their cost grows with every
+row. Prefill multiplies many rows: there the weight is dequantized and multiplied with a
+bf16 GEMM, a fixed cost per weight. The dequantization goes a block of output rows at a
+time (DEQUANT_BLOCK_BYTES of bf16 each), so its temporaries stay in the caches: whole-matrix
+dequantization of a Mixtral-8x7B expert projection took 230 ms (int4) and 83 ms (int8),
+~30x the kernels' per-row cost. KERNEL_MAX_ROWS picks the crossover per kind
+(benchmarks/bench_kernels.py --rows 1,4,16,32,64,128,256).
 
-`NF4Linear` dequantizes its weight on the fly in every forward (and so in every backward
-through the input), which is what QLoRA needs: a frozen 4-bit base under trainable adapters.
+Each format is a pair of functions over plain tensors (`int8_linear`, `int4_linear`) that
+both the single linears (attention, `Int8Linear` / `Int4Linear`) and the stacked experts
+(`StackedInt8Linear` / `StackedInt4Linear`, one slice per expert) call.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smoe.checkpoint import release_pages
 from smoe.errors import SmoeError
-
-# The 16 NF4 levels as published with QLoRA / bitsandbytes.
-NF4_LEVELS = torch.tensor([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-])
-
-
-def nf4_codes(normalized: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest NF4 level for values in [-1, 1]: compare with the 15 midpoints."""
-    midpoints = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2  # [15]
-    return torch.bucketize(normalized, midpoints.to(normalized.device), right=False).to(torch.uint8)
-
-
-def quantize_nf4(weight: torch.Tensor, block: int = 64, double_quant: bool = True,
-                 dq_block: int = 256) -> dict[str, torch.Tensor]:
-    """weight (any shape, numel divisible by block) -> packed codes and scales."""
-    w = weight.detach().float().reshape(-1)
-    if w.numel() % block or block % 2:
-        raise SmoeError(f"NF4 needs a weight whose size ({w.numel()}) is a multiple of the block ({block})")
-    blocks = w.view(-1, block)  # [n_blocks, block]
-    absmax = blocks.abs().amax(dim=1)  # [n_blocks]
-    normalized = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
-    codes = nf4_codes(normalized).view(-1, 2)  # [numel/2, 2]
-    packed = (codes[:, 0] << 4) | codes[:, 1]  # [numel/2] uint8, first value in the high nibble
-    out = {"packed": packed, "shape": torch.tensor(list(weight.shape)), "block": torch.tensor(block)}
-    if not double_quant:
-        out["absmax"] = absmax
-        return out
-    offset = absmax.mean()
-    centered = absmax - offset
-    pad = (-len(centered)) % dq_block
-    groups = F.pad(centered, (0, pad)).view(-1, dq_block)  # [n_groups, dq_block]
-    scale = groups.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127  # [n_groups]
-    q = torch.round(groups / scale[:, None]).clamp(-127, 127).to(torch.int8).reshape(-1)[: len(centered)]
-    out.update({"absmax_q": q, "absmax_scale": scale, "absmax_offset": offset.reshape(1),
-                "dq_block": torch.tensor(dq_block)})
-    return out
-
-
-def nf4_absmax(q: dict[str, torch.Tensor]) -> torch.Tensor:
-    if "absmax" in q:
-        return q["absmax"]
-    dq_block = int(q["dq_block"])
-    scale = q["absmax_scale"].repeat_interleave(dq_block)[: len(q["absmax_q"])]
-    return q["absmax_q"].float() * scale + q["absmax_offset"]
-
-
-def dequantize_nf4(q: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    packed = q["packed"]
-    codes = torch.stack([packed >> 4, packed & 0x0F], dim=1).reshape(-1).long()  # [numel]
-    block = int(q["block"])
-    values = NF4_LEVELS.to(packed.device)[codes].view(-1, block) * nf4_absmax(q)[:, None]
-    return values.view(*q["shape"].tolist()).to(dtype)
-
-
-class _NF4Matmul(torch.autograd.Function):
-    """x · dequant(W)ᵀ that rebuilds W again in backward instead of keeping it: the frozen
-    base then costs its 4-bit storage, not a full-precision copy per layer, while training."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, module: NF4Linear, dtype: torch.dtype) -> torch.Tensor:
-        ctx.module, ctx.dtype = module, dtype
-        return F.linear(x.to(dtype), dequantize_nf4(module.quantized(), dtype))
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        weight = dequantize_nf4(ctx.module.quantized(), grad_out.dtype)  # [out, in]
-        return grad_out @ weight, None, None
-
-
-class NF4Linear(nn.Module):
-    """A frozen bias-free linear stored in NF4; the weight is rebuilt for each forward."""
-
-    def __init__(self, linear: nn.Linear, block: int = 64, double_quant: bool = True) -> None:
-        super().__init__()
-        if linear.bias is not None:
-            raise SmoeError("NF4Linear quantizes bias-free linears only")
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.compute_dtype = linear.weight.dtype
-        for name, t in quantize_nf4(linear.weight, block, double_quant).items():
-            self.register_buffer(name, t.to(linear.weight.device))
-
-    def quantized(self) -> dict[str, torch.Tensor]:
-        return dict(self.named_buffers())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # under autocast (QLoRA training in bf16) rebuild the weight directly in the compute dtype
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        if torch.is_grad_enabled() and x.requires_grad:
-            return _NF4Matmul.apply(x, self, dtype)
-        return F.linear(x.to(dtype), dequantize_nf4(self.quantized(), dtype))  # [out, in], rebuilt each call
-
-    @property
-    def weight_bytes(self) -> int:
-        return sum(b.nbytes for b in self.buffers())
-
-
-def quantize_model_nf4(model, include_lm_head: bool = False, block: int = 64, double_quant: bool = True) -> int:
-    """Swap the attention and expert linears (and optionally lm_head) for NF4Linear; the
-    router, norms and embeddings stay in high precision. Returns how many were swapped."""
-    count = 0
-    for layer in model.layers:
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            setattr(layer.attn, name, NF4Linear(getattr(layer.attn, name), block, double_quant))
-            count += 1
-        for expert in layer.moe.experts:
-            for name in ("w1", "w2", "w3"):
-                setattr(expert, name, NF4Linear(getattr(expert, name), block, double_quant))
-                count += 1
-    if include_lm_head:
-        model.lm_head = NF4Linear(model.lm_head, block, double_quant)
-        count += 1
-    model.requires_grad_(False)
-    return count
-
-
-# ---------------------------------------------------------------------------------------
-# Weight-only int8 and int4 for inference (the speed issue): weights stored in 8 or 4 bits,
-# activations and accumulation in the model dtype.
-#
-# int8: symmetric per output channel, w ≈ q · scale[n], q in [-127, 127].
-# int4: asymmetric per group of G input columns (G = 32, 64, 128 or 256):
-#       w ≈ (q - 8) · scale[n, g] + zero[n, g], q in [0, 15], zero = min + 8 · scale.
-#
-# Decode multiplies few rows: PyTorch's weight-only CPU kernels (_weight_int8pack_mm,
-# _weight_int4pack_mm_for_cpu) read the small weights directly; their cost grows with every
-# row. Prefill multiplies many rows: there the weight is dequantized and multiplied with a
-# bf16 GEMM, a fixed cost per weight. The dequantization goes a block of output rows at a
-# time (DEQUANT_BLOCK_BYTES of bf16 each), so its temporaries stay in the caches: whole-matrix
-# dequantization of a Mixtral-8x7B expert projection took 230 ms (int4) and 83 ms (int8),
-# ~30x the kernels' per-row cost. KERNEL_MAX_ROWS picks the crossover per kind
-# (benchmarks/bench_kernels.py --rows 1,4,16,32,64,128,256).
-# ---------------------------------------------------------------------------------------
+from smoe.experts import register_stacked_kind
+from smoe.fsutil import release_pages
+from smoe.options import INT4_GROUP_SIZES, QuantSpec
 
 KERNEL_MAX_ROWS = {8: 24, 4: 96}
 DEQUANT_BLOCK_BYTES = 1 << 20
-INT4_GROUP_SIZES = (32, 64, 128, 256)
 INT4_BLOCK_N = 64  # rows per block in the int4 layout below
 
 
@@ -205,6 +74,70 @@ def unpack_int4(packed: torch.Tensor, K: int) -> torch.Tensor:
     return codes.transpose(2, 3).reshape(N, K)  # row = block*64 + half*32 + j
 
 
+def _padded(n: int) -> int:
+    return -(-n // INT4_BLOCK_N) * INT4_BLOCK_N
+
+
+# --------------------------------------------------------------------------- the two formats as functions
+
+
+def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, start: int = 0,
+                    stop: int | None = None) -> torch.Tensor:
+    """qweight int8 [N, K], scales [N] -> the weight [N, K] (or its output rows start:stop) in `dtype`."""
+    return qweight[start:stop].to(dtype) * scales[start:stop].to(dtype)[:, None]
+
+
+def dequantize_int4(qweight: torch.Tensor, scales_and_zeros: torch.Tensor, out_features: int, in_features: int,
+                    group_size: int, dtype: torch.dtype, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """qweight uint8 [N_pad, K/2], scales_and_zeros [K/G, N_pad, 2] -> the weight [N, K] (or its
+    output rows start:stop; start a multiple of 64) in `dtype`."""
+    K, G = in_features, group_size
+    stop = out_features if stop is None else min(stop, out_features)
+    n = stop - start
+    codes = unpack_int4(qweight[start:_padded(stop)], K)[:n].view(n, K // G, G).to(dtype)  # [n, K/G, G]
+    scale = scales_and_zeros[:, start:stop, 0].t().to(dtype)[..., None]  # [n, K/G, 1]
+    zero = scales_and_zeros[:, start:stop, 1].t().to(dtype)[..., None]
+    return ((codes - 8) * scale + zero).view(n, K)
+
+
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [..., K] · dequant(W)ᵀ for int8 W [N, K]: the kernel for few rows, blockwise dequantization for many."""
+    N, K = qweight.shape
+    x2 = x.reshape(-1, K).contiguous()  # [M, K]; the kernels need dense rows
+    if x2.shape[0] <= KERNEL_MAX_ROWS[8] and x.device.type == "cpu":
+        y = torch.ops.aten._weight_int8pack_mm(x2, qweight, scales.to(x.dtype))
+    else:
+        y = blockwise_linear(x2, partial(dequantize_int8, qweight, scales, x.dtype), N, 1)
+    return y.view(*x.shape[:-1], N)
+
+
+def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales_and_zeros: torch.Tensor, out_features: int,
+                group_size: int) -> torch.Tensor:
+    """x [..., K] · dequant(W)ᵀ for int4 W [N, K] in the kernel's layout (rows padded to 64)."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K).contiguous()  # [M, K]
+    if x2.shape[0] <= KERNEL_MAX_ROWS[4] and x.device.type == "cpu":
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, qweight, group_size, scales_and_zeros.to(x.dtype))
+        y = y[:, :out_features]
+    else:
+        dequantize = partial(dequantize_int4, qweight, scales_and_zeros, out_features, K, group_size, x.dtype)
+        y = blockwise_linear(x2, dequantize, out_features, INT4_BLOCK_N)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def blockwise_linear(x: torch.Tensor, dequantize, out_features: int, align: int) -> torch.Tensor:
+    """x [M, K] · Wᵀ with W rebuilt by `dequantize(start, stop)` a block of output rows at a
+    time (block starts aligned to `align` rows), each block's temporaries small enough to stay in cache."""
+    K = x.shape[1]
+    if x.device.type != "cpu":  # GPUs have the memory bandwidth: one dequantization, one GEMM
+        return F.linear(x, dequantize(0, out_features))
+    rows = max(align, DEQUANT_BLOCK_BYTES // (2 * K) // align * align)
+    return torch.cat([F.linear(x, dequantize(start, start + rows)) for start in range(0, out_features, rows)], dim=1)
+
+
+# --------------------------------------------------------------------------- single linears
+
+
 class Int8Linear(nn.Module):
     """A bias-free linear with int8 weights and one scale per output channel."""
 
@@ -223,16 +156,10 @@ class Int8Linear(nn.Module):
         return m
 
     def dequantize(self, dtype: torch.dtype, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """The weight [N, K] (or its output rows start:stop) in `dtype`."""
-        return self.qweight[start:stop].to(dtype) * self.scales[start:stop].to(dtype)[:, None]
+        return dequantize_int8(self.qweight, self.scales, dtype, start, stop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).contiguous()  # [M, K]; the kernels need dense rows
-        if x2.shape[0] <= KERNEL_MAX_ROWS[8] and x.device.type == "cpu":
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales.to(x.dtype))
-        else:
-            y = blockwise_linear(x2, self, self.out_features, 1)
-        return y.view(*x.shape[:-1], self.out_features)
+        return int8_linear(x, self.qweight, self.scales)
 
 
 class Int4Linear(nn.Module):
@@ -245,7 +172,7 @@ class Int4Linear(nn.Module):
         super().__init__()
         check_int4_shape(in_features, group_size)
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        padded = -(-out_features // INT4_BLOCK_N) * INT4_BLOCK_N
+        padded = _padded(out_features)
         self.register_buffer("qweight", torch.empty(padded, in_features // 2, dtype=torch.uint8, device=device))
         # [K/G, N, 2]: (scale, zero) per group, the kernel's layout, in the compute dtype
         self.register_buffer("scales_and_zeros",
@@ -255,44 +182,30 @@ class Int4Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear, group_size: int) -> Int4Linear:
         m = cls(linear.in_features, linear.out_features, group_size, linear.weight.dtype, linear.weight.device)
         q, scale, zero = quantize_int4(linear.weight, group_size)
-        pad = m.qweight.shape[0] - linear.out_features
-        q = F.pad(q, (0, 0, 0, pad), value=8)
-        scale, zero = F.pad(scale, (0, 0, 0, pad)), F.pad(zero, (0, 0, 0, pad))
-        m.qweight = pack_int4(q)
-        m.scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(linear.weight.dtype).contiguous()
+        m.qweight, m.scales_and_zeros = _int4_layout(q, scale, zero, linear.weight.dtype)
         return m
 
+    def codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Unpadded (codes [N, K], scale [N, K/G], zero [N, K/G]) in the stored dtype."""
+        N = self.out_features
+        q = unpack_int4(self.qweight, self.in_features)[:N]
+        return q, self.scales_and_zeros[:, :N, 0].t(), self.scales_and_zeros[:, :N, 1].t()
+
     def dequantize(self, dtype: torch.dtype, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """The weight [N, K] (or its output rows start:stop; start a multiple of 64) in `dtype`."""
-        K, G = self.in_features, self.group_size
-        stop = self.out_features if stop is None else min(stop, self.out_features)
-        padded_stop = -(-stop // INT4_BLOCK_N) * INT4_BLOCK_N
-        n = stop - start
-        codes = unpack_int4(self.qweight[start:padded_stop], K)[:n].view(n, K // G, G).to(dtype)  # [n, K/G, G]
-        scale = self.scales_and_zeros[:, start:stop, 0].t().to(dtype)[..., None]  # [n, K/G, 1]
-        zero = self.scales_and_zeros[:, start:stop, 1].t().to(dtype)[..., None]
-        return ((codes - 8) * scale + zero).view(n, K)
+        return dequantize_int4(self.qweight, self.scales_and_zeros, self.out_features, self.in_features,
+                               self.group_size, dtype, start, stop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).contiguous()  # [M, K]; the kernels need dense rows
-        if x2.shape[0] <= KERNEL_MAX_ROWS[4] and x.device.type == "cpu":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2, self.qweight, self.group_size, self.scales_and_zeros.to(x.dtype))
-            y = y[:, : self.out_features]
-        else:
-            y = blockwise_linear(x2, self, self.out_features, INT4_BLOCK_N)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return int4_linear(x, self.qweight, self.scales_and_zeros, self.out_features, self.group_size)
 
 
-def blockwise_linear(x: torch.Tensor, layer: nn.Module, out_features: int, align: int) -> torch.Tensor:
-    """x [M, K] · Wᵀ with W dequantized by `layer` a block of output rows at a time (block
-    starts aligned to `align` rows), each block's temporaries small enough to stay in cache."""
-    K = x.shape[1]
-    if x.device.type != "cpu":  # GPUs have the memory bandwidth: one dequantization, one GEMM
-        return F.linear(x, layer.dequantize(x.dtype))
-    rows = max(align, DEQUANT_BLOCK_BYTES // (2 * K) // align * align)
-    return torch.cat([F.linear(x, layer.dequantize(x.dtype, start, start + rows))
-                      for start in range(0, out_features, rows)], dim=1)
+def _int4_layout(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """codes [N, K], scale and zero [N, K/G] -> (qweight [N_pad, K/2], scales_and_zeros [K/G, N_pad, 2])."""
+    pad = _padded(q.shape[0]) - q.shape[0]
+    q = F.pad(q, (0, 0, 0, pad), value=8)
+    scale, zero = F.pad(scale, (0, 0, 0, pad)), F.pad(zero, (0, 0, 0, pad))
+    return pack_int4(q), torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous()
 
 
 def check_int4_shape(in_features: int, group_size: int) -> None:
@@ -303,59 +216,127 @@ def check_int4_shape(in_features: int, group_size: int) -> None:
                         f"has a linear with {in_features} inputs; choose a group size that divides it, or int8")
 
 
-def quantized_linear(linear: nn.Module, bits: int, group_size: int | None) -> nn.Module:
+# --------------------------------------------------------------------------- stacked experts
+
+
+class StackedInt8Linear(nn.Module):
+    """E int8 linears of one shape: qweight [E, N, K], scales [E, N]."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+
+    @staticmethod
+    def stack(rows: list[list[Int8Linear]], pack: bool) -> StackedInt8Linear:
+        return StackedInt8Linear(torch.stack([torch.cat([lin.qweight for lin in row]) for row in rows]),
+                                 torch.stack([torch.cat([lin.scales for lin in row]) for row in rows]))
+
+    @property
+    def num_experts(self) -> int:
+        return self.qweight.shape[0]
+
+    def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.qweight[e], self.scales[e])
+
+    def gathered(self, expert_indices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """indices [N, K], x [N, K, in] -> [N, K, out], dequantizing only the chosen experts."""
+        weight = self.qweight[expert_indices].to(x.dtype) * self.scales[expert_indices].to(x.dtype)[..., None]
+        return torch.matmul(weight, x[..., None])[..., 0]
+
+
+class StackedInt4Linear(nn.Module):
+    """E int4 linears of one shape: qweight [E, N_pad, K/2], scales_and_zeros [E, K/G, N_pad, 2]."""
+
+    def __init__(self, qweight: torch.Tensor, scales_and_zeros: torch.Tensor, out_features: int,
+                 in_features: int, group_size: int) -> None:
+        super().__init__()
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.out_features, self.in_features, self.group_size = out_features, in_features, group_size
+
+    @staticmethod
+    def stack(rows: list[list[Int4Linear]], pack: bool) -> StackedInt4Linear:
+        """Concatenating int4 linears goes through their codes: each is padded to 64 rows on its own."""
+        first = rows[0][0]
+        qweights, scales_and_zeros = [], []
+        for row in rows:
+            if len(row) == 1:
+                q, sz = row[0].qweight, row[0].scales_and_zeros
+            else:
+                parts = [lin.codes() for lin in row]
+                q, sz = _int4_layout(*(torch.cat(p) for p in zip(*parts, strict=True)), first.scales_and_zeros.dtype)
+            qweights.append(q)
+            scales_and_zeros.append(sz)
+        out_features = sum(lin.out_features for lin in rows[0])
+        return StackedInt4Linear(torch.stack(qweights), torch.stack(scales_and_zeros), out_features,
+                                 first.in_features, first.group_size)
+
+    @property
+    def num_experts(self) -> int:
+        return self.qweight.shape[0]
+
+    def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return int4_linear(x, self.qweight[e], self.scales_and_zeros[e], self.out_features, self.group_size)
+
+    def gathered(self, expert_indices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """indices [N, K], x [N, K, in] -> [N, K, out], dequantizing only the chosen experts."""
+        N, K = expert_indices.shape
+        P, K_in, G = self.qweight.shape[1], self.in_features, self.group_size  # P: rows padded to 64
+        q = self.qweight[expert_indices].reshape(N * K * P, K_in // 2)  # each expert's padded rows in turn
+        codes = unpack_int4(q, K_in).view(N, K, P, K_in // G, G).to(x.dtype)
+        sz = self.scales_and_zeros[expert_indices].to(x.dtype)  # [N, K, K_in/G, P, 2]
+        scale = sz[..., 0].transpose(-1, -2)[..., None]  # [N, K, P, K_in/G, 1]
+        zero = sz[..., 1].transpose(-1, -2)[..., None]
+        weight = ((codes - 8) * scale + zero).view(N, K, P, K_in)[:, :, : self.out_features]
+        return torch.matmul(weight, x[..., None])[..., 0]
+
+
+register_stacked_kind(Int8Linear, StackedInt8Linear.stack)
+register_stacked_kind(Int4Linear, StackedInt4Linear.stack)
+
+
+# --------------------------------------------------------------------------- the transform
+
+
+def quantized_linear(linear: nn.Module, spec: QuantSpec) -> nn.Module:
     """The int8 / int4 replacement of a linear; built empty when the linear is on `meta`
     (a quantized checkpoint is being loaded)."""
     if linear.weight.is_meta:
-        if bits == 8:
+        if spec.bits == 8:
             return Int8Linear(linear.in_features, linear.out_features, linear.weight.dtype, "meta")
-        return Int4Linear(linear.in_features, linear.out_features, group_size, linear.weight.dtype, "meta")
-    return Int8Linear.from_linear(linear) if bits == 8 else Int4Linear.from_linear(linear, group_size)
+        return Int4Linear(linear.in_features, linear.out_features, spec.group_size, linear.weight.dtype, "meta")
+    return Int8Linear.from_linear(linear) if spec.bits == 8 else Int4Linear.from_linear(linear, spec.group_size)
 
 
-def parse_quant(spec: str) -> tuple[int, int | None]:
-    """'int8' -> (8, None); 'int4' -> (4, 32); 'int4-g64' -> (4, 64)."""
-    if spec == "int8":
-        return 8, None
-    if spec == "int4":
-        return 4, 32
-    if spec.startswith("int4-g") and spec[6:].isdigit() and int(spec[6:]) in INT4_GROUP_SIZES:
-        return 4, int(spec[6:])
-    raise SmoeError(f"unknown quantization {spec!r}; use int8, int4 or int4-g32/-g64/-g128/-g256")
-
-
-def quantize_expert(expert: nn.Module, bits: int, group_size: int | None) -> nn.Module:
-    """Quantize one expert's w1, w2, w3 in place (offloaded experts, as they are loaded)."""
+def quantize_expert(expert: nn.Module, spec: QuantSpec) -> nn.Module:
+    """Quantize one expert's w1, w2, w3 in place (read once from the memory map, pages given back)."""
     for name in ("w1", "w2", "w3"):
-        setattr(expert, name, quantized_linear(getattr(expert, name), bits, group_size if bits == 4 else None))
+        linear = getattr(expert, name)
+        setattr(expert, name, quantized_linear(linear, spec))
+        if not linear.weight.is_meta:
+            release_pages(linear.weight)
     return expert
 
 
-def quantize_model(model, bits: int, group_size: int | None = None, progress: bool = False) -> int:
-    """Swap the attention and expert linears for Int8Linear (bits=8) or Int4Linear (bits=4,
-    group_size 32/64/128/256); the router, norms, embeddings and lm_head stay in high
-    precision. Records the choice in model.config.quantization. Returns how many were swapped."""
+def quantize_model(model, spec: QuantSpec, progress: bool = False) -> int:
+    """Swap the attention and expert linears for Int8Linear / Int4Linear; the router, norms,
+    embeddings and lm_head stay in high precision. Offloaded experts are quantized as they
+    load. Records the choice in model.config.quantization; returns how many linears it covers."""
     from tqdm import tqdm
 
-    if bits not in (4, 8):
-        raise SmoeError(f"bits must be 8 or 4, got {bits}")
-    if bits == 4:
-        group_size = group_size or 32
-        config = model.config
+    config = model.config
+    if spec.bits == 4:
         for width in (config.hidden_size, config.head_dim * config.num_attention_heads, config.intermediate_size):
-            check_int4_shape(width, group_size)
-    else:
-        group_size = None
-    targets = []
-    for layer in model.layers:
-        targets += [(layer.attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        if isinstance(layer.moe.experts, nn.ModuleList):  # offloaded experts are quantized as they load
-            targets += [(expert, name) for expert in layer.moe.experts for name in ("w1", "w2", "w3")]
-    meta = bool(targets) and getattr(*targets[0]).weight.is_meta
-    for parent, name in tqdm(targets, desc=f"int{bits}", unit="linear", disable=not progress or meta):
-        linear = getattr(parent, name)
-        setattr(parent, name, quantized_linear(linear, bits, group_size))
-        if not meta:
-            release_pages(linear.weight)  # read once from the memory map; the codes replace it
-    model.config.quantization = {"method": "smoe", "bits": bits, "group_size": group_size}
-    return len(targets)
+            check_int4_shape(width, spec.group_size)
+    meta = model.layers[0].attn.q_proj.weight.is_meta
+    names = ("q_proj", "k_proj", "v_proj", "o_proj")
+    for layer in tqdm(model.layers, desc=f"int{spec.bits}", unit="layer", disable=not progress or meta):
+        for name in names:
+            linear = getattr(layer.attn, name)
+            setattr(layer.attn, name, quantized_linear(linear, spec))
+            if not meta:
+                release_pages(linear.weight)
+        layer.moe.experts = layer.moe.experts.map_experts(partial(quantize_expert, spec=spec))
+    config.quantization = spec.to_config()
+    return len(model.layers) * (len(names) + 3 * config.num_local_experts)

@@ -12,7 +12,11 @@ share of consecutive tokens routed to the same expert (its Table 5), next to wha
 random router would give: 1/E for the first choice, and 1 - C(E-K, K) / C(E, K) for
 "the two top-K sets share an expert" (for E = 8, K = 2: 1 - 6/8 · 5/7 = 46.4 %).
 
-Tracing off costs one attribute check per MoE layer per forward.
+Every reader of the routing — traces here, the training losses (smoe/train/losses.py),
+usage profiles and the offload prefetcher (smoe/offload.py) — sees it the same way:
+`observe_routing` hooks each layer's router and calls back with
+(layer, router_logits [N, E], expert_weights [N, K], expert_indices [N, K]). Without an
+observer the model pays nothing. `count_experts` is the one expert-usage counter.
 """
 
 from __future__ import annotations
@@ -20,10 +24,42 @@ from __future__ import annotations
 import html
 import json
 import math
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+RoutingObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+class observe_routing:
+    """Call observer(layer, router_logits, expert_weights, expert_indices) after every MoE
+    router of `model` runs, until removed (or, used as `with observe_routing(...):`, until the
+    block ends). The tensors are the router's own outputs (not detached: a training loss can
+    backpropagate through router_logits)."""
+
+    def __init__(self, model, observer: RoutingObserver) -> None:
+        self.handles = [
+            layer.moe.router.register_forward_hook(lambda module, inputs, out, i=i: observer(i, *out))
+            for i, layer in enumerate(model.layers)
+        ]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def __enter__(self) -> observe_routing:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def count_experts(expert_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """How many token slots each expert got: expert_indices [..., K] -> counts [E] (on the CPU)."""
+    return torch.bincount(expert_indices.reshape(-1).cpu(), minlength=num_experts)
 
 
 class RoutingTrace:
@@ -64,16 +100,11 @@ class RoutingTrace:
 
 
 @contextmanager
-def trace_routing(model):
+def trace_routing(model) -> Iterator[RoutingTrace]:
     """Trace every MoE layer of `model` inside the block; tracing stops when it ends."""
     trace = RoutingTrace(len(model.layers))
-    for layer in model.layers:
-        layer.moe.trace = trace
-    try:
+    with observe_routing(model, trace.record):
         yield trace
-    finally:
-        for layer in model.layers:
-            layer.moe.trace = None
 
 
 # --------------------------------------------------------------------------- statistics
@@ -90,8 +121,8 @@ def layer_stats(docs: list[torch.Tensor], num_experts: int) -> list[dict]:
     N, L, K = experts.shape
     out = []
     for layer in range(L):
-        first = torch.bincount(experts[:, layer, 0], minlength=num_experts).double() / N
-        topk = torch.bincount(experts[:, layer].reshape(-1), minlength=num_experts).double() / (N * K)
+        first = count_experts(experts[:, layer, 0], num_experts).double() / N
+        topk = count_experts(experts[:, layer], num_experts).double() / (N * K)
         same_first = same_topk = pairs = 0
         for doc in docs:
             if len(doc) < 2:

@@ -87,17 +87,28 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 class Sampler:
     """Per-sequence sampling state: parameters and a seeded generator."""
 
-    def __init__(self, params: SamplingParams, device: torch.device | str = "cpu") -> None:
+    def __init__(self, params: SamplingParams, vocab_size: int, context: list[int] = (),
+                 device: torch.device | str = "cpu") -> None:
         self.params = params
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(params.seed)
+        # the repetition penalty needs the set of tokens seen so far (prompt + generated), kept as
+        # ids once each: the context is never rebuilt per token
+        self.penalized = params.repetition_penalty != 1.0
+        self.seen = torch.zeros(vocab_size if self.penalized else 0, dtype=torch.bool, device=device)
+        if self.penalized and len(context):
+            self.seen[torch.tensor(list(context), dtype=torch.long, device=device)] = True
 
-    def __call__(self, logits: torch.Tensor, context: list[int]) -> int:
-        """logits [V] for the next token; context: all token ids so far (prompt + generated)."""
+    def add(self, token: int) -> None:
+        """Note a token of the context (a prompt token, or one just generated)."""
+        if self.penalized:
+            self.seen[token] = True
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        """logits [V] for the next token."""
         logits = logits.float()
-        if self.params.repetition_penalty != 1.0:  # only then is the growing context read
-            ids = torch.tensor(context, device=logits.device)
-            logits = apply_repetition_penalty(logits, ids, self.params.repetition_penalty)
+        if self.penalized:
+            logits = apply_repetition_penalty(logits, self.seen.nonzero()[:, 0], self.params.repetition_penalty)
         if self.params.greedy:
             return int(logits.argmax())
         probs = filter_logits(logits, self.params).softmax(-1)

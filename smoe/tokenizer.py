@@ -27,6 +27,8 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str, *, bos: bool = True) -> list[int]: ...
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...  # without BOS
+
     def decode(self, ids: list[int]) -> str: ...
 
     def apply_chat_template(self, messages: list[Message]) -> list[int]: ...
@@ -60,6 +62,10 @@ class HFTokenizer(_TemplateMixin):
         ids = self.tok.encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if bos and self.bos_id is not None else ids
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Many texts at once (tokenizers encodes them in parallel), without BOS."""
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
 
@@ -85,6 +91,9 @@ class SentencePieceTokenizer(_TemplateMixin):
     def encode(self, text: str, *, bos: bool = True) -> list[int]:
         ids = self.sp.EncodeAsIds(text)
         return [self.bos_id, *ids] if bos and self.bos_id is not None else ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t, bos=False) for t in texts]
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.DecodeIds(list(ids))
@@ -116,6 +125,9 @@ class MistralCommonTokenizer:
 
     def encode(self, text: str, *, bos: bool = True) -> list[int]:
         return self.raw.encode(text, bos=bos, eos=False)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t, bos=False) for t in texts]
 
     def decode(self, ids: list[int]) -> str:
         return self.raw.decode(list(ids))

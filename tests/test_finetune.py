@@ -13,6 +13,7 @@ from smoe.cli import main
 from smoe.data import read_examples, split_heldout
 from smoe.errors import SmoeError
 from smoe.lora import apply_lora, load_adapter, lora_modules, merge_lora, save_adapter, unmerge_lora
+from smoe.options import LoraSpec
 from smoe.tokenizer import SentencePieceTokenizer, chat_training_ids
 from smoe.train import ExampleStream, TrainConfig, train
 
@@ -122,7 +123,7 @@ def test_resume_retraces_an_uninterrupted_lora_run(chat_checkpoint, tmp_path):
 
 
 def test_qlora_trains_adapters_over_an_nf4_base(chat_checkpoint, tmp_path):
-    from smoe.quantize import NF4Linear
+    from smoe.nf4 import NF4Linear
 
     data = write_jsonl(tmp_path / "train.jsonl", [{"text": t} for t in TEXTS])
     cfg = TrainConfig(out=str(tmp_path / "q"), init_from=str(chat_checkpoint), train_data=str(data), tokenizer=None,
@@ -139,19 +140,18 @@ def test_qlora_trains_adapters_over_an_nf4_base(chat_checkpoint, tmp_path):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(checkpoint_factory):
-    from smoe.train import _record_router_logits, train_step_loss
+    from smoe.train import train_step_loss
 
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     cfg = TrainConfig(out="unused", init_from="x", autocast="none", aux_loss_coef=0.1)
     grads = []
     for checkpointing in (False, True):
         model = load_model(checkpoint_factory())
-        apply_lora(model, ["q_proj", "w1", "router"], rank=2, alpha=4)
+        apply_lora(model, LoraSpec(rank=2, alpha=4, targets=("q_proj", "w1", "router",)))
         for m in lora_modules(model).values():
             torch.nn.init.normal_(m.lora_B.weight, std=0.1, generator=torch.Generator().manual_seed(2))
         model.gradient_checkpointing = checkpointing
         model.train()
-        _record_router_logits(model, True)
         loss, _ = train_step_loss(model, ids[:, :-1], ids[:, 1:], cfg)
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
@@ -165,7 +165,7 @@ def test_router_lora_merges_and_round_trips(checkpoint_factory, tmp_path):
     ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(3))
     base = load_model(path)(ids)
     model = load_model(path)
-    apply_lora(model, ["router"], rank=2, alpha=2)
+    apply_lora(model, LoraSpec(rank=2, alpha=2, targets=("router",)))
     assert torch.equal(model(ids), base)  # B = 0: routing unchanged
     for m in lora_modules(model).values():
         torch.nn.init.normal_(m.lora_B.weight, std=1.0, generator=torch.Generator().manual_seed(4))

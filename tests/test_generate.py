@@ -97,7 +97,7 @@ def test_stop_strings_cut_the_text(chat_model):
     assert cut.finish_reason == "stop"
     assert cut.text == full.text[: full.text.index(stop)]
     streamed = list(smoe.stream_generate(model, tok, "The weather today", max_tokens=40, ignore_eos=True, stop=stop))
-    assert "".join(streamed[:-1]) == cut.text and streamed[-1].text == cut.text
+    assert "".join(p.text for p in streamed[:-1]) == cut.text and streamed[-1].text == cut.text
 
 
 def test_stop_token_ids_and_eos(chat_model):
@@ -118,7 +118,7 @@ def test_streaming_pieces_add_up_to_the_text(chat_model):
     result = items[-1]
     assert isinstance(result, smoe.GenerationResult)
     prompt = tok.encode("Grüße aus 日本")
-    assert "".join(items[:-1]) == result.text == tok.decode(prompt + result.token_ids)[len(tok.decode(prompt)):]
+    assert "".join(p.text for p in items[:-1]) == result.text == tok.decode(prompt + result.token_ids)[len(tok.decode(prompt)):]
     assert result.prefill_tokens_per_s > 0 and result.decode_tokens_per_s > 0
     assert result.time_to_first_token_s > 0 and result.prompt_tokens == len(tok.encode("Grüße aus 日本"))
 

@@ -8,6 +8,7 @@ import torch
 from smoe.checkpoint import load_model
 from smoe.errors import SmoeError
 from smoe.lora import apply_lora, load_adapter, lora_modules, merge_lora, save_adapter, unmerge_lora
+from smoe.options import LoraSpec
 
 IDS = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(0))
 
@@ -25,7 +26,7 @@ def test_peft_loads_smoe_attention_adapter(checkpoint_factory, tmp_path):
 
     path = checkpoint_factory(num_local_experts=4, sliding_window=6)
     model = load_model(path)
-    apply_lora(model, ["q_proj", "k_proj", "v_proj", "o_proj"], rank=4, alpha=8)
+    apply_lora(model, LoraSpec(rank=4, alpha=8, targets=("q_proj", "k_proj", "v_proj", "o_proj",)))
     randomize_b(model)
     save_adapter(model, tmp_path / "adapter", base_model=str(path))
     expected, plain = peft_logits(path, tmp_path / "adapter", IDS)
@@ -41,7 +42,7 @@ def test_fresh_adapter_is_identity_and_merge_matches(checkpoint_factory):
     path = checkpoint_factory()
     base = load_model(path)(IDS)
     model = load_model(path)
-    wrapped = apply_lora(model, ["q_proj", "v_proj", "w1", "w2", "w3"], rank=2, alpha=4)
+    wrapped = apply_lora(model, LoraSpec(rank=2, alpha=4, targets=("q_proj", "v_proj", "w1", "w2", "w3",)))
     assert len(wrapped) == 2 * (2 + 4 * 3)
     assert torch.equal(model(IDS), base)  # B = 0
     randomize_b(model)
@@ -54,7 +55,7 @@ def test_fresh_adapter_is_identity_and_merge_matches(checkpoint_factory):
 
 def test_gradients_reach_only_adapters(checkpoint_factory):
     model = load_model(checkpoint_factory())
-    apply_lora(model, ["q_proj", "o_proj", "w2"], rank=2, alpha=2)
+    apply_lora(model, LoraSpec(rank=2, alpha=2, targets=("q_proj", "o_proj", "w2",)))
     randomize_b(model)
     model.train()
     model(IDS).float().logsumexp(-1).mean().backward()
@@ -73,7 +74,7 @@ def test_bad_targets():
         model = Transformer(ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
                                         num_attention_heads=2, num_key_value_heads=1, num_local_experts=2,
                                         num_experts_per_tok=1))
-        apply_lora(model, ["gate_proj"])
+        apply_lora(model, LoraSpec(targets=("gate_proj",)))
 
 
 def test_load_and_generate_with_adapter(checkpoint_factory, tmp_path):
@@ -85,7 +86,7 @@ def test_load_and_generate_with_adapter(checkpoint_factory, tmp_path):
 
     path = checkpoint_factory()
     model = load_model(path)
-    apply_lora(model, ["q_proj", "w1"], rank=2, alpha=4)
+    apply_lora(model, LoraSpec(rank=2, alpha=4, targets=("q_proj", "w1",)))
     randomize_b(model, seed=3)
     save_adapter(model, tmp_path / "a")
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
@@ -109,7 +110,7 @@ def test_lora_merge_cli_writes_an_equivalent_checkpoint(checkpoint_factory, tmp_
 
     path = checkpoint_factory(num_local_experts=4)
     model = load_model(path)
-    apply_lora(model, ["k_proj", "o_proj", "w3"], rank=3, alpha=6)
+    apply_lora(model, LoraSpec(rank=3, alpha=6, targets=("k_proj", "o_proj", "w3",)))
     randomize_b(model, seed=4)
     save_adapter(model, tmp_path / "a")
     out = subprocess.run([sys.executable, "-m", "smoe.cli", "lora", "merge", "--model", str(path), "--adapter",

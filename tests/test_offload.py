@@ -13,7 +13,8 @@ import torch
 
 import smoe
 from smoe.cli import main
-from smoe.offload import ExpertStore, expert_usage, parse_size, pinned_experts, read_profile
+from smoe.offload import ExpertStore, expert_usage, pinned_experts, read_profile
+from smoe.options import parse_size
 
 CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_local_experts=8)
 PROMPT = [5, 17, 3, 99, 42, 7, 64, 1, 23, 88, 11, 2]
@@ -86,7 +87,9 @@ def test_a_ram_tier_below_the_compute_tier(checkpoint_factory):
     old = model.expert_store
     size = _expert_bytes(torch.float32)
     store = ExpertStore(old.sources, old.templates, torch.float32,
-                        [("ram", "cpu", 32 * size), ("fast", "cpu", 4 * size)], prepare=old.prepare, prefetch=False)
+                        [("ram", "cpu", 32 * size), ("fast", "cpu", 4 * size)], prefetch=False)
+    store.steps = old.steps  # what the loader recorded for each layer's experts (stack, pack)
+    store.start()
     for layer in model.layers:
         layer.moe.experts.store = store
     assert _generate(model) == _generate(resident)

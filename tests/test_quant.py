@@ -14,6 +14,7 @@ import smoe.quantize
 from smoe.checkpoint import load_model
 from smoe.cli import main
 from smoe.errors import ConfigError, SmoeError
+from smoe.options import QuantSpec
 from smoe.quantize import (
     Int4Linear,
     Int8Linear,
@@ -77,9 +78,9 @@ def straightforward(model):
 def test_quantized_model_equals_its_dequantized_twin(checkpoint_factory, kind):
     path = checkpoint_factory(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
     fast = load_model(path)
-    quantize_model(fast, *kind)
+    quantize_model(fast, QuantSpec(*kind))
     slow = straightforward(load_model(path))
-    quantize_model(slow_src := load_model(path), *kind)
+    quantize_model(slow_src := load_model(path), QuantSpec(*kind))
     slow = straightforward(slow_src)
     assert (fast(IDS) - slow(IDS)).abs().max().item() <= 1e-4
     expected = smoe.generate(slow, None, [3, 1, 4, 1, 5], max_tokens=12, ignore_eos=True).token_ids
@@ -95,7 +96,7 @@ def test_quantized_checkpoint_round_trips(checkpoint_factory, tmp_path, capsys):
         config = json.loads((out / "config.json").read_text())
         assert config["quantization"] == {"method": "smoe", "bits": bits, "group_size": 64 if bits == 4 else None}
         in_memory = load_model(path)
-        quantize_model(in_memory, bits, 64 if bits == 4 else None)
+        quantize_model(in_memory, QuantSpec(bits, 64 if bits == 4 else None))
         loaded = load_model(out)
         assert type(loaded.layers[1].moe.experts[3].w2) is type(in_memory.layers[1].moe.experts[3].w2)
         assert torch.equal(loaded(IDS), in_memory(IDS))
@@ -113,7 +114,7 @@ def test_quantized_checkpoint_round_trips(checkpoint_factory, tmp_path, capsys):
 def test_bad_quantization_input(checkpoint_factory, tmp_path, capsys):
     path = checkpoint_factory()  # intermediate size 48: no group of 32 divides it
     with pytest.raises(SmoeError, match="48 inputs; choose a group size that divides it"):
-        quantize_model(load_model(path), 4, 32)
+        quantize_model(load_model(path), QuantSpec(4, 32))
     with pytest.raises(SmoeError, match="unknown quantization"):
         smoe.load(path, quant="int3")
     config = json.loads((path / "config.json").read_text())

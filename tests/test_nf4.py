@@ -7,7 +7,8 @@ import torch
 
 from smoe.checkpoint import load_model
 from smoe.lora import apply_lora, lora_modules
-from smoe.quantize import NF4_LEVELS, NF4Linear, dequantize_nf4, nf4_absmax, quantize_model_nf4, quantize_nf4
+from smoe.nf4 import NF4_LEVELS, NF4Linear, dequantize_nf4, nf4_absmax, quantize_model_nf4, quantize_nf4
+from smoe.options import LoraSpec
 
 W = torch.randn(96, 128, generator=torch.Generator().manual_seed(0)) * 0.05
 
@@ -77,7 +78,7 @@ def test_qlora_is_lora_over_nf4(checkpoint_factory):
     quantized = model(ids)
     assert (quantized - reference).abs().max() <= 1e-5
     assert (quantized - load_model(path)(ids)).abs().max() > 1e-3  # 4 bits do change the weights
-    apply_lora(model, ["q_proj", "v_proj", "w1", "w2", "w3"], rank=4, alpha=8)
+    apply_lora(model, LoraSpec(rank=4, alpha=8, targets=("q_proj", "v_proj", "w1", "w2", "w3",)))
     assert torch.equal(model(ids), quantized)  # fresh adapters change nothing
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

@@ -1,0 +1,166 @@
+"""smoe info, smoe quantize, smoe lora merge, smoe bench: checkpoints and their speed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from smoe.cli.common import check_new_dir, copy_tokenizer_files
+from smoe.options import DEFAULT_INT4_GROUP_SIZE, INT4_GROUP_SIZES
+
+
+def register(sub) -> None:
+    i = sub.add_parser("info", help="describe a checkpoint",
+                       description="Config, parameters and memory of a checkpoint.")
+    i.add_argument("model", metavar="DIR", nargs="?", default=None,
+                   help="checkpoint directory (default: the demo model)")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(run=cmd_info)
+
+    q = sub.add_parser("quantize", help="write an int8 or int4 weight-only quantized checkpoint",
+                       description="Quantize the attention and expert weights (int8 per output channel, or int4 "
+                                   "with a scale and zero per group of input columns); the router, norms, "
+                                   "embeddings and output head stay in high precision. Every verb loads the "
+                                   "result directly.")
+    q.add_argument("--model", metavar="DIR", default=None, help="checkpoint directory (default: the demo model)")
+    q.add_argument("--bits", type=int, choices=[8, 4], required=True, help="8 or 4")
+    q.add_argument("--group-size", type=int, choices=INT4_GROUP_SIZES, default=DEFAULT_INT4_GROUP_SIZE,
+                   help=f"int4: input columns per scale and zero (default {DEFAULT_INT4_GROUP_SIZE})")
+    q.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="dtype of the unquantized weights and scales (default: the checkpoint's)")
+    q.add_argument("--out", required=True, type=Path, metavar="DIR", help="where to write the quantized checkpoint")
+    q.set_defaults(run=cmd_quantize)
+
+    lo = sub.add_parser("lora", help="LoRA adapter tools", description="LoRA adapter tools.")
+    losub = lo.add_subparsers(dest="lora_command", metavar="ACTION")
+    losub.required = True
+    m = losub.add_parser("merge", help="merge an adapter into its base model and save a plain checkpoint")
+    m.add_argument("--model", required=True, metavar="DIR", help="base checkpoint directory")
+    m.add_argument("--adapter", required=True, metavar="DIR", help="LoRA adapter directory (PEFT format)")
+    m.add_argument("--out", required=True, type=Path, metavar="DIR", help="where to write the merged checkpoint")
+    m.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="dtype to save (default: the base's)")
+    m.set_defaults(run=cmd_lora)
+
+    be = sub.add_parser("bench", help="speed vs llama.cpp and transformers (runs benchmarks/bench_engines.py)",
+                        description="Prefill and decode tokens/s, time to first token and peak RSS of smoe, "
+                                    "llama.cpp and transformers at bf16 / int8 / int4, with roofline fractions; "
+                                    "needs a source checkout and `pip install -e '.[bench]'`. Extra arguments "
+                                    "go to the script (see python benchmarks/bench_engines.py --help).")
+    be.add_argument("--model", metavar="DIR", default=None,
+                    help="checkpoint (default: the benchmark checkpoint, written if missing)")
+    be.add_argument("rest", nargs=argparse.REMAINDER, help="more options for benchmarks/bench_engines.py")
+    be.set_defaults(run=cmd_bench)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    from smoe import DEMO_MODEL
+    from smoe.config import ModelConfig
+    from smoe.errors import SmoeError
+    from smoe.experts import Expert
+    from smoe.offload import format_bytes, module_bytes
+    from smoe.options import QuantSpec
+    from smoe.quantize import quantize_expert
+
+    path = Path(args.model) if args.model is not None else DEMO_MODEL
+    if not path.is_dir():
+        raise SmoeError(f"{path}: not a checkpoint directory")
+    config = ModelConfig.from_dir(path)
+    info = config.describe()
+    stored = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    if stored:
+        info["stored_bytes"] = stored
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    c = config
+    print(f"{path}")
+    print(f"  layers {c.num_hidden_layers}, hidden {c.hidden_size}, heads {c.num_attention_heads} "
+          f"(kv {c.num_key_value_heads}, head dim {c.head_dim}), vocab {c.vocab_size}")
+    print(f"  experts {c.num_local_experts} x ffn {c.intermediate_size}, top-{c.num_experts_per_tok} per token")
+    print(f"  rope theta {c.rope_theta:g}, sliding window {c.sliding_window or 'none'}, "
+          f"context {c.max_position_embeddings}")
+    print(f"  parameters: {_count(info['parameters'])} total, "
+          f"{_count(info['active_parameters_per_token'])} active per token "
+          f"({info['expert_parameters'] / info['parameters']:.0%} of all weights are experts)")
+    q = c.quantization
+    if q:
+        kind = QuantSpec.from_config(q).describe()
+        print(f"  quantized: attention and expert weights {kind}; {format_bytes(stored)} on disk")
+    print("  dtype   weights      read/token   KV cache/token" + ("   (unquantized, for comparison)" if q else ""))
+    for dtype, m in info["memory"].items():
+        weights, read = format_bytes(m["weights_bytes"]), format_bytes(m["bytes_read_per_token"])
+        print(f"  {dtype:<6}  {weights:<11}  {read:<11}  "
+              f"{m['kv_cache_bytes_per_token'] / 1024:.1f} KiB")
+    # one expert as it is stored and loaded: its structure on meta (quantized like the checkpoint)
+    expert = Expert(c.hidden_size, c.intermediate_size).to(device="meta", dtype=torch.bfloat16)
+    if q:
+        expert = quantize_expert(expert, QuantSpec.from_config(q))
+    n_experts = c.num_hidden_layers * c.num_local_experts
+    size = module_bytes(expert)
+    label = f"int{q['bits']}" if q else "bf16"
+    print(f"  offloading (--max-memory): {n_experts} experts of {format_bytes(size)} ({label}); "
+          f"half of them in memory takes {format_bytes(size * n_experts // 2)}")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    import time
+
+    from smoe import DEMO_MODEL
+    from smoe.checkpoint import load_model, save_checkpoint
+    from smoe.errors import SmoeError
+    from smoe.options import QuantSpec
+    from smoe.quantize import quantize_model
+
+    check_new_dir(args.out)
+    source = args.model or str(DEMO_MODEL)
+    start = time.perf_counter()
+    model = load_model(source, dtype=args.dtype)  # memory-mapped: each weight is read once, as it is quantized
+    if model.config.quantization:
+        raise SmoeError(f"{source}: is already quantized ({model.config.quantization['bits']} bits)")
+    before = sum(t.nbytes for t in model.state_dict().values())
+    count = quantize_model(model, QuantSpec(args.bits, args.group_size), progress=True)
+    after = sum(t.nbytes for t in model.state_dict().values())
+    save_checkpoint(model, args.out)
+    copy_tokenizer_files(source, args.out)
+    kind = "int8 per channel" if args.bits == 8 else f"int4, group {args.group_size}"
+    print(f"quantized {count} linears ({kind}): {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB "
+          f"in {time.perf_counter() - start:.1f} s; wrote {args.out}")
+    return 0
+
+
+def cmd_lora(args) -> int:
+    from smoe.checkpoint import load_model, parse_dtype, save_checkpoint
+    from smoe.lora import load_adapter, merge_lora
+
+    check_new_dir(args.out)
+    saved_dtype = parse_dtype(args.dtype) or load_model(args.model).dtype  # memory-mapped: no copy
+    model = load_model(args.model, dtype="fp32")  # merge in fp32, then save in the wanted dtype
+    load_adapter(model, args.adapter)
+    merge_lora(model, unwrap=True)
+    save_checkpoint(model, args.out, dtype=saved_dtype)
+    copy_tokenizer_files(args.model, args.out)
+    print(f"merged {args.adapter} into {args.model}; wrote {args.out}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import subprocess
+
+    from smoe.errors import SmoeError
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_engines.py"
+    if not script.exists():
+        raise SmoeError("smoe bench runs from a source checkout (benchmarks/bench_engines.py is not installed "
+                        "with the package); clone the repository and run it there")
+    model = ["--model", args.model] if args.model else []
+    return subprocess.run([sys.executable, str(script), *model, *args.rest]).returncode

@@ -1,0 +1,128 @@
+"""What every model verb shares: the model and sampling flags, turned once into typed
+options (smoe/options.py) and a loaded model; the one-line timing summary."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from smoe.options import DEFAULT_CACHE_POLICY, DEFAULT_INT4_GROUP_SIZE, INT4_GROUP_SIZES
+
+EXIT_USAGE = 2
+LOADED: list = []  # models whose expert statistics --stats prints at the end
+
+
+def sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), higher = more random")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep tokens up to this mass (1 = off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability (0 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
+    g.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same output")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help=r"stop at this text (repeatable; \n and \t are understood)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+
+
+def model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
+    if positional:
+        p.add_argument("model", metavar="DIR", help="checkpoint directory")
+    else:
+        p.add_argument("--model", metavar="DIR", default=None, help="checkpoint directory (default: the demo model)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="compute dtype (default: the checkpoint's own)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read pickle weights (.bin/.pt/.pth) with torch.load(weights_only=True)")
+    p.add_argument("--adapter", metavar="DIR", default=None, help="apply a LoRA adapter (PEFT format)")
+    p.add_argument("--quant", choices=["int8", "int4"], default=None,
+                   help="quantize the weights at load: int8 per channel, or int4 in groups (see --group-size)")
+    p.add_argument("--group-size", type=int, default=DEFAULT_INT4_GROUP_SIZE, choices=INT4_GROUP_SIZES,
+                   help=f"int4 group size (default {DEFAULT_INT4_GROUP_SIZE})")
+    o = p.add_argument_group("expert offloading (docs/OFFLOAD.md)")
+    o.add_argument("--max-memory", metavar="SIZE", default=None,
+                   help="keep at most SIZE of experts in memory (e.g. 6GiB, 512MiB); read the rest from disk")
+    o.add_argument("--cache-policy", choices=["lru", "lfu"], default=DEFAULT_CACHE_POLICY,
+                   help="which expert leaves the cache first: least recently (default) or least often used")
+    o.add_argument("--expert-profile", metavar="FILE", default=None,
+                   help="pin the experts a `smoe profile` file shows used most")
+    o.add_argument("--no-prefetch", action="store_true",
+                   help="do not load the next layer's guessed experts in the background")
+    o.add_argument("--max-cpu-memory", metavar="SIZE", default="0",
+                   help="with --device cuda: a RAM tier of SIZE between disk and the GPU cache (default none)")
+    o.add_argument("--stats", action="store_true",
+                   help="print expert cache statistics at the end (hit rates, disk reads, prefetch accuracy)")
+
+
+def unescape(text: str) -> str:
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def sampling(args) -> dict:
+    return {
+        "max_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+        "min_p": args.min_p, "repetition_penalty": args.repetition_penalty, "seed": args.seed,
+        "stop": [unescape(s) for s in args.stop], "ignore_eos": args.ignore_eos,
+    }
+
+
+def load(args):
+    """The model and tokenizer the flags describe (smoe/loader.py applies the transforms)."""
+    import torch
+
+    from smoe.checkpoint import parse_dtype
+    from smoe.errors import SmoeError
+    from smoe.loader import LoadOptions, load_model, model_path
+    from smoe.offload import format_bytes
+    from smoe.options import OffloadSpec, QuantSpec
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SmoeError(f"--device {args.device}: no CUDA device is available; use --device cpu")
+    if args.max_memory is None and (args.expert_profile or args.cache_policy != DEFAULT_CACHE_POLICY or args.stats):
+        raise SmoeError("--expert-profile, --cache-policy and --stats work on offloaded experts: "
+                        "add --max-memory SIZE")
+    offload = None if args.max_memory is None else OffloadSpec(
+        args.max_memory, policy=args.cache_policy, profile=args.expert_profile, prefetch=not args.no_prefetch,
+        max_cpu_memory=args.max_cpu_memory)
+    quant = None if args.quant is None else QuantSpec(8 if args.quant == "int8" else 4, args.group_size)
+    options = LoadOptions(dtype=parse_dtype(args.dtype), device=args.device, allow_pickle=args.allow_pickle,
+                          quant=quant, offload=offload, adapter=args.adapter and Path(args.adapter), progress=True)
+    model, tokenizer = load_model(model_path(args.model), options)
+    if offload is not None:
+        store, c = model.expert_store, model.config
+        total = c.num_hidden_layers * c.num_local_experts
+        fits = min(total, store.compute.budget // store.expert_bytes)
+        how = f"{len(store.compute.pinned)} pinned from {args.expert_profile}, the rest " if args.expert_profile else ""
+        how += args.cache_policy.upper() + (", no prefetch" if args.no_prefetch else ", prefetch on")
+        print(f"offloading experts: {format_bytes(store.compute.budget)} holds {fits} of the {total} experts "
+              f"({format_bytes(store.expert_bytes)} each); {how}", file=sys.stderr)
+    if args.stats:
+        LOADED.append(model)
+    return model, tokenizer
+
+
+def stats_line(r) -> str:
+    return (
+        f"prompt: {r.prompt_tokens} tokens, {r.prefill_tokens_per_s:.1f} tokens/s | "
+        f"generation: {len(r.token_ids)} tokens, {r.decode_tokens_per_s:.1f} tokens/s | "
+        f"time to first token: {r.time_to_first_token_s * 1000:.0f} ms"
+    )
+
+
+def copy_tokenizer_files(src, dst: Path) -> None:
+    import shutil
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "tekken.json",
+                 "generation_config.json"):
+        if (Path(src) / name).exists():
+            shutil.copy(Path(src) / name, dst / name)
+
+
+def check_new_dir(path: Path) -> None:
+    from smoe.errors import SmoeError
+
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise SmoeError(f"{path}: exists and is not an empty directory; choose a new --out")

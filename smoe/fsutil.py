@@ -1,0 +1,81 @@
+"""Operating-system helpers for weights in memory-mapped files: read-ahead and release
+advice (madvise), glibc's mmap threshold, and atomic file writes. Shared by checkpoint
+loading, quantization, packing and offloading, which no longer import each other for them."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import mmap
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+MADV_WILLNEED, MADV_DONTNEED = 3, 4  # Linux <sys/mman.h>
+M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
+
+
+def _advise(t: torch.Tensor, advice: int, whole_pages: bool) -> None:
+    if sys.platform != "linux" or t.device.type != "cpu" or not t.is_contiguous():
+        return
+    if t.untyped_storage().resizable():  # memory torch allocated, not a view of the map
+        return
+    page = mmap.PAGESIZE
+    begin, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    if whole_pages:  # only pages entirely inside the tensor
+        start, end = -(-begin // page) * page, end // page * page
+    else:  # every page the tensor touches
+        start, end = begin // page * page, -(-end // page) * page
+    if end > start:
+        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice)
+
+
+def read_ahead(t: torch.Tensor) -> None:
+    """Ask the kernel to start reading a memory-mapped tensor's pages from the file now, in
+    large requests, instead of page by page as the copy touches them (~20 % faster cold reads)."""
+    _advise(t, MADV_WILLNEED, whole_pages=False)
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Give back the resident pages of a tensor that views a checkpoint's memory map, once its
+    contents live elsewhere (packed, quantized, copied): they are clean private file pages,
+    so dropping them loses nothing — touching the tensor again reads them from the file. This
+    keeps a load's peak memory at the new copy instead of the new copy plus the file."""
+    _advise(t, MADV_DONTNEED, whole_pages=True)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same directory, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def return_freed_memory() -> None:
+    """Make glibc give large freed blocks back to the system at once. By default it raises its
+    mmap threshold after the first large free and keeps later blocks in its heaps (one per
+    thread), so evicted experts would stay in the resident set; a fixed 1 MiB threshold
+    serves every expert tensor with its own mapping, unmapped when the expert is evicted."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 1 << 20)
+        except (OSError, AttributeError):  # not glibc
+            pass

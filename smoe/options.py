@@ -1,0 +1,121 @@
+"""What a user asks of a load, typed once at the edge (CLI flags, `smoe.load` keywords) and
+passed down as these small dataclasses; every default lives here and nowhere else.
+
+    QuantSpec(bits=4, group_size=64)       --quant int4 --group-size 64, or quant="int4-g64"
+    OffloadSpec(max_memory=6 * 2**30)      --max-memory 6GiB [--cache-policy lfu] [--expert-profile F]
+    LoraSpec(rank=16)                      smoe finetune --lora-rank 16 (alpha defaults to 2 x rank)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from smoe.errors import SmoeError
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+DEFAULT_INT4_GROUP_SIZE = 32
+CACHE_POLICIES = ("lru", "lfu")
+DEFAULT_CACHE_POLICY = "lru"
+DEFAULT_LORA_RANK = 8
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # the "attention" group
+PEFT_DEFAULT_ALPHA = 8.0  # what peft assumes when an adapter_config.json has no lora_alpha
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_size(text: str | int | float) -> int:
+    """'6GiB', '512MiB', '1.5GB', '800M', 1234 -> bytes."""
+    if isinstance(text, int | float):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise SmoeError(f"cannot read the memory size {text!r}; write it like 6GiB, 512MiB or 2GB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Weight-only quantization of the attention and expert linears for inference:
+    int8 per output channel, or int4 with a scale and zero per group of input columns."""
+
+    bits: int
+    group_size: int | None = None  # int4 only; DEFAULT_INT4_GROUP_SIZE when not given
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise SmoeError(f"bits must be 8 or 4, got {self.bits}")
+        if self.bits == 8:
+            object.__setattr__(self, "group_size", None)
+        elif self.group_size is None:
+            object.__setattr__(self, "group_size", DEFAULT_INT4_GROUP_SIZE)
+        elif self.group_size not in INT4_GROUP_SIZES:
+            raise SmoeError(f"int4 group size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, "
+                            f"got {self.group_size}")
+
+    @classmethod
+    def parse(cls, text: str) -> QuantSpec:
+        """'int8' | 'int4' | 'int4-g64' (the `quant=` keyword of smoe.load)."""
+        if text == "int8":
+            return cls(8)
+        if text == "int4":
+            return cls(4)
+        if text.startswith("int4-g") and text[6:].isdigit() and int(text[6:]) in INT4_GROUP_SIZES:
+            return cls(4, int(text[6:]))
+        raise SmoeError(f"unknown quantization {text!r}; use int8, int4 or int4-g32/-g64/-g128/-g256")
+
+    @classmethod
+    def from_config(cls, quantization: dict) -> QuantSpec:
+        """The `quantization` entry of a smoe quantized checkpoint's config.json."""
+        return cls(quantization["bits"], quantization.get("group_size"))
+
+    def to_config(self) -> dict:
+        return {"method": "smoe", "bits": self.bits, "group_size": self.group_size}
+
+    def describe(self) -> str:
+        return "int8 per output channel" if self.bits == 8 else f"int4 in groups of {self.group_size} columns"
+
+
+@dataclass(frozen=True)
+class OffloadSpec:
+    """Experts served from a byte-budgeted store instead of all held in memory (offload.py)."""
+
+    max_memory: int  # bytes of experts on the compute device
+    policy: str = DEFAULT_CACHE_POLICY
+    profile: Path | None = None  # a `smoe profile` file whose hottest experts are pinned
+    prefetch: bool = True
+    max_cpu_memory: int = 0  # a RAM tier under a GPU's cache
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "max_memory", parse_size(self.max_memory))
+        object.__setattr__(self, "max_cpu_memory", parse_size(self.max_cpu_memory))
+        if self.policy not in CACHE_POLICIES:
+            raise SmoeError(f"unknown cache policy {self.policy!r}; choose one of {', '.join(CACHE_POLICIES)}")
+        if self.profile is not None:
+            object.__setattr__(self, "profile", Path(self.profile))
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA adapters to train: y = W·x + (alpha / rank)·B·A·x on the target linears."""
+
+    rank: int = DEFAULT_LORA_RANK
+    alpha: float | None = None  # None: 2 x rank
+    dropout: float = 0.0
+    targets: tuple[str, ...] = field(default=DEFAULT_LORA_TARGETS)
+
+    def __post_init__(self) -> None:
+        from smoe.lora import parse_targets
+
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise SmoeError(f"LoRA rank must be at least 1, got {self.rank}")
+        if not 0 <= self.dropout < 1:
+            raise SmoeError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        object.__setattr__(self, "alpha", float(2 * self.rank if self.alpha is None else self.alpha))
+        object.__setattr__(self, "targets", tuple(parse_targets(self.targets)))
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
