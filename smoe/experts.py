@@ -80,12 +80,10 @@ def dispatch_sorted(run: Callable[[int, torch.Tensor], torch.Tensor], num_expert
     Many rows: sort the N*K token slots by expert so each expert multiplies one contiguous
     block, then scatter-add the weighted results back to their tokens."""
     N, K = expert_indices.shape
-    if N == 1:
-        chosen, order = torch.sort(expert_indices[0])  # [K] ascending, as the reference adds them
-        weights = expert_weights[0, order]
+    if N == 1:  # K experts in ascending order, as the reference adds them
         out = None
-        for k, e in enumerate(chosen.tolist()):
-            y = (run(e, x).float() * weights[k]).to(x.dtype)  # [1, H]
+        for e, weight in sorted(zip(expert_indices[0].tolist(), expert_weights[0].tolist(), strict=True)):
+            y = run(e, x) * weight  # an fp32 weight as a Python float: the product in fp32, rounded once
             out = y if out is None else out + y
         return out
     flat_experts = expert_indices.reshape(-1)  # [N*K]
@@ -217,6 +215,7 @@ class StackedExperts(nn.Module):
         self.gate_up, self.down, self.intermediate_size = gate_up, down, intermediate_size
         self.num_experts = gate_up.num_experts
         self.path = "auto"
+        self.can_gather = hasattr(gate_up, "gathered")  # kinds that run on any device
         self.name = f"experts-{next(_NAMES)}"  # how the custom op finds this module
         _BY_NAME[self.name] = self
 
@@ -232,7 +231,7 @@ class StackedExperts(nn.Module):
     def forward(self, x: torch.Tensor, expert_indices: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
         path = self.path
         if path == "auto":
-            few = x.shape[0] <= self.GATHER_MAX_ROWS and hasattr(self.gate_up, "gathered")
+            few = x.shape[0] <= self.GATHER_MAX_ROWS and self.can_gather
             path = "gather" if few and x.device.type != "cpu" else "sorted"
         if path == "gather":
             return self.gather(x, expert_indices, expert_weights)

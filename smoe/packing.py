@@ -54,28 +54,38 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.dtype}"
 
 
-class PackedLinears(nn.ModuleList):
-    """The stacked-experts kind for oneDNN: one PackedLinear per expert (the packed layout is
-    opaque, so the experts cannot share one tensor); CPU only, so no gathered path."""
+class PackedLinears(nn.Module):
+    """The stacked-experts kind for oneDNN: one packed matrix per expert (the packed layout is
+    opaque, so the experts cannot share one tensor); CPU only, so no gathered path. The decode
+    path calls oneDNN directly on `weights[e]`, without a module call per expert."""
+
+    def __init__(self, weights: list[torch.Tensor], in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        for e, w in enumerate(weights):
+            self.register_buffer(f"packed_{e}", w, persistent=False)
+        self.weights = weights  # the same tensors, by expert index (packed models never move devices)
 
     @staticmethod
     def stack(rows: list[list[nn.Linear]]) -> PackedLinears:
         packed = []
         for row in rows:
             weight = torch.cat([lin.weight.detach() for lin in row]) if len(row) > 1 else row[0].weight.detach()
-            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-            linear.weight = nn.Parameter(weight, requires_grad=False)
-            packed.append(PackedLinear(linear))
+            packed.append(torch.ops.mkldnn._reorder_linear_weight(weight, 1))  # batch-size hint 1, as PackedLinear
             for lin in row:
                 release_pages(lin.weight)  # the packed copy replaces the file's pages
-        return PackedLinears(packed)
+        return PackedLinears(packed, weight.shape[1], weight.shape[0])
 
     @property
     def num_experts(self) -> int:
-        return len(self)
+        return len(self.weights)
 
     def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return self[e](x)
+        """Expert e's product for rows x [n, in] -> [n, out]."""
+        return torch.ops.mkldnn._linear_pointwise(x, self.weights[e], None, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"experts={len(self.weights)}, in_features={self.in_features}, out_features={self.out_features}"
 
 
 def pack_linears(model: nn.Module) -> int:

@@ -112,3 +112,29 @@ def test_stop_escapes_and_info_default():
     assert cut["text"] == free["text"][: free["text"].index("\n")] and cut["finish_reason"] == "stop"
     info = run("info")
     assert info.returncode == 0 and "assets/demo" in info.stdout
+
+
+def test_generate_into_a_closed_pipe_exits_quietly(chat_checkpoint):
+    """`smoe generate ... | head -c 1`: the reader goes away; smoe exits 0 without a traceback."""
+    cmd = (f"set -o pipefail; {sys.executable} -m smoe.cli generate --model {chat_checkpoint} --prompt Hello "
+           "--max-tokens 300 --ignore-eos | head -c 1")
+    out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "H"
+    assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr
+
+
+def test_prompt_that_is_not_utf8_is_a_one_line_error(chat_checkpoint):
+    for args, stdin in (([b"--prompt", b"\xff\xfe"], None), ([b"--prompt", b"-"], b"caf\xe9")):
+        out = subprocess.run([sys.executable, "-m", "smoe.cli", "generate", "--model", str(chat_checkpoint), *args],
+                             capture_output=True, input=stdin, timeout=300)
+        assert out.returncode == 2
+        err = out.stderr.decode()
+        assert err.count("\n") == 1 and "not valid UTF-8" in err and "Traceback" not in err
+
+
+def test_prompt_is_not_echoed_before_a_validation_error(chat_checkpoint):
+    out = run("generate", "--model", str(chat_checkpoint), "--prompt", "Hello there", "--max-tokens", "100000")
+    assert out.returncode == 2
+    assert out.stdout == ""
+    assert "exceeds the model's context" in out.stderr

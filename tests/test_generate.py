@@ -166,3 +166,9 @@ def test_sequences_join_and_leave_between_decode_steps(checkpoint_factory):
     while engine.active:
         engine.step()
     assert a.token_ids == alone["a"] and b.token_ids == alone["b"] and c.token_ids == alone["c"]
+
+
+def test_stop_none_means_no_stop_strings(chat_model):
+    model, tok = chat_model
+    plain = smoe.generate(model, tok, "The weather today", max_tokens=8, ignore_eos=True)
+    assert smoe.generate(model, tok, "The weather today", max_tokens=8, ignore_eos=True, stop=None).text == plain.text
