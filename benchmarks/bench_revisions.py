@@ -109,7 +109,7 @@ def main() -> int:
     import smoe
     from smoe.config import ModelConfig
 
-    model = args.model or smoe.DEMO_MODEL
+    model = (args.model or smoe.DEMO_MODEL).resolve()
     config = ModelConfig.from_dir(model)
     expert_bytes = 3 * config.hidden_size * config.intermediate_size * 2
     max_memory = args.max_memory or str(expert_bytes * config.num_hidden_layers * config.num_local_experts // 2)

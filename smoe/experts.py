@@ -34,6 +34,7 @@ Shape legend: N token rows, H hidden, E experts, K experts per token, F expert h
 
 from __future__ import annotations
 
+import copy
 import itertools
 import weakref
 from collections.abc import Callable
@@ -221,6 +222,15 @@ class StackedExperts(nn.Module):
 
     def __len__(self) -> int:
         return self.num_experts
+
+    def __deepcopy__(self, memo: dict) -> StackedExperts:
+        """A copy is another module: it gets its own name for the custom op to find it by."""
+        clone = StackedExperts.__new__(StackedExperts)
+        memo[id(self)] = clone
+        clone.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
+        clone.name = f"experts-{next(_NAMES)}"
+        _BY_NAME[clone.name] = clone
+        return clone
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on rows x [n, H] -> [n, H]."""

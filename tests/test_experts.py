@@ -163,3 +163,29 @@ def test_moe_layer_compiles_whole(pack):
         assert got.shape == (batch, 1, hidden)
         tol = 1e-2 if model.dtype == torch.bfloat16 else 1e-5
         assert torch.allclose(got.float(), expected.float(), rtol=tol, atol=tol), batch
+
+
+def test_a_copy_of_stacked_experts_is_found_by_its_own_name():
+    """The compiled path finds its module by name: a copy must not run the original's weights."""
+    stacked = expert_list(4, torch.float32).for_inference(pack=False)
+    clone = copy.deepcopy(stacked)
+    assert clone.name != stacked.name
+    clone.down.weight.data.zero_()  # the clone's weights are its own
+    x = torch.randn(3, H)
+    indices, weights = routing(3, 4, 2, seed=9)
+    assert torch.equal(torch.ops.smoe.experts_sorted(x, indices, weights, clone.name), torch.zeros(3, H))
+    assert torch.equal(torch.ops.smoe.experts_sorted(x, indices, weights, stacked.name), stacked(x, indices, weights))
+
+
+def test_offloaded_experts_equal_the_reference_loop(checkpoint_factory):
+    path = checkpoint_factory(num_local_experts=8)
+    plain, _ = smoe.load(path, pack=False)
+    for pack in (False, True):
+        offloaded, _ = smoe.load(path, pack=pack, max_memory=3 * 3 * 32 * 48 * 4, prefetch=False)
+        for tokens in (1, 6):
+            x = torch.randn(tokens, 32, generator=torch.Generator().manual_seed(tokens))
+            indices, weights = routing(tokens, 8, 2, seed=tokens)
+            for layer in range(2):
+                expected = plain.layers[layer].moe.experts(x, indices, weights)
+                got = offloaded.layers[layer].moe.experts(x, indices, weights)
+                assert torch.allclose(got, expected, atol=1e-6), (pack, tokens, layer)
