@@ -29,12 +29,11 @@ def register(sub) -> None:
     f.add_argument("--out", required=True, type=Path, metavar="DIR", help="run directory; the adapter is saved here")
     f.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     lg = f.add_argument_group("adapters")
-    lg.add_argument("--lora-rank", type=int, default=DEFAULT_LORA_RANK,
-                    help=f"adapter rank r (default {DEFAULT_LORA_RANK})")
+    lg.add_argument("--lora-rank", type=int, default=None, help=f"adapter rank r (default {DEFAULT_LORA_RANK})")
     lg.add_argument("--lora-alpha", type=float, default=None, help="scale alpha; updates are scaled by alpha/r "
                     "(default 2r)")
-    lg.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter input (default 0)")
-    lg.add_argument("--targets", default="attention",
+    lg.add_argument("--lora-dropout", type=float, default=None, help="dropout on the adapter input (default 0)")
+    lg.add_argument("--targets", default=None,
                     help="comma-separated modules: q_proj, k_proj, v_proj, o_proj, w1, w2, w3 (every expert), "
                          "router; or the groups attention, experts, all (default attention)")
     lg.add_argument("--qlora", action="store_true", help="quantize the frozen base to NF4 (QLoRA)")
@@ -94,14 +93,16 @@ def finetune_config(args):
             raise SmoeError(f"--{flag.replace('_', '-')} must be at least {floor}, got {value}")
     if args.qlora and args.full:
         raise SmoeError("--qlora and --full exclude each other: QLoRA trains adapters over a frozen 4-bit base")
-    if not 0 <= args.lora_dropout < 1:
+    if args.lora_dropout is not None and not 0 <= args.lora_dropout < 1:
         raise SmoeError("--lora-dropout must be in [0, 1)")
     if args.lr <= 0:
         raise SmoeError("--lr must be positive")
     seq_len = min(args.seq_len, config.max_position_embeddings)
+    # flags not given take LoraSpec's defaults (smoe/options.py)
+    given = {"rank": args.lora_rank, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
+             "targets": None if args.targets is None else parse_targets(args.targets)}
     lora = None if args.full else {
-        "rank": args.lora_rank, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
-        "targets": parse_targets(args.targets), "quantize": "nf4" if args.qlora else None,
+        **{k: v for k, v in given.items() if v is not None}, "quantize": "nf4" if args.qlora else None,
     }
     cfg = TrainConfig(
         out=str(args.out), init_from=model, train_data=args.data, heldout_data=args.heldout, tokenizer=None,
