@@ -43,6 +43,7 @@ def load(
     expert_profile: str | Path | None = None,
     prefetch: bool = True,
     max_cpu_memory: int | str = 0,
+    compile: bool = False,
 ):
     """Load a checkpoint directory -> (model, tokenizer).
 
@@ -68,6 +69,9 @@ def load(
     background; max_cpu_memory: a RAM tier between disk and a GPU. The store, with its
     statistics, is `model.expert_store`.
 
+    compile: the inference layout that torch.compile sees through (stacked, unpacked experts;
+    plain linears), for generate(..., compile=True), which compiles the decode step whole.
+
     The order in which these transforms apply is documented in smoe/loader.py.
     """
     from smoe.checkpoint import parse_dtype
@@ -81,6 +85,6 @@ def load(
         dtype=parse_dtype(dtype), device=str(device), allow_pickle=allow_pickle,
         quant=QuantSpec.parse(quant) if isinstance(quant, str) else quant, offload=offload,
         adapter=None if adapter is None else Path(adapter), pack=True if pack is None else pack,
-        tokenizer_backend=tokenizer_backend, progress=progress,
+        tokenizer_backend=tokenizer_backend, progress=progress, compile=compile,
     )
     return load_model(model_path(path), options)

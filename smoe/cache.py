@@ -50,6 +50,7 @@ class AttentionPlan:
     kv_len: int  # slots to attend over when not concat
     mask: torch.Tensor | None  # [B, 1, T, keys] True = may attend; None = attend to all keys
     is_causal: bool = False  # no mask: keys are exactly positions 0..T-1 of a fresh prompt
+    static: bool = False  # shapes independent of the positions' values (see KVCache.static)
 
 
 class KVCache:
@@ -76,6 +77,10 @@ class KVCache:
         self.slot_pos = torch.full((batch_size, self.num_slots), -1, dtype=torch.long, device=device)
         self.rows = slice(0, batch_size)
         self.plan: AttentionPlan | None = None
+        # Static one-token steps: plan without reading positions on the host — attend over all
+        # S slots under a mask, write with scatter — so a decode step has one shape whatever
+        # the context length, and can be compiled whole (generate.py, compile=True).
+        self.static = False
 
     def view(self, start: int, stop: int) -> KVCache:
         """A cache over rows start..stop-1 that shares this cache's storage."""
@@ -99,6 +104,12 @@ class KVCache:
         if B != self.rows.stop - self.rows.start:
             raise ValueError(f"batch of {B} rows does not match the cache view of rows {self.rows}")
         slot_pos = self.slot_pos[self.rows]  # [B, S] view
+        if self.static and T == 1:
+            write_slots = positions % self.num_slots  # [B, 1]
+            slot_pos.scatter_(1, write_slots, positions)
+            mask = attention_mask(positions[:, :, None], slot_pos[:, None, :], self.window)[:, None]  # [B, 1, 1, S]
+            self.plan = AttentionPlan(self.rows, write_slots, False, self.num_slots, mask, static=True)
+            return self.plan
         concat = self.rolling and T > 1
         write_pos = positions[:, -self.num_slots:] if concat else positions  # [B, T']
         write_slots = write_pos % self.num_slots
@@ -141,13 +152,13 @@ class KVCache:
             T_w = plan.write_slots.shape[1]
             self._write(k_cache, v_cache, k[:, :, -T_w:], v[:, :, -T_w:], plan.write_slots)
             return keys, values
-        self._write(k_cache, v_cache, k, v, plan.write_slots)
+        self._write(k_cache, v_cache, k, v, plan.write_slots, plan.static)
         return k_cache[:, :, : plan.kv_len], v_cache[:, :, : plan.kv_len]
 
     @staticmethod
-    def _write(k_cache, v_cache, k, v, slots) -> None:
+    def _write(k_cache, v_cache, k, v, slots, static: bool = False) -> None:
         B, G, T, D = k.shape
-        if B == 1 and T == 1:
+        if B == 1 and T == 1 and not static:
             k_cache[:, :, slots[0, 0]] = k[:, :, 0]  # the decode case, without building an index
             v_cache[:, :, slots[0, 0]] = v[:, :, 0]
             return

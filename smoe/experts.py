@@ -206,8 +206,8 @@ _NAMES = itertools.count()
 class StackedExperts(nn.Module):
     """All experts of a layer stacked: gate_up [E, 2F, H], down [E, H, F] in one weight kind.
 
-    path: 'auto' (sorted on the CPU; gather for few rows elsewhere, sorted for many),
-    'gather' or 'sorted' (tests pin one)."""
+    path: 'auto' (gather for few rows off the CPU or inside a compiled graph, where the kind
+    allows it; sorted otherwise), 'gather' or 'sorted' (tests pin one)."""
 
     GATHER_MAX_ROWS = 8  # above this many token rows, gathering copies more weights than sorting reads
 
@@ -240,9 +240,9 @@ class StackedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_indices: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
         path = self.path
-        if path == "auto":
+        if path == "auto":  # gather where the device, or a compiled graph, would otherwise wait on the host
             few = x.shape[0] <= self.GATHER_MAX_ROWS and self.can_gather
-            path = "gather" if few and x.device.type != "cpu" else "sorted"
+            path = "gather" if few and (x.device.type != "cpu" or torch.compiler.is_compiling()) else "sorted"
         if path == "gather":
             return self.gather(x, expert_indices, expert_weights)
         if torch.compiler.is_compiling():  # the host read as one opaque op, so the graph stays whole

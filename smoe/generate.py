@@ -68,8 +68,25 @@ class GenerationResult:
         return dict(self.__dict__, generated_tokens=len(self.token_ids))
 
 
+COMPILE_MIN_LEN = 256
+
+
+def compiled_decode(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` compiled for one-token steps: the whole graph (fullgraph), static shapes (the
+    cache plans static steps, KVCache.static), weights frozen as constants so inductor packs
+    them for oneDNN itself. Compiling happens on the first step (tens of seconds); dynamo
+    keeps the result for later engines over the same model and cache shape."""
+    from smoe.packing import has_opaque_weights
+
+    if has_opaque_weights(model):
+        raise GenerationError("compile=True needs the layout torch.compile can trace: load the model with "
+                              "smoe.load(..., compile=True) (--compile); oneDNN-packed weights are opaque to it")
+    return torch.compile(model, fullgraph=True, dynamic=False, options={"freezing": True})
+
+
 class Engine:
-    """Batched generation over a preallocated cache of `max_batch_size` rows of `max_seq_len` tokens."""
+    """Batched generation over a preallocated cache of `max_batch_size` rows of `max_seq_len` tokens.
+    compile: decode steps run `compiled_decode(model)` (for models where Python overhead dominates)."""
 
     def __init__(
         self,
@@ -79,16 +96,22 @@ class Engine:
         max_batch_size: int = 1,
         max_seq_len: int | None = None,
         prefill_chunk: int = 512,
+        compile: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
         self.context = self.config.max_position_embeddings
         self.max_seq_len = min(max_seq_len or self.context, self.context)
+        if compile:  # cache lengths in powers of two: a compiled step has one shape per length
+            self.max_seq_len = min(max(COMPILE_MIN_LEN, 1 << (self.max_seq_len - 1).bit_length()), self.context)
         self.prefill_chunk = prefill_chunk
         self.cache = KVCache(
             self.config, max_batch_size, self.max_seq_len, dtype=model.dtype, device=model.device
         )
+        # one-token steps: the model itself, or compiled whole (prefill always runs eagerly)
+        self.decode_model = compiled_decode(model) if compile else model
+        self.cache.static = compile
         self.rows: list[Sequence | None] = [None] * max_batch_size
         eos = tokenizer.eos_id if tokenizer is not None and tokenizer.eos_id is not None else None
         self.eos_ids = {eos} if eos is not None else set(self.config.eos_token_ids)
@@ -170,7 +193,7 @@ class Engine:
                 positions.append(max((seq.position - 1) if seq else 0, 0))
         device = self.model.device
         with torch.inference_mode():
-            logits = self.model(
+            logits = self.decode_model(
                 torch.tensor(tokens, device=device)[:, None],  # [b, 1]
                 torch.tensor(positions, device=device)[:, None],  # [b, 1]
                 self.cache.view(lo, hi),
@@ -265,12 +288,15 @@ def generate(
     model: torch.nn.Module,
     tokenizer: Tokenizer | None,
     prompt: str | list[int] | list[str] | list[list[int]],
+    *,
+    compile: bool = False,
     **sampling,
 ) -> GenerationResult | list[GenerationResult]:
     """Generate a continuation of `prompt` (text, or token ids), or of each prompt of a list.
 
     Keywords: max_tokens, temperature (0 = greedy), top_k, top_p, min_p,
-    repetition_penalty, seed, stop (strings), stop_token_ids, ignore_eos.
+    repetition_penalty, seed, stop (strings), stop_token_ids, ignore_eos; compile=True runs
+    the decode steps compiled whole (a model loaded with smoe.load(..., compile=True)).
     """
     batched = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
     prompts = prompt if batched else [prompt]
@@ -279,7 +305,7 @@ def generate(
     longest = max(len(ids) for ids in all_ids)
     engine = Engine(
         model, tokenizer, max_batch_size=len(all_ids),
-        max_seq_len=min(longest + params.max_tokens, model.config.max_position_embeddings),
+        max_seq_len=min(longest + params.max_tokens, model.config.max_position_embeddings), compile=compile,
     )
     for ids in all_ids:
         engine.check(len(ids), params)
@@ -291,7 +317,8 @@ def generate(
 
 
 def stream_generate(
-    model: torch.nn.Module, tokenizer: Tokenizer | None, prompt: str | list[int], **sampling
+    model: torch.nn.Module, tokenizer: Tokenizer | None, prompt: str | list[int], *, compile: bool = False,
+    **sampling,
 ) -> Iterator[TextPiece | GenerationResult]:
     """Yield a TextPiece for each piece of text as it is decoded, then one GenerationResult."""
     if tokenizer is None:
@@ -300,7 +327,7 @@ def stream_generate(
     ids = _prompt_ids(tokenizer, prompt)
     engine = Engine(
         model, tokenizer, max_batch_size=1,
-        max_seq_len=min(len(ids) + params.max_tokens, model.config.max_position_embeddings),
+        max_seq_len=min(len(ids) + params.max_tokens, model.config.max_position_embeddings), compile=compile,
     )
     engine.check(len(ids), params)
     seq = engine.add(ids, params)

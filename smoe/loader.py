@@ -14,7 +14,9 @@ re-parses a string.
     5. layout   the inference layout (`pack`): experts.for_inference(pack) stacks the experts
                 ([E, 2F, H] / [E, H, F], oneDNN-packed on the CPU; experts with LoRA adapters
                 stay a list), attention and head linears packed, the file pages released
-                (smoe/packing.py)
+                (smoe/packing.py). With `compile` the experts are stacked unpacked and the
+                linears stay plain: oneDNN's packed tensors are opaque to torch.compile, which
+                packs the weights of a compiled decode step itself (generate.py)
     6. start    the expert store measures an expert, checks the budget, pins a profile
 
 Each step only swaps modules; none looks at what an earlier one produced. A new transform
@@ -42,6 +44,7 @@ class LoadOptions:
     offload: OffloadSpec | None = None
     adapter: Path | None = None
     pack: bool = True  # the inference layout; False: the plain model, trainable and saveable
+    compile: bool = False  # the inference layout torch.compile sees through: experts stacked unpacked, linears plain
     tokenizer_backend: str | None = None
     progress: bool = False
 
@@ -68,6 +71,9 @@ def load_model(path: Path, options: LoadOptions):
     if offload is not None and options.adapter is not None:
         raise SmoeError("a LoRA adapter cannot be applied to offloaded experts yet; merge it first "
                         "(smoe lora merge) and offload the merged checkpoint")
+    if options.compile and (offload is not None or options.adapter is not None):
+        raise SmoeError("compile does not combine with offloaded experts or a LoRA adapter yet (their experts "
+                        "are read on the host); drop --compile, or merge the adapter first (smoe lora merge)")
     model, expert_sources = load_model_deferred(path, dtype=options.dtype, device=options.device,
                                                 allow_pickle=options.allow_pickle, defer_experts=offload is not None)
     if offload is not None:
@@ -86,12 +92,13 @@ def load_model(path: Path, options: LoadOptions):
 
         load_adapter(model, options.adapter)
         model.requires_grad_(False)
-    if options.pack:
+    if options.pack or options.compile:
         from smoe.packing import pack_linears, release_mmap
 
         for layer in model.layers:
-            layer.moe.experts = layer.moe.experts.for_inference(pack=True)
-        pack_linears(model)
+            layer.moe.experts = layer.moe.experts.for_inference(pack=not options.compile)
+        if not options.compile:  # a compiled step packs its own weights (inductor's freezing)
+            pack_linears(model)
         release_mmap(model)
     if offload is not None:
         from smoe.offload import start_store

@@ -107,6 +107,11 @@ def pack_linears(model: nn.Module) -> int:
     return count
 
 
+def has_opaque_weights(model: nn.Module) -> bool:
+    """Holds oneDNN-packed tensors, which torch.compile cannot trace through."""
+    return any(isinstance(m, PackedLinear | PackedLinears) for m in model.modules())
+
+
 def is_packed(model: nn.Module) -> bool:
     """Transformed for inference: packed weights or stacked experts (which no checkpoint layout names)."""
     from smoe.experts import StackedExperts

@@ -138,3 +138,13 @@ def test_prompt_is_not_echoed_before_a_validation_error(chat_checkpoint):
     assert out.returncode == 2
     assert out.stdout == ""
     assert "exceeds the model's context" in out.stderr
+
+
+def test_generate_compiled_prints_the_eager_tokens(chat_checkpoint):
+    args = ("generate", "--model", str(chat_checkpoint), "--prompt", "Bonjour", "--max-tokens", "10", "--ignore-eos",
+            "--dtype", "fp32", "--json")
+    eager, compiled = run(*args), run(*args, "--compile")
+    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr
+    assert json.loads(compiled.stdout)["token_ids"] == json.loads(eager.stdout)["token_ids"]
+    traced = run(*args, "--compile", "--trace-routing", "t.json")
+    assert traced.returncode == 2 and "drop --compile" in traced.stderr

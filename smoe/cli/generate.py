@@ -56,6 +56,9 @@ def cmd_generate(args) -> int:
             raise SmoeError("--chat takes --prompt text, not --prompt-ids")
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     params = sampling(args)
+    if args.trace_routing is not None and args.compile:
+        raise SmoeError("--trace-routing observes each layer from Python, which a compiled step cannot; "
+                        "drop --compile")
     if args.trace_routing is not None:
         return _generate_traced(args, model, tokenizer, prompt, params)
     if args.json or tokenizer is None:
