@@ -1,7 +1,7 @@
 """Decode compiled whole (generate(..., compile=True)) against the eager engine, in the same run.
 
-    python benchmarks/bench_compile.py                       # the demo model, bf16 and fp32
-    python benchmarks/bench_compile.py --model DIR --dtypes bf16 --repeats 3
+    python benchmarks/bench_compile.py                       # the demo model: bf16, fp32, int8, int4
+    python benchmarks/bench_compile.py --model DIR --variants bf16 --repeats 3
 
 Each measurement is its own process (eager, compiled, eager, compiled, ...), best of
 --repeats: decode tokens/s over --decode greedy tokens after a 32-token prompt, measured on
@@ -26,7 +26,9 @@ def child(args) -> int:
 
     torch.set_num_threads(args.threads)
     compile_ = args.mode == "compiled"
-    model, _ = smoe.load(args.model, dtype=args.dtype, compile=compile_)
+    quant = args.variant if args.variant in ("int8", "int4") else None
+    dtype = None if quant else args.variant
+    model, _ = smoe.load(args.model, dtype=dtype, quant=quant, compile=compile_)
     prompt = torch.randint(3, model.config.vocab_size, (32,), generator=torch.Generator().manual_seed(0)).tolist()
     t0 = time.perf_counter()
     smoe.generate(model, None, prompt, max_tokens=args.decode + 1, ignore_eos=True, compile=compile_)
@@ -39,21 +41,21 @@ def child(args) -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="checkpoint directory (default: the demo model)")
-    p.add_argument("--dtypes", default="bf16,fp32")
+    p.add_argument("--variants", default="bf16,fp32,int8,int4", help="dtypes, or int8/int4 quantized at load")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--decode", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
-    p.add_argument("--dtype", help=argparse.SUPPRESS)
+    p.add_argument("--variant", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args)
     best: dict = {}
     for _ in range(args.repeats):
-        for dtype in args.dtypes.split(","):
+        for dtype in args.variants.split(","):
             for mode in ("eager", "compiled"):
-                cmd = [sys.executable, __file__, "--child", "--mode", mode, "--dtype", dtype, "--decode",
+                cmd = [sys.executable, __file__, "--child", "--mode", mode, "--variant", dtype, "--decode",
                        str(args.decode), "--threads", str(args.threads)]
                 cmd += ["--model", args.model] if args.model else []
                 run = subprocess.run(cmd, capture_output=True, text=True)
@@ -69,9 +71,10 @@ def main() -> int:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     print(f"\n{args.model or 'demo model'}; {cpu}; {args.threads} threads; best of {args.repeats}")
-    print("| dtype | eager decode tok/s | compiled decode tok/s | ratio | first compiled generation | greedy tokens |")
+    print("| variant | eager decode tok/s | compiled decode tok/s | ratio | first compiled generation "
+          "| greedy tokens |")
     print("|---|---|---|---|---|---|")
-    for dtype in args.dtypes.split(","):
+    for dtype in args.variants.split(","):
         e, c = best[(dtype, "eager")], best[(dtype, "compiled")]
         same = "identical" if e["tokens"] == c["tokens"] else "differ"
         print(f"| {dtype} | {e['decode_tok_s']:.1f} | {c['decode_tok_s']:.1f} | "

@@ -157,6 +157,8 @@ def register_stacked_kind(linear_type: type, stack: Callable[[list[list[nn.Modul
 class StackedLinear(nn.Module):
     """E bias-free linears of one shape in one tensor: weight [E, out, in]."""
 
+    gather_in_graph = True  # a compiled step's gathered matmuls beat eager F.linear on the CPU
+
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
@@ -206,8 +208,8 @@ _NAMES = itertools.count()
 class StackedExperts(nn.Module):
     """All experts of a layer stacked: gate_up [E, 2F, H], down [E, H, F] in one weight kind.
 
-    path: 'auto' (gather for few rows off the CPU or inside a compiled graph, where the kind
-    allows it; sorted otherwise), 'gather' or 'sorted' (tests pin one)."""
+    path: 'auto' (gather for few rows off the CPU, or inside a compiled graph for plain
+    weights; sorted otherwise), 'gather' or 'sorted' (tests pin one)."""
 
     GATHER_MAX_ROWS = 8  # above this many token rows, gathering copies more weights than sorting reads
 
@@ -217,6 +219,9 @@ class StackedExperts(nn.Module):
         self.num_experts = gate_up.num_experts
         self.path = "auto"
         self.can_gather = hasattr(gate_up, "gathered")  # kinds that run on any device
+        # inside a compiled graph on the CPU, gather only where inductor's own kernels beat the
+        # kind's eager ones (plain weights; int8/int4 keep their weight-only kernels)
+        self.gather_in_graph = getattr(gate_up, "gather_in_graph", False)
         self.name = f"experts-{next(_NAMES)}"  # how the custom op finds this module
         _BY_NAME[self.name] = self
 
@@ -242,7 +247,8 @@ class StackedExperts(nn.Module):
         path = self.path
         if path == "auto":  # gather where the device, or a compiled graph, would otherwise wait on the host
             few = x.shape[0] <= self.GATHER_MAX_ROWS and self.can_gather
-            path = "gather" if few and (x.device.type != "cpu" or torch.compiler.is_compiling()) else "sorted"
+            in_graph = torch.compiler.is_compiling() and self.gather_in_graph
+            path = "gather" if few and (x.device.type != "cpu" or in_graph) else "sorted"
         if path == "gather":
             return self.gather(x, expert_indices, expert_weights)
         if torch.compiler.is_compiling():  # the host read as one opaque op, so the graph stays whole

@@ -57,3 +57,14 @@ def test_compile_errors_name_what_to_do(checkpoint_factory):
         smoe.generate(packed, None, [1, 2, 3], max_tokens=2, compile=True)
     with pytest.raises(SmoeError, match="does not combine with offloaded experts"):
         smoe.load(path, compile=True, max_memory="1MiB")
+
+
+def test_compiled_decode_with_int8_experts_keeps_their_kernels(checkpoint_factory):
+    """Quantized experts stay on their weight-only kernels (the smoe::experts_sorted op) inside
+    the compiled step; fp32 activations, so the tokens equal eager ones."""
+    path = checkpoint_factory(num_local_experts=8, hidden_size=64, intermediate_size=128)
+    eager, _ = smoe.load(path, quant="int8")
+    compiled, _ = smoe.load(path, quant="int8", compile=True)
+    expected = smoe.generate(eager, None, PROMPTS[0], max_tokens=16, ignore_eos=True)
+    assert smoe.generate(compiled, None, PROMPTS[0], max_tokens=16, ignore_eos=True,
+                         compile=True).token_ids == expected.token_ids
