@@ -110,14 +110,26 @@ class Engine:
             self.config, max_batch_size, self.max_seq_len, dtype=model.dtype, device=model.device
         )
         # one-token steps: the model itself, or compiled whole (prefill always runs eagerly)
+        self.compiled = compile
         self.decode_model = compiled_decode(model) if compile else model
         self.cache.static = compile
         self.rows: list[Sequence | None] = [None] * max_batch_size
+        if compile:
+            self._warm_up()
         eos = tokenizer.eos_id if tokenizer is not None and tokenizer.eos_id is not None else None
         self.eos_ids = {eos} if eos is not None else set(self.config.eos_token_ids)
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self._samplers: dict[int, Sampler] = {}
         self._pending: dict[int, str] = {}  # text held back because it may start a stop string
+
+    def _warm_up(self) -> None:
+        """Compile the decode step now (or fetch it from dynamo's cache), so that compiling
+        stays out of every sequence's timings: one step over all rows, then the rows are reset."""
+        B = len(self.rows)
+        with torch.inference_mode():  # inputs made as step() makes them (inference tensors), or dynamo recompiles
+            tokens, positions = (torch.zeros(B, 1, dtype=torch.long, device=self.model.device) for _ in range(2))
+            self.decode_model(tokens, positions, self.cache.view(0, B))
+        self.cache.view(0, B).reset()
 
     # ------------------------------------------------------------------ admission
     def check(self, prompt_len: int, params: SamplingParams) -> None:
@@ -182,6 +194,8 @@ class Engine:
         t0 = time.perf_counter()
         lo = min(s.row for s in live)
         hi = max(s.row for s in live) + 1
+        if self.compiled:  # every row, always: one shape, one compiled step
+            lo, hi = 0, len(self.rows)
         tokens, positions = [], []
         for row in range(lo, hi):
             seq = self.rows[row]

@@ -103,6 +103,9 @@ def load(args):
         how += args.cache_policy.upper() + (", no prefetch" if args.no_prefetch else ", prefetch on")
         print(f"offloading experts: {format_bytes(store.compute.budget)} holds {fits} of the {total} experts "
               f"({format_bytes(store.expert_bytes)} each); {how}", file=sys.stderr)
+    if args.compile:
+        print("--compile: the first generation compiles the decode step (10-30 s, once per model and "
+              "cache length); its time is not in the tokens/s", file=sys.stderr)
     if args.stats:
         LOADED.append(model)
     return model, tokenizer
