@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import sys
 import time
 
 import torch
@@ -71,7 +72,14 @@ def best_ms(fn, n: int) -> float:
 
 
 def main() -> int:
-    import zentorch  # noqa: F401  (registers torch.ops.zentorch)
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    try:
+        import zentorch  # noqa: F401  (registers torch.ops.zentorch)
+    except ImportError:
+        print("eval_zentorch: error: zentorch is not installed; pip install zentorch==2.13.0.2", file=sys.stderr)
+        return 2
 
     torch.set_num_threads(2)
     shapes = list(itertools.product([(64, 96), (256, 384), (1024, 3584)], [(4, 1), (8, 2), (8, 3), (16, 2), (16, 4)],
