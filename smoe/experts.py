@@ -43,6 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smoe.fsutil import release_pages
+from smoe.packing import PackedLinears, can_pack
+
 
 class Expert(nn.Module):
     """A SwiGLU MLP (Shazeer 2020): w2(silu(w1·x) * w3·x)."""
@@ -167,9 +170,6 @@ class StackedLinear(nn.Module):
     def stack(rows: list[list[nn.Linear]], pack: bool) -> nn.Module:
         """rows: per expert, the linears whose outputs are concatenated; `pack`: oneDNN's layout
         where the device and dtype have it (smoe/packing.py)."""
-        from smoe.fsutil import release_pages
-        from smoe.packing import PackedLinears, can_pack
-
         if pack and can_pack(rows[0][0].weight):
             try:
                 return PackedLinears.stack(rows)

@@ -74,8 +74,9 @@ COMPILE_MIN_LEN = 256
 def compiled_decode(model: torch.nn.Module) -> torch.nn.Module:
     """`model` compiled for one-token steps: the whole graph (fullgraph), static shapes (the
     cache plans static steps, KVCache.static), weights frozen as constants so inductor packs
-    them for oneDNN itself. Compiling happens on the first step (tens of seconds); dynamo
-    keeps the result for later engines over the same model and cache shape."""
+    them for oneDNN itself. Compiling happens on the first call (tens of seconds: the Engine
+    makes it with a warm-up step); dynamo keeps the result for later engines over the same
+    model and cache shape."""
     from smoe.packing import has_opaque_weights
 
     if has_opaque_weights(model):
@@ -109,8 +110,7 @@ class Engine:
         self.cache = KVCache(
             self.config, max_batch_size, self.max_seq_len, dtype=model.dtype, device=model.device
         )
-        # one-token steps: the model itself, or compiled whole (prefill always runs eagerly)
-        self.compiled = compile
+        # one-token steps: the model itself, or compiled whole over static cache plans (prefill runs eagerly)
         self.decode_model = compiled_decode(model) if compile else model
         self.cache.static = compile
         self.rows: list[Sequence | None] = [None] * max_batch_size
@@ -194,7 +194,7 @@ class Engine:
         t0 = time.perf_counter()
         lo = min(s.row for s in live)
         hi = max(s.row for s in live) + 1
-        if self.compiled:  # every row, always: one shape, one compiled step
+        if self.cache.static:  # compiled: every row, always: one shape, one compiled step
             lo, hi = 0, len(self.rows)
         tokens, positions = [], []
         for row in range(lo, hi):

@@ -566,7 +566,7 @@ def expert_usage(model: nn.Module, token_ids: list[int], window: int = 512, prog
     counts = torch.zeros(config.num_hidden_layers, config.num_local_experts, dtype=torch.long)
 
     def count(layer: int, router_logits, expert_weights, expert_indices) -> None:
-        counts[layer] += count_experts(expert_indices, config.num_local_experts)
+        counts[layer] += count_experts(expert_indices, config.num_local_experts).cpu()
 
     with observe_routing(model, count), torch.inference_mode():
         for start in tqdm(range(0, len(token_ids), window), desc="profiling", unit="window", disable=not progress):

@@ -58,8 +58,8 @@ class observe_routing:
 
 
 def count_experts(expert_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """How many token slots each expert got: expert_indices [..., K] -> counts [E] (on the CPU)."""
-    return torch.bincount(expert_indices.reshape(-1).cpu(), minlength=num_experts)
+    """How many token slots each expert got: expert_indices [..., K] -> counts [E], on their device."""
+    return torch.bincount(expert_indices.reshape(-1), minlength=num_experts)
 
 
 class RoutingTrace:

@@ -54,5 +54,5 @@ def expert_load(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
     loads = []
     for logits in router_logits:
         chosen = torch.topk(logits.float(), top_k, dim=-1).indices
-        loads.append(count_experts(chosen, E).float().to(logits.device) / chosen.numel())
+        loads.append(count_experts(chosen, E).float() / chosen.numel())
     return torch.stack(loads)
