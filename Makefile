@@ -5,16 +5,24 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install run test bench lint clean demo browser
 
-install: $(STAMP)
+install: $(STAMP) $(NATIVE)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; set PYTHON=/path/to/python3.11" >&2; exit 2; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, pinned, so pip takes the CPU build from this machine's disk
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	# no build isolation: the native kernels (smoe/csrc) compile against the torch just installed
+	$(BIN)/pip install --quiet "setuptools>=68" wheel ninja
+	$(BIN)/pip install --quiet --no-build-isolation -e '.[test]'
+	touch $(STAMP) $(NATIVE)
+
+# the native kernels again when their source changes (a failed build leaves PyTorch's kernels in use)
+NATIVE := smoe/csrc/.built
+$(NATIVE): smoe/csrc/native.cpp
+	$(BIN)/python setup.py --quiet build_ext --inplace
+	touch $(NATIVE)
 
 DEMO := smoe/assets/demo/config.json
 PROMPT := The meaning of life is
@@ -53,4 +61,4 @@ lint: install
 	$(BIN)/ruff check smoe tests benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info .cache
+	rm -rf $(VENV) build *.egg-info .cache smoe/_native*.so $(NATIVE)

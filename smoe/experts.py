@@ -47,6 +47,13 @@ from smoe.fsutil import release_pages
 from smoe.packing import PackedLinears, can_pack
 
 
+def few_rows(x: torch.Tensor) -> bool:
+    """Few enough bf16 rows for the native kernels (smoe/native.py's MAX_ROWS)."""
+    from smoe.native import few_rows as native_few_rows
+
+    return native_few_rows(x)
+
+
 class Expert(nn.Module):
     """A SwiGLU MLP (Shazeer 2020): w2(silu(w1·x) * w3·x)."""
 
@@ -170,6 +177,15 @@ class StackedLinear(nn.Module):
     def stack(rows: list[list[nn.Linear]], pack: bool) -> nn.Module:
         """rows: per expert, the linears whose outputs are concatenated; `pack`: oneDNN's layout
         where the device and dtype have it (smoe/packing.py)."""
+        if pack:
+            from smoe.native import stack_bf16
+
+            native = stack_bf16(rows)  # the native kernels' kind where this CPU runs them
+            if native is not None:
+                for row in rows:
+                    for lin in row:
+                        release_pages(lin.weight)
+                return native
         if pack and can_pack(rows[0][0].weight):
             try:
                 return PackedLinears.stack(rows)
@@ -208,8 +224,9 @@ _NAMES = itertools.count()
 class StackedExperts(nn.Module):
     """All experts of a layer stacked: gate_up [E, 2F, H], down [E, H, F] in one weight kind.
 
-    path: 'auto' (gather for few rows off the CPU, or inside a compiled graph for plain
-    weights; sorted otherwise), 'gather' or 'sorted' (tests pin one)."""
+    path: 'auto' (the fused native op for few rows where the kind has it; gather for few
+    rows off the CPU, or inside a compiled graph for plain weights; sorted otherwise),
+    'native', 'gather' or 'sorted' (tests pin one)."""
 
     GATHER_MAX_ROWS = 8  # above this many token rows, gathering copies more weights than sorting reads
 
@@ -219,6 +236,7 @@ class StackedExperts(nn.Module):
         self.num_experts = gate_up.num_experts
         self.path = "auto"
         self.can_gather = hasattr(gate_up, "gathered")  # kinds that run on any device
+        self.native = hasattr(gate_up, "native_moe")  # kinds with the fused native decode op (smoe/native.py)
         # inside a compiled graph on the CPU, gather only where inductor's own kernels beat the
         # kind's eager ones (plain weights; int8/int4 keep their weight-only kernels)
         self.gather_in_graph = getattr(gate_up, "gather_in_graph", False)
@@ -245,6 +263,10 @@ class StackedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_indices: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
         path = self.path
+        if path == "auto" and self.native and few_rows(x):
+            path = "native"
+        if path == "native":  # all chosen experts in one call of the native kernels
+            return self.gate_up.native_moe(self.down, x, expert_indices, expert_weights)
         if path == "auto":  # gather where the device, or a compiled graph, would otherwise wait on the host
             few = x.shape[0] <= self.GATHER_MAX_ROWS and self.can_gather
             in_graph = torch.compiler.is_compiling() and self.gather_in_graph

@@ -12,9 +12,10 @@ re-parses a string.
     4. adapter  LoRA wrappers from a PEFT adapter directory (smoe/lora.py), over plain or
                 quantized linears
     5. layout   the inference layout (`pack`): experts.for_inference(pack) stacks the experts
-                ([E, 2F, H] / [E, H, F], oneDNN-packed on the CPU; experts with LoRA adapters
-                stay a list), attention and head linears packed, the file pages released
-                (smoe/packing.py). With `compile` the experts are stacked unpacked and the
+                ([E, 2F, H] / [E, H, F]; experts with LoRA adapters stay a list) in the native
+                kernels' kinds where this CPU runs them (smoe/native.py), else oneDNN-packed;
+                attention and head linears likewise (native_linears, then pack_linears for the
+                rest), the file pages released (smoe/packing.py). With `compile` the experts are stacked unpacked and the
                 linears stay plain: oneDNN's packed tensors are opaque to torch.compile, which
                 packs the weights of a compiled decode step itself (generate.py)
     6. start    the expert store measures an expert, checks the budget, pins a profile
@@ -93,11 +94,15 @@ def load_model(path: Path, options: LoadOptions):
         load_adapter(model, options.adapter)
         model.requires_grad_(False)
     if options.pack or options.compile:
+        from smoe import native
         from smoe.packing import pack_linears, release_mmap
 
+        if not options.compile and model.dtype == torch.bfloat16 and options.device == "cpu":
+            native.note_fallback()
         for layer in model.layers:
             layer.moe.experts = layer.moe.experts.for_inference(pack=not options.compile)
         if not options.compile:  # a compiled step packs its own weights (inductor's freezing)
+            native.native_linears(model)
             pack_linears(model)
         release_mmap(model)
     if offload is not None:

@@ -115,8 +115,10 @@ def has_opaque_weights(model: nn.Module) -> bool:
 def is_packed(model: nn.Module) -> bool:
     """Transformed for inference: packed weights or stacked experts (which no checkpoint layout names)."""
     from smoe.experts import StackedExperts
+    from smoe.native import NativeInt4Linear, NativeInt8Linear, NativeLinear
 
-    return any(isinstance(m, PackedLinear | StackedExperts) for m in model.modules())
+    kinds = PackedLinear | StackedExperts | NativeLinear | NativeInt8Linear | NativeInt4Linear
+    return any(isinstance(m, kinds) for m in model.modules())
 
 
 def release_mmap(model: nn.Module) -> None:

@@ -228,7 +228,13 @@ class StackedInt8Linear(nn.Module):
         self.register_buffer("scales", scales)
 
     @staticmethod
-    def stack(rows: list[list[Int8Linear]], pack: bool) -> StackedInt8Linear:
+    def stack(rows: list[list[Int8Linear]], pack: bool) -> nn.Module:
+        if pack:
+            from smoe.native import stack_int8
+
+            native = stack_int8(rows)  # the native kernels' kind where this CPU runs them
+            if native is not None:
+                return native
         return StackedInt8Linear(torch.stack([torch.cat([lin.qweight for lin in row]) for row in rows]),
                                  torch.stack([torch.cat([lin.scales for lin in row]) for row in rows]))
 
@@ -256,8 +262,14 @@ class StackedInt4Linear(nn.Module):
         self.out_features, self.in_features, self.group_size = out_features, in_features, group_size
 
     @staticmethod
-    def stack(rows: list[list[Int4Linear]], pack: bool) -> StackedInt4Linear:
+    def stack(rows: list[list[Int4Linear]], pack: bool) -> nn.Module:
         """Concatenating int4 linears goes through their codes: each is padded to 64 rows on its own."""
+        if pack:
+            from smoe.native import stack_int4
+
+            native = stack_int4(rows)  # the native kernels' kind (and layout) where this CPU runs them
+            if native is not None:
+                return native
         first = rows[0][0]
         qweights, scales_and_zeros = [], []
         for row in rows:

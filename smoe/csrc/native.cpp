@@ -1,0 +1,636 @@
+// smoe's native CPU kernels: matrix-vector products for decode (a few token rows) in bf16,
+// int8 and int4, and the fused MoE decode op that runs all chosen experts of a layer in one
+// call. Registered as torch.library ops (namespace smoe); their fake implementations and the
+// Python side are in smoe/native.py; docs/KERNELS.md explains the layouts and the numbers.
+//
+// Instruction sets: the kernels use AVX-512 (F, BW, VL, DQ) with BF16 dot products
+// (vdpbf16ps) and VNNI integer dot products (vpdpbusd). They are compiled for those
+// instructions function by function (the pragma below) and called only after the CPU was
+// asked at run time (`supported()`); the rest of the file is plain x86-64, so the library
+// loads on any CPU and Python falls back to PyTorch's kernels when `supported()` is false.
+//
+// Threads: output rows are split with at::parallel_for, torch's own pool.
+//
+// Shapes: M token rows, K inputs, N outputs; E experts, T tokens, F expert hidden, H hidden.
+
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+
+namespace {
+
+// ------------------------------------------------------------------------------ scalars
+
+inline float bf16_to_f32(uint16_t v) {
+  uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch rounds
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+bool cpu_supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni");
+}
+
+// ------------------------------------------------------------------------------ formats
+//
+// bf16: weight rows [N, K] bf16 as stored; activations bf16.
+// q8:   weight rows [N, K] int8 (w = q * scale[n]); activations quantized to int8 in blocks of
+//       32 (x = q * d_b). The kernel flips each weight byte's sign bit (q + 128, unsigned) to
+//       use the unsigned x signed VNNI product and subtracts 128 * sum(q_x) once per row.
+// q4:   weight rows [N, K/2] bytes, each block of 32 columns as 16 bytes holding column j in
+//       the low nibble and column j + 16 in the high nibble (codes 0..15); per group of G
+//       columns a scale s and an offset m (bf16, [N, 2, K/G]): w = code * s + m. A step reads
+//       128 columns (64 bytes, 4 blocks): the low nibbles are one vector, the high nibbles
+//       another, and in both 32-bit lane i belongs to block i / 4, so one integer sum per lane
+//       serves both and one float multiply-add per step applies the block and group scales.
+//       The activations are quantized in the order the nibbles come out, so the weights are
+//       never shuffled.
+
+constexpr int kQBlock = 32;  // activation quantization block
+
+inline int64_t chunk_of(int kind) { return kind == 2 ? 128 : 64; }  // columns per vector step: q4 128, q8 64
+
+enum Kind { kBf16 = 0, kQ8 = 1, kQ4 = 2 };
+
+// Column j (0..127) of a 128-column q4 step -> its byte position in [low nibbles | high nibbles].
+inline int nibble_position(int j) {
+  const int block = j / 32, i = j % 32;
+  return i < 16 ? block * 16 + i : 64 + block * 16 + (i - 16);
+}
+
+struct QRows {  // R rows of K activations quantized to int8 in blocks of 32
+  int64_t K = 0, Kp = 0, G = 0, ng = 0;  // Kp: K rounded up to a step; ng: floats of `gs` per row
+  std::vector<int8_t> q;                 // [R, Kp] in the kernel's column order, zero padded
+  std::vector<float> sv;                 // [R, Kp/step, 16]: each 32-bit lane's block scale
+  std::vector<float> gs;                 // q8: [R, 1] 128 * sum_b d_b * sum(q_b); q4: [R, K/G] sum_{b in g} d_b * sum(q_b)
+};
+
+void quantize_row(const float* x, int64_t K, Kind kind, int64_t G, int8_t* q, float* sv, float* gs) {
+  const int64_t kChunk = chunk_of(kind), Kp = (K + kChunk - 1) / kChunk * kChunk;
+  std::memset(q, 0, Kp);
+  const int64_t nblocks = Kp / kQBlock;
+  std::vector<float> d(nblocks, 0.f), sum(nblocks, 0.f);
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int64_t k0 = b * kQBlock, k1 = std::min(K, k0 + kQBlock);
+    float amax = 0.f;
+    for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(x[k]));
+    const float scale = amax / 127.f;
+    int32_t s = 0;
+    for (int64_t k = k0; k < k1; ++k) {
+      int v = scale > 0.f ? int(std::nearbyint(x[k] / scale)) : 0;
+      v = std::min(127, std::max(-127, v));
+      const int64_t chunk = k / kChunk, j = k % kChunk;
+      q[chunk * kChunk + (kind == kQ4 ? nibble_position(int(j)) : j)] = int8_t(v);
+      s += v;
+    }
+    d[b] = scale;
+    sum[b] = float(s);
+  }
+  for (int64_t c = 0; c < Kp / kChunk; ++c)
+    for (int lane = 0; lane < 16; ++lane) sv[c * 16 + lane] = kind == kQ4 ? d[4 * c + lane / 4] : d[2 * c + lane / 8];
+  if (kind == kQ8) {
+    double c = 0;
+    for (int64_t b = 0; b < nblocks; ++b) c += double(d[b]) * sum[b];
+    gs[0] = float(128.0 * c);
+  } else {
+    for (int64_t g = 0; g < K / G; ++g) {
+      double c = 0;
+      for (int64_t b = g * G / kQBlock; b < (g + 1) * G / kQBlock; ++b) c += double(d[b]) * sum[b];
+      gs[g] = float(c);
+    }
+  }
+}
+
+// rows: R pointers to K floats each
+void quantize_rows(const std::vector<const float*>& rows, int64_t K, Kind kind, int64_t G, QRows& out) {
+  const int64_t R = int64_t(rows.size());
+  const int64_t kChunk = chunk_of(kind);
+  out.K = K;
+  out.Kp = (K + kChunk - 1) / kChunk * kChunk;
+  out.G = G;
+  out.ng = kind == kQ8 ? 1 : K / G;
+  out.q.assign(R * out.Kp, 0);
+  out.sv.assign(R * (out.Kp / kChunk) * 16, 0.f);
+  out.gs.assign(R * out.ng, 0.f);
+  for (int64_t r = 0; r < R; ++r)
+    quantize_row(rows[r], K, kind, G, out.q.data() + r * out.Kp, out.sv.data() + r * (out.Kp / kChunk) * 16,
+                 out.gs.data() + r * out.ng);
+}
+
+// One weight matrix of one expert (or a plain linear), as the kernels read it.
+struct Matrix {
+  Kind kind;
+  int64_t N, K;
+  const void* w;             // bf16 [N, K] | int8 [N, K] | uint8 [N, K/2]
+  const float* scale;        // q8: [N]
+  const uint16_t* sm;        // q4: [N, 2, K/G] bf16 (s, then m)
+  int64_t G;                 // q4 group
+};
+
+// Activation rows as the kernels read them: bf16 rows, or quantized rows.
+struct Acts {
+  Kind kind;
+  std::vector<const uint16_t*> bf;  // bf16 row pointers
+  const QRows* q = nullptr;
+};
+
+// ------------------------------------------------------------------------------ AVX-512 kernels
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,fma")
+
+// Software prefetch, into L2 (T2: L1's few miss buffers are for the loads themselves): each
+// row's stream requests `pf` bytes ahead of where it reads — for short rows the same columns
+// of rows a few tiles on (a thread's tiles are contiguous), for long rows further along the
+// row (prefetch_distance). Measured on Zen 4, weights streamed from memory, one thread:
+// no prefetch 10-12 GB/s, T0 a tile ahead 9-12, T2 four tiles ahead 18-19 (sequential sum: 20).
+
+// out[m * NR + r] = sum_k x[m][k] * w[r][k], bf16 inputs, fp32 accumulation
+template <int MR, int NR>
+void dot_bf16(const uint16_t* const* x, const uint16_t* w, int64_t K, int64_t pf, float* out) {
+  __m512 acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512i wv[NR];
+    for (int r = 0; r < NR; ++r) {
+      const uint16_t* p = w + r * K + k;
+      _mm_prefetch(reinterpret_cast<const char*>(p) + pf, _MM_HINT_T2);
+      wv[r] = _mm512_loadu_si512(p);
+    }
+    for (int m = 0; m < MR; ++m) {
+      const __m512i xv = _mm512_loadu_si512(x[m] + k);
+      for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], (__m512bh)xv, (__m512bh)wv[r]);
+    }
+  }
+  if (k < K) {
+    const __mmask32 mask = _cvtu32_mask32((1u << (K - k)) - 1u);
+    __m512i wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = _mm512_maskz_loadu_epi16(mask, w + r * K + k);
+    for (int m = 0; m < MR; ++m) {
+      const __m512i xv = _mm512_maskz_loadu_epi16(mask, x[m] + k);
+      for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], (__m512bh)xv, (__m512bh)wv[r]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) out[m * NR + r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+
+// out[m * NR + r] = sum_b d_b * sum_{k in b} qx[k] * (qw[r][k] + 128)   (the caller removes the +128)
+template <int MR, int NR>
+void dot_q8(const int8_t* const* xq, const float* const* sv, const int8_t* w, int64_t K, int64_t pf, float* out) {
+  __m512 acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  constexpr int64_t kChunk = 64;
+  const int64_t chunks = (K + kChunk - 1) / kChunk;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t k = c * kChunk;
+    __m512i wv[NR];
+    if (k + kChunk <= K) {
+      for (int r = 0; r < NR; ++r) {
+        const int8_t* p = w + r * K + k;
+        _mm_prefetch(reinterpret_cast<const char*>(p) + pf, _MM_HINT_T2);
+        wv[r] = _mm512_xor_si512(_mm512_loadu_si512(p), flip);
+      }
+    } else {
+      const __mmask64 mask = _cvtu64_mask64((uint64_t(1) << (K - k)) - 1);
+      for (int r = 0; r < NR; ++r) wv[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + r * K + k), flip);
+    }
+    for (int m = 0; m < MR; ++m) {
+      const __m512i xv = _mm512_loadu_si512(xq[m] + k);
+      const __m512 s = _mm512_loadu_ps(sv[m] + c * 16);
+      for (int r = 0; r < NR; ++r) {
+        const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[r], xv);
+        acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc[m][r]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) out[m * NR + r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+
+// out[m * NR + r] = sum_g s[r][g] * sum_{b in g} d_b * sum_{k in b} qx[k] * code[r][k]   (the caller adds the m term)
+// scale_index: 32 words; word 2i + 1 is the group (from the step's first) of lane i's block
+template <int MR, int NR>
+void dot_q4(const int8_t* const* xq, const float* const* sv, const uint8_t* codes, const uint16_t* sm, int64_t K,
+            int64_t G, int64_t pf, const uint16_t* scale_index, float* out) {
+  __m512 acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  const __m512i sidx = _mm512_loadu_si512(scale_index);
+  const int64_t row_bytes = K / 2, row_sm = 2 * (K / G), steps = (K + 127) / 128;
+  for (int64_t c = 0; c < steps; ++c) {
+    const int64_t k = c * 128, blocks = std::min<int64_t>(4, (K - k) / kQBlock);
+    const int64_t g0 = k / G, groups = std::min<int64_t>(4, (blocks * kQBlock + G - 1) / G);
+    const __mmask8 gmask = __mmask8((1u << groups) - 1);
+    __m512i lo[NR], hi[NR];
+    __m512 ws[NR];
+    for (int r = 0; r < NR; ++r) {
+      const uint8_t* p = codes + r * row_bytes + c * 64;
+      __m512i v;
+      if (blocks == 4) {
+        _mm_prefetch(reinterpret_cast<const char*>(p) + pf, _MM_HINT_T2);
+        v = _mm512_loadu_si512(p);
+      } else {
+        v = _mm512_maskz_loadu_epi8(_cvtu64_mask64((uint64_t(1) << (16 * blocks)) - 1), p);
+      }
+      lo[r] = _mm512_and_si512(v, low);
+      hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      const __m128i s = _mm_maskz_loadu_epi16(gmask, sm + r * row_sm + g0);  // up to 4 group scales
+      ws[r] = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, sidx, _mm512_castsi128_si512(s)));
+    }
+    for (int m = 0; m < MR; ++m) {
+      const __m512i xlo = _mm512_loadu_si512(xq[m] + k), xhi = _mm512_loadu_si512(xq[m] + k + 64);
+      const __m512 d = _mm512_loadu_ps(sv[m] + c * 16);
+      for (int r = 0; r < NR; ++r) {
+        const __m512i i = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], xlo), hi[r], xhi);
+        acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(d, ws[r]), acc[m][r]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) out[m * NR + r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+
+// sum_g m[g] * gs[g], m bf16
+float offset_dot(const uint16_t* m, const float* gs, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t g = 0;
+  for (; g + 16 <= n; g += 16) {
+    const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + g)));
+    acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), _mm512_loadu_ps(gs + g), acc);
+  }
+  float total = _mm512_reduce_add_ps(acc);
+  for (; g < n; ++g) total += bf16_to_f32(m[g]) * gs[g];
+  return total;
+}
+
+#pragma GCC pop_options
+
+// ------------------------------------------------------------------------------ tiles
+
+// bytes ahead of each row's reads (see the prefetch note above)
+constexpr int64_t kPrefetchTiles = 4, kPrefetchMaxBytes = 128 << 10, kPrefetchRowBytes = 4096;
+
+inline int64_t prefetch_distance(int64_t row_bytes, int nr) {
+  const int64_t tiles_ahead = kPrefetchTiles * nr * row_bytes;
+  return tiles_ahead <= kPrefetchMaxBytes ? tiles_ahead : kPrefetchRowBytes;
+}
+
+template <int MR, int NR>
+void tile(const Acts& a, const int64_t* rows, const Matrix& W, int64_t n, float* out) {
+  if (W.kind == kBf16) {
+    const uint16_t* x[MR];
+    for (int m = 0; m < MR; ++m) x[m] = a.bf[rows[m]];
+    dot_bf16<MR, NR>(x, static_cast<const uint16_t*>(W.w) + n * W.K, W.K, prefetch_distance(2 * W.K, NR), out);
+    return;
+  }
+  const QRows& q = *a.q;
+  const int8_t* xq[MR];
+  const float* sv[MR];
+  for (int m = 0; m < MR; ++m) {
+    xq[m] = q.q.data() + rows[m] * q.Kp;
+    sv[m] = q.sv.data() + rows[m] * (q.Kp / chunk_of(W.kind)) * 16;
+  }
+  if (W.kind == kQ8) {
+    dot_q8<MR, NR>(xq, sv, static_cast<const int8_t*>(W.w) + n * W.K, W.K, prefetch_distance(W.K, NR), out);
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < NR; ++r) out[m * NR + r] = W.scale[n + r] * (out[m * NR + r] - q.gs[rows[m]]);
+    return;
+  }
+  const uint8_t* codes = static_cast<const uint8_t*>(W.w) + n * (W.K / 2);
+  const int64_t ng = W.K / W.G;
+  const uint16_t* sm = W.sm + n * 2 * ng;
+  uint16_t scale_index[32] = {};
+  for (int lane = 0; lane < 16; ++lane) scale_index[2 * lane + 1] = uint16_t((lane / 4) * kQBlock / W.G);
+  dot_q4<MR, NR>(xq, sv, codes, sm, W.K, W.G, prefetch_distance(W.K / 2, NR), scale_index, out);
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r)
+      out[m * NR + r] += offset_dot(sm + r * 2 * ng + ng, q.gs.data() + rows[m] * ng, ng);
+}
+
+template <int NR>
+void tile_rows(const Acts& a, const int64_t* rows, int64_t M, const Matrix& W, int64_t n, float* out) {
+  switch (M) {
+    case 1: return tile<1, NR>(a, rows, W, n, out);
+    case 2: return tile<2, NR>(a, rows, W, n, out);
+    case 3: return tile<3, NR>(a, rows, W, n, out);
+    default: return tile<4, NR>(a, rows, W, n, out);
+  }
+}
+
+// out[i * ldo + (n - n0)] = row rows[i] of the activations times weight row n, for n in [n0, n1)
+void matvec(const Acts& a, const int64_t* rows, int64_t M, const Matrix& W, int64_t n0, int64_t n1, float* out,
+            int64_t ldo) {
+  float buf[32];
+  for (int64_t n = n0; n < n1;) {
+    const int nr = (M == 1 && n + 8 <= n1) ? 8 : n + 4 <= n1 ? 4 : 1;
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int64_t mr = std::min<int64_t>(4, M - m0);
+      if (nr == 8)
+        tile<1, 8>(a, rows + m0, W, n, buf);
+      else if (nr == 4)
+        tile_rows<4>(a, rows + m0, mr, W, n, buf);
+      else
+        tile_rows<1>(a, rows + m0, mr, W, n, buf);
+      for (int64_t m = 0; m < mr; ++m)
+        for (int r = 0; r < nr; ++r) out[(m0 + m) * ldo + (n - n0) + r] = buf[m * nr + r];
+    }
+    n += nr;
+  }
+}
+
+// ------------------------------------------------------------------------------ checks
+
+void check(bool ok, const char* what) { TORCH_CHECK(ok, "smoe native kernels: ", what); }
+
+void check_acts(const at::Tensor& x, int64_t K) {
+  check(x.device().is_cpu() && x.scalar_type() == at::kBFloat16, "activations must be bf16 on the CPU");
+  check(x.dim() == 2 && x.size(1) == K && x.is_contiguous(), "activations must be contiguous [M, K]");
+}
+
+Matrix make_matrix(Kind kind, const at::Tensor& w, const c10::optional<at::Tensor>& scale, int64_t G,
+                   int64_t e = -1) {
+  // w: [N, K] (or [E, N, K] with expert e); for q4 w is [.., N, K/2] and scale holds sm [.., N, 2, K/G]
+  const bool stacked = e >= 0;
+  check(w.is_contiguous() && w.device().is_cpu() && w.dim() == (stacked ? 3 : 2), "weights must be contiguous");
+  const int64_t N = w.size(-2);
+  Matrix m{kind, N, 0, nullptr, nullptr, nullptr, G};
+  const int64_t per_expert = stacked ? w.stride(0) : 0;
+  if (kind == kBf16) {
+    check(w.scalar_type() == at::kBFloat16, "bf16 weights expected");
+    m.K = w.size(-1);
+    m.w = static_cast<const uint16_t*>(w.data_ptr()) + (stacked ? e * per_expert : 0);
+  } else if (kind == kQ8) {
+    check(w.scalar_type() == at::kChar && scale->scalar_type() == at::kFloat && scale->is_contiguous(),
+          "int8 weights with fp32 scales expected");
+    m.K = w.size(-1);
+    m.w = static_cast<const int8_t*>(w.data_ptr()) + (stacked ? e * per_expert : 0);
+    m.scale = scale->data_ptr<float>() + (stacked ? e * N : 0);
+  } else {
+    check(w.scalar_type() == at::kByte && scale->scalar_type() == at::kBFloat16 && scale->is_contiguous(),
+          "int4 codes (uint8) with bf16 scales expected");
+    m.K = 2 * w.size(-1);
+    check(G % kQBlock == 0 && m.K % G == 0 && scale->size(-1) == m.K / G, "int4 group size must divide K, and be a multiple of 32");
+    m.w = static_cast<const uint8_t*>(w.data_ptr()) + (stacked ? e * per_expert : 0);
+    m.sm = static_cast<const uint16_t*>(scale->data_ptr()) + (stacked ? e * scale->stride(0) : 0);
+  }
+  return m;
+}
+
+Acts prepare(Kind kind, const uint16_t* x, int64_t M, int64_t K, int64_t G, QRows& storage) {
+  Acts a{kind, {}, nullptr};
+  if (kind == kBf16) {
+    for (int64_t i = 0; i < M; ++i) a.bf.push_back(x + i * K);
+    return a;
+  }
+  std::vector<float> f(M * K);
+  for (int64_t i = 0; i < M * K; ++i) f[i] = bf16_to_f32(x[i]);
+  std::vector<const float*> rows;
+  for (int64_t i = 0; i < M; ++i) rows.push_back(f.data() + i * K);
+  quantize_rows(rows, K, kind, G, storage);
+  a.q = &storage;
+  return a;
+}
+
+int64_t tiles_grain(int64_t rows_per_tile_work) {
+  // at least ~16k multiply-adds per task, so tiny matrices do not pay for the thread pool
+  return std::max<int64_t>(1, 4096 / std::max<int64_t>(1, rows_per_tile_work));
+}
+
+// ------------------------------------------------------------------------------ linear
+
+at::Tensor linear(Kind kind, const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
+                  int64_t G) {
+  const Matrix W = make_matrix(kind, w, scale, G);
+  check_acts(x, W.K);
+  const int64_t M = x.size(0), N = W.N, K = W.K;
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  QRows storage;
+  const Acts a = prepare(kind, static_cast<const uint16_t*>(x.data_ptr()), M, K, G, storage);
+  std::vector<int64_t> rows(M);
+  for (int64_t i = 0; i < M; ++i) rows[i] = i;
+  uint16_t* y = static_cast<uint16_t*>(out.data_ptr());
+  const int64_t tiles = (N + 3) / 4;
+  at::parallel_for(0, tiles, tiles_grain(K * M / 4), [&](int64_t t0, int64_t t1) {
+    const int64_t n0 = t0 * 4, n1 = std::min(N, t1 * 4);
+    std::vector<float> buf(M * (n1 - n0));
+    matvec(a, rows.data(), M, W, n0, n1, buf.data(), n1 - n0);
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t n = n0; n < n1; ++n) y[i * N + n] = f32_to_bf16(buf[i * (n1 - n0) + n - n0]);
+  });
+  return out;
+}
+
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w) { return linear(kBf16, x, w, c10::nullopt, 0); }
+
+at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
+  return linear(kQ8, x, w, scale, 0);
+}
+
+at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& sm, int64_t group_size) {
+  return linear(kQ4, x, codes, sm, group_size);
+}
+
+// ------------------------------------------------------------------------------ fused MoE decode
+//
+// x [T, H], expert_indices [T, K], expert_weights [T, K] fp32; gate_up [E, 2F, H] (gate rows,
+// then up rows), down [E, H, F]. For each chosen expert (ascending): h = x·gate_upᵀ rounded to
+// bf16, a = silu(gate) * up (each rounded to bf16, as PyTorch's bf16 ops round), y = a·downᵀ
+// rounded, weighted in fp32 and rounded, added to the token's output in bf16 — the arithmetic
+// of smoe/experts.py's sorted path, so the results match it to the order of the sums.
+// Phase 1 splits the F rows of gate/up across threads, phase 2 the H rows of down; only the
+// chosen experts' weights are read.
+
+at::Tensor moe(Kind kind, const at::Tensor& x, const at::Tensor& expert_indices, const at::Tensor& expert_weights,
+               const at::Tensor& gate_up, const c10::optional<at::Tensor>& gate_up_scale, const at::Tensor& down,
+               const c10::optional<at::Tensor>& down_scale, int64_t G) {
+  check(expert_indices.scalar_type() == at::kLong && expert_weights.scalar_type() == at::kFloat,
+        "expert_indices int64 and expert_weights fp32 expected");
+  check(gate_up.dim() == 3 && down.dim() == 3 && gate_up.size(0) == down.size(0), "stacked [E, out, in] weights expected");
+  const int64_t T = x.size(0), topk = expert_indices.size(1), E = gate_up.size(0);
+  const Matrix gu0 = make_matrix(kind, gate_up, gate_up_scale, G, 0);
+  const Matrix dn0 = make_matrix(kind, down, down_scale, G, 0);
+  const int64_t H = gu0.K, F2 = gu0.N, F = F2 / 2;
+  check(dn0.N == H && dn0.K == F && F2 % 2 == 0, "gate_up [E, 2F, H] and down [E, H, F] expected");
+  check_acts(x, H);
+  check(expert_indices.is_contiguous() && expert_weights.is_contiguous() && expert_indices.size(0) == T &&
+            expert_weights.sizes() == expert_indices.sizes(), "routing must be contiguous [T, K]");
+  at::Tensor out = at::empty({T, H}, x.options());
+  if (T == 0) return out;
+
+  // the chosen experts, ascending, with their token rows and weights
+  const int64_t* idx = expert_indices.data_ptr<int64_t>();
+  const float* wts = expert_weights.data_ptr<float>();
+  std::vector<std::vector<std::pair<int64_t, float>>> routed(E);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t k = 0; k < topk; ++k) {
+      const int64_t e = idx[t * topk + k];
+      check(e >= 0 && e < E, "expert index out of range");
+      routed[e].emplace_back(t, wts[t * topk + k]);
+    }
+  std::vector<int64_t> chosen, offset;  // offset: the expert's first row in the activations buffer
+  int64_t R = 0;
+  for (int64_t e = 0; e < E; ++e)
+    if (!routed[e].empty()) {
+      chosen.push_back(e);
+      offset.push_back(R);
+      R += int64_t(routed[e].size());
+    }
+  std::vector<Matrix> gu, dn;
+  for (int64_t e : chosen) {
+    gu.push_back(make_matrix(kind, gate_up, gate_up_scale, G, e));
+    dn.push_back(make_matrix(kind, down, down_scale, G, e));
+  }
+  std::vector<int64_t> token_rows(R);  // activation row r -> token
+  for (size_t u = 0; u < chosen.size(); ++u)
+    for (size_t j = 0; j < routed[chosen[u]].size(); ++j) token_rows[offset[u] + j] = routed[chosen[u]][j].first;
+
+  // phase 1: act [R, F] = silu(x·gateᵀ) * (x·upᵀ), each expert on its own tokens
+  QRows xq;
+  const Acts xa = prepare(kind, static_cast<const uint16_t*>(x.data_ptr()), T, H, G, xq);
+  std::vector<uint16_t> act(R * F);
+  const int64_t f_tiles = (F + 3) / 4;
+  at::parallel_for(0, f_tiles, tiles_grain(H * R / 2), [&](int64_t t0, int64_t t1) {
+    const int64_t f0 = t0 * 4, f1 = std::min(F, t1 * 4), nf = f1 - f0;
+    std::vector<float> g, up;
+    for (size_t u = 0; u < chosen.size(); ++u) {
+      const int64_t n = int64_t(routed[chosen[u]].size());
+      const int64_t* rows = token_rows.data() + offset[u];
+      g.resize(n * nf);
+      up.resize(n * nf);
+      matvec(xa, rows, n, gu[u], f0, f1, g.data(), nf);
+      matvec(xa, rows, n, gu[u], F + f0, F + f1, up.data(), nf);
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t f = 0; f < nf; ++f) {
+          const float gv = round_bf16(g[j * nf + f]), uv = round_bf16(up[j * nf + f]);
+          const float silu = round_bf16(gv / (1.f + std::exp(-gv)));
+          act[(offset[u] + j) * F + f0 + f] = f32_to_bf16(silu * uv);
+        }
+    }
+  });
+
+  // phase 2: out[t] = sum over t's experts, ascending, of weight * (act·downᵀ)
+  QRows aq;
+  const Acts aa = prepare(kind, act.data(), R, F, G, aq);
+  std::vector<int64_t> act_rows(R);
+  for (int64_t r = 0; r < R; ++r) act_rows[r] = r;
+  std::vector<float> acc(T * H, 0.f);
+  const int64_t h_tiles = (H + 3) / 4;
+  at::parallel_for(0, h_tiles, tiles_grain(F * R), [&](int64_t t0, int64_t t1) {
+    const int64_t h0 = t0 * 4, h1 = std::min(H, t1 * 4), nh = h1 - h0;
+    std::vector<float> y;
+    for (size_t u = 0; u < chosen.size(); ++u) {
+      const auto& slots = routed[chosen[u]];
+      const int64_t n = int64_t(slots.size());
+      y.resize(n * nh);
+      matvec(aa, act_rows.data() + offset[u], n, dn[u], h0, h1, y.data(), nh);
+      for (int64_t j = 0; j < n; ++j) {
+        float* o = acc.data() + slots[j].first * H;
+        for (int64_t h = 0; h < nh; ++h)
+          o[h0 + h] = round_bf16(o[h0 + h] + round_bf16(round_bf16(y[j * nh + h]) * slots[j].second));
+      }
+    }
+  });
+  uint16_t* y = static_cast<uint16_t*>(out.data_ptr());
+  for (int64_t i = 0; i < T * H; ++i) y[i] = f32_to_bf16(acc[i]);
+  return out;
+}
+
+at::Tensor moe_bf16(const at::Tensor& x, const at::Tensor& expert_indices, const at::Tensor& expert_weights,
+                    const at::Tensor& gate_up, const at::Tensor& down) {
+  return moe(kBf16, x, expert_indices, expert_weights, gate_up, c10::nullopt, down, c10::nullopt, 0);
+}
+
+at::Tensor moe_q8(const at::Tensor& x, const at::Tensor& expert_indices, const at::Tensor& expert_weights,
+                  const at::Tensor& gate_up, const at::Tensor& gate_up_scale, const at::Tensor& down,
+                  const at::Tensor& down_scale) {
+  return moe(kQ8, x, expert_indices, expert_weights, gate_up, gate_up_scale, down, down_scale, 0);
+}
+
+at::Tensor moe_q4(const at::Tensor& x, const at::Tensor& expert_indices, const at::Tensor& expert_weights,
+                  const at::Tensor& gate_up, const at::Tensor& gate_up_sm, const at::Tensor& down,
+                  const at::Tensor& down_sm, int64_t group_size) {
+  return moe(kQ4, x, expert_indices, expert_weights, gate_up, gate_up_sm, down, down_sm, group_size);
+}
+
+// the activations as the integer kernels see them, for tests: [M, K] dequantized (q * d)
+at::Tensor quantize_activations(const at::Tensor& x, int64_t group_size) {
+  check_acts(x, x.size(1));
+  const int64_t M = x.size(0), K = x.size(1);
+  QRows q;
+  prepare(kQ8, static_cast<const uint16_t*>(x.data_ptr()), M, K, group_size, q);
+  at::Tensor out = at::empty({M, K}, x.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t k = 0; k < K; ++k)
+      o[i * K + k] = float(q.q[i * q.Kp + k]) * q.sv[i * (q.Kp / 64) * 16 + (k / 64) * 16 + (k % 64) / 32 * 8];
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(smoe, m) {
+  m.def("linear_bf16(Tensor x, Tensor w) -> Tensor");
+  m.def("linear_q8(Tensor x, Tensor w, Tensor scale) -> Tensor");
+  m.def("linear_q4(Tensor x, Tensor codes, Tensor sm, int group_size) -> Tensor");
+  m.def("moe_bf16(Tensor x, Tensor expert_indices, Tensor expert_weights, Tensor gate_up, Tensor down) -> Tensor");
+  m.def("moe_q8(Tensor x, Tensor expert_indices, Tensor expert_weights, Tensor gate_up, Tensor gate_up_scale, "
+        "Tensor down, Tensor down_scale) -> Tensor");
+  m.def("moe_q4(Tensor x, Tensor expert_indices, Tensor expert_weights, Tensor gate_up, Tensor gate_up_sm, "
+        "Tensor down, Tensor down_sm, int group_size) -> Tensor");
+  m.def("quantize_activations(Tensor x, int group_size) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(smoe, CPU, m) {
+  m.impl("linear_bf16", &linear_bf16);
+  m.impl("linear_q8", &linear_q8);
+  m.impl("linear_q4", &linear_q4);
+  m.impl("moe_bf16", &moe_bf16);
+  m.impl("moe_q8", &moe_q8);
+  m.impl("moe_q4", &moe_q4);
+  m.impl("quantize_activations", &quantize_activations);
+}
+
+// ------------------------------------------------------------------------------ the Python module
+
+static PyObject* py_supported(PyObject*, PyObject*) { return PyBool_FromLong(cpu_supported()); }
+
+static PyMethodDef methods[] = {
+    {"supported", py_supported, METH_NOARGS, "Whether this CPU has AVX-512 BF16 and VNNI (the kernels' instructions)."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "smoe's native CPU kernels", -1, methods};
+
+PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }

@@ -1,0 +1,319 @@
+"""smoe's native CPU kernels (smoe/csrc/native.cpp) from Python: the ops, their fake
+implementations for torch.compile, and the weight kinds that call them.
+
+The kernels multiply a few token rows (decode) by bf16, int8 or int4 weights with AVX-512
+BF16 and VNNI dot products, reading each weight once; int8 and int4 quantize the activations
+to 8 bits in blocks of 32 once per call, shared by every expert of the layer. One op,
+`smoe::moe_*`, runs all chosen experts of a MoE layer (gate/up, SiLU·up, down, weighted sum).
+Many rows (prefill) go to PyTorch's GEMMs, which are faster there. docs/KERNELS.md has the
+layouts, the arithmetic and the measurements.
+
+`available()` is true when the extension was built (`make install`), the CPU has the
+instructions and SMOE_NATIVE is not 0. Otherwise the inference layout is PyTorch's (oneDNN-
+packed bf16, PyTorch's weight-only int8/int4 kernels) and `note_fallback()` says so once.
+
+The layouts: bf16 weights stay as stored ([N, K], stacked [E, N, K]); int8 keeps its codes
+and takes fp32 scales; int4 is repacked at load into blocks of 32 columns, 16 bytes each
+(column j in the low nibble, j + 16 in the high one) with a bf16 scale s and offset m per
+group (w = code·s + m), so a block unpacks with one shift and one mask.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smoe.fsutil import release_pages
+from smoe.quantize import Int4Linear, Int8Linear, blockwise_linear, int8_linear
+
+MAX_ROWS = 16  # token rows up to which the native kernels run; above, PyTorch's GEMMs
+
+try:
+    from smoe import _native
+except ImportError as error:  # not built: no compiler, or installed without torch at build time
+    _native, _IMPORT_ERROR = None, str(error)
+else:
+    _IMPORT_ERROR = None
+
+_noted = False
+
+
+def unavailable_reason() -> str | None:
+    """Why the native kernels cannot run here, or None when they can."""
+    if _native is None:
+        return f"the native extension is not built ({_IMPORT_ERROR}); `make install` builds it"
+    if os.environ.get("SMOE_NATIVE", "1") == "0":
+        return "SMOE_NATIVE=0"
+    if not _native.supported():
+        return "this CPU lacks AVX-512 BF16 and VNNI"
+    return None
+
+
+def available() -> bool:
+    return unavailable_reason() is None
+
+
+def note_fallback() -> None:
+    """Say once per process that the PyTorch kernels run instead, and why."""
+    global _noted
+    reason = unavailable_reason()
+    if reason is not None and not _noted:
+        _noted = True
+        print(f"smoe: native CPU kernels off ({reason}); using PyTorch's kernels", file=sys.stderr)
+
+
+def usable_for(weight: torch.Tensor) -> bool:
+    """A weight the native kernels can read: on the CPU, with bf16 activations."""
+    return weight.device.type == "cpu" and available()
+
+
+def few_rows(x: torch.Tensor) -> bool:
+    return x.shape[0] <= MAX_ROWS and x.dtype == torch.bfloat16 and not x.requires_grad
+
+
+if _native is not None:  # fake implementations: shapes only, for torch.compile and meta tensors
+    def _rows_by(x, out_features):
+        return x.new_empty(x.shape[0], out_features)
+
+    torch.library.register_fake("smoe::linear_bf16")(lambda x, w: _rows_by(x, w.shape[0]))
+    torch.library.register_fake("smoe::linear_q8")(lambda x, w, scale: _rows_by(x, w.shape[0]))
+    torch.library.register_fake("smoe::linear_q4")(lambda x, codes, sm, group_size: _rows_by(x, codes.shape[0]))
+    torch.library.register_fake("smoe::moe_bf16")(lambda x, i, w, gate_up, down: torch.empty_like(x))
+    torch.library.register_fake("smoe::moe_q8")(lambda x, i, w, gu, gus, dn, dns: torch.empty_like(x))
+    torch.library.register_fake("smoe::moe_q4")(lambda x, i, w, gu, gusm, dn, dnsm, g: torch.empty_like(x))
+    torch.library.register_fake("smoe::quantize_activations")(
+        lambda x, group_size: x.new_empty(x.shape, dtype=torch.float32))
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+# --------------------------------------------------------------------------- int4 in the kernels' layout
+
+
+def int4_native_layout(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                       dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
+    """codes [N, K] (0..15), scale and zero [N, K/G] (w = (code - 8)·scale + zero) ->
+    (bytes [N, K/2]: per block of 32 columns, column j low nibble, j + 16 high; sm [N, 2, K/G]:
+    scale, then offset m = zero - 8·scale, so w = code·s + m)."""
+    N, K = codes.shape
+    blocks = codes.to(torch.uint8).view(N, K // 32, 2, 16)
+    packed = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(N, K // 2)
+    offset = zero.float() - 8 * scale.float()
+    return packed.contiguous(), torch.stack([scale.float(), offset], dim=1).to(dtype).contiguous()
+
+
+def dequantize_int4_native(codes: torch.Tensor, sm: torch.Tensor, group_size: int, dtype: torch.dtype,
+                           start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """bytes [N, K/2], sm [N, 2, K/G] -> the weight [N, K] (or its rows start:stop) in `dtype`."""
+    b = codes[start:stop]
+    n, K = b.shape[0], 2 * b.shape[1]
+    q = torch.stack([b.view(n, K // 32, 16) & 0x0F, b.view(n, K // 32, 16) >> 4], dim=2).view(n, K // group_size,
+                                                                                            group_size)
+    s, m = sm[start:stop, 0].to(dtype)[..., None], sm[start:stop, 1].to(dtype)[..., None]  # [n, K/G, 1]
+    return (q.to(dtype) * s + m).view(n, K)
+
+
+# --------------------------------------------------------------------------- single linears (attention, head)
+
+
+class NativeLinear(nn.Module):
+    """A frozen bias-free bf16 linear: the native kernel for few rows, F.linear for many."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)  # may stay tied to the embedding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = _rows(x)
+        if few_rows(rows):
+            return torch.ops.smoe.linear_bf16(rows, self.weight).view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, native"
+
+
+class NativeInt8Linear(Int8Linear):
+    """An Int8Linear whose few-row products run natively (with an fp32 copy of its scales)."""
+
+    @classmethod
+    def from_int8(cls, linear: Int8Linear) -> NativeInt8Linear:
+        native = cls(linear.in_features, linear.out_features, linear.scales.dtype, "meta")
+        native.qweight, native.scales = linear.qweight, linear.scales
+        native.register_buffer("scales32", linear.scales.float(), persistent=False)
+        return native
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = _rows(x)
+        if few_rows(rows):
+            return torch.ops.smoe.linear_q8(rows, self.qweight, self.scales32).view(*x.shape[:-1], self.out_features)
+        return int8_linear(x, self.qweight, self.scales)
+
+
+class NativeInt4Linear(nn.Module):
+    """An int4 linear in the kernels' layout (see int4_native_layout)."""
+
+    def __init__(self, codes: torch.Tensor, sm: torch.Tensor, group_size: int) -> None:
+        super().__init__()
+        self.register_buffer("codes", codes)
+        self.register_buffer("sm", sm)
+        self.out_features, self.in_features, self.group_size = codes.shape[0], 2 * codes.shape[1], group_size
+
+    @classmethod
+    def from_int4(cls, linear) -> NativeInt4Linear:
+        return cls(*int4_native_layout(*linear.codes(), linear.scales_and_zeros.dtype), linear.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = _rows(x)
+        if few_rows(rows):
+            y = torch.ops.smoe.linear_q4(rows, self.codes, self.sm, self.group_size)
+        else:
+            y = blockwise_linear(rows, partial(dequantize_int4_native, self.codes, self.sm, self.group_size, x.dtype),
+                                 self.out_features, 1)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                "native")
+
+
+def native_linears(model: nn.Module) -> int:
+    """Swap the frozen bf16 nn.Linear, Int8Linear and Int4Linear modules (attention, output
+    head) for their native versions; returns how many were swapped."""
+    if not available():
+        return 0
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            tensor = next(child.parameters(), None) if type(child) is nn.Linear else next(child.buffers(), None)
+            if tensor is None or tensor.device.type != "cpu":
+                continue
+            if type(child) is nn.Linear and child.bias is None and child.weight.dtype == torch.bfloat16:
+                native = NativeLinear(child)
+            elif type(child) is Int8Linear and child.scales.dtype == torch.bfloat16:
+                native = NativeInt8Linear.from_int8(child)
+            elif type(child) is Int4Linear and child.scales_and_zeros.dtype == torch.bfloat16:
+                native = NativeInt4Linear.from_int4(child)
+                release_pages(child.qweight)
+            else:
+                continue
+            setattr(parent, name, native)
+            count += 1
+    return count
+
+
+# --------------------------------------------------------------------------- stacked experts
+
+
+class NativeStackedLinear(nn.Module):
+    """E bf16 linears [E, out, in] (as StackedLinear) with the native decode kernels."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+    @property
+    def num_experts(self) -> int:
+        return self.weight.shape[0]
+
+    def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        if few_rows(x):
+            return torch.ops.smoe.linear_bf16(x.contiguous(), self.weight[e])
+        return F.linear(x, self.weight[e])
+
+    def native_moe(self, down: NativeStackedLinear, x, expert_indices, expert_weights) -> torch.Tensor:
+        return torch.ops.smoe.moe_bf16(x.contiguous(), expert_indices.contiguous(), expert_weights.contiguous(),
+                                       self.weight, down.weight)
+
+    def extra_repr(self) -> str:
+        E, out_features, in_features = self.weight.shape
+        return f"experts={E}, in_features={in_features}, out_features={out_features}, native"
+
+
+class NativeStackedInt8(nn.Module):
+    """E int8 linears: qweight [E, N, K], scales [E, N] (compute dtype) and their fp32 copy."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("scales32", scales.float(), persistent=False)
+
+    @property
+    def num_experts(self) -> int:
+        return self.qweight.shape[0]
+
+    def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        if few_rows(x):
+            return torch.ops.smoe.linear_q8(x.contiguous(), self.qweight[e], self.scales32[e])
+        return int8_linear(x, self.qweight[e], self.scales[e])
+
+    def native_moe(self, down: NativeStackedInt8, x, expert_indices, expert_weights) -> torch.Tensor:
+        return torch.ops.smoe.moe_q8(x.contiguous(), expert_indices.contiguous(), expert_weights.contiguous(),
+                                     self.qweight, self.scales32, down.qweight, down.scales32)
+
+
+class NativeStackedInt4(nn.Module):
+    """E int4 linears in the kernels' layout: codes [E, N, K/2], sm [E, N, 2, K/G]."""
+
+    def __init__(self, codes: torch.Tensor, sm: torch.Tensor, group_size: int) -> None:
+        super().__init__()
+        self.register_buffer("codes", codes)
+        self.register_buffer("sm", sm)
+        self.group_size = group_size
+        self.out_features, self.in_features = codes.shape[1], 2 * codes.shape[2]
+
+    @property
+    def num_experts(self) -> int:
+        return self.codes.shape[0]
+
+    def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        if few_rows(x):
+            return torch.ops.smoe.linear_q4(x.contiguous(), self.codes[e], self.sm[e], self.group_size)
+        dequantize = partial(dequantize_int4_native, self.codes[e], self.sm[e], self.group_size, x.dtype)
+        return blockwise_linear(x.contiguous(), dequantize, self.out_features, 1)
+
+    def native_moe(self, down: NativeStackedInt4, x, expert_indices, expert_weights) -> torch.Tensor:
+        return torch.ops.smoe.moe_q4(x.contiguous(), expert_indices.contiguous(), expert_weights.contiguous(),
+                                     self.codes, self.sm, down.codes, down.sm, self.group_size)
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}, native")
+
+
+def stack_bf16(rows: list[list[nn.Linear]]) -> NativeStackedLinear | None:
+    """The native stacked kind for bf16 experts, or None where the kernels cannot read them."""
+    weight = rows[0][0].weight
+    if weight.dtype != torch.bfloat16 or not usable_for(weight):
+        return None
+    return NativeStackedLinear(torch.stack([torch.cat([lin.weight.detach() for lin in row]) for row in rows]))
+
+
+def stack_int8(rows: list[list[nn.Module]]) -> NativeStackedInt8 | None:
+    first = rows[0][0]
+    if first.scales.dtype != torch.bfloat16 or not usable_for(first.qweight):
+        return None
+    return NativeStackedInt8(torch.stack([torch.cat([lin.qweight for lin in row]) for row in rows]),
+                             torch.stack([torch.cat([lin.scales for lin in row]) for row in rows]))
+
+
+def stack_int4(rows: list[list[nn.Module]]) -> NativeStackedInt4 | None:
+    first = rows[0][0]
+    if first.scales_and_zeros.dtype != torch.bfloat16 or not usable_for(first.qweight):
+        return None
+    codes, sms = [], []
+    for row in rows:
+        parts = [lin.codes() for lin in row]
+        c, sm = int4_native_layout(*(torch.cat(p) for p in zip(*parts, strict=True)))
+        codes.append(c)
+        sms.append(sm)
+    return NativeStackedInt4(torch.stack(codes), torch.stack(sms), first.group_size)

@@ -1,0 +1,293 @@
+"""The native CPU kernels (smoe/csrc/native.cpp) against PyTorch references at awkward shapes:
+bf16 products equal to F.linear up to the order of the fp32 sums; int8 / int4 products equal
+to the same products computed in fp64 from the dequantized weights and the kernels' own 8-bit
+activations (themselves checked against a Python quantizer); the fused MoE op equal to the
+experts module it replaces; 1 and 2 threads; greedy tokens of the demo model identical with
+and without the kernels; the op inside torch.compile. Skipped where the kernels cannot run
+(not built, or a CPU without AVX-512 BF16/VNNI), which test_fallback covers."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import smoe
+from smoe import native
+from smoe.experts import Expert, ExpertList, StackedExperts
+from smoe.options import QuantSpec
+from smoe.quantize import quantize_expert, quantize_int4, quantize_int8
+
+needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable_reason()}")
+BF16_ULP = 2.0**-8  # relative spacing of bf16 numbers
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def randn(*shape, seed=0, scale=1.0):
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(torch.bfloat16)
+
+
+def python_quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """Blocks of 32 along each row, absmax / 127, round half to even: the dequantized values."""
+    M, K = x.shape
+    pad = -K % 32
+    blocks = F.pad(x.float(), (0, pad)).view(M, -1, 32)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(scale > 0, torch.round(blocks / torch.where(scale > 0, scale, 1)), 0).clamp(-127, 127)
+    return (q * scale).view(M, -1)[:, :K]
+
+
+def assert_close_to_exact(y: torch.Tensor, exact: torch.Tensor, bound: torch.Tensor) -> None:
+    """y (bf16) within one bf16 rounding of `exact` plus the fp32 summation error `bound`."""
+    err = (y.double() - exact).abs()
+    limit = exact.abs() * BF16_ULP + bound
+    assert (err <= limit).all(), (err - limit).max().item()
+
+
+def sum_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A bound on fp32 accumulation error of x·wᵀ: K·eps·sum|x||w| (loose but rigorous)."""
+    K = x.shape[1]
+    return K * 2.0**-23 * (x.double().abs() @ w.double().abs().t()) + 1e-30
+
+
+# --------------------------------------------------------------------------- single products
+
+
+@needs_native
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("N,K", [(1, 1), (3, 31), (5, 33), (37, 100), (9, 1000), (130, 64)])
+def test_bf16_product(threads, M, N, K):
+    x, w = randn(M, K, seed=1), randn(N, K, seed=2)
+    y = torch.ops.smoe.linear_bf16(x, w)
+    exact = x.double() @ w.double().t()
+    assert_close_to_exact(y, exact, sum_bound(x, w))
+
+
+@needs_native
+@pytest.mark.parametrize("M,K", [(1, 7), (3, 32), (2, 100), (8, 1000)])
+def test_activation_quantization_matches_python(M, K):
+    x = randn(M, K, seed=3)
+    x[0, :5] = 0  # a block with zeros, and below a block of zeros
+    if K >= 64:
+        x[-1, 32:64] = 0
+    ours = torch.ops.smoe.quantize_activations(x, 32)
+    assert torch.equal(ours, python_quantize_activations(x))
+
+
+@needs_native
+@pytest.mark.parametrize("M", [1, 2, 4, 5, 8])
+@pytest.mark.parametrize("N,K", [(1, 5), (3, 64), (7, 65), (37, 200), (9, 1000)])
+def test_int8_product(threads, M, N, K):
+    x, w = randn(M, K, seed=4), randn(N, K, seed=5, scale=0.05)
+    q, scale = quantize_int8(w)
+    y = torch.ops.smoe.linear_q8(x, q, scale)
+    xq = torch.ops.smoe.quantize_activations(x, 32).double()
+    wq = q.double() * scale.double()[:, None]
+    assert_close_to_exact(y, xq @ wq.t(), 4 * sum_bound(xq, wq))
+
+
+@needs_native
+@pytest.mark.parametrize("M", [1, 3, 4, 8])
+@pytest.mark.parametrize("N,K,G", [(1, 32, 32), (5, 96, 32), (37, 224, 32), (9, 192, 64), (4, 384, 128),
+                                   (3, 768, 256), (6, 256, 256)])
+def test_int4_product(threads, M, N, K, G):
+    x, w = randn(M, K, seed=6), randn(N, K, seed=7, scale=0.05)
+    codes, scale, zero = quantize_int4(w.float(), G)
+    packed, sm = native.int4_native_layout(codes, scale, zero)
+    y = torch.ops.smoe.linear_q4(x, packed, sm, G)
+    xq = torch.ops.smoe.quantize_activations(x, 32).double()
+    s = sm[:, 0].double().repeat_interleave(G, dim=1)
+    m = sm[:, 1].double().repeat_interleave(G, dim=1)
+    wq = codes.double() * s + m  # what the stored bf16 scale and offset mean
+    assert_close_to_exact(y, xq @ wq.t(), 4 * sum_bound(xq, wq))
+    # and the dequantization prefill uses reads the same layout
+    assert torch.equal(native.dequantize_int4_native(packed, sm, G, torch.float64), wq)
+
+
+@needs_native
+def test_bad_inputs_are_errors_not_crashes():
+    x = randn(2, 64)
+    with pytest.raises(RuntimeError, match="activations must be bf16"):
+        torch.ops.smoe.linear_bf16(x.float(), randn(3, 64))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.smoe.linear_bf16(x, randn(3, 64)[:, :32])
+    with pytest.raises(RuntimeError, match="group size"):
+        codes, scale, zero = quantize_int4(randn(4, 64).float(), 32)
+        torch.ops.smoe.linear_q4(x, *native.int4_native_layout(codes, scale, zero), 48)
+
+
+# --------------------------------------------------------------------------- the fused MoE op
+
+H, FF = 96, 160  # neither a multiple of 64; both multiples of 32 (int4's smallest group)
+
+
+def expert_list(num_experts: int, seed: int = 0, hidden: int = H, ffn: int = FF) -> ExpertList:
+    torch.manual_seed(seed)
+    experts = ExpertList(Expert(hidden, ffn) for _ in range(num_experts))
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, 0, 0.1)
+    return experts.to(torch.bfloat16).requires_grad_(False)
+
+
+def routing(tokens, num_experts, top_k, seed):
+    g = torch.Generator().manual_seed(seed)
+    indices = torch.stack([torch.randperm(num_experts, generator=g)[:top_k] for _ in range(tokens)])
+    weights = torch.rand(tokens, top_k, generator=g) + 0.05
+    return indices, weights / weights.sum(-1, keepdim=True)
+
+
+def quantized(experts: ExpertList, quant: str | None) -> ExpertList:
+    experts = copy.deepcopy(experts)
+    if quant is not None:
+        experts.map_experts(lambda e: quantize_expert(e, QuantSpec.parse(quant)))
+    return experts
+
+
+@needs_native
+@pytest.mark.parametrize("quant", [None, "int8", "int4-g32", "int4-g64"])
+@pytest.mark.parametrize("num_experts,top_k", [(4, 1), (8, 2), (8, 3), (16, 4)])
+@pytest.mark.parametrize("tokens", [1, 2, 5, 8])
+def test_fused_moe_equals_the_experts_module(threads, quant, num_experts, top_k, tokens):
+    """The fused op against the same stacked experts run expert by expert (each expert's
+    products through the same kernels, the rest in PyTorch): equal up to SiLU's last bit."""
+    hidden, ffn = (192, 320) if quant == "int4-g64" else (H, FF)  # g64 needs multiples of 64 (not of 128)
+    experts = quantized(expert_list(num_experts, hidden=hidden, ffn=ffn), quant)
+    stacked = experts.for_inference(pack=True)
+    assert isinstance(stacked, StackedExperts) and stacked.native
+    x = randn(tokens, hidden, seed=tokens)
+    indices, weights = routing(tokens, num_experts, top_k, seed=tokens * 31 + num_experts)
+    stacked.path = "native"
+    fused = stacked(x, indices, weights)
+    stacked.path = "sorted"
+    per_expert = stacked(x, indices, weights)
+    # PyTorch's vectorised SiLU and the kernel's std::exp may round one bf16 value differently;
+    # one such ulp moves an output by about one ulp of its largest term
+    scale = per_expert.float().abs().amax()
+    assert (fused.float() - per_expert.float()).abs().max() <= 4 * BF16_ULP * scale
+
+
+@needs_native
+@pytest.mark.parametrize("quant,limit", [(None, 0.02), ("int8", 0.05), ("int4-g32", 0.05)])
+def test_fused_moe_close_to_the_pytorch_experts(quant, limit):
+    """Against PyTorch's own kinds (bf16 products; int8/int4 with unquantized activations):
+    the difference is the 8-bit activations' rounding, a few % of the output's scale."""
+    experts = quantized(expert_list(8, seed=3), quant)
+    reference = copy.deepcopy(experts).for_inference(pack=False)
+    assert not reference.native
+    stacked = experts.for_inference(pack=True)
+    x = randn(6, H, seed=9)
+    indices, weights = routing(6, 8, 2, seed=5)
+    ours, theirs = stacked(x, indices, weights).float(), reference(x, indices, weights).float()
+    assert (ours - theirs).norm() / theirs.norm() < limit
+
+
+@needs_native
+def test_fused_moe_reads_rows_that_are_not_multiples_of_the_tile():
+    """H and F that are neither multiples of 4 (the row tile) nor of 32 (bf16 only)."""
+    experts = expert_list(5, hidden=37, ffn=23)
+    reference = copy.deepcopy(experts)
+    stacked = experts.for_inference(pack=True)
+    x = randn(3, 37, seed=2)
+    indices, weights = routing(3, 5, 2, seed=1)
+    stacked.path = "native"
+    expected = reference(x, indices, weights).float()
+    assert (stacked(x, indices, weights).float() - expected).abs().max() <= 4 * BF16_ULP * expected.abs().amax()
+
+
+@needs_native
+def test_fused_moe_compiles_whole():
+    experts = expert_list(8).for_inference(pack=True)
+    x = randn(2, H, seed=4)
+    indices, weights = routing(2, 8, 2, seed=4)
+    eager = experts(x, indices, weights)
+    compiled = torch.compile(experts, fullgraph=True, dynamic=False)
+    assert torch.equal(compiled(x, indices, weights), eager)
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def stepwise_logits(model, ids: list[int]) -> torch.Tensor:
+    """The logits of each position, decoded one token at a time through the cache (the decode path)."""
+    from smoe.cache import KVCache
+
+    cache = KVCache(model.config, 1, len(ids), dtype=model.dtype, device=model.device)
+    with torch.inference_mode():
+        return torch.stack([model(torch.tensor([[t]]), torch.tensor([[i]]), cache)[0, -1].float()
+                            for i, t in enumerate(ids)])
+
+
+@needs_native
+def test_demo_greedy_tokens_identical_with_and_without_the_kernels(monkeypatch):
+    """Greedy generations equal; step by step, the same argmax wherever PyTorch's top two logits
+    are not tied in bf16 (beyond the first EOS this demo model produces exact bf16 ties, which
+    any change in the order of a sum may break either way), and logits as close to the fp32
+    model's as PyTorch's bf16 logits are (PyTorch's oneDNN and plain bf16 paths agree bit for
+    bit; the kernels sum in another order, so their roundings differ, not their accuracy)."""
+    prompts = ["The meaning of life is", "def fibonacci(n):", "Once upon a time", "Question: what is 2 + 2?"]
+    models, runs = {}, {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("SMOE_NATIVE", flag)
+        model, tokenizer = smoe.load(dtype="bf16")
+        models[flag] = model
+        runs[flag] = [smoe.generate(model, tokenizer, p, max_tokens=48, temperature=0).token_ids for p in prompts]
+        kinds = {type(model.layers[0].moe.experts.gate_up).__name__, type(model.lm_head).__name__}
+        assert kinds == ({"NativeStackedLinear", "NativeLinear"} if flag == "1" else {"PackedLinears", "PackedLinear"})
+    assert runs["1"] == runs["0"]
+    exact = smoe.load(dtype="fp32", pack=False)[0]
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt) + smoe.generate(models["0"], tokenizer, prompt, max_tokens=48, temperature=0,
+                                                       ignore_eos=True).token_ids
+        ours, theirs, fp32 = (stepwise_logits(m, ids) for m in (models["1"], models["0"], exact))
+        assert (ours - fp32).abs().mean() <= 1.1 * (theirs - fp32).abs().mean()
+        top2 = theirs.topk(2, dim=-1).values
+        untied = top2[:, 0] > top2[:, 1]
+        assert torch.equal(ours.argmax(-1)[untied], theirs.argmax(-1)[untied])
+
+
+@needs_native
+def test_quantized_demo_model_keeps_its_perplexity_through_the_kernels(monkeypatch):
+    """The quality bar of test_quant.py, every token row through the native kernels."""
+    from smoe.data import read_jsonl
+    from smoe.tokenizer import HFTokenizer
+    from smoe.train import heldout_perplexity
+
+    docs = read_jsonl(smoe.DEMO_MODEL / "eval_slice.jsonl")
+    tokenizer = HFTokenizer(smoe.DEMO_MODEL / "tokenizer.json")
+    reference = heldout_perplexity(smoe.load(dtype="fp32", pack=False)[0], tokenizer, docs, 256, 1024)
+    monkeypatch.setattr(native, "MAX_ROWS", 1 << 30)
+    for quant, limit in (("int8", 0.01), ("int4-g32", 0.05)):
+        model = smoe.load(dtype="bf16", quant=quant)[0]
+        assert type(model.layers[0].moe.experts.gate_up).__name__.startswith("NativeStackedInt")
+        ppl = heldout_perplexity(model, tokenizer, docs, 256, 1024)
+        for domain, value in ppl.items():
+            assert abs(value / reference[domain] - 1) < limit, (quant, domain, value, reference[domain])
+
+
+def test_fallback_is_pytorch_and_said_once():
+    """SMOE_NATIVE=0 (as on a CPU without the instructions, or without a compiler): PyTorch's
+    layout, one line on stderr, the same greedy tokens as the default load."""
+    code = ("import smoe, torch\n"
+            "m, t = smoe.load(dtype='bf16'); smoe.load(dtype='bf16')\n"
+            "print(type(m.lm_head).__name__)\n"
+            "print(smoe.generate(m, t, 'Once upon a time', max_tokens=16, temperature=0).token_ids)\n")
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "SMOE_NATIVE": "0"},
+                         check=True)
+    assert off.stdout.splitlines()[0] == "PackedLinear"
+    assert off.stderr.count("native CPU kernels off (SMOE_NATIVE=0)") == 1
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert on.stdout.splitlines()[1] == off.stdout.splitlines()[1]
+    if native.available():
+        assert on.stdout.splitlines()[0] == "NativeLinear" and "native CPU kernels off" not in on.stderr
