@@ -15,9 +15,10 @@ re-parses a string.
                 ([E, 2F, H] / [E, H, F]; experts with LoRA adapters stay a list) in the native
                 kernels' kinds where this CPU runs them (smoe/native.py), else oneDNN-packed;
                 attention and head linears likewise (native_linears, then pack_linears for the
-                rest), the file pages released (smoe/packing.py). With `compile` the experts are stacked unpacked and the
-                linears stay plain: oneDNN's packed tensors are opaque to torch.compile, which
-                packs the weights of a compiled decode step itself (generate.py)
+                rest), the file pages released (smoe/packing.py). With `compile` the experts
+                are stacked unpacked and the linears stay plain: oneDNN's packed tensors are
+                opaque to torch.compile, which packs the weights of a compiled decode step
+                itself (generate.py)
     6. start    the expert store measures an expert, checks the budget, pins a profile
 
 Each step only swaps modules; none looks at what an earlier one produced. A new transform
