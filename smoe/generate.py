@@ -82,7 +82,9 @@ def compiled_decode(model: torch.nn.Module) -> torch.nn.Module:
     if has_opaque_weights(model):
         raise GenerationError("compile=True needs the layout torch.compile can trace: load the model with "
                               "smoe.load(..., compile=True) (--compile); oneDNN-packed weights are opaque to it")
-    return torch.compile(model, fullgraph=True, dynamic=False, options={"freezing": True})
+    # a frozen inference model: no guards on its modules (each step would check hundreds: ~0.2 ms)
+    options = {"freezing": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    return torch.compile(model, fullgraph=True, dynamic=False, options=options)
 
 
 class Engine:

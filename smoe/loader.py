@@ -98,12 +98,15 @@ def load_model(path: Path, options: LoadOptions):
         from smoe import native
         from smoe.packing import pack_linears, release_mmap
 
-        if not options.compile and model.dtype == torch.bfloat16 and options.device == "cpu":
+        # the native kernels are custom ops with fake impls: a compiled step calls them too
+        use_native = model.dtype == torch.bfloat16 and options.device == "cpu" and native.available()
+        if model.dtype == torch.bfloat16 and options.device == "cpu":
             native.note_fallback()
         for layer in model.layers:
-            layer.moe.experts = layer.moe.experts.for_inference(pack=not options.compile)
-        if not options.compile:  # a compiled step packs its own weights (inductor's freezing)
+            layer.moe.experts = layer.moe.experts.for_inference(pack=not options.compile or use_native)
+        if not options.compile or use_native:
             native.native_linears(model)
+        if not options.compile:  # a compiled step packs its own weights (inductor's freezing)
             pack_linears(model)
         release_mmap(model)
     if offload is not None:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smoe.fsutil import release_pages
+from smoe.fsutil import huge_page_copy, release_pages
 from smoe.quantize import Int4Linear, Int8Linear, blockwise_linear, int8_linear
 
 MAX_ROWS = 16  # token rows up to which the native kernels run; above, PyTorch's GEMMs
@@ -129,7 +129,8 @@ class NativeLinear(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)  # may stay tied to the embedding
+        # in huge pages (fsutil.huge_page_copy); a head tied to the embedding is tied again by release_mmap
+        self.weight = nn.Parameter(huge_page_copy(linear.weight.detach()), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = _rows(x)
@@ -147,7 +148,7 @@ class NativeInt8Linear(Int8Linear):
     @classmethod
     def from_int8(cls, linear: Int8Linear) -> NativeInt8Linear:
         native = cls(linear.in_features, linear.out_features, linear.scales.dtype, "meta")
-        native.qweight, native.scales = linear.qweight, linear.scales
+        native.qweight, native.scales = huge_page_copy(linear.qweight), linear.scales
         native.register_buffer("scales32", linear.scales.float(), persistent=False)
         return native
 
@@ -163,7 +164,7 @@ class NativeInt4Linear(nn.Module):
 
     def __init__(self, codes: torch.Tensor, sm: torch.Tensor, group_size: int) -> None:
         super().__init__()
-        self.register_buffer("codes", codes)
+        self.register_buffer("codes", huge_page_copy(codes))
         self.register_buffer("sm", sm)
         self.out_features, self.in_features, self.group_size = codes.shape[0], 2 * codes.shape[1], group_size
 
@@ -295,14 +296,15 @@ def stack_bf16(rows: list[list[nn.Linear]]) -> NativeStackedLinear | None:
     weight = rows[0][0].weight
     if weight.dtype != torch.bfloat16 or not usable_for(weight):
         return None
-    return NativeStackedLinear(torch.stack([torch.cat([lin.weight.detach() for lin in row]) for row in rows]))
+    return NativeStackedLinear(huge_page_copy(torch.stack([torch.cat([lin.weight.detach() for lin in row])
+                                                           for row in rows])))
 
 
 def stack_int8(rows: list[list[nn.Module]]) -> NativeStackedInt8 | None:
     first = rows[0][0]
     if first.scales.dtype != torch.bfloat16 or not usable_for(first.qweight):
         return None
-    return NativeStackedInt8(torch.stack([torch.cat([lin.qweight for lin in row]) for row in rows]),
+    return NativeStackedInt8(huge_page_copy(torch.stack([torch.cat([lin.qweight for lin in row]) for row in rows])),
                              torch.stack([torch.cat([lin.scales for lin in row]) for row in rows]))
 
 
@@ -316,4 +318,4 @@ def stack_int4(rows: list[list[nn.Module]]) -> NativeStackedInt4 | None:
         c, sm = int4_native_layout(*(torch.cat(p) for p in zip(*parts, strict=True)))
         codes.append(c)
         sms.append(sm)
-    return NativeStackedInt4(torch.stack(codes), torch.stack(sms), first.group_size)
+    return NativeStackedInt4(huge_page_copy(torch.stack(codes)), torch.stack(sms), first.group_size)

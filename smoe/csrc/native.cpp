@@ -87,14 +87,15 @@ struct QRows {  // R rows of K activations quantized to int8 in blocks of 32
   int64_t K = 0, Kp = 0, G = 0, ng = 0;  // Kp: K rounded up to a step; ng: floats of `gs` per row
   std::vector<int8_t> q;                 // [R, Kp] in the kernel's column order, zero padded
   std::vector<float> sv;                 // [R, Kp/step, 16]: each 32-bit lane's block scale
-  std::vector<float> gs;                 // q8: [R, 1] 128 * sum_b d_b * sum(q_b); q4: [R, K/G] sum_{b in g} d_b * sum(q_b)
+  std::vector<float> gs;                 // q8: [R, 1] 128 * sum_b d_b * sum(q_b); q4: [R, Kp/128, 16] per lane d_b * (sum
+                                         // of its 8 codes), what the group offsets multiply
 };
 
 void quantize_row(const float* x, int64_t K, Kind kind, int64_t G, int8_t* q, float* sv, float* gs) {
   const int64_t kChunk = chunk_of(kind), Kp = (K + kChunk - 1) / kChunk * kChunk;
   std::memset(q, 0, Kp);
   const int64_t nblocks = Kp / kQBlock;
-  std::vector<float> d(nblocks, 0.f), sum(nblocks, 0.f);
+  std::vector<float> d(nblocks, 0.f), sum(nblocks, 0.f);  // each block's scale and sum of codes
   for (int64_t b = 0; b < nblocks; ++b) {
     const int64_t k0 = b * kQBlock, k1 = std::min(K, k0 + kQBlock);
     float amax = 0.f;
@@ -117,12 +118,13 @@ void quantize_row(const float* x, int64_t K, Kind kind, int64_t G, int8_t* q, fl
     double c = 0;
     for (int64_t b = 0; b < nblocks; ++b) c += double(d[b]) * sum[b];
     gs[0] = float(128.0 * c);
-  } else {
-    for (int64_t g = 0; g < K / G; ++g) {
-      double c = 0;
-      for (int64_t b = g * G / kQBlock; b < (g + 1) * G / kQBlock; ++b) c += double(d[b]) * sum[b];
-      gs[g] = float(c);
-    }
+  } else {  // lane i of a step holds bytes 4i..4i+3 of the low half and of the high half, block 4c + i / 4
+    for (int64_t c = 0; c < Kp / kChunk; ++c)
+      for (int lane = 0; lane < 16; ++lane) {
+        int32_t t = 0;
+        for (int j = 0; j < 4; ++j) t += q[c * kChunk + 4 * lane + j] + q[c * kChunk + 64 + 4 * lane + j];
+        gs[c * 16 + lane] = d[4 * c + lane / 4] * float(t);
+      }
   }
 }
 
@@ -133,7 +135,7 @@ void quantize_rows(const std::vector<const float*>& rows, int64_t K, Kind kind, 
   out.K = K;
   out.Kp = (K + kChunk - 1) / kChunk * kChunk;
   out.G = G;
-  out.ng = kind == kQ8 ? 1 : K / G;
+  out.ng = kind == kQ8 ? 1 : (out.Kp / kChunk) * 16;
   out.q.assign(R * out.Kp, 0);
   out.sv.assign(R * (out.Kp / kChunk) * 16, 0.f);
   out.gs.assign(R * out.ng, 0.f);
@@ -237,23 +239,23 @@ void dot_q8(const int8_t* const* xq, const float* const* sv, const int8_t* w, in
     for (int r = 0; r < NR; ++r) out[m * NR + r] = _mm512_reduce_add_ps(acc[m][r]);
 }
 
-// out[m * NR + r] = sum_g s[r][g] * sum_{b in g} d_b * sum_{k in b} qx[k] * code[r][k]   (the caller adds the m term)
+// out[m * NR + r] = sum_g (s[r][g] * sum_{b in g} d_b * sum_{k in b} qx[k] * code[r][k] + m[r][g] * sum_{b in g} d_b * sum qx)
 // scale_index: 32 words; word 2i + 1 is the group (from the step's first) of lane i's block
 template <int MR, int NR>
-void dot_q4(const int8_t* const* xq, const float* const* sv, const uint8_t* codes, const uint16_t* sm, int64_t K,
-            int64_t G, int64_t pf, const uint16_t* scale_index, float* out) {
+void dot_q4(const int8_t* const* xq, const float* const* sv, const float* const* xs, const uint8_t* codes,
+            const uint16_t* sm, int64_t K, int64_t G, int64_t pf, const uint16_t* scale_index, float* out) {
   __m512 acc[MR][NR];
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
   const __m512i low = _mm512_set1_epi8(0x0F);
   const __m512i sidx = _mm512_loadu_si512(scale_index);
-  const int64_t row_bytes = K / 2, row_sm = 2 * (K / G), steps = (K + 127) / 128;
+  const int64_t row_bytes = K / 2, ng = K / G, row_sm = 2 * ng, steps = (K + 127) / 128;
   for (int64_t c = 0; c < steps; ++c) {
     const int64_t k = c * 128, blocks = std::min<int64_t>(4, (K - k) / kQBlock);
     const int64_t g0 = k / G, groups = std::min<int64_t>(4, (blocks * kQBlock + G - 1) / G);
     const __mmask8 gmask = __mmask8((1u << groups) - 1);
     __m512i lo[NR], hi[NR];
-    __m512 ws[NR];
+    __m512 ws[NR], wm[NR];
     for (int r = 0; r < NR; ++r) {
       const uint8_t* p = codes + r * row_bytes + c * 64;
       __m512i v;
@@ -267,31 +269,21 @@ void dot_q4(const int8_t* const* xq, const float* const* sv, const uint8_t* code
       hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
       const __m128i s = _mm_maskz_loadu_epi16(gmask, sm + r * row_sm + g0);  // up to 4 group scales
       ws[r] = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, sidx, _mm512_castsi128_si512(s)));
+      const __m128i o = _mm_maskz_loadu_epi16(gmask, sm + r * row_sm + ng + g0);  // and offsets
+      wm[r] = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, sidx, _mm512_castsi128_si512(o)));
     }
     for (int m = 0; m < MR; ++m) {
       const __m512i xlo = _mm512_loadu_si512(xq[m] + k), xhi = _mm512_loadu_si512(xq[m] + k + 64);
-      const __m512 d = _mm512_loadu_ps(sv[m] + c * 16);
+      const __m512 d = _mm512_loadu_ps(sv[m] + c * 16), sums = _mm512_loadu_ps(xs[m] + c * 16);
       for (int r = 0; r < NR; ++r) {
         const __m512i i = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], xlo), hi[r], xhi);
         acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(d, ws[r]), acc[m][r]);
+        acc[m][r] = _mm512_fmadd_ps(wm[r], sums, acc[m][r]);
       }
     }
   }
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < NR; ++r) out[m * NR + r] = _mm512_reduce_add_ps(acc[m][r]);
-}
-
-// sum_g m[g] * gs[g], m bf16
-float offset_dot(const uint16_t* m, const float* gs, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
-  int64_t g = 0;
-  for (; g + 16 <= n; g += 16) {
-    const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + g)));
-    acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), _mm512_loadu_ps(gs + g), acc);
-  }
-  float total = _mm512_reduce_add_ps(acc);
-  for (; g < n; ++g) total += bf16_to_f32(m[g]) * gs[g];
-  return total;
 }
 
 #pragma GCC pop_options
@@ -328,14 +320,12 @@ void tile(const Acts& a, const int64_t* rows, const Matrix& W, int64_t n, float*
     return;
   }
   const uint8_t* codes = static_cast<const uint8_t*>(W.w) + n * (W.K / 2);
-  const int64_t ng = W.K / W.G;
-  const uint16_t* sm = W.sm + n * 2 * ng;
+  const uint16_t* sm = W.sm + n * 2 * (W.K / W.G);
+  const float* xs[MR];
+  for (int m = 0; m < MR; ++m) xs[m] = q.gs.data() + rows[m] * q.ng;
   uint16_t scale_index[32] = {};
   for (int lane = 0; lane < 16; ++lane) scale_index[2 * lane + 1] = uint16_t((lane / 4) * kQBlock / W.G);
-  dot_q4<MR, NR>(xq, sv, codes, sm, W.K, W.G, prefetch_distance(W.K / 2, NR), scale_index, out);
-  for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < NR; ++r)
-      out[m * NR + r] += offset_dot(sm + r * 2 * ng + ng, q.gs.data() + rows[m] * ng, ng);
+  dot_q4<MR, NR>(xq, sv, xs, codes, sm, W.K, W.G, prefetch_distance(W.K / 2, NR), scale_index, out);
 }
 
 template <int NR>
@@ -353,7 +343,8 @@ void matvec(const Acts& a, const int64_t* rows, int64_t M, const Matrix& W, int6
             int64_t ldo) {
   float buf[32];
   for (int64_t n = n0; n < n1;) {
-    const int nr = (M == 1 && n + 8 <= n1) ? 8 : n + 4 <= n1 ? 4 : 1;
+    // 8 rows at one token row (more loads in flight), except int4 (its 8 rows would not fit the registers)
+    const int nr = (M == 1 && W.kind != kQ4 && n + 8 <= n1) ? 8 : n + 4 <= n1 ? 4 : 1;
     for (int64_t m0 = 0; m0 < M; m0 += 4) {
       const int64_t mr = std::min<int64_t>(4, M - m0);
       if (nr == 8)
