@@ -333,6 +333,27 @@ def child(args) -> int:
     return 0
 
 
+def cpu() -> str:
+    """The CPU model and the instruction sets the engines can use (from /proc/cpuinfo, as lscpu
+    shows them), and which kernels smoe runs on it."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+              "amx_tile", "amx_int8", "amx_bf16")
+    from smoe import native
+
+    kernels = "native (AVX-512 BF16/VNNI)" if native.available() else f"PyTorch ({native.unavailable_reason()})"
+    return f"{model}; {' '.join(f for f in wanted if f in flags)}; smoe kernels: {kernels}"
+
+
 def commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -437,7 +458,7 @@ def main() -> int:
                      "bytes_per_token": int(bytes_per_token),
                      "prefill_gemm": round(m["prefill_tok_s"] * flops / 1e9
                                            / roof["gemm_bf16_gflops"], 3)})
-    lines = [f"model: {args.model}  commit: {commit()}  machine: {platform.processor() or platform.machine()}, "
+    lines = [f"model: {args.model}  commit: {commit()}  machine: {cpu()}, "
              f"{args.threads} threads  bandwidth {roof['bandwidth_gbs']} GB/s  bf16 GEMM {roof['gemm_bf16_gflops']} "
              "GFLOP/s", "",
              "| precision | batch | engine | decode tok/s | of roofline | prefill tok/s | of GEMM | TTFT 512 (ms) | "
@@ -449,8 +470,8 @@ def main() -> int:
     text = "\n".join(lines)
     print(text)
     (args.out / "results.md").write_text(text + "\n")
-    (args.out / "results.json").write_text(json.dumps({"rooflines": roof, "rows": rows, "commit": commit(),
-                                                       "model": str(args.model)}, indent=2) + "\n")
+    summary = {"rooflines": roof, "rows": rows, "commit": commit(), "cpu": cpu(), "model": str(args.model)}
+    (args.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     chart(rows, args.out / "engines.png",
           f"{args.model.name}: smoe vs llama.cpp vs transformers ({args.threads} threads)")
     print(f"wrote {args.out}/results.md, results.json, engines.png")
