@@ -24,6 +24,16 @@ from smoe.sampling import Sampler, SamplingParams
 from smoe.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model (log-softmax of its logits, before any
+    sampling setting) and the `top` most likely tokens at that position as (id, logprob)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
 @dataclass
 class Sequence:
     prompt_ids: list[int]
@@ -32,6 +42,9 @@ class Sequence:
     token_ids: list[int] = field(default_factory=list)  # generated, including a final stop token
     text: str = ""  # generated text so far, with its leading space (stop strings and tokens excluded)
     finish_reason: str | None = None  # "stop" (EOS, stop token or string) or "length"
+    prefilled: int = 0  # prompt tokens already in the cache (prefill runs in chunks)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token (params.logprobs)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt tokens 1.. (params.prompt_logprobs)
     prefill_s: float = 0.0
     decode_s: float = 0.0
     started: float = 0.0
@@ -39,6 +52,10 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < len(self.prompt_ids)
 
     @property
     def position(self) -> int:
@@ -149,6 +166,14 @@ class Engine:
 
     def add(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         """Put a sequence in a free row and prefill its prompt (its first token is sampled here)."""
+        seq = self.admit(prompt_ids, params)
+        while seq.prefilling:
+            self.prefill(seq)
+        return seq
+
+    def admit(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        """Put a sequence in a free row without computing anything: `prefill()` then feeds its
+        prompt chunk by chunk, so that a scheduler can interleave long prompts with decode steps."""
         vocab = self.config.vocab_size
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
@@ -164,18 +189,31 @@ class Engine:
         self._pending[row] = ""
         if self.tokenizer is not None:
             self._detok[row] = IncrementalDetokenizer(self.tokenizer, context=prompt_ids)
-        view = self.cache.view(row, row + 1)
-        view.reset()
-        device = self.model.device
-        ids = torch.tensor([prompt_ids], device=device)  # [1, P]
-        with torch.inference_mode():
-            for start in range(0, len(prompt_ids), self.prefill_chunk):
-                chunk = ids[:, start : start + self.prefill_chunk]  # [1, C]
-                positions = torch.arange(start, start + chunk.shape[1], device=device)[None]  # [1, C]
-                logits = self.model(chunk, positions, view, last_only=True)  # [1, 1, V]
-        seq.prefill_s = time.perf_counter() - seq.started
-        self._accept(seq, self._sample(seq, logits[0, -1]))
+        self.cache.view(row, row + 1).reset()
         return seq
+
+    def prefill(self, seq: Sequence) -> str:
+        """Feed the next chunk (up to prefill_chunk tokens) of a sequence's prompt; after the
+        last one, sample its first token and return the text it makes visible."""
+        start = seq.prefilled
+        chunk_ids = seq.prompt_ids[start : start + self.prefill_chunk]
+        device = self.model.device
+        with torch.inference_mode():
+            chunk = torch.tensor([chunk_ids], device=device)  # [1, C]
+            positions = torch.arange(start, start + len(chunk_ids), device=device)[None]  # [1, C]
+            want = seq.params.prompt_logprobs
+            logits = self.model(chunk, positions, self.cache.view(seq.row, seq.row + 1),
+                                last_only=want is None)  # [1, C, V] or [1, 1, V]
+            if want is not None:
+                # logits at position i score prompt token i + 1 (the last one scores the first new token)
+                targets = seq.prompt_ids[start + 1 : start + len(chunk_ids) + 1]
+                seq.prompt_logprobs += token_logprobs(logits[0, : len(targets)], targets, want)
+        seq.prefilled += len(chunk_ids)
+        if seq.prefilling:
+            return ""
+        seq.prefill_s = time.perf_counter() - seq.started
+        last = logits[0, -1]  # [V]
+        return self._accept(seq, self._sample(seq, last), last)
 
     def remove(self, seq: Sequence) -> None:
         if 0 <= seq.row < len(self.rows) and self.rows[seq.row] is seq:
@@ -185,7 +223,12 @@ class Engine:
 
     @property
     def active(self) -> list[Sequence]:
-        return [s for s in self.rows if s is not None and not s.finished]
+        """Sequences with their prompt in the cache and tokens still to generate."""
+        return [s for s in self.rows if s is not None and not s.finished and not s.prefilling]
+
+    @property
+    def prefilling(self) -> list[Sequence]:
+        return [s for s in self.rows if s is not None and s.prefilling]
 
     # --------------------------------------------------------------------- decode
     def step(self) -> list[tuple[Sequence, str]]:
@@ -198,29 +241,40 @@ class Engine:
         hi = max(s.row for s in live) + 1
         if self.cache.static:  # compiled: every row, always: one shape, one compiled step
             lo, hi = 0, len(self.rows)
-        tokens, positions = [], []
+        tokens, positions, half_filled = [], [], []
         for row in range(lo, hi):
             seq = self.rows[row]
-            if seq is not None and not seq.finished:
+            if seq is not None and seq.prefilling:
+                # a prompt still being fed: write into the slot its next chunk overwrites, and
+                # forget that slot's position again below (its next chunk must not see it)
+                tokens.append(0)
+                positions.append(seq.prefilled)
+                half_filled.append(row)
+            elif seq is not None and not seq.finished:
                 tokens.append(seq.token_ids[-1])
                 positions.append(seq.position - 1)
             else:  # an idle row in the span: recompute its last position, harmlessly
                 tokens.append(0)
                 positions.append(max((seq.position - 1) if seq else 0, 0))
         device = self.model.device
+        slot_pos = self.cache.slot_pos
+        kept = [(row, slot_pos[row].clone()) for row in half_filled]
         with torch.inference_mode():
             logits = self.decode_model(
                 torch.tensor(tokens, device=device)[:, None],  # [b, 1]
                 torch.tensor(positions, device=device)[:, None],  # [b, 1]
                 self.cache.view(lo, hi),
             )[:, -1]  # [b, V]
+        for row, saved in kept:
+            slot_pos[row] = saved
         out = []
         greedy = all(s.params.greedy and s.params.repetition_penalty == 1.0 for s in live)
         if greedy:
             best = logits.argmax(-1).tolist()
         for seq in live:
-            token = best[seq.row - lo] if greedy else self._sample(seq, logits[seq.row - lo])
-            out.append((seq, self._accept(seq, token)))
+            row_logits = logits[seq.row - lo]  # [V]
+            token = best[seq.row - lo] if greedy else self._sample(seq, row_logits)
+            out.append((seq, self._accept(seq, token, row_logits)))
         dt = time.perf_counter() - t0
         for seq in live:
             seq.decode_s += dt
@@ -229,9 +283,11 @@ class Engine:
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
         return self._samplers[seq.row](logits)
 
-    def _accept(self, seq: Sequence, token: int) -> str:
+    def _accept(self, seq: Sequence, token: int, logits: torch.Tensor) -> str:
         """Record a sampled token, apply stop rules, and return the text it makes visible."""
         seq.token_ids.append(token)
+        if seq.params.logprobs is not None:
+            seq.logprobs += token_logprobs(logits[None], [token], seq.params.logprobs)
         self._samplers[seq.row].add(token)
         params = seq.params
         stopped = token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos)
@@ -262,6 +318,19 @@ class Engine:
             emit, self._pending[seq.row] = pending[: len(pending) - keep], pending[len(pending) - keep :]
         seq.text += emit
         return emit
+
+
+def token_logprobs(logits: torch.Tensor, targets: list[int], top: int) -> list[TokenLogprob]:
+    """logits [n, V] at n positions, the token that came next at each -> its log-probability
+    (fp32 log-softmax) and the `top` most likely tokens there."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [n, V]
+    chosen = logprobs.gather(1, torch.tensor(targets, device=logits.device)[:, None])[:, 0].tolist()  # [n]
+    if top:
+        values, ids = logprobs.topk(top, dim=-1)  # [n, top]
+        alternatives = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+    else:
+        alternatives = [[] for _ in targets]
+    return [TokenLogprob(t, lp, alt) for t, lp, alt in zip(targets, chosen, alternatives, strict=True)]
 
 
 # ---------------------------------------------------------------------- drivers

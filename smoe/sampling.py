@@ -15,6 +15,9 @@ import torch
 from smoe.errors import GenerationError
 
 
+MAX_LOGPROBS = 20  # alternatives per token a request may ask for (vLLM's default limit)
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 256
@@ -27,6 +30,8 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings (not included in the text)
     stop_token_ids: list[int] = field(default_factory=list)  # in addition to the model's EOS
     ignore_eos: bool = False
+    logprobs: int | None = None  # log-probability of each generated token, with this many alternatives
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (after the first)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -40,6 +45,10 @@ class SamplingParams:
             ("min_p", _finite(self.min_p) and 0 <= self.min_p <= 1, "a number in [0, 1]"),
             ("repetition_penalty", _finite(self.repetition_penalty) and self.repetition_penalty > 0, "a number > 0"),
         ]
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_LOGPROBS)
+            checks.append((name, ok, f"an integer in [0, {MAX_LOGPROBS}]"))
         for name, ok, what in checks:
             if not ok:
                 raise GenerationError(f"{name} must be {what}, got {getattr(self, name)!r}")

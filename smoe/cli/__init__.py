@@ -4,6 +4,7 @@
     train.py        train, finetune
     analysis.py     routes, profile
     checkpoints.py  info, quantize, lora merge, bench
+    serve.py        serve (the OpenAI-compatible server, smoe/server)
     common.py       the model and sampling flags every model verb shares
 
 User mistakes (bad path, bad flag value, broken checkpoint) print one line
@@ -16,7 +17,7 @@ import argparse
 import os
 import sys
 
-from smoe.cli import analysis, checkpoints, generate, train
+from smoe.cli import analysis, checkpoints, generate, serve, train
 from smoe.cli.common import EXIT_USAGE, LOADED
 
 
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"smoe {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for family in (generate, train, analysis, checkpoints):
+    for family in (generate, train, analysis, checkpoints, serve):
         family.register(sub)
     return parser
 

@@ -1,0 +1,113 @@
+"""`smoe serve`: an OpenAI-compatible HTTP server (docs/SERVING.md).
+
+    app.py        the HTTP shell: routes, request checks, errors, API key, SSE streaming
+    protocol.py   the request bodies (pydantic)
+    scheduler.py  the thread that owns the engine: continuous batching, chunked prefill, cancellation
+    metrics.py    Prometheus metrics
+    static/       the chat page at /
+
+The server starts listening at once (GET /health answers 503 while the model loads) and
+loads the model in a background thread.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+
+from smoe.errors import SmoeError
+
+DEFAULT_MAX_CONTEXT = 4096
+
+
+def serve(args) -> int:
+    import uvicorn
+
+    from smoe.server.app import ServerState, create_app
+
+    api_key = args.api_key or os.environ.get("SMOE_API_KEY") or None
+    _check_flags(args)
+    sock = _bind(args.host, args.port)
+    name = args.served_model_name or _model_name(args.model)
+    state = ServerState(model_name=name, api_key=api_key, max_body=args.max_body)
+    origins = [o.strip() for o in args.allowed_origins.split(",")] if args.allowed_origins else None
+    app = create_app(state, allowed_origins=origins)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5))
+    failure: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            _load_into(state, args)
+            host, port = sock.getsockname()[:2]
+            key = "API key required" if api_key else "no API key (anyone who can reach the port can use it)"
+            print(f"smoe serve: {name} ready on http://{host}:{port} (chat page at /, {key})", file=sys.stderr)
+        except BaseException as e:  # reported by the main thread, which exits with status 2
+            failure.append(e)
+            state.load_error = f"the model failed to load: {e}"
+            server.should_exit = True
+
+    threading.Thread(target=load, name="smoe-load", daemon=True).start()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if state.scheduler is not None:
+            state.scheduler.stop()
+    if failure:
+        raise failure[0]
+    return 0
+
+
+def _check_flags(args) -> None:
+    checks = [("--port", 0 <= args.port <= 65535, "a port number 0..65535"),
+              ("--max-batch", args.max_batch >= 1, "at least 1"),
+              ("--max-queue", args.max_queue >= 0, "0 or more"),
+              ("--max-context", args.max_context is None or args.max_context >= 2, "at least 2"),
+              ("--max-body", args.max_body >= 1024, "at least 1024 bytes"),
+              ("--prefill-chunk", args.prefill_chunk >= 1, "at least 1")]
+    for flag, ok, what in checks:
+        if not ok:
+            raise SmoeError(f"{flag} must be {what}")
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise SmoeError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); "
+                        f"pick another port or stop what is using it") from None
+    return sock
+
+
+def _model_name(model: str | None) -> str:
+    from pathlib import Path
+
+    return "smoe-demo" if model is None else Path(model).resolve().name
+
+
+def _load_into(state, args) -> None:
+    from smoe.cli.common import load
+    from smoe.generate import Engine
+    from smoe.offload import format_bytes
+    from smoe.server.scheduler import Scheduler
+
+    model, tokenizer = load(args)
+    context = model.config.max_position_embeddings
+    max_context = min(args.max_context or DEFAULT_MAX_CONTEXT, context)
+    engine = Engine(model, tokenizer, max_batch_size=args.max_batch, max_seq_len=max_context,
+                    prefill_chunk=args.prefill_chunk, compile=args.compile)
+    print(f"smoe serve: {args.max_batch} sequences x {engine.max_seq_len} tokens of KV cache "
+          f"({format_bytes(engine.cache.nbytes)}), queue of {args.max_queue}", file=sys.stderr)
+    state.tokenizer = tokenizer
+    state.vocab_size = model.config.vocab_size
+    state.max_context = engine.max_seq_len
+    state.num_layers = model.config.num_hidden_layers
+    state.num_experts = model.config.num_local_experts
+    scheduler = Scheduler(engine, max_queue=args.max_queue, metrics=state.metrics)
+    scheduler.start()
+    state.scheduler = scheduler  # last: from here on the routes answer
