@@ -124,8 +124,9 @@ class KVCache:
             key_pos = slot_pos[:, :kv_len]  # [B, kv_len]
 
         is_causal = False
-        if T == 1 and B == 1:
-            # one sequence, one token: every filled slot is in its past and in its window
+        if T == 1 and B == 1 and (not self.rolling or int(positions[0, 0]) >= self.num_slots - 1):
+            # one sequence, one token, every slot attended filled (a rolling buffer only once it
+            # has wrapped: before that its later slots are empty, or hold a previous sequence's keys)
             mask = None
         elif (
             B == 1 and not concat and kv_len == T and int(positions[0, 0]) == 0

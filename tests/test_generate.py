@@ -172,3 +172,50 @@ def test_stop_none_means_no_stop_strings(chat_model):
     model, tok = chat_model
     plain = smoe.generate(model, tok, "The weather today", max_tokens=8, ignore_eos=True)
     assert smoe.generate(model, tok, "The weather today", max_tokens=8, ignore_eos=True, stop=None).text == plain.text
+
+
+@pytest.mark.parametrize("max_seq_len", [24, 40, 64])
+def test_cached_decode_equals_uncached_when_the_window_is_not_yet_full(checkpoint_factory, max_seq_len):
+    """A prompt shorter than the sliding window, in a cache longer than it (a rolling buffer whose
+    later slots are still empty): each greedy step equals a forward pass over the whole sequence."""
+    model, _ = smoe.load(checkpoint_factory(sliding_window=16))
+    prompt = list(range(5, 9))
+    seq = list(prompt)
+    with torch.inference_mode():
+        for _ in range(20):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    engine = Engine(model, max_batch_size=1, max_seq_len=max_seq_len)
+    s = engine.add(prompt, SamplingParams(max_tokens=20, ignore_eos=True))
+    while engine.active:
+        engine.step()
+    assert s.token_ids == seq[len(prompt):]
+
+
+def test_prompts_fed_in_chunks_between_decode_steps(checkpoint_factory):
+    """What the server's scheduler does: admit a long prompt and feed it a chunk at a time while
+    another sequence decodes; both give what they give alone, and the prompt's logprobs are the
+    model's log-softmax."""
+    model, _ = smoe.load(checkpoint_factory(sliding_window=6))
+    long_prompt, short_prompt = list(range(3, 40)), list(range(50, 55))
+    params = lambda **kw: SamplingParams(max_tokens=12, ignore_eos=True, **kw)  # noqa: E731
+    alone = {tuple(p): smoe.generate(model, None, p, max_tokens=12, ignore_eos=True).token_ids
+             for p in (long_prompt, short_prompt)}
+    engine = Engine(model, max_batch_size=3, max_seq_len=64, prefill_chunk=5)
+    a = engine.add(short_prompt, params())
+    b = engine.admit(long_prompt, params(prompt_logprobs=2, logprobs=0))
+    assert b.prefilling and engine.active == [a]
+    while b.prefilling:
+        engine.prefill(b)
+        engine.step()
+    while engine.active:
+        engine.step()
+    assert a.token_ids == alone[tuple(short_prompt)] and b.token_ids == alone[tuple(long_prompt)]
+    with torch.inference_mode():
+        ref = torch.log_softmax(model(torch.tensor([long_prompt])).float()[0], -1)  # [P, V]
+    got = torch.tensor([e.logprob for e in b.prompt_logprobs])
+    expected = ref[:-1].gather(1, torch.tensor(long_prompt[1:])[:, None])[:, 0]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert [e.token_id for e in b.prompt_logprobs] == long_prompt[1:]
+    assert all(len(e.top) == 2 and e.top[0][1] == pytest.approx(ref[i].max().item(), abs=1e-5)
+               for i, e in enumerate(b.prompt_logprobs))
+    assert [e.token_id for e in b.logprobs] == b.token_ids and all(e.top == [] for e in b.logprobs)
