@@ -24,6 +24,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from smoe.errors import GenerationError, TokenizerError
@@ -76,11 +77,44 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-class BodyLimit:
-    """413 for a body over `limit` bytes, whether it announces its length or streams it."""
+class KeyAndCount:
+    """The API key on every route but /health and the page (compared in constant time), and a
+    count of requests by route and status. Plain ASGI (BaseHTTPMiddleware would hide client
+    disconnects from the routes)."""
 
-    class TooLarge(Exception):
-        pass
+    def __init__(self, app, state: ServerState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, key = scope["path"], self.state.api_key
+        requests = self.state.metrics.requests
+        if key is not None and path not in OPEN_PATHS and scope["method"] != "OPTIONS":
+            headers = Headers(scope=scope)
+            given = headers.get("authorization", "")
+            token = given[7:] if given[:7].lower() == "bearer " else headers.get("x-api-key", "")
+            if not hmac.compare_digest(token.encode(), key.encode()):
+                requests.labels(_route(path), "401").inc()
+                response = error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                          "authentication_error", code="invalid_api_key")
+                return await response(scope, receive, send)
+        status = [500]
+
+        async def counted_send(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted_send)
+        finally:
+            requests.labels(_route(path), str(status[0])).inc()
+
+
+class BodyLimit:
+    """413 for a body over `limit` bytes, whether it announces its length or streams it: the
+    body is read here (at most `limit` bytes held) and handed on whole."""
 
     def __init__(self, app, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -91,28 +125,23 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await self._refuse(scope, receive, send)
-        seen = 0
-        started = False
-
-        async def limited_receive():
-            nonlocal seen
+        chunks, size = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise BodyLimit.TooLarge
-            return message
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self._refuse(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        whole = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
-        async def watched_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+        async def replay():
+            return whole.pop() if whole else await receive()  # then: the real one (disconnects)
 
-        try:
-            await self.app(scope, limited_receive, watched_send)
-        except BodyLimit.TooLarge:
-            if not started:
-                await self._refuse(scope, receive, send)
+        await self.app(scope, replay, send)
 
     async def _refuse(self, scope, receive, send):
         response = error_response(413, f"the request body is larger than the server's limit of {self.limit} bytes",
@@ -151,21 +180,8 @@ def create_app(state: ServerState, allowed_origins: list[str] | None = None) -> 
     async def _internal(request: Request, e: Exception):
         return error_response(500, f"internal error: {type(e).__name__}", "internal_error")
 
-    @app.middleware("http")
-    async def _key_and_count(request: Request, call_next):
-        path = request.url.path
-        if state.api_key is not None and path not in OPEN_PATHS and request.method != "OPTIONS":
-            given = request.headers.get("authorization", "")
-            token = given[7:] if given[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
-            if not hmac.compare_digest(token.encode(), state.api_key.encode()):
-                metrics.requests.labels(_route(path), "401").inc()
-                return error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                      "authentication_error", code="invalid_api_key")
-        response = await call_next(request)
-        metrics.requests.labels(_route(path), str(response.status_code)).inc()
-        return response
-
     app.add_middleware(BodyLimit, limit=state.max_body)
+    app.add_middleware(KeyAndCount, state=state)  # outermost: no key, nothing else happens
     if allowed_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -463,12 +479,18 @@ async def _run(scheduler: Scheduler, request: Request, jobs: list[Job]) -> dict[
     acc = {j.index: ["", [], [], None, None] for j in jobs}
     left = len(jobs)
     try:
+        loop = asyncio.get_running_loop()
+        next_check = loop.time() + DISCONNECT_POLL_S
         while left:
             try:
                 job, update = await asyncio.wait_for(outbox.get(), DISCONNECT_POLL_S)
             except TimeoutError:
+                update = None
+            if loop.time() >= next_check:  # updates may come every few ms: look at the clock, not at gaps
                 if await request.is_disconnected():
                     return {}
+                next_check = loop.time() + DISCONNECT_POLL_S
+            if update is None:
                 continue
             _raise_failed(update)
             a = acc[job.index]

@@ -80,13 +80,17 @@ class CompletionRequest(SamplingFields):
     best_of: StrictInt | None = None
     suffix: str | None = None
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
     def _prompt(cls, v):
-        if isinstance(v, list) and not v:
-            raise ValueError("the prompt list is empty")
-        if isinstance(v, list) and isinstance(v[0], list) and any(not p for p in v):
-            raise ValueError("a token-id prompt is empty")
+        def ids(x):
+            return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in x)
+
+        ok = (isinstance(v, str) or (isinstance(v, list) and v and (
+            all(isinstance(p, str) for p in v) or ids(v) or all(ids(p) and p for p in v))))
+        if not ok:
+            raise ValueError("must be a string, a list of strings, a list of token ids (integers >= 0) or a "
+                             "list of such lists, none of them empty")
         return v
 
     @model_validator(mode="after")
