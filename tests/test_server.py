@@ -440,7 +440,7 @@ def test_metrics_count_requests_and_tokens(server):
                  "smoe_decode_tokens_per_second"):
         assert name in text
     before = server.metric("smoe_generation_tokens_total")
-    server.client().completions.create(model=MODEL, prompt="Hi", max_tokens=5, temperature=0, ignore_eos=True,
+    server.client().completions.create(model=MODEL, prompt="Hi", max_tokens=5, temperature=0,
                                        extra_body={"ignore_eos": True})
     assert server.metric("smoe_generation_tokens_total") == before + 5
 
