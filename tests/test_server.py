@@ -7,87 +7,27 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
-import re
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
 import smoe
+from serving import KEY, MODEL, Server
 from smoe.generate import _result
 
 openai = pytest.importorskip("openai")
 
-KEY = "test-key-123"
-MODEL = "smoe-demo"
 PROMPTS = [
     "The meaning of life is", "Once upon a time", "def fibonacci(n):", "The capital of France",
     "In 1905, Einstein", "Roses are red,", "import numpy as np\n", "The quick brown fox",
     "Dear Sir or Madam,", "Water boils at", "My favourite food is", "To be or not to be",
     "The stock market", "SELECT * FROM", "Photosynthesis is", "It was a dark and stormy night",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, *flags: str, key: str | None = KEY) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        args = [sys.executable, "-m", "smoe", "serve", "--port", str(self.port), "--log-level", "warning", *flags]
-        if key:
-            args += ["--api-key", key]
-        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"smoe-serve-{self.port}.log", "w+")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
-        self.key = key
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            assert self.proc.poll() is None, self.output()
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError("server did not become ready:\n" + self.output())
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read()
-
-    def client(self, **kw) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=self.key or "none", max_retries=0, **kw)
-
-    def post(self, path: str, body=None, key: str | None = "default", **kw) -> httpx.Response:
-        headers = {} if key is None else {"Authorization": f"Bearer {self.key if key == 'default' else key}"}
-        return httpx.post(self.url + path, json=body, headers=headers, timeout=60, **kw)
-
-    def get(self, path: str, key: str | None = "default") -> httpx.Response:
-        headers = {} if key is None else {"Authorization": f"Bearer {self.key if key == 'default' else key}"}
-        return httpx.get(self.url + path, headers=headers, timeout=60)
-
-    def metric(self, name: str) -> float:
-        text = self.get("/metrics").text
-        m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
-        return float(m.group(1)) if m else 0.0
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -263,8 +203,12 @@ def test_tokenize_detokenize_and_tokenizer_info(server, demo):
         text, bos=False)
     assert server.post("/detokenize", {"tokens": r["tokens"]}).json()["prompt"] == tok.decode(r["tokens"])
     info = server.get("/tokenizer_info").json()
-    assert info["eos_token"] == tok.decode([tok.eos_id]) or info["eos_token"] is not None
-    assert info["model_max_length"] == 1024
+    assert (info["bos_token"], info["eos_token"], info["model_max_length"]) == ("<s>", "</s>", 1024)
+    # as Hugging Face tokenizers and vLLM read it (lm-eval finds the EOS id so); prompts for generation do not
+    r = server.post("/tokenize", {"prompt": "</s>", "add_special_tokens": False}).json()
+    assert r["tokens"] == [tok.eos_id]
+    assert server.post("/tokenize", {"prompt": "a</s>b"}).json()["tokens"] == [
+        tok.bos_id, *tok.encode("a", bos=False), tok.eos_id, *tok.encode("b", bos=False)]
 
 
 # ------------------------------------------------------------------------------- errors

@@ -230,10 +230,9 @@ def create_app(state: ServerState, allowed_origins: list[str] | None = None) -> 
         if tok is None:
             raise APIError(404, "this model has no tokenizer", "not_found_error")
 
-        def text(i):
-            return None if i is None else _token_text(tok, i)
-
-        return {"eos_token": text(tok.eos_id), "bos_token": text(tok.bos_id), "pad_token": None,
+        specials = _special_tokens(tok)
+        names = {i: text for text, i in specials.items()}
+        return {"eos_token": names.get(tok.eos_id), "bos_token": names.get(tok.bos_id), "pad_token": None,
                 "model_max_length": state.max_context, "vocab_size": state.vocab_size}
 
     @app.post("/tokenize")
@@ -243,7 +242,7 @@ def create_app(state: ServerState, allowed_origins: list[str] | None = None) -> 
         if body.messages is not None:
             ids = _chat_ids(state, body.messages)
         else:
-            ids = _tokenizer(state).encode(body.prompt, bos=body.add_special_tokens)
+            ids = _encode_with_specials(_tokenizer(state), body.prompt, bos=body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": state.max_context}
 
     @app.post("/detokenize")
@@ -290,14 +289,16 @@ def create_app(state: ServerState, allowed_origins: list[str] | None = None) -> 
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
 
-        def choice(job: Job, text: str, ids: list[int], lps: list[TokenLogprob], prompt_lps, finish) -> dict:
+        def echoed(job: Job) -> str:
             prompt_text, prompt_ids = prompts[job.index // body.n]
+            return prompt_text if prompt_text is not None else _tokenizer(state).decode(prompt_ids)
+
+        def choice(job: Job, text: str, ids: list[int], lps: list[TokenLogprob], prompt_lps, finish) -> dict:
+            prompt_ids = prompts[job.index // body.n][1]
             if echo_only:
                 text, ids, lps, finish = "", [], [], "length"
-            c = {"index": job.index, "text": text, "logprobs": None, "finish_reason": finish}
-            if body.echo:
-                shown = prompt_text if prompt_text is not None else _tokenizer(state).decode(prompt_ids)
-                c["text"] = shown + text
+            c = {"index": job.index, "text": echoed(job) + text if body.echo else text, "logprobs": None,
+                 "finish_reason": finish}
             if logprobs is not None:
                 c["logprobs"] = _completion_logprobs(state, prompt_ids, prompt_lps if body.echo else None,
                                                      ids, lps, logprobs)
@@ -312,8 +313,7 @@ def create_app(state: ServerState, allowed_origins: list[str] | None = None) -> 
                     text = ""
                 c = {"index": job.index, "text": text, "logprobs": None, "finish_reason": update.finish_reason}
                 if body.echo and first:
-                    prompt_text, prompt_ids = prompts[job.index // body.n]
-                    c["text"] = (prompt_text if prompt_text is not None else _tokenizer(state).decode(prompt_ids)) + text
+                    c["text"] = echoed(job) + text
                 if logprobs is not None:
                     c["logprobs"] = _completion_logprobs(
                         state, job.prompt_ids, update.prompt_logprobs if body.echo and first else None,
@@ -533,7 +533,9 @@ def _stream(scheduler, request, jobs, chunk, body, rid, created, obj, state) -> 
             if include_usage and not left:
                 echo_only = getattr(body, "max_tokens", None) == 0
                 usage = _usage(sum(len(j.prompt_ids) for j in jobs), 0 if echo_only else completion_tokens)
-                yield f"data: {json.dumps({'id': rid, 'object': obj, 'created': created, 'model': state.model_name, 'choices': [], 'usage': usage})}\n\n"
+                last = {"id": rid, "object": obj, "created": created, "model": state.model_name, "choices": [],
+                        "usage": usage}
+                yield f"data: {json.dumps(last)}\n\n"
             yield "data: [DONE]\n\n"
         finally:  # the client went away (or we are done): free the cache rows now
             for job in jobs:
@@ -543,8 +545,32 @@ def _stream(scheduler, request, jobs, chunk, body, rid, created, obj, state) -> 
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def _token_text(tokenizer, token_id: int) -> str:
-    return tokenizer.decode([token_id]) if token_id is not None else ""
+def _special_tokens(tok) -> dict[str, int]:
+    """The BOS and EOS tokens by their text ('<s>', '</s>')."""
+    piece = getattr(tok, "id_to_piece", None)
+    out = {}
+    for i, default in ((tok.bos_id, "<s>"), (tok.eos_id, "</s>")):
+        if i is not None:
+            out[piece(i) if piece is not None else default] = i
+    return out
+
+
+def _encode_with_specials(tok, text: str, *, bos: bool) -> list[int]:
+    """/tokenize as Hugging Face tokenizers and vLLM do it: the text of a special token ('</s>')
+    becomes that token (clients such as lm-eval find the EOS id this way). Prompts sent for
+    generation are not read like this: there, '</s>' typed by a user is just text."""
+    specials = _special_tokens(tok)
+    ids = [tok.bos_id] if bos and tok.bos_id is not None else []
+    if not specials:
+        return ids + tok.encode(text, bos=False)
+    import re
+
+    for part in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
+        if part in specials:
+            ids.append(specials[part])
+        elif part:
+            ids += tok.encode(part, bos=False)
+    return ids
 
 
 def _alternatives(tokenizer, before: list[int], top: list[tuple[int, float]]) -> list[tuple[str, float]]:
