@@ -14,7 +14,6 @@ import torch
 
 from smoe.errors import GenerationError
 
-
 MAX_LOGPROBS = 20  # alternatives per token a request may ask for (vLLM's default limit)
 
 
@@ -47,7 +46,7 @@ class SamplingParams:
         ]
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_LOGPROBS)
+            ok = value is None or (type(value) is int and 0 <= value <= MAX_LOGPROBS)
             checks.append((name, ok, f"an integer in [0, {MAX_LOGPROBS}]"))
         for name, ok, what in checks:
             if not ok:
