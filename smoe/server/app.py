@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from smoe.errors import GenerationError, TokenizerError
 from smoe.generate import TokenLogprob
-from smoe.routing import token_pieces
+from smoe.routing import expert_color, token_pieces
 from smoe.sampling import SamplingParams
 from smoe.server.metrics import Metrics
 from smoe.server.protocol import (
@@ -262,7 +262,8 @@ def create_app(state: ServerState, allowed_origins: list[str] | None = None) -> 
             raise APIError(400, f"{len(body.tokens)} tokens exceed the context of {state.max_context}", param="tokens")
         future = scheduler.call(lambda engine: _trace(engine.model, body.tokens))
         experts = await asyncio.wrap_future(future)
-        return {"layers": state.num_layers, "experts": state.num_experts, "token_experts": experts}
+        return {"layers": state.num_layers, "experts": state.num_experts, "token_experts": experts,
+                "palette": [expert_color(e) for e in range(state.num_experts)]}
 
     # -------------------------------------------------------------------- completions
     @app.post("/v1/completions")
@@ -321,6 +322,8 @@ def create_app(state: ServerState, allowed_origins: list[str] | None = None) -> 
                         context=None if first else before)
                 if body.return_token_ids:
                     c["token_ids"] = [] if echo_only else update.token_ids
+                    if first:
+                        c["prompt_token_ids"] = job.prompt_ids
                 return {"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
                         "choices": [c]}
 
@@ -359,6 +362,8 @@ def create_app(state: ServerState, allowed_origins: list[str] | None = None) -> 
                                                                update.logprobs, top)}
                 if body.return_token_ids:
                     c["token_ids"] = update.token_ids
+                    if first:
+                        c["prompt_token_ids"] = job.prompt_ids
                 return {"id": rid, "object": "chat.completion.chunk", "created": created,
                         "model": state.model_name, "choices": [c]}
 
