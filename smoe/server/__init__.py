@@ -92,22 +92,32 @@ def _model_name(model: str | None) -> str:
 
 def _load_into(state, args) -> None:
     from smoe.cli.common import load
+
+    model, tokenizer = load(args)
+    attach(state, model, tokenizer, max_batch=args.max_batch, max_context=args.max_context,
+           prefill_chunk=args.prefill_chunk, max_queue=args.max_queue, compile=args.compile)
+
+
+def attach(state, model, tokenizer, *, max_batch: int = 8, max_context: int | None = None, prefill_chunk: int = 256,
+           max_queue: int = 64, compile: bool = False):
+    """Give a ServerState its engine and a running scheduler: from then on the routes answer.
+    -> the Scheduler (stop() it when done)."""
     from smoe.generate import Engine
     from smoe.offload import format_bytes
     from smoe.server.scheduler import Scheduler
 
-    model, tokenizer = load(args)
     context = model.config.max_position_embeddings
-    max_context = min(args.max_context or DEFAULT_MAX_CONTEXT, context)
-    engine = Engine(model, tokenizer, max_batch_size=args.max_batch, max_seq_len=max_context,
-                    prefill_chunk=args.prefill_chunk, compile=args.compile)
-    print(f"smoe serve: {args.max_batch} sequences x {engine.max_seq_len} tokens of KV cache "
-          f"({format_bytes(engine.cache.nbytes)}), queue of {args.max_queue}", file=sys.stderr)
+    engine = Engine(model, tokenizer, max_batch_size=max_batch,
+                    max_seq_len=min(max_context or DEFAULT_MAX_CONTEXT, context), prefill_chunk=prefill_chunk,
+                    compile=compile)
+    print(f"smoe serve: {max_batch} sequences x {engine.max_seq_len} tokens of KV cache "
+          f"({format_bytes(engine.cache.nbytes)}), queue of {max_queue}", file=sys.stderr)
     state.tokenizer = tokenizer
     state.vocab_size = model.config.vocab_size
     state.max_context = engine.max_seq_len
     state.num_layers = model.config.num_hidden_layers
     state.num_experts = model.config.num_local_experts
-    scheduler = Scheduler(engine, max_queue=args.max_queue, metrics=state.metrics)
+    scheduler = Scheduler(engine, max_queue=max_queue, metrics=state.metrics)
     scheduler.start()
     state.scheduler = scheduler  # last: from here on the routes answer
+    return scheduler
