@@ -257,6 +257,20 @@ def test_bad_chat_requests_are_400(server):
         error(server.post("/v1/chat/completions", {"model": MODEL, **body}), 400, "invalid_request_error")
 
 
+def test_text_that_is_not_unicode_is_400(server):
+    for path, body in (("/v1/completions", {"prompt": "\ud800 hi"}), ("/tokenize", {"prompt": "a\udfff"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud83d"}]})):
+        r = httpx.post(server.url + path, content=json.dumps(body).encode(), timeout=10,
+                       headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        error(r, 400, "invalid_request_error")
+
+
+def test_more_sequences_than_the_server_holds_is_400(server):
+    e = error(server.post("/v1/completions", {"prompt": ["a"] * 8, "n": 16, "max_tokens": 1}), 400,
+              "invalid_request_error", "n")
+    assert "128" in e["message"]
+
+
 def test_malformed_json_is_400(server):
     r = httpx.post(server.url + "/v1/completions", content=b'{"prompt": "x",', timeout=10,
                    headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})

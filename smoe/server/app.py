@@ -242,7 +242,7 @@ def create_app(state: ServerState, allowed_origins: list[str] | None = None) -> 
         if body.messages is not None:
             ids = _chat_ids(state, body.messages)
         else:
-            ids = _encode_with_specials(_tokenizer(state), body.prompt, bos=body.add_special_tokens)
+            ids = _encode_with_specials(_tokenizer(state), _utf8(body.prompt, "prompt"), bos=body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": state.max_context}
 
     @app.post("/detokenize")
@@ -273,12 +273,14 @@ def create_app(state: ServerState, allowed_origins: list[str] | None = None) -> 
         prompts = []
         for p in body.prompts():
             if isinstance(p, str):
-                prompts.append((p, _tokenizer(state).encode(p, bos=True)))
+                prompts.append((p, _tokenizer(state).encode(_utf8(p, "prompt"), bos=True)))
             else:
                 _check_ids(state, p, "prompt")
                 prompts.append((None, p))
         echo_only = body.max_tokens == 0
         logprobs = body.logprobs
+        if (body.echo or logprobs is not None) and state.tokenizer is None:
+            raise APIError(400, "echo and logprobs show text: this model has no tokenizer", param="echo")
         jobs = []
         for k, (_, ids) in enumerate(prompts):
             for i in range(body.n):
@@ -423,7 +425,7 @@ def _check_ids(state: ServerState, ids: list[int], param: str) -> None:
 def _chat_ids(state: ServerState, messages) -> list[int]:
     tok = _tokenizer(state)
     try:
-        return tok.apply_chat_template([{"role": m.role, "content": m.text()} for m in messages])
+        return tok.apply_chat_template([{"role": m.role, "content": _utf8(m.text(), "messages")} for m in messages])
     except TokenizerError as e:
         raise APIError(400, f"messages: {e}", param="messages") from None
 
@@ -460,7 +462,20 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def _utf8(text: str, param: str) -> str:
+    """JSON can carry lone surrogates ("\\ud800"), which are not text a tokenizer can read."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, f"{param}: not valid Unicode text (a lone surrogate escape?)", param=param) from None
+    return text
+
+
 def _submit(scheduler: Scheduler, jobs: list[Job]) -> Outbox:
+    most = scheduler.max_queue + len(scheduler.engine.rows)
+    if len(jobs) > most:
+        raise APIError(400, f"this request makes {len(jobs)} sequences (prompts x n); this server takes at most "
+                            f"{most} at once (--max-batch + --max-queue)", param="n")
     outbox = Outbox(asyncio.get_running_loop())
     for job in jobs:
         job.outbox = outbox

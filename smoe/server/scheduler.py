@@ -106,8 +106,10 @@ class Scheduler:
     def submit(self, jobs: list[Job]) -> None:
         """Queue jobs together (the n choices of one request), or none of them if the queue is full."""
         with self._cond:
-            if len(self._waiting) + len(jobs) > self.max_queue:
-                raise QueueFull(f"the server's queue is full ({self.max_queue} waiting); retry later")
+            free = self.engine.rows.count(None)  # rows the loop will hand to waiting jobs first
+            if len(self._waiting) + len(jobs) > self.max_queue + free:
+                raise QueueFull(f"the server's queue is full ({len(self._waiting)} waiting for "
+                                f"{len(self.engine.rows)} rows, at most {self.max_queue} may wait); retry later")
             self._waiting.extend(jobs)
             self.metrics.queue_length.set(len(self._waiting))
             self._cond.notify()
