@@ -20,6 +20,7 @@ import threading
 from smoe.errors import SmoeError
 
 DEFAULT_MAX_CONTEXT = 4096
+SWITCH_INTERVAL_S = 0.0005
 
 
 def serve(args) -> int:
@@ -27,6 +28,9 @@ def serve(args) -> int:
 
     from smoe.server.app import ServerState, create_app
 
+    # the event loop and the scheduler thread share the GIL; Python hands it over every 5 ms by
+    # default, so a busy event loop could stall a decode step that long: hand it over sooner
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     api_key = args.api_key or os.environ.get("SMOE_API_KEY") or None
     _check_flags(args)
     sock = _bind(args.host, args.port)

@@ -55,13 +55,24 @@ class Outbox:
         self.queue: asyncio.Queue[tuple[Job, Update]] = asyncio.Queue()
 
     def put(self, job: Job, update: Update) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (job, update))
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            pass
+        deliver(self.loop, [(self, job, update)])
 
     async def get(self) -> tuple[Job, Update]:
         return await self.queue.get()
+
+
+def deliver(loop: asyncio.AbstractEventLoop, mail: list[tuple[Outbox, Job, Update]]) -> None:
+    """Hand a batch of updates to an event loop in ONE wake-up (each wake-up is a write to the
+    loop's self-pipe and a handover of the GIL: per update, they cost more than the update)."""
+
+    def put_all() -> None:
+        for outbox, job, update in mail:
+            outbox.queue.put_nowait((job, update))
+
+    try:
+        loop.call_soon_threadsafe(put_all)
+    except RuntimeError:  # the event loop is closed: nobody is listening any more
+        pass
 
 
 @dataclass(eq=False)
@@ -85,6 +96,7 @@ class Scheduler:
         self._waiting: collections.deque[Job] = collections.deque()
         self._running: dict[int, Job] = {}  # engine row -> job
         self._calls: list[tuple[Callable, concurrent.futures.Future]] = []
+        self._mail: list[tuple[Outbox, Job, Update]] = []  # updates of this iteration, delivered together
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="smoe-scheduler", daemon=True)
@@ -158,6 +170,7 @@ class Scheduler:
             except Exception as e:  # a bug or an out-of-memory: fail the jobs in flight, keep serving
                 for job in list(self._running.values()):
                     self._finish(job, Update("", [], [], error=f"internal error: {type(e).__name__}: {e}"))
+            self._deliver()
             self.metrics.running.set(len(self._running))
             self.metrics.queue_length.set(len(self._waiting))
         for job in [*self._waiting, *self._running.values()]:
@@ -182,7 +195,7 @@ class Scheduler:
             try:
                 job.seq = self.engine.admit(job.prompt_ids, job.params)
             except GenerationError as e:  # checked before submit; a last line of defence
-                job.outbox.put(job, Update("", [], [], error=str(e)))
+                self._post(job, Update("", [], [], error=str(e)))
                 continue
             self._running[job.seq.row] = job
 
@@ -219,11 +232,22 @@ class Scheduler:
         if seq.finished:
             self._finish(job, update)
         else:
-            job.outbox.put(job, update)
+            self._post(job, update)
+
+    def _post(self, job: Job, update: Update) -> None:
+        self._mail.append((job.outbox, job, update))
+
+    def _deliver(self) -> None:
+        mail, self._mail = self._mail, []
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for item in mail:
+            by_loop.setdefault(item[0].loop, []).append(item)
+        for loop, items in by_loop.items():
+            deliver(loop, items)
 
     def _finish(self, job: Job, update: Update) -> None:
         self._release(job)
-        job.outbox.put(job, update)
+        self._post(job, update)
         if update.error is None and job.seq is not None and job.first_token_at is not None:
             n = len(job.seq.token_ids)
             elapsed = time.perf_counter() - job.first_token_at
