@@ -2,6 +2,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+NATIVE := smoe/csrc/.built
 
 .PHONY: install run test bench lint clean demo browser
 
@@ -19,7 +20,6 @@ $(STAMP): pyproject.toml setup.py
 	touch $(STAMP) $(NATIVE)
 
 # the native kernels again when their source changes (a failed build leaves PyTorch's kernels in use)
-NATIVE := smoe/csrc/.built
 $(NATIVE): smoe/csrc/native.cpp
 	$(BIN)/python setup.py --quiet build_ext --inplace
 	touch $(NATIVE)
