@@ -429,3 +429,36 @@ def test_bad_flags_exit_2():
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "/nonexistent/model" in r.stderr and "Traceback" not in r.stderr
     json.dumps(r.stderr)
+
+
+def test_while_loading_health_and_routes_are_503():
+    """The server listens before the model has loaded: /health says so, the model routes answer 503."""
+    from fastapi.testclient import TestClient
+
+    from smoe.server.app import ServerState, create_app
+
+    client = TestClient(create_app(ServerState(model_name=MODEL)))
+    r = client.get("/health")
+    assert r.status_code == 503 and r.json() == {"status": "loading"}
+    for path, body in (("/v1/completions", {"prompt": "x"}), ("/v1/chat/completions",
+                       {"messages": [{"role": "user", "content": "x"}]}), ("/tokenize", {"prompt": "x"})):
+        error(client.post(path, json=body), 503, "service_unavailable")
+
+
+def test_cors_is_closed_unless_origins_are_allowed():
+    from fastapi.testclient import TestClient
+
+    from smoe.server.app import ServerState, create_app
+
+    preflight = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    closed = TestClient(create_app(ServerState(model_name=MODEL, api_key=KEY)))
+    r = closed.options("/v1/completions", headers=preflight)
+    assert "access-control-allow-origin" not in r.headers
+    r = closed.get("/health", headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in r.headers
+    opened = TestClient(create_app(ServerState(model_name=MODEL, api_key=KEY), allowed_origins=["https://ok.example"]))
+    r = opened.options("/v1/completions", headers={**preflight, "Origin": "https://ok.example"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://ok.example"
+    r = opened.options("/v1/completions", headers=preflight)
+    assert r.headers.get("access-control-allow-origin") != "https://evil.example"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +29,8 @@ from smoe.errors import GenerationError
 from smoe.generate import Engine, Sequence, TokenLogprob
 from smoe.sampling import SamplingParams
 from smoe.server.metrics import Metrics
+
+LOG = logging.getLogger("uvicorn.error")  # uvicorn's server log: shown at --log-level info
 
 
 class QueueFull(Exception):
@@ -249,10 +252,14 @@ class Scheduler:
         self._release(job)
         self._post(job, update)
         if update.error is None and job.seq is not None and job.first_token_at is not None:
-            n = len(job.seq.token_ids)
+            seq = job.seq
+            n = len(seq.token_ids)
             elapsed = time.perf_counter() - job.first_token_at
-            if n > 1 and elapsed > 0:
-                self.metrics.request_tokens_per_s.observe((n - 1) / elapsed)
+            rate = (n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0
+            if rate:
+                self.metrics.request_tokens_per_s.observe(rate)
+            LOG.info("sequence done: %d prompt tokens, %d generated (%s), first token after %.0f ms, %.1f tokens/s",
+                     len(seq.prompt_ids), n, seq.finish_reason, (job.first_token_at - job.submitted) * 1000, rate)
 
     def _release(self, job: Job) -> None:
         if job.seq is not None:
