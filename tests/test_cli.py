@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -148,3 +149,71 @@ def test_generate_compiled_prints_the_eager_tokens(chat_checkpoint):
     assert json.loads(compiled.stdout)["token_ids"] == json.loads(eager.stdout)["token_ids"]
     traced = run(*args, "--compile", "--trace-routing", "t.json")
     assert traced.returncode == 2 and "drop --compile" in traced.stderr
+
+
+# ------------------------------------------------------------------ flags people already type
+
+
+@pytest.mark.parametrize("short,long", [
+    (["-m", "{ckpt}"], ["--model", "{ckpt}"]),
+    (["-p", "Hello there"], ["--prompt", "Hello there"]),
+    (["-n", "7"], ["--max-tokens", "7"]),
+    (["--n-predict", "7"], ["--max-tokens", "7"]),
+    (["--temp", "0.9"], ["--temperature", "0.9"]),
+    (["--repeat-penalty", "1.2"], ["--repetition-penalty", "1.2"]),
+])
+def test_flag_aliases_mean_the_same(chat_checkpoint, short, long):
+    """llama.cpp's and mlx-lm's spellings give exactly what smoe's own give."""
+    base = {"--model": str(chat_checkpoint), "--prompt": "Bonjour", "--max-tokens": "6", "--temperature": "0.7",
+            "--repetition-penalty": "1.0"}
+
+    def argv(flag_pair):
+        args = dict(base)
+        spelled = [a.replace("{ckpt}", str(chat_checkpoint)) for a in flag_pair]
+        long_name = long[0]
+        args.pop(long_name)
+        out = ["generate", "--seed", "5", "--ignore-eos", "--json", *spelled]
+        for k, v in args.items():
+            out += [k, v]
+        return out
+
+    a, b = run(*argv(short)), run(*argv(long))
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert json.loads(a.stdout)["token_ids"] == json.loads(b.stdout)["token_ids"]
+    assert json.loads(a.stdout)["token_ids"]
+
+
+def test_prompt_dash_reads_stdin(chat_checkpoint):
+    a = run("generate", "-m", str(chat_checkpoint), "-p", "-", "-n", "5", "--ignore-eos", "--json", stdin="Bonjour")
+    b = run("generate", "-m", str(chat_checkpoint), "-p", "Bonjour", "-n", "5", "--ignore-eos", "--json")
+    assert json.loads(a.stdout)["token_ids"] == json.loads(b.stdout)["token_ids"]
+
+
+def test_system_prompt_wraps_the_prompt_in_the_chat_template(chat_checkpoint):
+    model, tok = smoe.load(chat_checkpoint)
+    out = run("generate", "-m", str(chat_checkpoint), "-p", "Hello there", "--system-prompt", "Be brief.", "-n", "6",
+              "--ignore-eos", "--json")
+    ids = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}])
+    data = json.loads(out.stdout)
+    assert data["prompt_tokens"] == len(ids)
+    assert data["token_ids"] == smoe.generate(model, tok, ids, max_tokens=6, ignore_eos=True).token_ids
+    chat = run("chat", "-m", str(chat_checkpoint), "--system-prompt", "Be brief.", "-n", "6", "--ignore-eos",
+               stdin="Hello there\n")
+    assert chat.returncode == 0 and chat.stdout.startswith(smoe.generate(model, tok, ids, max_tokens=6,
+                                                                          ignore_eos=True).text)
+
+
+def test_verbose_prints_speeds_and_peak_memory_as_mlx_lm_does(chat_checkpoint):
+    out = run("generate", "-m", str(chat_checkpoint), "-p", "Hello", "-n", "5", "--ignore-eos", "--verbose")
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.strip().splitlines()[-4:]
+    assert lines[0] == "=========="
+    assert re.fullmatch(r"Prompt: \d+ tokens, [\d.]+ tokens-per-sec", lines[1])
+    assert re.fullmatch(r"Generation: 5 tokens, [\d.]+ tokens-per-sec", lines[2])
+    peak = float(re.fullmatch(r"Peak memory: ([\d.]+) GB", lines[3]).group(1))
+    assert 0.05 < peak < 24
+
+
+def test_version():
+    out = run("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"smoe {smoe.__version__}"

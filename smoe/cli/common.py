@@ -15,12 +15,15 @@ LOADED: list = []  # models whose expert statistics --stats prints at the end
 
 def sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), higher = more random")
+    g.add_argument("-n", "--max-tokens", "--n-predict", dest="max_tokens", type=int, default=256,
+                   help="tokens to generate at most (default 256)")
+    g.add_argument("--temperature", "--temp", dest="temperature", type=float, default=0.0,
+                   help="0 = greedy (default), higher = more random")
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep tokens up to this mass (1 = off)")
     g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability (0 = off)")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
+    g.add_argument("--repetition-penalty", "--repeat-penalty", dest="repetition_penalty", type=float, default=1.0,
+                   help="> 1 discourages repeats (1 = off)")
     g.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same output")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help=r"stop at this text (repeatable; \n and \t are understood)")
@@ -31,7 +34,8 @@ def model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
     if positional:
         p.add_argument("model", metavar="DIR", help="checkpoint directory")
     else:
-        p.add_argument("--model", metavar="DIR", default=None, help="checkpoint directory (default: the demo model)")
+        p.add_argument("-m", "--model", metavar="DIR", default=None,
+                       help="checkpoint directory (default: the demo model)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="compute dtype (default: the checkpoint's own)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
@@ -109,6 +113,17 @@ def load(args):
     if args.stats:
         LOADED.append(model)
     return model, tokenizer
+
+
+def verbose_stats(r) -> str:
+    """The summary mlx-lm prints with --verbose: prompt and generation speed, peak memory."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB -> GB
+    return ("==========\n"
+            f"Prompt: {r.prompt_tokens} tokens, {r.prefill_tokens_per_s:.3f} tokens-per-sec\n"
+            f"Generation: {len(r.token_ids)} tokens, {r.decode_tokens_per_s:.3f} tokens-per-sec\n"
+            f"Peak memory: {peak:.3f} GB")
 
 
 def stats_line(r) -> str:

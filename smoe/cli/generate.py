@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from smoe.cli.common import load, model_args, sampling, sampling_args, stats_line
+from smoe.cli.common import load, model_args, sampling, sampling_args, stats_line, verbose_stats
 from smoe.generate import TextPiece
 
 
@@ -16,10 +16,14 @@ def register(sub) -> None:
                        description="Continue a prompt and print tokens/s.")
     model_args(g)
     src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="prompt text ('-' reads standard input)")
+    src.add_argument("-p", "--prompt", help="prompt text ('-' reads standard input)")
     src.add_argument("--prompt-ids", metavar="IDS",
                      help="prompt as comma-separated token ids (models without a tokenizer)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--system-prompt", default=None, metavar="TEXT",
+                   help="a system prompt (implies --chat: the prompt becomes the user message)")
+    g.add_argument("--verbose", action="store_true",
+                   help="after the text, prompt and generation tokens/s and peak memory (as mlx-lm prints them)")
     g.add_argument("--json", action="store_true", help="print one JSON object with text, token ids and timings")
     g.add_argument("--trace-routing", type=Path, metavar="FILE", default=None,
                    help="write each token's experts, weights and router entropy per layer to FILE (JSON)")
@@ -29,7 +33,7 @@ def register(sub) -> None:
     c = sub.add_parser("chat", help="talk to the model",
                        description="Interactive multi-turn chat. /reset clears, /exit quits.")
     model_args(c)
-    c.add_argument("--system", default=None, help="system prompt")
+    c.add_argument("--system", "--system-prompt", dest="system", default=None, help="system prompt")
     sampling_args(c)
     c.set_defaults(max_tokens=512)
     c.set_defaults(run=cmd_chat)
@@ -49,12 +53,14 @@ def cmd_generate(args) -> int:
     model, tokenizer = load(args)
     if isinstance(prompt, str) and tokenizer is None:
         raise SmoeError(f"{args.model}: this checkpoint has no tokenizer files; pass --prompt-ids instead")
-    if args.chat:
+    if args.chat or args.system_prompt is not None:
+        flag = "--chat" if args.chat else "--system-prompt"
         if tokenizer is None:
-            raise SmoeError("--chat needs a tokenizer")
+            raise SmoeError(f"{flag} needs a tokenizer")
         if not isinstance(prompt, str):
-            raise SmoeError("--chat takes --prompt text, not --prompt-ids")
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+            raise SmoeError(f"{flag} takes --prompt text, not --prompt-ids")
+        system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
+        prompt = tokenizer.apply_chat_template([*system, {"role": "user", "content": prompt}])
     params = sampling(args)
     if args.trace_routing is not None and args.compile:
         raise SmoeError("--trace-routing observes each layer from Python, which a compiled step cannot; "
@@ -67,7 +73,7 @@ def cmd_generate(args) -> int:
             print(json.dumps(result.to_dict(), ensure_ascii=False))
         else:
             print(" ".join(map(str, result.token_ids)))
-            print(stats_line(result), file=sys.stderr)
+            print(summary(args, result), file=sys.stderr)
         return 0
     stream = smoe.stream_generate(model, tokenizer, prompt, **params)
     first = next(stream)  # the request is checked before anything is printed
@@ -80,8 +86,12 @@ def cmd_generate(args) -> int:
         else:
             result = item
     print()
-    print(stats_line(result), file=sys.stderr)
+    print(summary(args, result), file=sys.stderr)
     return 0
+
+
+def summary(args, result) -> str:
+    return verbose_stats(result) if getattr(args, "verbose", False) else stats_line(result)
 
 
 def read_prompt(prompt: str) -> str:
@@ -113,7 +123,7 @@ def _generate_traced(args, model, tokenizer, prompt, params) -> int:
         print(json.dumps(result.to_dict(), ensure_ascii=False))
     else:
         print((prompt if isinstance(prompt, str) else "") + result.text if tokenizer else result.token_ids)
-        print(stats_line(result), file=sys.stderr)
+        print(summary(args, result), file=sys.stderr)
         print(f"routing trace of {len(fed)} tokens written to {args.trace_routing}", file=sys.stderr)
     return 0
 
