@@ -52,12 +52,15 @@ class LoadOptions:
 
 
 def model_path(path: str | Path | None) -> Path:
-    """The checkpoint directory to load: `path`, or the bundled demo model when None."""
+    """The checkpoint directory to load: `path` (a directory, a hub id `org/name[@revision]` or a
+    `.gguf` file: smoe/formats), or the bundled demo model when None."""
     from smoe import DEMO_MODEL
     from smoe.errors import CheckpointError
 
     if path is not None:
-        return Path(path)
+        from smoe.formats import resolve
+
+        return resolve(path)
     if not (DEMO_MODEL / "config.json").exists():
         raise CheckpointError("no model given and the bundled demo model is not installed yet; "
                               "pass a checkpoint directory (smoe.load('path/to/model'), or --model DIR)")

@@ -34,8 +34,9 @@ def model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
     if positional:
         p.add_argument("model", metavar="DIR", help="checkpoint directory")
     else:
-        p.add_argument("-m", "--model", metavar="DIR", default=None,
-                       help="checkpoint directory (default: the demo model)")
+        p.add_argument("-m", "--model", metavar="MODEL", default=None,
+                       help="checkpoint directory, hub id (org/name[@revision]) or .gguf file "
+                            "(default: the demo model)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="compute dtype (default: the checkpoint's own)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
