@@ -33,6 +33,19 @@ def register(sub) -> None:
     q.add_argument("--out", required=True, type=Path, metavar="DIR", help="where to write the quantized checkpoint")
     q.set_defaults(run=cmd_quantize)
 
+    c = sub.add_parser("convert", help="convert a GGUF file (llama.cpp) into a checkpoint directory",
+                       description="Read a Mixtral- or Llama-family GGUF file (F32/F16/BF16/Q8_0/Q4_0/Q4_K/Q5_K/Q6_K, "
+                                   "dequantized) and write a Hugging Face-layout checkpoint with its tokenizer. "
+                                   "(Every verb also takes --model FILE.gguf, converting once into a cache.)",
+                       epilog="Example: smoe convert --from mixtral-8x7b.Q4_K_M.gguf --out Mixtral-8x7B/ && "
+                              "smoe generate -m Mixtral-8x7B/ --quant int4 -p Hello")
+    c.add_argument("--from", dest="source", required=True, type=Path, metavar="FILE", help="the .gguf file")
+    c.add_argument("--out", required=True, type=Path, metavar="DIR", help="where to write the checkpoint")
+    c.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="dtype of the written weights (default: each tensor's own float type; quantized ones "
+                        "are dequantized to bf16)")
+    c.set_defaults(run=cmd_convert)
+
     lo = sub.add_parser("lora", help="LoRA adapter tools", description="LoRA adapter tools.")
     losub = lo.add_subparsers(dest="lora_command", metavar="ACTION")
     losub.required = True
@@ -164,3 +177,20 @@ def cmd_bench(args) -> int:
                         "with the package); clone the repository and run it there")
     model = ["--model", args.model] if args.model else []
     return subprocess.run([sys.executable, str(script), *model, *args.rest]).returncode
+
+
+def cmd_convert(args) -> int:
+    from smoe.checkpoint import parse_dtype
+    from smoe.cli.common import check_new_dir
+    from smoe.errors import SmoeError
+    from smoe.formats.gguf import convert
+
+    if not args.source.is_file():
+        raise SmoeError(f"--from {args.source}: no such file")
+    check_new_dir(args.out)
+    out = convert(args.source, args.out, dtype=parse_dtype(args.dtype))
+    config = json.loads((out / "config.json").read_text())
+    print(f"wrote {out}: {config['num_hidden_layers']} layers, {config['num_local_experts']} experts "
+          f"(top-{config['num_experts_per_tok']}), hidden {config['hidden_size']}, vocabulary {config['vocab_size']}"
+          f"{', with its tokenizer' if any((out / n).exists() for n in ('tokenizer.model', 'tokenizer.json')) else ''}")
+    return 0

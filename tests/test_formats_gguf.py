@@ -1,0 +1,264 @@
+"""GGUF in, without llama.cpp: GGUF files written by the `gguf` package (its writer and its
+quantizers, as llama.cpp's converter lays a Mixtral out: arch `llama`, q/k rows interleaved per
+head, experts stacked as `ffn_*_exps`) from random checkpoints, read back by smoe.
+
+- every block type dequantized equal to `gguf`'s own reference dequantization (K-quants from
+  random codes and scales: `gguf` has no quantizer for them);
+- an F16 file gives the original's logits within fp16 rounding and identical greedy tokens;
+  quantized files give the logits of the dequantized weights;
+- the tokenizer rebuilt from the file's vocabulary gives the original's ids on 20 texts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import smoe
+from conftest import v1_tokenizer_path
+from smoe.formats.gguf import DEQUANTIZERS, dequantize
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # noqa: E402
+from gguf.quants import dequantize as reference_dequantize  # noqa: E402
+from gguf.quants import quantize as reference_quantize  # noqa: E402
+
+TEXTS = ["Hello, world!", "The capital of France is Paris.", "  leading spaces", "trailing spaces   ",
+         "Ünïcödé façade — “quotes”", "日本語のテキスト", "emoji 🙂🚀 mix", "tabs\tand\nnewlines\n\n",
+         "def f(x):\n    return x ** 2", "1234567890 3.14159", "<s> not a special token </s>", "[INST] hi [/INST]",
+         "a", " ", "Mixtral-8x7B uses 2 of 8 experts.", "ça va? ¿qué tal?", "Zwölf Boxkämpfer jagen Viktor",
+         "URL: https://example.com/a?b=c&d=e", "x" * 50, "The end."]
+
+
+def random_blocks(qtype, n: int, rng) -> np.ndarray:
+    """n blocks of random bytes, with finite fp16 scales where the format keeps them."""
+    _, nbytes = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(n, nbytes), dtype=np.uint8)
+    halves = {GGMLQuantizationType.Q4_K: [0, 2], GGMLQuantizationType.Q5_K: [0, 2], GGMLQuantizationType.Q6_K: [208],
+              GGMLQuantizationType.Q8_0: [0], GGMLQuantizationType.Q4_0: [0]}[qtype]
+    for at in halves:
+        raw[:, at : at + 2] = (rng.standard_normal((n, 1)) * 0.05).astype(np.float16).view(np.uint8)
+    return raw
+
+
+@pytest.mark.parametrize("name", list(DEQUANTIZERS))
+def test_dequantization_equals_ggufs_reference(name):
+    rng = np.random.default_rng(0)
+    qtype = GGMLQuantizationType[name]
+    elems, _ = GGML_QUANT_SIZES[qtype]
+    raw = random_blocks(qtype, 48, rng).reshape(6, -1)  # 6 rows of 8 blocks
+    ours = dequantize(raw, name, (6, 8 * elems))
+    assert np.array_equal(ours, reference_dequantize(raw, qtype).reshape(ours.shape))
+    if name in ("Q8_0", "Q4_0"):  # and on blocks gguf's own quantizer made
+        w = rng.standard_normal((4, 8 * elems)).astype(np.float32)
+        q = reference_quantize(w, qtype)
+        assert np.array_equal(dequantize(q, name, w.shape), reference_dequantize(q, qtype).reshape(w.shape))
+
+
+@pytest.mark.parametrize("name", ["F32", "F16", "BF16"])
+def test_plain_types(name):
+    w = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)
+    data = reference_quantize(w, GGMLQuantizationType[name]) if name != "F32" else w
+    assert np.array_equal(dequantize(data, name, w.shape),
+                          reference_dequantize(data, GGMLQuantizationType[name]).reshape(w.shape))
+
+
+# ------------------------------------------------------------------------------ files
+
+
+def llama_permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's converter: each head's rows from halves (HF) to interleaved rotary pairs."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(checkpoint: Path, out: Path, qtype: str = "F16", experts_qtype: str | None = None,
+               tokenizer: bool = True) -> Path:
+    """A Mixtral checkpoint (HF layout, fp32) as llama.cpp's converter writes it, with `gguf`'s writer."""
+    from safetensors.numpy import load_file
+    from sentencepiece import SentencePieceProcessor
+
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    state = load_file(str(checkpoint / "model.safetensors"))
+    writer = gguf.GGUFWriter(str(out), "llama")
+    L, Q, G = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_block_count(L)
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(Q)
+    writer.add_head_count_kv(G)
+    writer.add_rope_dimension_count(cfg["hidden_size"] // Q)
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    writer.add_rope_freq_base(cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"])
+    writer.add_expert_count(cfg["num_local_experts"])
+    writer.add_expert_used_count(cfg["num_experts_per_tok"])
+    writer.add_vocab_size(cfg["vocab_size"])
+    if tokenizer:
+        sp = SentencePieceProcessor(model_file=str(v1_tokenizer_path()))
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list([sp.id_to_piece(i) for i in range(sp.vocab_size())])
+        writer.add_token_scores([sp.get_score(i) for i in range(sp.vocab_size())])
+        types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 5 if sp.is_unused(i) else
+                 6 if sp.is_byte(i) else 1 for i in range(sp.vocab_size())]
+        writer.add_token_types(types)
+        writer.add_bos_token_id(sp.bos_id())
+        writer.add_eos_token_id(sp.eos_id())
+
+    def add(name, w, kind):
+        t = GGMLQuantizationType[kind]
+        data = w.astype(np.float32) if kind == "F32" else reference_quantize(w.astype(np.float32), t)
+        writer.add_tensor(name, data, raw_dtype=None if kind == "F32" else t)
+
+    add("token_embd.weight", state["model.embed_tokens.weight"], qtype)
+    add("output_norm.weight", state["model.norm.weight"], "F32")
+    add("output.weight", state["lm_head.weight"], qtype)
+    for i in range(L):
+        p = f"model.layers.{i}."
+        add(f"blk.{i}.attn_norm.weight", state[p + "input_layernorm.weight"], "F32")
+        add(f"blk.{i}.ffn_norm.weight", state[p + "post_attention_layernorm.weight"], "F32")
+        add(f"blk.{i}.attn_q.weight", llama_permute(state[p + "self_attn.q_proj.weight"], Q), qtype)
+        add(f"blk.{i}.attn_k.weight", llama_permute(state[p + "self_attn.k_proj.weight"], G), qtype)
+        add(f"blk.{i}.attn_v.weight", state[p + "self_attn.v_proj.weight"], qtype)
+        add(f"blk.{i}.attn_output.weight", state[p + "self_attn.o_proj.weight"], qtype)
+        add(f"blk.{i}.ffn_gate_inp.weight", state[p + "block_sparse_moe.gate.weight"], "F32")
+        kind = experts_qtype or qtype
+        for gguf_name, w in (("ffn_gate_exps", "w1"), ("ffn_up_exps", "w3"), ("ffn_down_exps", "w2")):
+            stacked = np.stack([state[f"{p}block_sparse_moe.experts.{e}.{w}.weight"]
+                                for e in range(cfg["num_local_experts"])])  # [E, out, in]
+            add(f"blk.{i}.{gguf_name}.weight", stacked, kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def original(checkpoint_factory):
+    # 32 000 tokens (the v1 tokenizer's), sizes that are whole K-quant super-blocks (256)
+    return checkpoint_factory(seed=3, vocab_size=32000, hidden_size=256, intermediate_size=512,
+                              num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=2)
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    return torch.tensor([[1, 415, 5565, 302, 4843, 349, 5465, 28723, 415]])
+
+
+def logits_of(path, ids, dtype="fp32"):
+    model, _ = smoe.load(path, dtype=dtype)
+    with torch.inference_mode():
+        return model(ids).float()
+
+
+def test_f16_file_gives_the_originals_logits_and_tokens(original, prompt, tmp_path, monkeypatch):
+    monkeypatch.setenv("SMOE_CACHE", str(tmp_path / "cache"))
+    file = write_gguf(original, tmp_path / "model-f16.gguf", "F16")
+    ref = logits_of(original, prompt)
+    got = logits_of(file, prompt)
+    # the original with its weights rounded to fp16 as the file stores them (norms and routers
+    # were written in F32) is what the file must give back, to fp32 rounding
+    model, _ = smoe.load(original, dtype="fp32", pack=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name and "router" not in name:
+                p.copy_(p.half().float())
+    with torch.inference_mode():
+        rounded = model(prompt).float()
+    torch.testing.assert_close(got, rounded, atol=1e-4, rtol=1e-4)
+    assert (got - ref).abs().max() < 0.05  # fp16 rounding of the weights, nothing more
+    m1, t1 = smoe.load(original, dtype="fp32")
+    m2, t2 = smoe.load(file, dtype="fp32")
+    ids = prompt[0].tolist()
+    assert smoe.generate(m1, None, ids, max_tokens=12, ignore_eos=True).token_ids == \
+        smoe.generate(m2, None, ids, max_tokens=12, ignore_eos=True).token_ids
+
+
+@pytest.mark.parametrize("qtype,experts_qtype", [("Q8_0", None), ("Q4_0", None), ("F16", "Q8_0")])
+def test_quantized_files_give_their_dequantized_weights(original, prompt, tmp_path, monkeypatch, qtype, experts_qtype):
+    """Read back, each tensor equals gguf's own dequantization of it (in the HF layout)."""
+    from smoe.formats.gguf import convert
+
+    file = write_gguf(original, tmp_path / f"model-{qtype}.gguf", qtype, experts_qtype, tokenizer=False)
+    out = convert(file, tmp_path / "out", dtype=torch.float32, progress=False)
+    from safetensors.torch import load_file
+
+    ours = load_file(str(out / "model.safetensors"))
+    reader = gguf.GGUFReader(str(file))
+    cfg = json.loads((original / "config.json").read_text())
+    heads = {"attn_q": cfg["num_attention_heads"], "attn_k": cfg["num_key_value_heads"]}
+    names = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+             "attn_output": "self_attn.o_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+             "ffn_gate_inp": "block_sparse_moe.gate", "ffn_gate_exps": "w1", "ffn_up_exps": "w3", "ffn_down_exps": "w2"}
+    checked = 0
+    for t in reader.tensors:  # every tensor equals gguf's reference dequantization, in the HF layout
+        ref = torch.from_numpy(reference_dequantize(t.data, t.tensor_type).reshape(
+            [int(n) for n in reversed(t.shape.tolist())]).astype(np.float32))
+        if t.name.startswith("blk."):
+            _, i, kind, _ = t.name.split(".")
+            if kind in heads:  # llama.cpp's interleaved rotary pairs back to halves
+                H = ref.shape[0] // heads[kind]
+                ref = ref.view(heads[kind], H // 2, 2, -1).transpose(1, 2).reshape(ref.shape)
+            if kind.endswith("_exps"):
+                for e in range(ref.shape[0]):
+                    assert torch.equal(ours[f"model.layers.{i}.block_sparse_moe.experts.{e}.{names[kind]}.weight"], ref[e])
+                    checked += 1
+                continue
+            mine = ours[f"model.layers.{i}.{names[kind]}.weight"]
+        else:
+            mine = ours[{"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                         "output.weight": "lm_head.weight"}[t.name]]
+        assert torch.equal(mine, ref), t.name
+        checked += 1
+    assert checked == len(ours)
+    # the F16 case above showed the layout gives the model's logits; these weights run too
+    logits = logits_of(out, prompt)
+    assert logits.isfinite().all()
+
+
+def test_tokenizer_rebuilt_from_the_file_gives_the_same_ids(original, tmp_path):
+    from smoe.formats.gguf import convert
+    from smoe.tokenizer import load_tokenizer
+
+    file = write_gguf(original, tmp_path / "tok.gguf", "F16")
+    out = convert(file, tmp_path / "out", progress=False)
+    rebuilt = load_tokenizer(out)
+    reference = load_tokenizer(v1_tokenizer_path())
+    assert (rebuilt.bos_id, rebuilt.eos_id) == (reference.bos_id, reference.eos_id)
+    for text in TEXTS:
+        assert rebuilt.encode(text) == reference.encode(text), text
+        assert rebuilt.decode(reference.encode(text)) == reference.decode(reference.encode(text))
+
+
+def test_cli_convert_and_model_gguf(original, tmp_path):
+    file = write_gguf(original, tmp_path / "m.gguf", "Q8_0")
+    env = {"SMOE_CACHE": str(tmp_path / "cache")}
+    import os
+
+    env = {**os.environ, **env}
+
+    def smoe_cli(*args):
+        return subprocess.run([sys.executable, "-m", "smoe", *args], capture_output=True, text=True, env=env,
+                              timeout=300)
+
+    out = smoe_cli("convert", "--from", str(file), "--out", str(tmp_path / "conv"))
+    assert out.returncode == 0, out.stderr
+    assert "2 layers, 4 experts" in out.stdout and "tokenizer" in out.stdout
+    a = smoe_cli("generate", "--model", str(tmp_path / "conv"), "-p", "Hello", "-n", "5", "--ignore-eos", "--json")
+    b = smoe_cli("generate", "--model", str(file), "-p", "Hello", "-n", "5", "--ignore-eos", "--json")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert json.loads(a.stdout)["token_ids"] == json.loads(b.stdout)["token_ids"]
+    assert "converting" in b.stderr
+    again = smoe_cli("generate", "--model", str(file), "-p", "Hello", "-n", "5", "--ignore-eos", "--json")
+    assert "converting" not in again.stderr  # cached
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00garbage")
+    out = smoe_cli("generate", "--model", str(bad), "-p", "x")
+    assert out.returncode == 2 and "bad.gguf" in out.stderr and "Traceback" not in out.stderr
+    out = smoe_cli("convert", "--from", str(tmp_path / "none.gguf"), "--out", str(tmp_path / "x"))
+    assert out.returncode == 2 and "none.gguf" in out.stderr
