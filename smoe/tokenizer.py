@@ -138,10 +138,14 @@ class MistralCommonTokenizer:
         from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
+        _check_messages(messages)
         kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
-        request = ChatCompletionRequest(messages=[kinds[m["role"]](content=m["content"]) for m in messages])
-        encoder = self.mistral_finetuning if finetuning else self.mistral
-        return encoder.encode_chat_completion(request).tokens
+        try:
+            request = ChatCompletionRequest(messages=[kinds[m["role"]](content=m["content"]) for m in messages])
+            encoder = self.mistral_finetuning if finetuning else self.mistral
+            return encoder.encode_chat_completion(request).tokens
+        except Exception as e:  # mistral-common's validation raises its own types
+            raise TokenizerError(f"mistral-common cannot render this conversation: {e}") from None
 
 
 def mistral_instruct_ids(tokenizer: Tokenizer, messages: list[Message]) -> list[int]:
@@ -235,14 +239,16 @@ def _token_str(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
-SENTENCEPIECE_NAMES = ("tokenizer.model", "tokenizer.model.v1", "tokenizer.model.v2", "tokenizer.model.v3")
+SENTENCEPIECE_NAMES = ("tokenizer.model", "tokenizer.model.v1", "tokenizer.model.v2", "tokenizer.model.v3",
+                       "tokenizer.model.v7")
 
 
 def load_tokenizer(path: str | Path, backend: str | None = None) -> Tokenizer | None:
     """The tokenizer in a checkpoint directory (or a tokenizer file), or None if there is none.
 
-    backend: None picks tokenizer.json, then tokenizer.model*, then tekken.json;
-    'hf', 'sentencepiece' or 'mistral-common' forces one.
+    backend: None picks mistral-common for Mistral's instruct vocabularies (tekken.json, or a
+    tokenizer.model* with [INST] as a control token: v2, v3, v7), else tokenizer.json, then
+    tokenizer.model*; 'hf', 'sentencepiece' or 'mistral-common' forces one.
     """
     path = Path(path)
     if path.is_file():
@@ -251,6 +257,11 @@ def load_tokenizer(path: str | Path, backend: str | None = None) -> Tokenizer | 
         files = [path / n for n in ("tokenizer.json", *SENTENCEPIECE_NAMES, "tekken.json") if (path / n).exists()]
     if backend not in (None, "hf", "sentencepiece", "mistral-common"):
         raise TokenizerError(f"unknown tokenizer backend {backend!r}; use hf, sentencepiece or mistral-common")
+    instruct = next((f for f in files if _mistral_instruct_file(f)), None)
+    if backend is None and instruct is not None:
+        # v2+ instruct vocabularies ([INST] a control token) and tekken: their chat format is
+        # mistral-common's (control tokens, system prompt placement), so it reads them whole
+        return _versioned_mistral_common(instruct)
     for file in files:
         is_json = file.suffix == ".json"
         if backend == "mistral-common" or (backend is None and file.name == "tekken.json"):
@@ -262,6 +273,41 @@ def load_tokenizer(path: str | Path, backend: str | None = None) -> Tokenizer | 
     if backend is not None and files:
         raise TokenizerError(f"{path}: no tokenizer file for backend {backend!r}")
     return None
+
+
+def _versioned_mistral_common(path: Path) -> MistralCommonTokenizer:
+    """mistral-common takes a SentencePiece file's version from its name and reads an
+    unversioned `tokenizer.model` as v1; one with [INST] as a control token (as Hugging Face
+    repositories of v3 models ship it: Mixtral-8x22B-Instruct) is v3, the format of that
+    vocabulary. It is read through a versioned name (the file is loaded at once)."""
+    if path.name != "tokenizer.model":
+        return MistralCommonTokenizer(path)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        link = Path(tmp) / "tokenizer.model.v3"
+        link.symlink_to(path.resolve())
+        tok = MistralCommonTokenizer(link)
+    tok.path = path
+    return tok
+
+
+def _mistral_instruct_file(path: Path) -> bool:
+    """tekken.json, or a SentencePiece model whose vocabulary has [INST] as a control token
+    (Mistral's v2, v3, v7 tokenizers; v1 wrote [INST] as plain text)."""
+    if path.name == "tekken.json":
+        return True
+    if path.suffix == ".json":
+        return False
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(str(path))
+    except (OSError, RuntimeError):
+        return False  # SentencePieceTokenizer reports the broken file
+    i = sp.PieceToId("[INST]")
+    return i != sp.unk_id() and sp.IsControl(i)
 
 
 class IncrementalDetokenizer:

@@ -262,3 +262,35 @@ def test_cli_convert_and_model_gguf(original, tmp_path):
     assert out.returncode == 2 and "bad.gguf" in out.stderr and "Traceback" not in out.stderr
     out = smoe_cli("convert", "--from", str(tmp_path / "none.gguf"), "--out", str(tmp_path / "x"))
     assert out.returncode == 2 and "none.gguf" in out.stderr
+
+
+def test_byte_level_bpe_tokenizer_rebuilt_from_a_gguf(tmp_path):
+    """`tokenizer.ggml.model = gpt2` (tokens + merges), as llama.cpp stores a byte-level BPE such as
+    the demo model's: rebuilt, it gives the demo tokenizer's ids."""
+    from smoe.formats.gguf import _open, write_tokenizer
+    from smoe.tokenizer import load_tokenizer
+
+    spec = json.loads((smoe.DEMO_MODEL / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.get)
+    special = {t["content"] for t in spec["added_tokens"] if t["special"]}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    writer = gguf.GGUFWriter(str(tmp_path / "tok.gguf"), "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in special else 1 for t in tokens])
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(vocab["<s>"])
+    writer.add_eos_token_id(vocab["</s>"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    out = tmp_path / "out"
+    out.mkdir()
+    assert write_tokenizer(_open(tmp_path / "tok.gguf"), out)
+    rebuilt, reference = load_tokenizer(out), load_tokenizer(smoe.DEMO_MODEL)
+    assert (rebuilt.bos_id, rebuilt.eos_id) == (reference.bos_id, reference.eos_id)
+    for text in TEXTS:
+        assert rebuilt.encode(text) == reference.encode(text), text
+        assert rebuilt.decode(reference.encode(text)) == reference.decode(reference.encode(text))
