@@ -14,6 +14,9 @@ Block formats (ggml's, little-endian; d/dmin fp16; values in each block in order
     type   elems  bytes  layout                                       value
     Q8_0    32     34    d, int8 q[32]                                d·q
     Q4_0    32     18    d, q[16]: low nibbles 0..15, high 16..31     d·(q − 8)
+    Q4_1    32     20    d, m, q[16]                                  d·q + m
+    Q5_0    32     22    d, qh (32 bits: the fifth bit of each), q[16] d·(q + 16·h − 16)
+    Q5_1    32     24    d, m, qh, q[16]                              d·(q + 16·h) + m
     Q4_K   256    144    d, dmin, scales[12], q[128]                  d·sc_j·q − dmin·m_j
     Q5_K   256    176    d, dmin, scales[12], qh[32], q[128]          d·sc_j·(q + 16·h) − dmin·m_j
     Q6_K   256    210    ql[128], qh[64], int8 sc[16], d              d·sc_j·(q − 32)
@@ -67,6 +70,31 @@ def dequantize_q4_0(raw: np.ndarray) -> np.ndarray:
     q = b[:, 2:]  # [n, 16]
     codes = np.concatenate([q & 0x0F, q >> 4], axis=1).astype(np.float32)  # [n, 32]
     return (_f16(b, 0) * (codes - 8)).reshape(-1)
+
+
+def dequantize_q4_1(raw: np.ndarray) -> np.ndarray:
+    b = _blocks(raw, 20)
+    q = b[:, 4:]
+    codes = np.concatenate([q & 0x0F, q >> 4], axis=1).astype(np.float32)
+    return (_f16(b, 0) * codes + _f16(b, 2)).reshape(-1)
+
+
+def _q5_codes(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
+    """Q5_0/Q5_1: 4 bytes qh (bit j = fifth bit of value j) and 16 bytes of nibbles -> 32 codes 0..31."""
+    bits = qh.copy().view("<u4")  # [n, 1]
+    high = ((bits >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)  # [n, 32]
+    low = np.concatenate([qs & 0x0F, qs >> 4], axis=1)  # [n, 32]
+    return (low | (high << 4)).astype(np.float32)
+
+
+def dequantize_q5_0(raw: np.ndarray) -> np.ndarray:
+    b = _blocks(raw, 22)
+    return (_f16(b, 0) * (_q5_codes(b[:, 2:6], b[:, 6:22]) - 16)).reshape(-1)
+
+
+def dequantize_q5_1(raw: np.ndarray) -> np.ndarray:
+    b = _blocks(raw, 24)
+    return (_f16(b, 0) * _q5_codes(b[:, 4:8], b[:, 8:24]) + _f16(b, 2)).reshape(-1)
 
 
 def _k_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -134,8 +162,8 @@ def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> np.nd
     return values.reshape(shape)
 
 
-DEQUANTIZERS = {"Q8_0": dequantize_q8_0, "Q4_0": dequantize_q4_0, "Q4_K": dequantize_q4_k,
-                "Q5_K": dequantize_q5_k, "Q6_K": dequantize_q6_k}
+DEQUANTIZERS = {"Q8_0": dequantize_q8_0, "Q4_0": dequantize_q4_0, "Q4_1": dequantize_q4_1, "Q5_0": dequantize_q5_0,
+                "Q5_1": dequantize_q5_1, "Q4_K": dequantize_q4_k, "Q5_K": dequantize_q5_k, "Q6_K": dequantize_q6_k}
 
 
 # ------------------------------------------------------------------------- reading a file

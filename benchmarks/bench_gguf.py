@@ -1,0 +1,154 @@
+"""smoe reading GGUF files that llama.cpp itself made: a checkpoint through llama.cpp's
+`convert_hf_to_gguf.py` (F16, Q8_0) and its quantizer (Q4_0, Q4_K_M from the F16 file), each
+file then read by smoe (`smoe.load("file.gguf")`) and by llama.cpp (llama-cpp-python, built from
+source); the two engines' logits on the same prompt and their greedy tokens compared.
+
+    python benchmarks/bench_gguf.py                                # the benchmark checkpoint
+    python benchmarks/bench_gguf.py --model smoe/assets/demo --types F16,Q8_0
+
+Needs `pip install -e '.[bench]'` (llama-cpp-python). Results: docs/FORMATS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_engines import commit, cpu, llama_source, sentencepiece_stand_in  # noqa: E402
+
+QUANTIZE = {"Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
+
+
+def make_files(model_dir: Path, work: Path, types: list[str]) -> dict[str, Path]:
+    import llama_cpp as L
+
+    from smoe.config import ModelConfig
+
+    work.mkdir(parents=True, exist_ok=True)
+    staged = work / "hf"  # the checkpoint beside a tokenizer.model the converter reads
+    staged.mkdir(exist_ok=True)
+    for f in model_dir.iterdir():
+        if f.suffix in (".json", ".safetensors") and f.name != "tokenizer.json" and not (staged / f.name).exists():
+            (staged / f.name).symlink_to(f.resolve())
+    if not (staged / "tokenizer.model").exists():
+        sentencepiece_stand_in(ModelConfig.from_dir(model_dir).vocab_size, staged / "tokenizer.model")
+    src = llama_source(work.parent / "llama-src")
+    env = {**os.environ, "PYTHONPATH": str(src / "gguf-py")}
+    files = {t: work / f"model-{t}.gguf" for t in types}
+    for t, outtype in (("F16", "f16"), ("Q8_0", "q8_0")):
+        needed = t in files or (t == "F16" and any(k in QUANTIZE for k in files))
+        if needed and not (work / f"model-{t}.gguf").exists():
+            print(f"llama.cpp convert_hf_to_gguf.py --outtype {outtype} ...", flush=True)
+            subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(staged), "--outtype", outtype,
+                            "--outfile", str(work / f"model-{t}.gguf")], check=True, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for t, ftype in QUANTIZE.items():
+        if t in files and not files[t].exists():
+            print(f"llama.cpp llama_model_quantize {t} ...", flush=True)
+            params = L.llama_model_quantize_default_params()
+            params.ftype = getattr(L, ftype)
+            params.nthread = os.cpu_count() or 2
+            if L.llama_model_quantize(str(work / "model-F16.gguf").encode(), str(files[t]).encode(), params):
+                raise RuntimeError(f"llama_model_quantize {t} failed")
+    return files
+
+
+def tensor_types(path: Path) -> dict[str, int]:
+    import gguf
+
+    counts: dict[str, int] = {}
+    for t in gguf.GGUFReader(path).tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return counts
+
+
+def llama_run(path: Path, prompt: list[int], new: int, threads: int) -> tuple[np.ndarray, list[int]]:
+    """llama.cpp's logits for every prompt position [P, V] and its greedy continuation."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=len(prompt) + new + 8, logits_all=True, n_threads=threads,
+                verbose=False)
+    llm.eval(prompt)
+    logits = np.array(llm.scores[: len(prompt)], dtype=np.float32)
+    tokens = []
+    for _ in range(new):
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tokens.append(nxt)
+        llm.eval([nxt])
+    return logits, tokens
+
+
+def smoe_run(path: Path, prompt: list[int], new: int, dtype: str) -> tuple[np.ndarray, list[int], float]:
+    import torch
+
+    import smoe
+
+    t0 = time.perf_counter()
+    model, _ = smoe.load(path, dtype=dtype)
+    load_s = time.perf_counter() - t0
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt]))[0].float().numpy()
+    tokens = smoe.generate(model, None, prompt, max_tokens=new, ignore_eos=True).token_ids
+    return logits, tokens, load_s
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=HERE / "out" / "bench-ckpt")
+    p.add_argument("--types", default="F16,Q8_0,Q4_0,Q4_K_M")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--out", type=Path, default=HERE / "out" / "gguf-bench")
+    args = p.parse_args()
+    if not (args.model / "config.json").exists():
+        print(f"{args.model}: no checkpoint (make one: python benchmarks/random_checkpoint.py --preset bench "
+              f"--out {args.model})", file=sys.stderr)
+        return 2
+    os.environ.setdefault("SMOE_CACHE", str(args.out / "smoe-cache"))
+    types = args.types.split(",")
+    files = make_files(args.model, args.out / f"files-{args.model.name}", types)
+    rng = np.random.default_rng(0)
+    vocab = json.loads((args.model / "config.json").read_text())["vocab_size"]
+    prompt = [1] + rng.integers(3, vocab, args.prompt_tokens - 1).tolist()
+    rows = []
+    for t in types:
+        ref_logits, ref_tokens = llama_run(files[t], prompt, args.new_tokens, args.threads)
+        # smoe in fp32, so that the comparison shows the file's weights, not smoe's rounding
+        logits, tokens, load_s = smoe_run(files[t], prompt, args.new_tokens, "fp32")
+        diff = np.abs(logits - ref_logits)
+        scale = np.abs(ref_logits).max()
+        agree = float((logits.argmax(-1) == ref_logits.argmax(-1)).mean())
+        same = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens, strict=True)) if a != b), len(tokens))
+        row = {"type": t, "tensors": tensor_types(files[t]), "size_mib": files[t].stat().st_size / 2**20,
+               "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "logit_scale": float(scale),
+               "top1_agreement": agree, "greedy_same_prefix": same, "greedy_tokens": len(tokens),
+               "smoe_first_load_s": load_s}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    meta = {"cpu": cpu(), "commit": commit(), "model": str(args.model),
+            "command": " ".join(["bench_gguf.py", *sys.argv[1:]]), "prompt_tokens": args.prompt_tokens}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"\n{meta['cpu']}\ncommit {meta['commit']}; {meta['command']}\n")
+    print("| file | tensor types | MiB | max \\|Δlogit\\| | mean \\|Δlogit\\| | top-1 agree | greedy tokens equal |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(r["tensors"].items()))
+        print(f"| {r['type']} | {kinds} | {r['size_mib']:.0f} | {r['max_abs_diff']:.4f} (of {r['logit_scale']:.1f}) | "
+              f"{r['mean_abs_diff']:.5f} | {r['top1_agreement']:.3f} | {r['greedy_same_prefix']}/{r['greedy_tokens']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
