@@ -28,6 +28,7 @@ per-expert modules (5 is the last step that changes the experts).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,7 +106,11 @@ def load_model(path: Path, options: LoadOptions):
         use_native = model.dtype == torch.bfloat16 and options.device == "cpu" and native.available()
         if model.dtype == torch.bfloat16 and options.device == "cpu":
             native.note_fallback()
-        for layer in model.layers:
+        from tqdm import tqdm
+
+        # stacking reads the experts' pages of the checkpoint: most of a large model's load time
+        for layer in tqdm(model.layers, desc="loading layers", unit="layer", disable=not options.progress,
+                          delay=1.0, file=sys.stderr):
             layer.moe.experts = layer.moe.experts.for_inference(pack=not options.compile or use_native)
         if not options.compile or use_native:
             native.native_linears(model)

@@ -343,7 +343,7 @@ def quantize_model(model, spec: QuantSpec, progress: bool = False) -> int:
             check_int4_shape(width, spec.group_size)
     meta = model.layers[0].attn.q_proj.weight.is_meta
     names = ("q_proj", "k_proj", "v_proj", "o_proj")
-    for layer in tqdm(model.layers, desc=f"int{spec.bits}", unit="layer", disable=not progress or meta):
+    for layer in tqdm(model.layers, desc=f"int{spec.bits}", unit="layer", disable=not progress or meta, delay=1.0):
         for name in names:
             linear = getattr(layer.attn, name)
             setattr(layer.attn, name, quantized_linear(linear, spec))

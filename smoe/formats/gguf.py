@@ -371,7 +371,7 @@ def convert(path: Path, out: Path, *, dtype: torch.dtype | None = None, progress
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     bar = tqdm(total=len(reader.tensors), desc=f"reading {path.name}", unit="tensor", disable=not progress,
-               file=sys.stderr)
+               file=sys.stderr, delay=1.0)
     for name, value in hf_tensors(reader, config, dtype, done=lambda: bar.update(1)):
         if size + value.nbytes > shard_bytes and shards[-1]:
             shards.append({})
