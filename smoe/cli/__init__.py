@@ -3,7 +3,7 @@
     generate.py     generate, chat
     train.py        train, finetune
     analysis.py     routes, profile
-    checkpoints.py  info, quantize, lora merge, bench
+    checkpoints.py  info, quantize, convert, lora merge, bench
     serve.py        serve (the OpenAI-compatible server, smoe/server)
     common.py       the model and sampling flags every model verb shares
 

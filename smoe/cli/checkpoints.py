@@ -1,4 +1,4 @@
-"""smoe info, smoe quantize, smoe lora merge, smoe bench: checkpoints and their speed."""
+"""smoe info, smoe quantize, smoe convert, smoe lora merge, smoe bench: checkpoints and their speed."""
 
 from __future__ import annotations
 
@@ -75,15 +75,15 @@ def _count(n: int) -> str:
 def cmd_info(args) -> int:
     import torch
 
-    from smoe import DEMO_MODEL
     from smoe.config import ModelConfig
     from smoe.errors import SmoeError
     from smoe.experts import Expert
+    from smoe.loader import model_path
     from smoe.offload import format_bytes, module_bytes
     from smoe.options import QuantSpec
     from smoe.quantize import quantize_expert
 
-    path = Path(args.model) if args.model is not None else DEMO_MODEL
+    path = model_path(args.model)  # a directory, a hub id or a .gguf file
     if not path.is_dir():
         raise SmoeError(f"{path}: not a checkpoint directory")
     config = ModelConfig.from_dir(path)
@@ -128,14 +128,15 @@ def cmd_info(args) -> int:
 def cmd_quantize(args) -> int:
     import time
 
-    from smoe import DEMO_MODEL
     from smoe.checkpoint import load_model, save_checkpoint
     from smoe.errors import SmoeError
     from smoe.options import QuantSpec
     from smoe.quantize import quantize_model
 
     check_new_dir(args.out)
-    source = args.model or str(DEMO_MODEL)
+    from smoe.loader import model_path
+
+    source = str(model_path(args.model))
     start = time.perf_counter()
     model = load_model(source, dtype=args.dtype)  # memory-mapped: each weight is read once, as it is quantized
     if model.config.quantization:
@@ -153,15 +154,17 @@ def cmd_quantize(args) -> int:
 
 def cmd_lora(args) -> int:
     from smoe.checkpoint import load_model, parse_dtype, save_checkpoint
+    from smoe.loader import model_path
     from smoe.lora import load_adapter, merge_lora
 
     check_new_dir(args.out)
-    saved_dtype = parse_dtype(args.dtype) or load_model(args.model).dtype  # memory-mapped: no copy
-    model = load_model(args.model, dtype="fp32")  # merge in fp32, then save in the wanted dtype
+    base = model_path(args.model)
+    saved_dtype = parse_dtype(args.dtype) or load_model(base).dtype  # memory-mapped: no copy
+    model = load_model(base, dtype="fp32")  # merge in fp32, then save in the wanted dtype
     load_adapter(model, args.adapter)
     merge_lora(model, unwrap=True)
     save_checkpoint(model, args.out, dtype=saved_dtype)
-    copy_tokenizer_files(args.model, args.out)
+    copy_tokenizer_files(base, args.out)
     print(f"merged {args.adapter} into {args.model}; wrote {args.out}")
     return 0
 

@@ -78,13 +78,13 @@ def cmd_train(args) -> int:
 
 def finetune_config(args):
     """The TrainConfig that `smoe finetune` flags describe."""
-    from smoe import DEMO_MODEL
     from smoe.config import ModelConfig
     from smoe.errors import SmoeError
+    from smoe.loader import model_path
     from smoe.lora import parse_targets
     from smoe.train import TrainConfig
 
-    model = args.model or str(DEMO_MODEL)
+    model = str(model_path(args.model))  # a directory, a hub id or a .gguf file
     config = ModelConfig.from_dir(model)  # fails early, naming the directory, if it is not a checkpoint
     for flag in ("lora_rank", "batch_size", "grad_accum", "seq_len", "max_steps", "eval_every", "save_every",
                  "warmup_steps"):
