@@ -50,6 +50,7 @@ class LoadOptions:
     compile: bool = False  # the inference layout torch.compile sees through: experts stacked unpacked, linears plain
     tokenizer_backend: str | None = None
     progress: bool = False
+    parallel: object = None  # a parallel.ParallelSpec: this process's share of the model (under torchrun)
 
 
 def model_path(path: str | Path | None) -> Path:
@@ -80,8 +81,18 @@ def load_model(path: Path, options: LoadOptions):
     if options.compile and (offload is not None or options.adapter is not None):
         raise SmoeError("compile does not combine with offloaded experts or a LoRA adapter yet (their experts "
                         "are read on the host); drop --compile, or merge the adapter first (smoe lora merge)")
+    if options.parallel is not None and (offload is not None or options.compile):
+        raise SmoeError("--parallel does not combine with offloaded experts or --compile yet")
+    defer = offload is not None or options.parallel is not None
     model, expert_sources = load_model_deferred(path, dtype=options.dtype, device=options.device,
-                                                allow_pickle=options.allow_pickle, defer_experts=offload is not None)
+                                                allow_pickle=options.allow_pickle, defer_experts=defer)
+    if options.parallel is not None:  # this rank's share; experts it does not hold are never read
+        from smoe import parallel
+
+        rank, world = parallel.init()
+        parallel.parallelize(model, options.parallel, parallel.make_mesh(options.parallel, rank, world),
+                             expert_sources)
+        expert_sources = {}
     if offload is not None:
         from smoe.offload import offload_experts
 

@@ -4,6 +4,7 @@ options (smoe/options.py) and a loaded model; the one-line timing summary."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -50,6 +51,9 @@ def model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
                    help="quantize the weights at load: int8 per channel, or int4 in groups (see --group-size)")
     p.add_argument("--group-size", type=int, default=DEFAULT_INT4_GROUP_SIZE, choices=INT4_GROUP_SIZES,
                    help=f"int4 group size (default {DEFAULT_INT4_GROUP_SIZE})")
+    p.add_argument("--parallel", default=None, metavar="HOW",
+                   help="under torchrun: split the model over the processes by expert, tensor or expert,tensor "
+                        "(default expert; docs/DISTRIBUTED.md)")
     o = p.add_argument_group("expert offloading (docs/OFFLOAD.md)")
     o.add_argument("--max-memory", metavar="SIZE", default=None,
                    help="keep at most SIZE of experts in memory (e.g. 6GiB, 512MiB); read the rest from disk")
@@ -96,10 +100,23 @@ def load(args):
         args.max_memory, policy=args.cache_policy, profile=args.expert_profile, prefetch=not args.no_prefetch,
         max_cpu_memory=args.max_cpu_memory)
     quant = None if args.quant is None else QuantSpec(8 if args.quant == "int8" else 4, args.group_size)
+    from smoe import parallel
+
+    spec = None
+    if args.parallel is not None or parallel.launched():
+        if not parallel.launched():
+            raise SmoeError("--parallel splits the model over processes: start them with torchrun, e.g. "
+                            "torchrun --nproc-per-node 2 -m smoe generate --parallel expert ...")
+        spec = parallel.ParallelSpec.parse(args.parallel or "expert")
     options = LoadOptions(dtype=parse_dtype(args.dtype), device=args.device, allow_pickle=args.allow_pickle,
                           quant=quant, offload=offload, adapter=args.adapter and Path(args.adapter), progress=True,
-                          compile=args.compile)
+                          compile=args.compile, parallel=spec)
     model, tokenizer = load_model(model_path(args.model), options)
+    if spec is not None:
+        if hasattr(args, "seed"):  # every rank must draw the same tokens
+            args.seed = parallel.broadcast_seed(args.seed)
+        if parallel.dist.get_rank() != 0:  # rank 0 prints, so that --json output is one object
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
     if offload is not None:
         store, c = model.expert_store, model.config
         total = c.num_hidden_layers * c.num_local_experts
