@@ -134,7 +134,8 @@ def _targets(model, targets: list[str]) -> list[tuple[str, nn.Module, str]]:
                 found.append((f"layers.{i}.attn.{name}", layer.attn, name))
         if ROUTER_TARGET in targets:
             found.append((f"layers.{i}.moe.router", layer.moe, "router"))
-        for e, expert in enumerate(layer.moe.experts):  # the ExpertList: LoRA goes on before stacking
+        first = getattr(layer.moe.experts, "first", 0)  # a rank's share of the experts (parallel.py) starts there
+        for e, expert in enumerate(layer.moe.experts, first):  # the ExpertList: LoRA goes on before stacking
             for name in EXPERT_TARGETS:
                 if name in targets:
                     found.append((f"layers.{i}.moe.experts.{e}.{name}", expert, name))

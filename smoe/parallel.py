@@ -139,7 +139,48 @@ def broadcast_seed(seed: int | None) -> int:
 # --------------------------------------------------------------------------------- modules
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """Forward: the sum of every rank's partial output. Backward: the output's gradient as it
+    is, which each rank already holds whole (everything after the sum is replicated and computed
+    the same on every rank), so nothing is exchanged (Megatron's reduce-from-model-parallel)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, group) -> torch.Tensor:
+        out = t.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+class _CopyToRanks(torch.autograd.Function):
+    """Forward: the experts' inputs (x [N, H], expert_weights [N, K]) as they are, every rank
+    holding them whole. Backward: the sum of every rank's gradients, because each rank's experts
+    give only their part of d(loss)/d(input) (Megatron's copy-to-model-parallel). One function
+    for both, so that every rank runs the same collectives in the same order."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weights: torch.Tensor, group):
+        ctx.group = group
+        return x.view_as(x), weights.view_as(weights)
+
+    @staticmethod
+    def backward(ctx, grad_x: torch.Tensor, grad_weights: torch.Tensor):
+        grad_x, grad_weights = grad_x.clone(), grad_weights.clone()
+        dist.all_reduce(grad_x, group=ctx.group)
+        dist.all_reduce(grad_weights, group=ctx.group)
+        return grad_x, grad_weights, None
+
+
+def _training(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
+    if _training(t):  # training (LoRA): through autograd
+        return _SumOverRanks.apply(t, group)
     dist.all_reduce(t, group=group)
     return t
 
@@ -156,14 +197,25 @@ class ShardedExperts(nn.Module):
         self.first, self.count, self.group = first, count, group
 
     def forward(self, x: torch.Tensor, expert_indices: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
+        training = _training(x, expert_weights)
+        if training:  # the inputs' gradients are the sum of every rank's part
+            x, expert_weights = _CopyToRanks.apply(x, expert_weights, self.group)
         local = (expert_indices >= self.first) & (expert_indices < self.first + self.count)  # [N, K]
         token, slot = local.nonzero(as_tuple=True)  # the slots this rank computes
         out = torch.zeros_like(x)  # [N, H]
+        if training:  # in the graph even without local tokens: every rank's backward meets the others'
+            out = out + 0 * (x.sum() + expert_weights.sum())
         if token.numel():
             ids = (expert_indices[token, slot] - self.first)[:, None]  # [n, 1] local expert ids
             partial = self.experts(x[token], ids, expert_weights[token, slot][:, None])  # [n, H]
             out.index_add_(0, token, partial)
         return _all_reduce(out, self.group)
+
+    def __iter__(self):  # the local experts, for what walks a layer's experts (LoRA's targets)
+        return iter(self.experts)
+
+    def __len__(self) -> int:
+        return self.count
 
     def map_experts(self, fn) -> ShardedExperts:
         self.experts = self.experts.map_experts(fn)

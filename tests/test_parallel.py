@@ -98,3 +98,20 @@ def test_a_dead_rank_is_an_error_on_the_others_not_a_hang(checkpoint, tmp_path):
     survivor = launch(2, "die", checkpoint, "expert", tmp_path, timeout=10)[0]
     assert survivor.get("error"), survivor
     assert survivor["after_s"] < 15
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_one_lora_step_gives_one_processs_gradients_under_expert_parallelism(checkpoint, tmp_path, n):
+    """Attention adapters are replicated: every rank's gradient is the whole one. Expert adapters
+    live on the rank of their expert: its gradient is the one process's for that expert."""
+    from parallel_worker import lora_grads
+
+    model, _ = smoe.load(checkpoint, dtype="fp32", pack=False)
+    reference = lora_grads(model, PROMPTS)
+    seen = set()
+    for r in launch(n, "grads", checkpoint, "expert", tmp_path):
+        assert "grads" in r, r
+        for key, grad in r["grads"].items():
+            torch.testing.assert_close(torch.tensor(grad), torch.tensor(reference[key]), atol=1e-5, rtol=1e-4)
+            seen.add(key)
+    assert seen == set(reference)  # every adapter is somewhere, experts split, attention everywhere
