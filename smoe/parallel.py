@@ -86,6 +86,13 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def refuse_under_torchrun(verbs: str) -> None:
+    """Verbs that do not run sharded yet say so, instead of N processes each doing all the work."""
+    if launched():
+        raise SmoeError(f"{verbs} under torchrun (several processes) is not supported yet; run it in one process "
+                        "(generate runs sharded: torchrun ... -m smoe generate --parallel expert)")
+
+
 def init(timeout_s: float | None = None) -> tuple[int, int]:
     """Join the process group torchrun describes (env://): gloo on CPUs, nccl on GPUs. A rank
     that dies or cannot be reached makes the others' next collective fail after `timeout_s`

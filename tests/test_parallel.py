@@ -75,7 +75,7 @@ def test_logits_equal_one_process(checkpoint, reference, tmp_path, n, spec):
         torch.testing.assert_close(torch.tensor(r["logits"]), reference["logits"], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("n,spec", [(2, "expert"), (4, "tensor"), (4, "expert,tensor")])
+@pytest.mark.parametrize("n,spec", [(2, "tensor"), (4, "expert,tensor")])
 def test_generation_equals_one_process(checkpoint, reference, tmp_path, n, spec):
     for r in launch(n, "generate", checkpoint, spec, tmp_path):
         assert "tokens" in r, r
@@ -84,7 +84,7 @@ def test_generation_equals_one_process(checkpoint, reference, tmp_path, n, spec)
         assert r["sampled"] == reference["sampled"]  # seeded sampling draws the same on every rank
 
 
-@pytest.mark.parametrize("n,spec", [(2, "expert"), (4, "expert"), (4, "tensor"), (4, "expert,tensor")])
+@pytest.mark.parametrize("n,spec", [(2, "expert"), (4, "expert,tensor")])
 def test_each_rank_holds_its_share_of_the_experts(checkpoint, tmp_path, n, spec):
     model, _ = smoe.load(checkpoint, dtype="fp32", pack=False)
     from smoe.parallel import expert_bytes
@@ -100,7 +100,7 @@ def test_a_dead_rank_is_an_error_on_the_others_not_a_hang(checkpoint, tmp_path):
     assert survivor["after_s"] < 15
 
 
-@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("n", [4])
 def test_one_lora_step_gives_one_processs_gradients_under_expert_parallelism(checkpoint, tmp_path, n):
     """Attention adapters are replicated: every rank's gradient is the whole one. Expert adapters
     live on the rank of their expert: its gradient is the one process's for that expert."""

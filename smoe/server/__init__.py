@@ -26,7 +26,10 @@ SWITCH_INTERVAL_S = 0.0005
 def serve(args) -> int:
     import uvicorn
 
+    from smoe.parallel import refuse_under_torchrun
     from smoe.server.app import ServerState, create_app
+
+    refuse_under_torchrun("serve")
 
     # the event loop and the scheduler thread share the GIL; Python hands it over every 5 ms by
     # default, so a busy event loop could stall a decode step that long: hand it over sooner
