@@ -68,10 +68,9 @@ def main() -> None:
         options = LoadOptions(dtype=torch.float32, parallel=ParallelSpec.parse(spec), pack=task not in ("bytes", "grads"))
         model, _ = load_model(Path(checkpoint), options)
         prompts = json.loads(os.environ["PROMPTS"])
-        if task == "logits":
+        if task == "run":  # logits, then generation
             with torch.inference_mode():
                 result["logits"] = model(torch.tensor(prompts)).tolist()
-        elif task == "generate":
             runs = smoe.generate(model, None, prompts, max_tokens=12, ignore_eos=True)
             result["tokens"] = [r.token_ids for r in runs]
             result["alone"] = smoe.generate(model, None, prompts[0], max_tokens=12, ignore_eos=True).token_ids
