@@ -13,6 +13,7 @@ loads the model in a background thread.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import threading
@@ -26,16 +27,17 @@ SWITCH_INTERVAL_S = 0.0005
 def serve(args) -> int:
     import uvicorn
 
-    from smoe.parallel import refuse_under_torchrun
+    from smoe import parallel
     from smoe.server.app import ServerState, create_app
 
-    refuse_under_torchrun("serve")
+    _check_flags(args)
+    if parallel.launched() and int(os.environ.get("RANK", "0")) != 0:
+        return _follow(args)  # the other ranks step the engine with rank 0; rank 0 serves HTTP
 
     # the event loop and the scheduler thread share the GIL; Python hands it over every 5 ms by
     # default, so a busy event loop could stall a decode step that long: hand it over sooner
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     api_key = args.api_key or os.environ.get("SMOE_API_KEY") or None
-    _check_flags(args)
     sock = _bind(args.host, args.port)
     name = args.served_model_name or _model_name(args.model)
     state = ServerState(model_name=name, api_key=api_key, max_body=args.max_body)
@@ -56,6 +58,9 @@ def serve(args) -> int:
             server.should_exit = True
 
     threading.Thread(target=load, name="smoe-load", daemon=True).start()
+    # uvicorn re-raises SIGTERM after its graceful shutdown; with Python's default handler that
+    # would end the process before the scheduler stops (and, under torchrun, tells the other ranks)
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         server.run(sockets=[sock])
     finally:
@@ -64,6 +69,10 @@ def serve(args) -> int:
     if failure:
         raise failure[0]
     return 0
+
+
+def _terminated(signum, frame) -> None:
+    raise SystemExit(0)
 
 
 def _check_flags(args) -> None:
@@ -98,15 +107,32 @@ def _model_name(model: str | None) -> str:
 
 
 def _load_into(state, args) -> None:
+    from smoe import parallel
     from smoe.cli.common import load
 
     model, tokenizer = load(args)
     attach(state, model, tokenizer, max_batch=args.max_batch, max_context=args.max_context,
-           prefill_chunk=args.prefill_chunk, max_queue=args.max_queue, compile=args.compile)
+           prefill_chunk=args.prefill_chunk, max_queue=args.max_queue, compile=args.compile,
+           lockstep=parallel.launched())
+
+
+def _follow(args) -> int:
+    """A rank > 0 under torchrun: its share of the model, an engine shaped like rank 0's, and
+    rank 0's calls replayed on it until the server stops."""
+    from smoe.cli.common import load
+    from smoe.generate import Engine
+    from smoe.server.lockstep import follow
+
+    model, tokenizer = load(args)
+    context = model.config.max_position_embeddings
+    engine = Engine(model, tokenizer, max_batch_size=args.max_batch,
+                    max_seq_len=min(args.max_context or DEFAULT_MAX_CONTEXT, context), prefill_chunk=args.prefill_chunk)
+    follow(engine)
+    return 0
 
 
 def attach(state, model, tokenizer, *, max_batch: int = 8, max_context: int | None = None, prefill_chunk: int = 256,
-           max_queue: int = 64, compile: bool = False):
+           max_queue: int = 64, compile: bool = False, lockstep: bool = False):
     """Give a ServerState its engine and a running scheduler: from then on the routes answer.
     -> the Scheduler (stop() it when done)."""
     from smoe.generate import Engine
@@ -124,6 +150,10 @@ def attach(state, model, tokenizer, *, max_batch: int = 8, max_context: int | No
     state.max_context = engine.max_seq_len
     state.num_layers = model.config.num_hidden_layers
     state.num_experts = model.config.num_local_experts
+    if lockstep:  # under torchrun: every rank runs what this engine runs (server/lockstep.py)
+        from smoe.server.lockstep import LockstepEngine
+
+        engine = LockstepEngine(engine)
     scheduler = Scheduler(engine, max_queue=max_queue, metrics=state.metrics)
     scheduler.start()
     state.scheduler = scheduler  # last: from here on the routes answer

@@ -260,7 +260,8 @@ def create_app(state: ServerState, allowed_origins: list[str] | None = None) -> 
         _check_ids(state, body.tokens, "tokens")
         if len(body.tokens) > state.max_context:
             raise APIError(400, f"{len(body.tokens)} tokens exceed the context of {state.max_context}", param="tokens")
-        future = scheduler.call(lambda engine: _trace(engine.model, body.tokens))
+        future = scheduler.call(lambda engine: engine.trace(body.tokens) if hasattr(engine, "trace")
+                                else trace_experts(engine.model, body.tokens))
         experts = await asyncio.wrap_future(future)
         return {"layers": state.num_layers, "experts": state.num_experts, "token_experts": experts,
                 "palette": [expert_color(e) for e in range(state.num_experts)]}
@@ -649,7 +650,7 @@ def _chat_logprobs(state, prompt_ids, ids, lps, top) -> list[dict]:
     return out
 
 
-def _trace(model, ids: list[int]) -> list[list[int]]:
+def trace_experts(model, ids: list[int]) -> list[list[int]]:
     """token -> [first-choice expert per layer]."""
     import torch
 

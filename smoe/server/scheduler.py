@@ -155,7 +155,9 @@ class Scheduler:
         while True:
             with self._cond:
                 while not (self._stopping or self._waiting or self._running or self._calls):
-                    self._cond.wait()
+                    # an engine stepped in lockstep with other ranks wants a heartbeat while idle
+                    if not self._cond.wait(timeout=getattr(self.engine, "heartbeat_s", None)):
+                        self.engine.heartbeat()
                 if self._stopping:
                     break
                 calls, self._calls = self._calls, []
@@ -178,6 +180,8 @@ class Scheduler:
             self.metrics.queue_length.set(len(self._waiting))
         for job in [*self._waiting, *self._running.values()]:
             job.outbox.put(job, Update("", [], [], error="the server is shutting down"))
+        if hasattr(self.engine, "close"):  # the other ranks stop too
+            self.engine.close()
 
     def _reap(self) -> None:
         with self._cond:
