@@ -86,13 +86,6 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def refuse_under_torchrun(verbs: str) -> None:
-    """Verbs that do not run sharded yet say so, instead of N processes each doing all the work."""
-    if launched():
-        raise SmoeError(f"{verbs} under torchrun (several processes) is not supported yet; run it in one process "
-                        "(generate runs sharded: torchrun ... -m smoe generate --parallel expert)")
-
-
 def init(timeout_s: float | None = None) -> tuple[int, int]:
     """Join the process group torchrun describes (env://): gloo on CPUs, nccl on GPUs. A rank
     that dies or cannot be reached makes the others' next collective fail after `timeout_s`
@@ -303,6 +296,42 @@ def _split_attention(attn: nn.Module, mesh: Mesh, config) -> None:
     keep(attn.o_proj, cols=q)
     attn.n_heads //= tp
     attn.n_kv_heads //= tp
+
+
+# ---------------------------------------------------------------------- data parallel training
+
+
+class DataParallel:
+    """`smoe train` / `finetune` under torchrun: every rank holds the whole model (and its
+    adapters), takes rows rank, rank+N, ... of each batch, and the gradients are averaged over
+    the ranks before clipping, so every rank makes the same update. With equal rows per rank
+    (batch size a multiple of N, full chunks) the averaged gradient is the one-process gradient
+    of the whole batch's mean loss (the router's balancing loss, nonlinear in the batch, is
+    computed per rank)."""
+
+    def __init__(self) -> None:
+        self.rank, self.world = init()
+
+    def rows(self, *tensors: torch.Tensor | None) -> tuple:
+        return tuple(None if t is None else t[self.rank :: self.world] for t in tensors)
+
+    def average_gradients(self, params: list[torch.Tensor]) -> None:
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1).float() for g in grads])  # one collective for all of them
+        dist.all_reduce(flat)
+        flat /= self.world
+        at = 0
+        for g in grads:
+            g.copy_(flat[at : at + g.numel()].view_as(g))
+            at += g.numel()
+
+    def average(self, values: dict[str, float]) -> dict[str, float]:
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(t)
+        return {k: float(v) / self.world for k, v in zip(keys, t.tolist(), strict=True)}
 
 
 def expert_bytes(model: nn.Module) -> int:

@@ -60,9 +60,6 @@ def register(sub) -> None:
 
 def cmd_train(args) -> int:
     from smoe.errors import SmoeError
-    from smoe.parallel import refuse_under_torchrun
-
-    refuse_under_torchrun("train and finetune")
     from smoe.train import TrainConfig, train
 
     cfg = TrainConfig.from_file(args.config)
@@ -121,9 +118,6 @@ def finetune_config(args):
 
 def cmd_finetune(args) -> int:
     from smoe.errors import SmoeError
-    from smoe.parallel import refuse_under_torchrun
-
-    refuse_under_torchrun("train and finetune")
     from smoe.train import train
 
     cfg = finetune_config(args)

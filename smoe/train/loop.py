@@ -240,6 +240,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    from smoe import parallel
+
+    dp = parallel.DataParallel() if parallel.launched() else None  # under torchrun: data parallel
+    if dp is not None and cfg.batch_size % dp.world:
+        raise SmoeError(f"batch size {cfg.batch_size} does not split over {dp.world} processes; "
+                        f"use a multiple of {dp.world}")
+    lead = dp is None or dp.rank == 0  # the process that prints and writes
+    progress = progress and lead
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
     tokenizer = _tokenizer(cfg)
@@ -269,12 +277,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
             print(f"no checkpoint in {run} to resume from; starting from step 0")
         model = build_model(cfg, tokenizer.vocab_size)
         optimizer = _optimizer(model, cfg)
-    (run / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    if lead:
+        (run / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     model.train()
 
     if heldout and cfg.init_from and start_step == 0:  # the starting point a fine-tune improves on
         history.append({"step": 0, "eval": evaluate(model, heldout, cfg)})
-        print("step 0: held-out perplexity " + ", ".join(f"{d} {p:.2f}" for d, p in history[-1]["eval"].items()))
+        if lead:
+            print("step 0: held-out perplexity " + ", ".join(f"{d} {p:.2f}" for d, p in history[-1]["eval"].items()))
     trainable = [p for p in model.parameters() if p.requires_grad]
     last_step = cfg.max_steps if stop_after is None else min(cfg.max_steps, start_step + stop_after)
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not progress, unit="step", dynamic_ncols=True)
@@ -286,11 +296,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
         sums: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
             x, y, valid = stream.batch(step * cfg.grad_accum + micro, cfg.batch_size)
+            if dp is not None:  # this rank's rows of the batch
+                x, y, valid = dp.rows(x, y, valid)
             loss, parts = train_step_loss(model, x, y, cfg, valid)
             (loss / cfg.grad_accum).backward()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
-            tokens_window += x.numel() if valid is None else int(valid.sum())
+            tokens_window += (x.numel() if valid is None else int(valid.sum())) * (dp.world if dp else 1)
+        if dp is not None:  # every rank makes the same update
+            dp.average_gradients(trainable)
+            sums = dp.average(sums)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -304,9 +319,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
             bar.set_postfix(loss=f"{sums['ce']:.3f}", aux=f"{sums['aux']:.3f}", tok_s=f"{tok_s:.0f}")
         if heldout and (done % cfg.eval_every == 0 or done == cfg.max_steps):
             history.append({"step": done, "eval": evaluate(model, heldout, cfg)})
-            bar.write(f"step {done}: held-out perplexity " +
-                      ", ".join(f"{d} {p:.2f}" for d, p in history[-1]["eval"].items()))
-        if done % cfg.save_every == 0 or done == last_step:
+            if lead:
+                bar.write(f"step {done}: held-out perplexity " +
+                          ", ".join(f"{d} {p:.2f}" for d, p in history[-1]["eval"].items()))
+        if lead and (done % cfg.save_every == 0 or done == last_step):
             _save(run, model, optimizer, done, cfg, history, elapsed_before + time.perf_counter() - t_start)
             plot_history(history, run / "loss.png", title=f"{run.name}: training")
         if done % cfg.log_every == 0:  # evaluation and saving stay out of the next window's tokens/s
@@ -315,7 +331,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
     bar.close()
     model.eval()
     wall = elapsed_before + time.perf_counter() - t_start
-    if last_step == cfg.max_steps:
+    if last_step == cfg.max_steps and lead:
         if cfg.lora is not None:  # the finished adapter at the top of the run: --adapter RUN_DIR
             from smoe.lora import save_adapter
 
