@@ -65,7 +65,11 @@ def main() -> None:
     result: dict = {}
     try:
         # "bytes": the plain layout, whose parameters are the expert weights as loaded
-        options = LoadOptions(dtype=torch.float32, parallel=ParallelSpec.parse(spec), pack=task not in ("bytes", "grads"))
+        from smoe.options import QuantSpec
+
+        quant = QuantSpec(int(os.environ["QUANT_BITS"])) if os.environ.get("QUANT_BITS") else None
+        options = LoadOptions(dtype=torch.float32, parallel=ParallelSpec.parse(spec), quant=quant,
+                              pack=task not in ("bytes", "grads"))
         model, _ = load_model(Path(checkpoint), options)
         prompts = json.loads(os.environ["PROMPTS"])
         if task == "run":  # logits, then generation

@@ -30,13 +30,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(n: int, task: str, checkpoint: Path, spec: str, tmp: Path, timeout: float = 10) -> list[dict]:
+def launch(n: int, task: str, checkpoint: Path, spec: str, tmp: Path, timeout: float = 10, **env_extra) -> list[dict]:
     port, out = free_port(), tmp / f"{task}-{spec}-{n}"
     procs = []
     for rank in range(n):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(n),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-               "SMOE_DIST_TIMEOUT": str(timeout), "PROMPTS": json.dumps(PROMPTS)}
+               "SMOE_DIST_TIMEOUT": str(timeout), "PROMPTS": json.dumps(PROMPTS), **env_extra}
         procs.append(subprocess.Popen([sys.executable, str(WORKER), task, str(checkpoint), spec, str(out)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = [p.communicate(timeout=120)[0] for p in procs]
@@ -75,6 +75,16 @@ def test_logits_and_generation_equal_one_process(checkpoint, reference, tmp_path
         assert r["tokens"] == reference["tokens"]  # a batch of two prompts
         assert r["alone"] == reference["alone"]
         assert r["sampled"] == reference["sampled"]  # seeded sampling draws the same on every rank
+
+
+def test_int8_weights_split_by_expert_compute_as_in_one_process(checkpoint, tmp_path):
+    """Each rank quantizes its own experts (whole, so with the same per-row scales as one process)."""
+    model, _ = smoe.load(checkpoint, dtype="fp32", quant="int8")
+    with torch.inference_mode():
+        expected = model(torch.tensor(PROMPTS))
+    for r in launch(2, "run", checkpoint, "expert", tmp_path, QUANT_BITS="8"):
+        assert "logits" in r, r
+        torch.testing.assert_close(torch.tensor(r["logits"]), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("n,spec", [(4, "expert,tensor")])
