@@ -222,21 +222,26 @@ def sentencepiece_stand_in(vocab_size: int, path: Path) -> None:
     path.write_bytes(m.SerializeToString())
 
 
-def gguf_files(model_dir: Path, work: Path, precisions: list[str]) -> dict[str, Path]:
-    """Convert the checkpoint to GGUF (BF16, Q8_0) and quantize Q4_0 from the BF16 file."""
-    import llama_cpp as L
-
+def stage_for_converter(model_dir: Path, work: Path) -> Path:
+    """The checkpoint's files (links) beside a tokenizer.model that llama.cpp's converter reads."""
     from smoe.config import ModelConfig
 
     work.mkdir(parents=True, exist_ok=True)
-    staged = work / "hf"  # the checkpoint's files beside a tokenizer.model the converter reads
+    staged = work / "hf"
     staged.mkdir(exist_ok=True)
     for f in model_dir.iterdir():
         if f.suffix in (".json", ".safetensors") and f.name != "tokenizer.json" and not (staged / f.name).exists():
             (staged / f.name).symlink_to(f.resolve())
     if not (staged / "tokenizer.model").exists():
         sentencepiece_stand_in(ModelConfig.from_dir(model_dir).vocab_size, staged / "tokenizer.model")
-    model_dir = staged
+    return staged
+
+
+def gguf_files(model_dir: Path, work: Path, precisions: list[str]) -> dict[str, Path]:
+    """Convert the checkpoint to GGUF (BF16, Q8_0) and quantize Q4_0 from the BF16 file."""
+    import llama_cpp as L
+
+    model_dir = stage_for_converter(model_dir, work)
     files = {p: work / f"model-{p}.gguf" for p in precisions}
     src = llama_source(work.parent / "llama-src")
     env = {**os.environ, "PYTHONPATH": str(src / "gguf-py")}

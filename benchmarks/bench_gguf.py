@@ -24,7 +24,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_engines import commit, cpu, llama_source, sentencepiece_stand_in  # noqa: E402
+from bench_engines import commit, cpu, llama_source, stage_for_converter  # noqa: E402
 
 QUANTIZE = {"Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 
@@ -32,16 +32,7 @@ QUANTIZE = {"Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_
 def make_files(model_dir: Path, work: Path, types: list[str]) -> dict[str, Path]:
     import llama_cpp as L
 
-    from smoe.config import ModelConfig
-
-    work.mkdir(parents=True, exist_ok=True)
-    staged = work / "hf"  # the checkpoint beside a tokenizer.model the converter reads
-    staged.mkdir(exist_ok=True)
-    for f in model_dir.iterdir():
-        if f.suffix in (".json", ".safetensors") and f.name != "tokenizer.json" and not (staged / f.name).exists():
-            (staged / f.name).symlink_to(f.resolve())
-    if not (staged / "tokenizer.model").exists():
-        sentencepiece_stand_in(ModelConfig.from_dir(model_dir).vocab_size, staged / "tokenizer.model")
+    staged = stage_for_converter(model_dir, work)
     src = llama_source(work.parent / "llama-src")
     env = {**os.environ, "PYTHONPATH": str(src / "gguf-py")}
     files = {t: work / f"model-{t}.gguf" for t in types}
