@@ -462,3 +462,28 @@ def test_cors_is_closed_unless_origins_are_allowed():
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://ok.example"
     r = opened.options("/v1/completions", headers=preflight)
     assert r.headers.get("access-control-allow-origin") != "https://evil.example"
+
+
+def test_a_model_without_a_tokenizer_answers_token_ids(checkpoint_factory):
+    from fastapi.testclient import TestClient
+
+    from smoe.server import attach
+    from smoe.server.app import ServerState, create_app
+
+    model, tok = smoe.load(checkpoint_factory())
+    assert tok is None
+    state = ServerState(model_name="tiny")
+    client = TestClient(create_app(state))
+    scheduler = attach(state, model, None, max_batch=2, max_context=64, prefill_chunk=16)
+    try:
+        r = client.post("/v1/completions", json={"prompt": [1, 5, 9], "max_tokens": 5, "temperature": 0,
+                                                 "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        expected = smoe.generate(model, None, [1, 5, 9], max_tokens=5, ignore_eos=True).token_ids
+        assert r.json()["choices"][0]["token_ids"] == expected
+        e = error(client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}), 400,
+                  "invalid_request_error", "messages")
+        assert "tokenizer" in e["message"]
+        error(client.post("/v1/completions", json={"prompt": "text"}), 400, "invalid_request_error", "prompt")
+    finally:
+        scheduler.stop()

@@ -306,7 +306,7 @@ def create_app(state: ServerState, allowed_origins: list[str] | None = None) -> 
             if logprobs is not None:
                 c["logprobs"] = _completion_logprobs(state, prompt_ids, prompt_lps if body.echo else None,
                                                      ids, lps, logprobs)
-            if body.return_token_ids:
+            if body.return_token_ids or state.tokenizer is None:  # without a tokenizer, ids are the answer
                 c["prompt_token_ids"], c["token_ids"] = prompt_ids, ids
             return c
 
@@ -323,7 +323,7 @@ def create_app(state: ServerState, allowed_origins: list[str] | None = None) -> 
                         state, job.prompt_ids, update.prompt_logprobs if body.echo and first else None,
                         [] if echo_only else update.token_ids, [] if echo_only else update.logprobs, logprobs,
                         context=None if first else before)
-                if body.return_token_ids:
+                if body.return_token_ids or state.tokenizer is None:
                     c["token_ids"] = [] if echo_only else update.token_ids
                     if first:
                         c["prompt_token_ids"] = job.prompt_ids
@@ -424,7 +424,10 @@ def _check_ids(state: ServerState, ids: list[int], param: str) -> None:
 
 
 def _chat_ids(state: ServerState, messages) -> list[int]:
-    tok = _tokenizer(state)
+    if state.tokenizer is None:
+        raise APIError(400, "this model has no tokenizer, which a chat needs: use /v1/completions with token ids",
+                       param="messages")
+    tok = state.tokenizer
     try:
         return tok.apply_chat_template([{"role": m.role, "content": _utf8(m.text(), "messages")} for m in messages])
     except TokenizerError as e:
