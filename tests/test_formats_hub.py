@@ -106,3 +106,14 @@ def test_what_looks_like_an_id(text, expected):
 def test_smoe_load_still_takes_paths(chat_checkpoint):
     model, tok = smoe.load(str(chat_checkpoint))
     assert tok is not None and model.config.vocab_size == 32000
+
+
+def test_an_unknown_id_without_network_is_one_line_fast(tmp_path):
+    """This machine reaches no model hub: an id (or a mistyped relative path) that is neither a
+    directory nor cached fails at once with one line, not retries and a traceback."""
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "empty"), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    env.pop("HF_HUB_OFFLINE", None)
+    out = subprocess.run([sys.executable, "-m", "smoe", "generate", "--model", "nosuch/model", "--prompt", "x"],
+                         capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("smoe: error: nosuch/model: no local directory")

@@ -34,6 +34,11 @@ def resolve(spec: str) -> Path:
     m = HUB_ID.match(spec)
     repo, revision = m["repo"], m["revision"]
     offline = constants.HF_HUB_OFFLINE
+    try:  # a snapshot already in the cache is used as it is, without asking the hub
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=METADATA + HUB_WEIGHTS + MISTRAL_WEIGHTS,
+                                      ignore_patterns=NEVER, local_files_only=True))
+    except (hf.LocalEntryNotFoundError, OSError, ValueError):
+        pass
     try:
         patterns = METADATA + (HUB_WEIGHTS + MISTRAL_WEIGHTS if offline else _weight_patterns(repo, revision))
         return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns, ignore_patterns=NEVER,
@@ -41,10 +46,12 @@ def resolve(spec: str) -> Path:
     except hf.LocalEntryNotFoundError:
         if offline:
             raise CheckpointError(
-                f"{spec}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1 forbids "
-                "downloading it; run once without HF_HUB_OFFLINE, or pass a local directory") from None
-        raise CheckpointError(f"{spec}: cannot reach the Hugging Face hub to download it and it is not in the "
-                              f"cache ({constants.HF_HUB_CACHE}); check the network") from None
+                f"{spec}: no local directory of that name, not in the Hugging Face cache ({constants.HF_HUB_CACHE}), "
+                "and HF_HUB_OFFLINE=1 forbids downloading it; run once without HF_HUB_OFFLINE, or pass a local "
+                "directory") from None
+        raise CheckpointError(f"{spec}: no local directory of that name, not in the Hugging Face cache "
+                              f"({constants.HF_HUB_CACHE}), and the hub cannot be reached to download it; "
+                              "check the path or the network") from None
     except hf.GatedRepoError:
         raise CheckpointError(f"{spec}: a gated model; accept its terms on huggingface.co and log in "
                               "(hf auth login)") from None
@@ -55,6 +62,10 @@ def resolve(spec: str) -> Path:
         raise CheckpointError(f"{spec}: the model has no revision {revision!r}") from None
     except (hf.HfHubHTTPError, OSError) as e:
         raise CheckpointError(f"{spec}: download failed ({e}); run again to resume it") from None
+    except Exception as e:  # the HTTP client's own errors (no network, DNS, TLS) are not OSErrors
+        raise CheckpointError(f"{spec}: no local directory of that name, not in the Hugging Face cache, and the hub "
+                              f"cannot be reached ({type(e).__name__}: {e}); check the path or the network, or set "
+                              "HF_HUB_OFFLINE=1 to use only the cache") from None
 
 
 def _weight_patterns(repo: str, revision: str | None) -> list[str]:
@@ -62,6 +73,6 @@ def _weight_patterns(repo: str, revision: str | None) -> list[str]:
     both), else Mistral's consolidated files."""
     from huggingface_hub import HfApi
 
-    files = HfApi().list_repo_files(repo, revision=revision)
+    files = [f.rfilename for f in HfApi().model_info(repo, revision=revision).siblings or []]  # one request
     hub_layout = any(f.startswith("model") and f.endswith(".safetensors") and "/" not in f for f in files)
     return HUB_WEIGHTS if hub_layout else MISTRAL_WEIGHTS
