@@ -148,8 +148,9 @@ def test_n_choices_and_seeds(server):
     assert len(set(texts)) > 1
     again = c.completions.create(n=3, seed=7, **kw)
     assert [ch.text for ch in sorted(again.choices, key=lambda ch: ch.index)] == texts
-    assert r.usage.completion_tokens == sum(
-        ch.usage.completion_tokens for ch in [c.completions.create(seed=7 + i, **kw) for i in range(3)])
+    alone = [c.completions.create(seed=7 + i, **kw) for i in range(3)]
+    assert r.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    assert r.usage.prompt_tokens == alone[0].usage.prompt_tokens  # the prompt counts once, whatever n
 
 
 def test_echo_logprobs_equal_the_models_log_softmax(server32):

@@ -334,7 +334,7 @@ def create_app(state: ServerState, allowed_origins: list[str] | None = None) -> 
 
         results = await _run(scheduler, request, jobs)
         choices = [choice(job, *results[job.index]) for job in jobs]
-        prompt_tokens = sum(len(ids) for _, ids in prompts) * body.n
+        prompt_tokens = sum(len(ids) for _, ids in prompts)  # each prompt once, whatever n (as OpenAI and vLLM count)
         completion_tokens = 0 if echo_only else sum(len(results[j.index][1]) for j in jobs)
         return {"id": rid, "object": "text_completion", "created": created, "model": state.model_name,
                 "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
@@ -385,7 +385,7 @@ def create_app(state: ServerState, allowed_origins: list[str] | None = None) -> 
             choices.append(c)
         completion_tokens = sum(len(results[j.index][1]) for j in jobs)
         return {"id": rid, "object": "chat.completion", "created": created, "model": state.model_name,
-                "choices": choices, "usage": _usage(len(ids) * body.n, completion_tokens)}
+                "choices": choices, "usage": _usage(len(ids), completion_tokens)}
 
     return app
 
@@ -556,7 +556,9 @@ def _stream(scheduler, request, jobs, chunk, body, rid, created, obj, state) -> 
                 left -= update.finish_reason is not None
             if include_usage and not left:
                 echo_only = getattr(body, "max_tokens", None) == 0
-                usage = _usage(sum(len(j.prompt_ids) for j in jobs), 0 if echo_only else completion_tokens)
+                n = getattr(body, "n", 1)  # each prompt once, whatever n
+                usage = _usage(sum(len(j.prompt_ids) for j in jobs if j.index % n == 0),
+                               0 if echo_only else completion_tokens)
                 last = {"id": rid, "object": obj, "created": created, "model": state.model_name, "choices": [],
                         "usage": usage}
                 yield f"data: {json.dumps(last)}\n\n"
