@@ -17,6 +17,7 @@ from serving import Server
 lm_eval = pytest.importorskip("lm_eval")
 
 DATA = Path(__file__).parent / "data" / "lmeval"
+LIMIT = 20  # documents per task on both sides (the loglikelihood task has 40; each asks the server's /tokenize)
 MC, GEN = "smoe_continuations_mc", "smoe_continuations_gen"
 # the Mistral v1 instruct format as a Hugging Face chat template (smoe renders it itself)
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + "
@@ -70,14 +71,15 @@ def test_lm_eval_through_the_server_scores_like_the_hf_backend(tmp_path, monkeyp
         messages = [{"role": "user", "content": json.loads(line)["context"]}]
         assert hf.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False) == \
             tok.apply_chat_template(messages)
-    reference = scores(lm_eval.simple_evaluate(model=hf, tasks=[MC, GEN], task_manager=tm, log_samples=True))
+    reference = scores(lm_eval.simple_evaluate(model=hf, tasks=[MC, GEN], task_manager=tm, log_samples=True,
+                                               limit=LIMIT))
     chat_reference = scores(lm_eval.simple_evaluate(model=hf, tasks=[GEN], task_manager=tm, log_samples=True,
                                                     apply_chat_template=True))
 
     server = Server("--dtype", "fp32", "--max-batch", "4", key=None)
     try:
         completions = scores(lm_eval.simple_evaluate(
-            model="local-completions", tasks=[MC, GEN], task_manager=tm, log_samples=True,
+            model="local-completions", tasks=[MC, GEN], task_manager=tm, log_samples=True, limit=LIMIT,
             model_args=f"base_url={server.url}/v1/completions,model=smoe-demo,num_concurrent=4,batch_size=4"))
         chat = scores(lm_eval.simple_evaluate(
             model="local-chat-completions", tasks=[GEN], task_manager=tm, log_samples=True, apply_chat_template=True,
