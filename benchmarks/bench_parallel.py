@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))
 
 
 def worker(model: str, spec: str, tokens: int, out: str) -> None:
@@ -44,9 +44,9 @@ def worker(model: str, spec: str, tokens: int, out: str) -> None:
 
 
 def run(model: Path, n: int, spec: str, tokens: int, tmp: Path) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from serving import free_port
+
+    port = free_port()
     out = tmp / f"{n}-{spec}.json"
     procs = []
     for rank in range(n):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,11 +34,8 @@ sys.path.insert(0, str(HERE))
 
 from bench_engines import commit, cpu, gguf_files  # noqa: E402
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(HERE.parent / "tests"))
+from serving import free_port  # noqa: E402
 
 
 class ServerProcess:

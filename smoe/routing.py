@@ -178,12 +178,13 @@ def trace_documents(model, tokenizer, docs: list[dict], max_tokens_per_doc: int 
     return out
 
 
-def token_pieces(tokenizer, ids: list[int]) -> list[str]:
+def token_pieces(tokenizer, ids: list[int], context: list[int] = ()) -> list[str]:
     """Text of each token such that the pieces add up to the decoded text (a character split
-    over several byte tokens is shown on the token that completes it)."""
+    over several byte tokens is shown on the token that completes it); `context`: the ids
+    before them, so that the first piece keeps the space that separates it from them."""
     from smoe.tokenizer import IncrementalDetokenizer
 
-    detok = IncrementalDetokenizer(tokenizer)
+    detok = IncrementalDetokenizer(tokenizer, context=context)
     pieces = [detok.add(i) for i in ids]
     if pieces:
         pieces[-1] += detok.flush()

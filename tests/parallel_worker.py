@@ -96,7 +96,8 @@ def main() -> None:
             except Exception as e:  # what the survivors see
                 result["error"] = f"{type(e).__name__}: {e}"
             result["after_s"] = time.perf_counter() - started
-        dist.barrier() if task != "die" else None
+        if task != "die":  # the survivors of "die" have no partner left to wait for
+            dist.barrier()
     except Exception as e:
         result["failed"] = f"{type(e).__name__}: {e}"
     Path(f"{out}.{rank}.json").write_text(json.dumps(result))

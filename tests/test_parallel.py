@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,17 +16,12 @@ import pytest
 import torch
 
 import smoe
+from serving import free_port
 
 WORKER = Path(__file__).parent / "parallel_worker.py"
 PROMPTS = [[1, 5, 9, 33, 70, 2, 14, 90], [1, 44, 12, 7, 100, 3, 61, 8]]
 CONFIG = dict(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=8,
               num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=64)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(n: int, task: str, checkpoint: Path, spec: str, tmp: Path, timeout: float = 10, **env_extra) -> list[dict]:

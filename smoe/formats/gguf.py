@@ -180,10 +180,7 @@ def _open(path: Path):
 
 def _field(reader, key: str, default=None):
     field = reader.fields.get(key)
-    if field is None:
-        return default
-    value = field.contents()
-    return value
+    return default if field is None else field.contents()
 
 
 def read_config(reader, path: Path) -> dict:

@@ -120,29 +120,32 @@ def _follow(args) -> int:
     """A rank > 0 under torchrun: its share of the model, an engine shaped like rank 0's, and
     rank 0's calls replayed on it until the server stops."""
     from smoe.cli.common import load
-    from smoe.generate import Engine
     from smoe.server.lockstep import follow
 
     model, tokenizer = load(args)
-    context = model.config.max_position_embeddings
-    engine = Engine(model, tokenizer, max_batch_size=args.max_batch,
-                    max_seq_len=min(args.max_context or DEFAULT_MAX_CONTEXT, context), prefill_chunk=args.prefill_chunk)
-    follow(engine)
+    follow(serving_engine(model, tokenizer, args.max_batch, args.max_context, args.prefill_chunk))
     return 0
+
+
+def serving_engine(model, tokenizer, max_batch: int, max_context: int | None, prefill_chunk: int,
+                   compile: bool = False):
+    """The engine a server steps: max_batch rows of the model's context (at most max_context,
+    DEFAULT_MAX_CONTEXT when not given). Every rank under torchrun makes the same one."""
+    from smoe.generate import Engine
+
+    context = model.config.max_position_embeddings
+    return Engine(model, tokenizer, max_batch_size=max_batch, prefill_chunk=prefill_chunk, compile=compile,
+                  max_seq_len=min(max_context or DEFAULT_MAX_CONTEXT, context))
 
 
 def attach(state, model, tokenizer, *, max_batch: int = 8, max_context: int | None = None, prefill_chunk: int = 256,
            max_queue: int = 64, compile: bool = False, lockstep: bool = False):
     """Give a ServerState its engine and a running scheduler: from then on the routes answer.
     -> the Scheduler (stop() it when done)."""
-    from smoe.generate import Engine
     from smoe.offload import format_bytes
     from smoe.server.scheduler import Scheduler
 
-    context = model.config.max_position_embeddings
-    engine = Engine(model, tokenizer, max_batch_size=max_batch,
-                    max_seq_len=min(max_context or DEFAULT_MAX_CONTEXT, context), prefill_chunk=prefill_chunk,
-                    compile=compile)
+    engine = serving_engine(model, tokenizer, max_batch, max_context, prefill_chunk, compile)
     print(f"smoe serve: {max_batch} sequences x {engine.max_seq_len} tokens of KV cache "
           f"({format_bytes(engine.cache.nbytes)}), queue of {max_queue}", file=sys.stderr)
     state.tokenizer = tokenizer

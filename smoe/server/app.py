@@ -614,7 +614,7 @@ def _completion_logprobs(state, prompt_ids, prompt_lps, ids, lps, top, context=N
     all_ids = (list(prompt_ids) if echo else []) + list(ids)
     entries: list[TokenLogprob | None] = ([None, *prompt_lps] if echo else []) + list(lps)
     before = [] if echo else list(prompt_ids if context is None else context)
-    pieces = _pieces(tok, all_ids, before)
+    pieces = token_pieces(tok, all_ids, before)
     offsets, at = [], 0
     for p in pieces:
         offsets.append(at)
@@ -631,21 +631,9 @@ def _completion_logprobs(state, prompt_ids, prompt_lps, ids, lps, top, context=N
             "top_logprobs": top_lps, "text_offset": offsets}
 
 
-def _pieces(tok, ids: list[int], before: list[int]) -> list[str]:
-    if not before:
-        return token_pieces(tok, ids)
-    from smoe.tokenizer import IncrementalDetokenizer
-
-    detok = IncrementalDetokenizer(tok, context=before)
-    pieces = [detok.add(i) for i in ids]
-    if pieces:
-        pieces[-1] += detok.flush()
-    return pieces
-
-
 def _chat_logprobs(state, prompt_ids, ids, lps, top) -> list[dict]:
     tok = _tokenizer(state)
-    pieces = _pieces(tok, ids, list(prompt_ids))
+    pieces = token_pieces(tok, ids, list(prompt_ids))
     history = list(prompt_ids) + list(ids)
     out = []
     for i, (piece, e) in enumerate(zip(pieces, lps, strict=False)):
