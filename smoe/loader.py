@@ -125,6 +125,8 @@ def load_model(path: Path, options: LoadOptions):
             layer.moe.experts = layer.moe.experts.for_inference(pack=not options.compile or use_native)
         if not options.compile or use_native:
             native.native_linears(model)
+        if not options.compile:  # decode steps: one native call per layer (a compiled step traces the modules)
+            native.native_blocks(model)
         if not options.compile:  # a compiled step packs its own weights (inductor's freezing)
             pack_linears(model)
         release_mmap(model)

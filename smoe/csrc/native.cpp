@@ -172,6 +172,57 @@ struct Acts {
 // row (prefetch_distance). Measured on Zen 4, weights streamed from memory, one thread:
 // no prefetch 10-12 GB/s, T0 a tile ahead 9-12, T2 four tiles ahead 18-19 (sequential sum: 20).
 
+// Horizontal sums of accumulators, several at once: each vector is summed by the same tree
+// (halves, then pairs of pairs) whether it is reduced alone or with 3 or 7 others, so a row's
+// result does not depend on how many rows its tile had (batch invariance).
+inline __m256 half_sum(__m512 v) {
+  return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+
+inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {  // lanes 0..3: the sums of a, b, c, d
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(half_sum(a), half_sum(b)), _mm256_hadd_ps(half_sum(c), half_sum(d)));
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+template <int N>
+inline void reduce(const __m512* acc, float* out) {
+  int r = 0;
+  for (; r + 4 <= N; r += 4) _mm_storeu_ps(out + r, sum4(acc[r], acc[r + 1], acc[r + 2], acc[r + 3]));
+  for (; r < N; ++r) out[r] = _mm_cvtss_f32(sum4(acc[r], acc[r], acc[r], acc[r]));
+}
+
+// exp for 16 lanes: n = round(x·log2 e), r = x − n·ln 2 (two-part ln 2), a degree-6 polynomial
+// (Cephes' expf coefficients, ~1 ulp), scaled by 2^n (scalef gives inf and 0 beyond the range)
+inline __m512 exp16(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __m512 round16_bf16(__m512 x) {  // to bf16 and back, round to nearest even
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
+}
+
+// out[i] = bf16(bf16(silu(bf16(g[i]))) * bf16(up[i])): F.silu(gate) * up on bf16 tensors
+void silu_mul(const float* g, const float* up, int64_t n, uint16_t* out) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    const __m512 gv = round16_bf16(_mm512_maskz_loadu_ps(m, g + i)), uv = round16_bf16(_mm512_maskz_loadu_ps(m, up + i));
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+    const __m512 silu = round16_bf16(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e)));
+    _mm256_mask_storeu_epi16(out + i, m, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(silu, uv)));
+  }
+}
+
 // out[m * NR + r] = sum_k x[m][k] * w[r][k], bf16 inputs, fp32 accumulation
 template <int MR, int NR>
 void dot_bf16(const uint16_t* const* x, const uint16_t* w, int64_t K, int64_t pf, float* out) {
@@ -201,7 +252,7 @@ void dot_bf16(const uint16_t* const* x, const uint16_t* w, int64_t K, int64_t pf
     }
   }
   for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < NR; ++r) out[m * NR + r] = _mm512_reduce_add_ps(acc[m][r]);
+    reduce<NR>(acc[m], out + m * NR);
 }
 
 // out[m * NR + r] = sum_b d_b * sum_{k in b} qx[k] * (qw[r][k] + 128)   (the caller removes the +128)
@@ -236,7 +287,7 @@ void dot_q8(const int8_t* const* xq, const float* const* sv, const int8_t* w, in
     }
   }
   for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < NR; ++r) out[m * NR + r] = _mm512_reduce_add_ps(acc[m][r]);
+    reduce<NR>(acc[m], out + m * NR);
 }
 
 // out[m * NR + r] = sum_g (s[r][g] * sum_{b in g} d_b * sum_{k in b} qx[k] * code[r][k] + m[r][g] * sum_{b in g} d_b * sum qx)
@@ -283,7 +334,7 @@ void dot_q4(const int8_t* const* xq, const float* const* sv, const float* const*
     }
   }
   for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < NR; ++r) out[m * NR + r] = _mm512_reduce_add_ps(acc[m][r]);
+    reduce<NR>(acc[m], out + m * NR);
 }
 
 #pragma GCC pop_options
@@ -420,26 +471,46 @@ int64_t tiles_grain(int64_t rows_per_tile_work) {
 
 // ------------------------------------------------------------------------------ linear
 
+// y_i [M, N_i] = x [M, K] · W_iᵀ rounded to bf16, for every matrix i (all with the same K): the
+// activations prepared once per kind (quantized once for all int8 matrices, once for all int4),
+// and one split of all the matrices' row tiles across the threads.
+void linears_into(const uint16_t* x, int64_t M, const std::vector<Matrix>& Ws, const std::vector<uint16_t*>& ys) {
+  const int64_t K = Ws[0].K;
+  QRows storage[3];
+  Acts acts[3];
+  bool ready[3] = {false, false, false};
+  for (const Matrix& W : Ws) {
+    check(W.K == K, "matrices of one call must share their input size");
+    if (!ready[W.kind]) acts[W.kind] = prepare(W.kind, x, M, K, W.G, storage[W.kind]);
+    ready[W.kind] = true;
+  }
+  std::vector<int64_t> first(Ws.size() + 1, 0);  // each matrix's first tile of 4 rows
+  for (size_t i = 0; i < Ws.size(); ++i) first[i + 1] = first[i] + (Ws[i].N + 3) / 4;
+  std::vector<int64_t> rows(M);
+  for (int64_t i = 0; i < M; ++i) rows[i] = i;
+  at::parallel_for(0, first.back(), tiles_grain(K * M / 4), [&](int64_t t0, int64_t t1) {
+    std::vector<float> buf;
+    for (size_t i = 0; i < Ws.size(); ++i) {
+      const int64_t a = std::max(t0, first[i]), b = std::min(t1, first[i + 1]);
+      if (a >= b) continue;
+      const Matrix& W = Ws[i];
+      const int64_t n0 = (a - first[i]) * 4, n1 = std::min(W.N, (b - first[i]) * 4), nn = n1 - n0;
+      buf.resize(M * nn);
+      matvec(acts[W.kind], rows.data(), M, W, n0, n1, buf.data(), nn);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < nn; ++n) ys[i][m * W.N + n0 + n] = f32_to_bf16(buf[m * nn + n]);
+    }
+  });
+}
+
 at::Tensor linear(Kind kind, const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
                   int64_t G) {
   const Matrix W = make_matrix(kind, w, scale, G);
   check_acts(x, W.K);
-  const int64_t M = x.size(0), N = W.N, K = W.K;
+  const int64_t M = x.size(0), N = W.N;
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
-  QRows storage;
-  const Acts a = prepare(kind, static_cast<const uint16_t*>(x.data_ptr()), M, K, G, storage);
-  std::vector<int64_t> rows(M);
-  for (int64_t i = 0; i < M; ++i) rows[i] = i;
-  uint16_t* y = static_cast<uint16_t*>(out.data_ptr());
-  const int64_t tiles = (N + 3) / 4;
-  at::parallel_for(0, tiles, tiles_grain(K * M / 4), [&](int64_t t0, int64_t t1) {
-    const int64_t n0 = t0 * 4, n1 = std::min(N, t1 * 4);
-    std::vector<float> buf(M * (n1 - n0));
-    matvec(a, rows.data(), M, W, n0, n1, buf.data(), n1 - n0);
-    for (int64_t i = 0; i < M; ++i)
-      for (int64_t n = n0; n < n1; ++n) y[i * N + n] = f32_to_bf16(buf[i * (n1 - n0) + n - n0]);
-  });
+  linears_into(static_cast<const uint16_t*>(x.data_ptr()), M, {W}, {static_cast<uint16_t*>(out.data_ptr())});
   return out;
 }
 
@@ -522,12 +593,7 @@ at::Tensor moe(Kind kind, const at::Tensor& x, const at::Tensor& expert_indices,
       up.resize(n * nf);
       matvec(xa, rows, n, gu[u], f0, f1, g.data(), nf);
       matvec(xa, rows, n, gu[u], F + f0, F + f1, up.data(), nf);
-      for (int64_t j = 0; j < n; ++j)
-        for (int64_t f = 0; f < nf; ++f) {
-          const float gv = round_bf16(g[j * nf + f]), uv = round_bf16(up[j * nf + f]);
-          const float silu = round_bf16(gv / (1.f + std::exp(-gv)));
-          act[(offset[u] + j) * F + f0 + f] = f32_to_bf16(silu * uv);
-        }
+      for (int64_t j = 0; j < n; ++j) silu_mul(g.data() + j * nf, up.data() + j * nf, nf, act.data() + (offset[u] + j) * F + f0);
     }
   });
 
@@ -589,6 +655,233 @@ at::Tensor quantize_activations(const at::Tensor& x, int64_t group_size) {
   return out;
 }
 
+
+// ------------------------------------------------------------------------------ one decoder layer, one token per row
+//
+// A whole Block of smoe/model.py for a decode step (one new token in each of B rows, a KV cache),
+// in one call, rounding where the PyTorch modules round:
+//   h = RMSNorm(x)                        fp32 statistics, normalised value rounded to bf16, times the weight
+//   q, k, v = h·Wqᵀ, h·Wkᵀ, h·Wvᵀ         one pass over the threads, activations prepared once
+//   RoPE ("rotate half"): q·cos + rot(q)·sin, each product and the sum rounded to bf16
+//   the new k, v written to the row's slot; attention over the first kv_len slots (mask: True =
+//   may attend) in fp32, as model.one_token_attention computes it; rounded to bf16
+//   x = x + attn·Woᵀ                      (bf16)
+//   h = RMSNorm(x); router logits h·Wrᵀ (bf16) -> softmax (fp32) -> top-k -> renormalised
+//   x = x + the fused MoE op of those experts
+// Python calls it from smoe/native.py's NativeBlock; every other case runs the modules.
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,fma")
+
+inline __m512 load_bf16_as_f32(const uint16_t* p, __mmask16 mask) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+
+// Attention of R query rows (fp32, [R, D]) over n keys/values (bf16 rows of D, `allowed` or all),
+// out [R, D] fp32. scores: scratch of R * n floats.
+void attend(const float* q, int64_t R, const uint16_t* keys, const uint16_t* values, const bool* allowed, int64_t n,
+            int64_t D, float* scores, float* out) {
+  const float scale = 1.f / std::sqrt(float(D));
+  const int64_t chunks = (D + 15) / 16;
+  auto mask_of = [&](int64_t c) { return __mmask16(c * 16 + 16 <= D ? 0xFFFF : (1u << (D - c * 16)) - 1); };
+  for (int64_t s = 0; s < n; ++s) {
+    if (allowed != nullptr && !allowed[s]) {
+      for (int64_t r = 0; r < R; ++r) scores[r * n + s] = -INFINITY;
+      continue;
+    }
+    const uint16_t* k = keys + s * D;
+    for (int64_t r = 0; r < R; ++r) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < chunks; ++c) {
+        const __mmask16 m = mask_of(c);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + r * D + c * 16), load_bf16_as_f32(k + c * 16, m), acc);
+      }
+      scores[r * n + s] = _mm512_reduce_add_ps(acc) * scale;
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    float* p = scores + r * n;
+    float mx = -INFINITY;
+    for (int64_t s = 0; s < n; ++s) mx = std::max(mx, p[s]);
+    float sum = 0.f;
+    for (int64_t s = 0; s < n; ++s) {
+      p[s] = p[s] == -INFINITY ? 0.f : std::exp(p[s] - mx);
+      sum += p[s];
+    }
+    const float inv = 1.f / sum;
+    for (int64_t s = 0; s < n; ++s) p[s] *= inv;
+  }
+  for (int64_t r = 0; r < R; ++r) std::fill(out + r * D, out + (r + 1) * D, 0.f);
+  for (int64_t s = 0; s < n; ++s) {
+    if (allowed != nullptr && !allowed[s]) continue;
+    const uint16_t* v = values + s * D;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const __mmask16 m = mask_of(c);
+      const __m512 vv = load_bf16_as_f32(v + c * 16, m);
+      for (int64_t r = 0; r < R; ++r) {
+        float* o = out + r * D + c * 16;
+        _mm512_mask_storeu_ps(o, m, _mm512_fmadd_ps(_mm512_set1_ps(scores[r * n + s]), vv, _mm512_maskz_loadu_ps(m, o)));
+      }
+    }
+  }
+}
+
+#pragma GCC pop_options
+
+// y [M, H] bf16 = weight * bf16(x * rsqrt(mean(x²) + eps)), the statistics in fp32 (model.RMSNorm)
+void rms_norm(const uint16_t* x, int64_t M, int64_t H, const uint16_t* weight, float eps, uint16_t* y) {
+  for (int64_t m = 0; m < M; ++m) {
+    const uint16_t* r = x + m * H;
+    float ss = 0.f;
+    for (int64_t h = 0; h < H; ++h) {
+      const float v = bf16_to_f32(r[h]);
+      ss += v * v;
+    }
+    const float inv = 1.f / std::sqrt(ss / float(H) + eps);
+    for (int64_t h = 0; h < H; ++h)
+      y[m * H + h] = f32_to_bf16(bf16_to_f32(weight[h]) * round_bf16(bf16_to_f32(r[h]) * inv));
+  }
+}
+
+// x [heads, D] bf16 in place: x·cos + rotate_half(x)·sin, each product and the sum rounded (model.apply_rotary)
+void rope(uint16_t* x, int64_t heads, int64_t D, const uint16_t* cos, const uint16_t* sin) {
+  const int64_t half = D / 2;
+  std::vector<float> rotated(D);
+  for (int64_t h = 0; h < heads; ++h) {
+    uint16_t* r = x + h * D;
+    for (int64_t d = 0; d < D; ++d) rotated[d] = d < half ? -bf16_to_f32(r[d + half]) : bf16_to_f32(r[d - half]);
+    for (int64_t d = 0; d < D; ++d)
+      r[d] = f32_to_bf16(round_bf16(bf16_to_f32(r[d]) * bf16_to_f32(cos[d])) +
+                         round_bf16(rotated[d] * bf16_to_f32(sin[d])));
+  }
+}
+
+// A linear's weight as the kernels read it: bf16 [N, K] (no scale), int8 [N, K] with fp32 scales,
+// or int4 bytes [N, K/2] with sm [N, 2, K/G]; stacked [E, ...] with expert e.
+Kind kind_of(const at::Tensor& w) {
+  if (w.scalar_type() == at::kBFloat16) return kBf16;
+  if (w.scalar_type() == at::kChar) return kQ8;
+  check(w.scalar_type() == at::kByte, "weights must be bf16, int8 or int4 bytes");
+  return kQ4;
+}
+
+int64_t group_of(const at::Tensor& w, const at::Tensor& scale) {
+  return kind_of(w) == kQ4 ? 2 * w.size(-1) / scale.size(-1) : 0;
+}
+
+Matrix weight_matrix(const at::Tensor& w, const at::Tensor& scale) {
+  const Kind kind = kind_of(w);
+  return make_matrix(kind, w, kind == kBf16 ? c10::nullopt : c10::optional<at::Tensor>(scale), group_of(w, scale));
+}
+
+// weights: attn_norm, ffn_norm, router, then (weight, scale) for q, k, v, o, gate_up, down (scale
+// empty for bf16); meta: query heads, kv heads, experts per token, layer, first cache row. k_all,
+// v_all: the whole cache [L, rows, G, S, D] (this step's rows are row0..row0+B-1 of the layer);
+// slots [B] the slot each row's new key goes to; mask [B, kv_len] (True = may attend) or none.
+at::Tensor decode_layer(const at::Tensor& x, at::TensorList w, at::IntArrayRef meta, double eps,
+                        const at::Tensor& k_all, const at::Tensor& v_all, const at::Tensor& slots,
+                        const c10::optional<at::Tensor>& mask, int64_t kv_len, const at::Tensor& cos,
+                        const at::Tensor& sin) {
+  check(w.size() == 15 && meta.size() == 5, "decode_layer takes 15 weights and 5 sizes");
+  const int64_t B = x.size(0), H = x.size(1), Q = meta[0], G = meta[1], topk = meta[2], layer = meta[3],
+                row0 = meta[4];
+  check_acts(x, H);
+  check(k_all.dim() == 5 && k_all.is_contiguous() && v_all.is_contiguous() && k_all.sizes() == v_all.sizes() &&
+            layer >= 0 && layer < k_all.size(0) && row0 >= 0 && row0 + B <= k_all.size(1) && k_all.size(2) == G &&
+            k_all.scalar_type() == at::kBFloat16 && v_all.scalar_type() == at::kBFloat16,
+        "caches must be contiguous bf16 [L, rows, G, S, D] holding this layer and rows");
+  const int64_t S = k_all.size(3), D = k_all.size(4);
+  check(Q % G == 0 && kv_len >= 1 && kv_len <= S, "heads and cache length do not fit");
+  check(slots.scalar_type() == at::kLong && slots.numel() == B && slots.is_contiguous(), "slots must be int64 [B]");
+  check(cos.scalar_type() == at::kBFloat16 && sin.scalar_type() == at::kBFloat16 && cos.is_contiguous() &&
+            sin.is_contiguous() && cos.numel() == B * D && sin.numel() == B * D, "cos, sin must be bf16 [B, D]");
+  const bool* allowed = nullptr;
+  if (mask.has_value()) {
+    check(mask->scalar_type() == at::kBool && mask->is_contiguous() && mask->numel() == B * kv_len,
+          "mask must be bool [B, kv_len]");
+    allowed = mask->data_ptr<bool>();
+  }
+  auto bf = [](const at::Tensor& t) { return static_cast<const uint16_t*>(t.data_ptr()); };
+  for (int i = 0; i < 3; ++i) check(w[i].scalar_type() == at::kBFloat16 && w[i].is_contiguous(), "norms and router must be bf16");
+  const Matrix Wq = weight_matrix(w[3], w[4]), Wk = weight_matrix(w[5], w[6]), Wv = weight_matrix(w[7], w[8]),
+               Wo = weight_matrix(w[9], w[10]), Wr = make_matrix(kBf16, w[2], c10::nullopt, 0);
+  check(Wq.K == H && Wq.N == Q * D && Wk.N == G * D && Wv.N == G * D && Wo.K == Q * D && Wo.N == H && Wr.K == H,
+        "attention weights do not match the hidden size and heads");
+  const uint16_t* xin = bf(x);
+
+  // attention
+  std::vector<uint16_t> h(B * H), q(B * Q * D), k(B * G * D), v(B * G * D), o(B * H);
+  rms_norm(xin, B, H, bf(w[0]), float(eps), h.data());
+  linears_into(h.data(), B, {Wq, Wk, Wv}, {q.data(), k.data(), v.data()});
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t first = (layer * k_all.size(1) + row0) * G * S * D;  // this layer's rows of the cache: [B, G, S, D]
+  uint16_t* kc = static_cast<uint16_t*>(k_all.data_ptr()) + first;
+  uint16_t* vc = static_cast<uint16_t*>(v_all.data_ptr()) + first;
+  for (int64_t b = 0; b < B; ++b) {
+    rope(q.data() + b * Q * D, Q, D, bf(cos) + b * D, bf(sin) + b * D);
+    rope(k.data() + b * G * D, G, D, bf(cos) + b * D, bf(sin) + b * D);
+    check(slot[b] >= 0 && slot[b] < S, "cache slot out of range");
+    for (int64_t g = 0; g < G; ++g) {
+      std::memcpy(kc + ((b * G + g) * S + slot[b]) * D, k.data() + (b * G + g) * D, D * 2);
+      std::memcpy(vc + ((b * G + g) * S + slot[b]) * D, v.data() + (b * G + g) * D, D * 2);
+    }
+  }
+  // attention in fp32 (model.one_token_attention's arithmetic; its sums in another order), one
+  // task per (row, kv head) with its Q/G query heads
+  const int64_t R = Q / G;  // query heads per kv head
+  at::Tensor att = at::empty({B, Q * D}, x.options());
+  uint16_t* attp = static_cast<uint16_t*>(att.data_ptr());
+  at::parallel_for(0, B * G, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<float> qf(R * D), scores(R * kv_len), out(R * D);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t b = p / G, g = p % G;
+      for (int64_t i = 0; i < R * D; ++i) qf[i] = bf16_to_f32(q[(b * Q + g * R) * D + i]);
+      attend(qf.data(), R, kc + (b * G + g) * S * D, vc + (b * G + g) * S * D,
+             allowed ? allowed + b * kv_len : nullptr, kv_len, D, scores.data(), out.data());
+      for (int64_t i = 0; i < R * D; ++i) attp[(b * Q + g * R) * D + i] = f32_to_bf16(out[i]);
+    }
+  });
+  linears_into(bf(att), B, {Wo}, {o.data()});
+  at::Tensor x1 = at::empty({B, H}, x.options());
+  uint16_t* x1p = static_cast<uint16_t*>(x1.data_ptr());
+  for (int64_t i = 0; i < B * H; ++i) x1p[i] = f32_to_bf16(bf16_to_f32(xin[i]) + bf16_to_f32(o[i]));
+
+  // experts
+  at::Tensor hn = at::empty({B, H}, x.options());
+  rms_norm(x1p, B, H, bf(w[1]), float(eps), static_cast<uint16_t*>(hn.data_ptr()));
+  const int64_t E = Wr.N;
+  check(topk >= 1 && topk <= E, "experts per token out of range");
+  std::vector<uint16_t> logits(B * E);
+  linears_into(bf(hn), B, {Wr}, {logits.data()});
+  at::Tensor idx = at::empty({B, topk}, x.options().dtype(at::kLong));
+  at::Tensor wts = at::empty({B, topk}, x.options().dtype(at::kFloat));
+  std::vector<float> probs(E);
+  std::vector<int64_t> order(E);
+  for (int64_t b = 0; b < B; ++b) {  // softmax in fp32 (times the sum's reciprocal, as ATen's), top-k, renormalised
+    float mx = -INFINITY, sum = 0.f;
+    for (int64_t e = 0; e < E; ++e) mx = std::max(mx, bf16_to_f32(logits[b * E + e]));
+    for (int64_t e = 0; e < E; ++e) sum += probs[e] = std::exp(bf16_to_f32(logits[b * E + e]) - mx);
+    const float inv = 1.f / sum;
+    for (int64_t e = 0; e < E; ++e) probs[e] *= inv;
+    for (int64_t e = 0; e < E; ++e) order[e] = e;
+    std::partial_sort(order.begin(), order.begin() + topk, order.end(),
+                      [&](int64_t a, int64_t c) { return probs[a] > probs[c] || (probs[a] == probs[c] && a < c); });
+    float total = 0.f;
+    for (int64_t j = 0; j < topk; ++j) total += probs[order[j]];
+    for (int64_t j = 0; j < topk; ++j) {
+      idx.data_ptr<int64_t>()[b * topk + j] = order[j];
+      wts.data_ptr<float>()[b * topk + j] = probs[order[j]] / total;
+    }
+  }
+  const Kind kind = kind_of(w[11]);
+  check(kind_of(w[13]) == kind, "gate_up and down must be of one kind");
+  auto scale = [&](int i) { return kind == kBf16 ? c10::optional<at::Tensor>() : c10::optional<at::Tensor>(w[i]); };
+  const at::Tensor y = moe(kind, hn, idx, wts, w[11], scale(12), w[13], scale(14), group_of(w[11], w[12]));
+  const uint16_t* yp = bf(y);
+  for (int64_t i = 0; i < B * H; ++i) x1p[i] = f32_to_bf16(bf16_to_f32(x1p[i]) + bf16_to_f32(yp[i]));
+  return x1;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(smoe, m) {
@@ -601,6 +894,8 @@ TORCH_LIBRARY_FRAGMENT(smoe, m) {
   m.def("moe_q4(Tensor x, Tensor expert_indices, Tensor expert_weights, Tensor gate_up, Tensor gate_up_sm, "
         "Tensor down, Tensor down_sm, int group_size) -> Tensor");
   m.def("quantize_activations(Tensor x, int group_size) -> Tensor");
+  m.def("decode_layer(Tensor x, Tensor[] weights, int[] meta, float eps, Tensor(a!) k_all, Tensor(b!) v_all, "
+        "Tensor slots, Tensor? mask, int kv_len, Tensor cos, Tensor sin) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(smoe, CPU, m) {
@@ -611,6 +906,7 @@ TORCH_LIBRARY_IMPL(smoe, CPU, m) {
   m.impl("moe_q8", &moe_q8);
   m.impl("moe_q4", &moe_q4);
   m.impl("quantize_activations", &quantize_activations);
+  m.impl("decode_layer", &decode_layer);
 }
 
 // ------------------------------------------------------------------------------ the Python module
