@@ -4,8 +4,9 @@
     python benchmarks/bench_engines.py --model smoe/assets/demo --repeats 3
     smoe bench --model DIR                                               # the same
 
-Precisions: bf16 (llama.cpp BF16), int8 (smoe int8 per channel; llama.cpp Q8_0) and int4
-(smoe int4, group 32; llama.cpp Q4_0); transformers runs bf16 only (it has no CPU int8/int4
+Precisions: bf16 (llama.cpp BF16), int8 (smoe int8 per channel; llama.cpp Q8_0), int4
+(smoe int4, group 32: 5 bits per weight, Q4_1's size; llama.cpp Q4_0) and int4-g64 (smoe int4,
+group 64: 4.5 bits per weight, Q4_0's size; llama.cpp Q4_0 again); transformers runs bf16 only (it has no CPU int8/int4
 path of its own). llama.cpp gets the checkpoint through the converter in llama-cpp-python's
 source distribution (`pip download llama-cpp-python==0.3.36 --no-binary :all:`), then
 `llama_model_quantize` for Q4_0.
@@ -266,7 +267,8 @@ def smoe_checkpoint(model_dir: Path, out: Path, precision: str) -> Path:
     """The checkpoint quantized by smoe (made once, like the GGUF files)."""
     if not (out / "config.json").exists():
         print(f"smoe quantize {precision} ...", flush=True)
-        bits, extra = (8, []) if precision == "int8" else (4, ["--group-size", "32"])
+        group = "64" if precision == "int4-g64" else "32"
+        bits, extra = (8, []) if precision == "int8" else (4, ["--group-size", group])
         subprocess.run([sys.executable, "-m", "smoe.cli", "quantize", "--model", str(model_dir), "--bits", str(bits),
                         *extra, "--out", str(out)], check=True)
     return out
@@ -418,13 +420,19 @@ def main() -> int:
         args.model = write(HERE / "out" / "bench-ckpt", "bench", __import__("torch").bfloat16)
     args.out.mkdir(parents=True, exist_ok=True)
     engines, precisions = args.engines.split(","), args.precisions.split(",")
-    ggufs = gguf_files(args.model, args.out / f"gguf-{args.model.name}", precisions) if "llama.cpp" in engines else {}
+    ggufs = {}
+    if "llama.cpp" in engines:  # int4-g64 is measured against the same Q4_0 file as int4
+        files = list(dict.fromkeys("int4" if p == "int4-g64" else p for p in precisions))
+        ggufs = gguf_files(args.model, args.out / f"gguf-{args.model.name}", files)
+        if "int4-g64" in precisions:
+            ggufs["int4-g64"] = ggufs["int4"]
     quantized = {"bf16": args.model}
     for precision in precisions:
         if precision != "bf16" and "smoe" in engines:
             quantized[precision] = smoe_checkpoint(args.model, args.out / f"smoe-{args.model.name}-{precision}",
                                                    precision)
-    combos = [(e, pr) for pr in precisions for e in engines if not (e == "transformers" and pr != "bf16")]
+    combos = [(e, pr) for pr in precisions for e in engines if not (e == "transformers" and pr != "bf16")
+              and not (e == "llama.cpp" and pr == "int4-g64" and "int4" in precisions)]  # the same Q4_0 run
     best: dict[tuple, dict] = {}
     for r in range(args.repeats):
         for engine, precision in combos:
@@ -448,9 +456,12 @@ def main() -> int:
                               "peak_rss_mib": min(old["peak_rss_mib"], report["peak_rss_mib"])}
                 best[key] = merged
             b1 = report["result"]["1"] if "1" in report["result"] else next(iter(report["result"].values()))
-            print(f"run {r + 1}/{args.repeats}  {engine:<12} {precision:<5} decode {b1['decode_tok_s']:7.1f} tok/s  "
+            print(f"run {r + 1}/{args.repeats}  {engine:<12} {precision:<8} decode {b1['decode_tok_s']:7.1f} tok/s  "
                   f"prefill {b1['prefill_tok_s']:7.1f} tok/s", flush=True)
 
+    for (engine, precision, batch), m in list(best.items()):
+        if engine == "llama.cpp" and precision == "int4" and "int4-g64" in precisions:
+            best[(engine, "int4-g64", batch)] = m
     roof = rooflines(args.model, args.threads)
     flops = flops_per_token(args.model)
     rows = []

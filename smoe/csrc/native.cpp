@@ -87,8 +87,8 @@ struct QRows {  // R rows of K activations quantized to int8 in blocks of 32
   int64_t K = 0, Kp = 0, G = 0, ng = 0;  // Kp: K rounded up to a step; ng: floats of `gs` per row
   std::vector<int8_t> q;                 // [R, Kp] in the kernel's column order, zero padded
   std::vector<float> sv;                 // [R, Kp/step, 16]: each 32-bit lane's block scale
-  std::vector<float> gs;                 // q8: [R, 1] 128 * sum_b d_b * sum(q_b); q4: [R, Kp/128, 16] per lane d_b * (sum
-                                         // of its 8 codes), what the group offsets multiply
+  std::vector<float> gs;                 // q8: [R, 1] 128 * sum_b d_b * sum(q_b); q4: [R, K/G] per group
+                                         // sum_{b in g} d_b * sum(q_b), what the group offsets multiply
 };
 
 void quantize_row(const float* x, int64_t K, Kind kind, int64_t G, int8_t* q, float* sv, float* gs) {
@@ -118,13 +118,13 @@ void quantize_row(const float* x, int64_t K, Kind kind, int64_t G, int8_t* q, fl
     double c = 0;
     for (int64_t b = 0; b < nblocks; ++b) c += double(d[b]) * sum[b];
     gs[0] = float(128.0 * c);
-  } else {  // lane i of a step holds bytes 4i..4i+3 of the low half and of the high half, block 4c + i / 4
-    for (int64_t c = 0; c < Kp / kChunk; ++c)
-      for (int lane = 0; lane < 16; ++lane) {
-        int32_t t = 0;
-        for (int j = 0; j < 4; ++j) t += q[c * kChunk + 4 * lane + j] + q[c * kChunk + 64 + 4 * lane + j];
-        gs[c * 16 + lane] = d[4 * c + lane / 4] * float(t);
-      }
+  } else {
+    const int64_t per_group = G / kQBlock;
+    for (int64_t g = 0; g < K / G; ++g) {
+      float t = 0.f;
+      for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) t += d[b] * sum[b];
+      gs[g] = t;
+    }
   }
 }
 
@@ -135,7 +135,7 @@ void quantize_rows(const std::vector<const float*>& rows, int64_t K, Kind kind, 
   out.K = K;
   out.Kp = (K + kChunk - 1) / kChunk * kChunk;
   out.G = G;
-  out.ng = kind == kQ8 ? 1 : (out.Kp / kChunk) * 16;
+  out.ng = kind == kQ8 ? 1 : K / G;
   out.q.assign(R * out.Kp, 0);
   out.sv.assign(R * (out.Kp / kChunk) * 16, 0.f);
   out.gs.assign(R * out.ng, 0.f);
@@ -165,12 +165,6 @@ struct Acts {
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,fma")
-
-// Software prefetch, into L2 (T2: L1's few miss buffers are for the loads themselves): each
-// row's stream requests `pf` bytes ahead of where it reads — for short rows the same columns
-// of rows a few tiles on (a thread's tiles are contiguous), for long rows further along the
-// row (prefetch_distance). Measured on Zen 4, weights streamed from memory, one thread:
-// no prefetch 10-12 GB/s, T0 a tile ahead 9-12, T2 four tiles ahead 18-19 (sequential sum: 20).
 
 // Horizontal sums of accumulators, several at once: each vector is summed by the same tree
 // (halves, then pairs of pairs) whether it is reduced alone or with 3 or 7 others, so a row's
@@ -223,192 +217,173 @@ void silu_mul(const float* g, const float* up, int64_t n, uint16_t* out) {
   }
 }
 
-// out[m * NR + r] = sum_k x[m][k] * w[r][k], bf16 inputs, fp32 accumulation
-template <int MR, int NR>
-void dot_bf16(const uint16_t* const* x, const uint16_t* w, int64_t K, int64_t pf, float* out) {
-  __m512 acc[MR][NR];
-  for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+// The dot products below read ONE weight row at a time for up to 4 token rows (MR): each thread
+// then streams one contiguous run of memory, which the hardware prefetchers follow best.
+// Measured on Zen 4 (2 threads, weights from memory): one row at a time 33-36 GB/s, tiles of 8
+// interleaved rows 26-30, 2 rows 20-21, with or without software prefetch. Consecutive column
+// chunks alternate between two accumulators (chunk c -> c % 2) so two chains of dependent
+// dot-product instructions are in flight; the two are summed, then reduced by `reduce`'s tree.
+// That order is the same for every MR, so a row's result does not depend on its batch.
+
+// out[m] = sum_k x[m][k] * w[k], bf16 inputs, fp32 accumulation
+template <int MR>
+void dot_bf16(const uint16_t* const* x, const uint16_t* w, int64_t K, float* out) {
+  __m512 acc[2][MR];
+  for (int m = 0; m < MR; ++m) acc[0][m] = acc[1][m] = _mm512_setzero_ps();
+  auto chunk = [&](int64_t k, __m512* a) {  // 32 columns from k (fewer at the end: masked)
+    const __mmask32 mask = K - k >= 32 ? __mmask32(0xFFFFFFFFu) : _cvtu32_mask32((1u << (K - k)) - 1u);
+    const __m512i wv = _mm512_maskz_loadu_epi16(mask, w + k);
+    for (int m = 0; m < MR; ++m)
+      a[m] = _mm512_dpbf16_ps(a[m], (__m512bh)_mm512_maskz_loadu_epi16(mask, x[m] + k), (__m512bh)wv);
+  };
   int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    __m512i wv[NR];
-    for (int r = 0; r < NR; ++r) {
-      const uint16_t* p = w + r * K + k;
-      _mm_prefetch(reinterpret_cast<const char*>(p) + pf, _MM_HINT_T2);
-      wv[r] = _mm512_loadu_si512(p);
-    }
-    for (int m = 0; m < MR; ++m) {
-      const __m512i xv = _mm512_loadu_si512(x[m] + k);
-      for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], (__m512bh)xv, (__m512bh)wv[r]);
-    }
+  for (; k + 64 <= K; k += 64) {
+    chunk(k, acc[0]);
+    chunk(k + 32, acc[1]);
   }
-  if (k < K) {
-    const __mmask32 mask = _cvtu32_mask32((1u << (K - k)) - 1u);
-    __m512i wv[NR];
-    for (int r = 0; r < NR; ++r) wv[r] = _mm512_maskz_loadu_epi16(mask, w + r * K + k);
-    for (int m = 0; m < MR; ++m) {
-      const __m512i xv = _mm512_maskz_loadu_epi16(mask, x[m] + k);
-      for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], (__m512bh)xv, (__m512bh)wv[r]);
-    }
-  }
-  for (int m = 0; m < MR; ++m)
-    reduce<NR>(acc[m], out + m * NR);
+  if (k < K) chunk(k, acc[0]);
+  if (k + 32 < K) chunk(k + 32, acc[1]);
+  for (int m = 0; m < MR; ++m) acc[0][m] = _mm512_add_ps(acc[0][m], acc[1][m]);
+  reduce<MR>(acc[0], out);
 }
 
-// out[m * NR + r] = sum_b d_b * sum_{k in b} qx[k] * (qw[r][k] + 128)   (the caller removes the +128)
-template <int MR, int NR>
-void dot_q8(const int8_t* const* xq, const float* const* sv, const int8_t* w, int64_t K, int64_t pf, float* out) {
-  __m512 acc[MR][NR];
-  for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+// out[m] = sum_b d_b * sum_{k in b} qx[k] * (qw[k] + 128)   (the caller removes the +128)
+template <int MR>
+void dot_q8(const int8_t* const* xq, const float* const* sv, const int8_t* w, int64_t K, float* out) {
+  __m512 acc[2][MR];
+  for (int m = 0; m < MR; ++m) acc[0][m] = acc[1][m] = _mm512_setzero_ps();
   const __m512i flip = _mm512_set1_epi8(char(0x80));
-  constexpr int64_t kChunk = 64;
-  const int64_t chunks = (K + kChunk - 1) / kChunk;
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t k = c * kChunk;
-    __m512i wv[NR];
-    if (k + kChunk <= K) {
-      for (int r = 0; r < NR; ++r) {
-        const int8_t* p = w + r * K + k;
-        _mm_prefetch(reinterpret_cast<const char*>(p) + pf, _MM_HINT_T2);
-        wv[r] = _mm512_xor_si512(_mm512_loadu_si512(p), flip);
-      }
-    } else {
-      const __mmask64 mask = _cvtu64_mask64((uint64_t(1) << (K - k)) - 1);
-      for (int r = 0; r < NR; ++r) wv[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + r * K + k), flip);
-    }
+  auto chunk = [&](int64_t c, __m512* a) {  // 64 columns (masked at the end)
+    const int64_t k = c * 64;
+    const __mmask64 mask = K - k >= 64 ? ~__mmask64(0) : _cvtu64_mask64((uint64_t(1) << (K - k)) - 1);
+    const __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + k), flip);
     for (int m = 0; m < MR; ++m) {
-      const __m512i xv = _mm512_loadu_si512(xq[m] + k);
-      const __m512 s = _mm512_loadu_ps(sv[m] + c * 16);
-      for (int r = 0; r < NR; ++r) {
-        const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[r], xv);
-        acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc[m][r]);
-      }
+      const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, _mm512_loadu_si512(xq[m] + k));
+      a[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(sv[m] + c * 16), a[m]);
     }
+  };
+  const int64_t chunks = (K + 63) / 64;
+  int64_t c = 0;
+  for (; c + 2 <= chunks; c += 2) {
+    chunk(c, acc[0]);
+    chunk(c + 1, acc[1]);
   }
-  for (int m = 0; m < MR; ++m)
-    reduce<NR>(acc[m], out + m * NR);
+  if (c < chunks) chunk(c, acc[0]);
+  for (int m = 0; m < MR; ++m) acc[0][m] = _mm512_add_ps(acc[0][m], acc[1][m]);
+  reduce<MR>(acc[0], out);
 }
 
-// out[m * NR + r] = sum_g (s[r][g] * sum_{b in g} d_b * sum_{k in b} qx[k] * code[r][k] + m[r][g] * sum_{b in g} d_b * sum qx)
-// scale_index: 32 words; word 2i + 1 is the group (from the step's first) of lane i's block
-template <int MR, int NR>
+// out[m] = sum_g (s[g] * sum_{b in g} d_b * sum_{k in b} qx[k] * code[k] + m[g] * sum_{b in g} d_b * sum qx)
+// scale_index: 32 words; word 2i + 1 is the group (from the step's first) of lane i's block.
+// The offsets' part is one short dot product per row after the codes' (xs: the activations'
+// per-group sums), not a multiply-add per step.
+template <int MR>
 void dot_q4(const int8_t* const* xq, const float* const* sv, const float* const* xs, const uint8_t* codes,
-            const uint16_t* sm, int64_t K, int64_t G, int64_t pf, const uint16_t* scale_index, float* out) {
-  __m512 acc[MR][NR];
-  for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+            const uint16_t* sm, int64_t K, int64_t G, const uint16_t* scale_index, float* out) {
+  __m512 acc[2][MR];
+  for (int m = 0; m < MR; ++m) acc[0][m] = acc[1][m] = _mm512_setzero_ps();
   const __m512i low = _mm512_set1_epi8(0x0F);
   const __m512i sidx = _mm512_loadu_si512(scale_index);
-  const int64_t row_bytes = K / 2, ng = K / G, row_sm = 2 * ng, steps = (K + 127) / 128;
-  for (int64_t c = 0; c < steps; ++c) {
+  const int64_t ng = K / G, steps = (K + 127) / 128;
+  auto step = [&](int64_t c, __m512* a) {  // 128 columns: 64 bytes, 4 blocks (fewer at the end)
     const int64_t k = c * 128, blocks = std::min<int64_t>(4, (K - k) / kQBlock);
     const int64_t g0 = k / G, groups = std::min<int64_t>(4, (blocks * kQBlock + G - 1) / G);
     const __mmask8 gmask = __mmask8((1u << groups) - 1);
-    __m512i lo[NR], hi[NR];
-    __m512 ws[NR], wm[NR];
-    for (int r = 0; r < NR; ++r) {
-      const uint8_t* p = codes + r * row_bytes + c * 64;
-      __m512i v;
-      if (blocks == 4) {
-        _mm_prefetch(reinterpret_cast<const char*>(p) + pf, _MM_HINT_T2);
-        v = _mm512_loadu_si512(p);
-      } else {
-        v = _mm512_maskz_loadu_epi8(_cvtu64_mask64((uint64_t(1) << (16 * blocks)) - 1), p);
-      }
-      lo[r] = _mm512_and_si512(v, low);
-      hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-      const __m128i s = _mm_maskz_loadu_epi16(gmask, sm + r * row_sm + g0);  // up to 4 group scales
-      ws[r] = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, sidx, _mm512_castsi128_si512(s)));
-      const __m128i o = _mm_maskz_loadu_epi16(gmask, sm + r * row_sm + ng + g0);  // and offsets
-      wm[r] = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, sidx, _mm512_castsi128_si512(o)));
-    }
+    const __mmask64 bmask = blocks == 4 ? ~__mmask64(0) : _cvtu64_mask64((uint64_t(1) << (16 * blocks)) - 1);
+    const __m512i v = _mm512_maskz_loadu_epi8(bmask, codes + c * 64);
+    const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+    const __m128i s = _mm_maskz_loadu_epi16(gmask, sm + g0);  // up to 4 group scales
+    const __m512 ws = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, sidx, _mm512_castsi128_si512(s)));
     for (int m = 0; m < MR; ++m) {
       const __m512i xlo = _mm512_loadu_si512(xq[m] + k), xhi = _mm512_loadu_si512(xq[m] + k + 64);
-      const __m512 d = _mm512_loadu_ps(sv[m] + c * 16), sums = _mm512_loadu_ps(xs[m] + c * 16);
-      for (int r = 0; r < NR; ++r) {
-        const __m512i i = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], xlo), hi[r], xhi);
-        acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(d, ws[r]), acc[m][r]);
-        acc[m][r] = _mm512_fmadd_ps(wm[r], sums, acc[m][r]);
-      }
+      const __m512 d = _mm512_loadu_ps(sv[m] + c * 16);
+      const __m512i i = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo), hi, xhi);
+      a[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(d, ws), a[m]);
     }
+  };
+  int64_t c = 0;
+  for (; c + 2 <= steps; c += 2) {
+    step(c, acc[0]);
+    step(c + 1, acc[1]);
   }
-  for (int m = 0; m < MR; ++m)
-    reduce<NR>(acc[m], out + m * NR);
+  if (c < steps) step(c, acc[0]);
+  for (int m = 0; m < MR; ++m) {
+    __m512 offsets = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; g += 16) {
+      const __mmask16 mask = ng - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (ng - g)) - 1);
+      const __m512 mv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, sm + ng + g)), 16));
+      offsets = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(mask, xs[m] + g), offsets);
+    }
+    acc[0][m] = _mm512_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]), offsets);
+  }
+  reduce<MR>(acc[0], out);
 }
 
 #pragma GCC pop_options
 
 // ------------------------------------------------------------------------------ tiles
 
-// bytes ahead of each row's reads (see the prefetch note above)
-constexpr int64_t kPrefetchTiles = 4, kPrefetchMaxBytes = 128 << 10, kPrefetchRowBytes = 4096;
+// One group of up to 4 activation rows, as the dot products read them (set up once per matvec call).
+struct RowGroup {
+  int64_t mr = 0;
+  const int64_t* rows = nullptr;
+  const uint16_t* x[4] = {};  // bf16
+  const int8_t* xq[4] = {};   // quantized: codes, per-lane block scales, per-group sums (q4) or the q8 correction
+  const float* sv[4] = {};
+  const float* xs[4] = {};
+};
 
-inline int64_t prefetch_distance(int64_t row_bytes, int nr) {
-  const int64_t tiles_ahead = kPrefetchTiles * nr * row_bytes;
-  return tiles_ahead <= kPrefetchMaxBytes ? tiles_ahead : kPrefetchRowBytes;
-}
-
-template <int MR, int NR>
-void tile(const Acts& a, const int64_t* rows, const Matrix& W, int64_t n, float* out) {
-  if (W.kind == kBf16) {
-    const uint16_t* x[MR];
-    for (int m = 0; m < MR; ++m) x[m] = a.bf[rows[m]];
-    dot_bf16<MR, NR>(x, static_cast<const uint16_t*>(W.w) + n * W.K, W.K, prefetch_distance(2 * W.K, NR), out);
-    return;
-  }
-  const QRows& q = *a.q;
-  const int8_t* xq[MR];
-  const float* sv[MR];
-  for (int m = 0; m < MR; ++m) {
-    xq[m] = q.q.data() + rows[m] * q.Kp;
-    sv[m] = q.sv.data() + rows[m] * (q.Kp / chunk_of(W.kind)) * 16;
-  }
+template <int MR>
+void dot_row(const RowGroup& g, const Matrix& W, int64_t n, const uint16_t* scale_index, float* out) {
+  if (W.kind == kBf16) return dot_bf16<MR>(g.x, static_cast<const uint16_t*>(W.w) + n * W.K, W.K, out);
   if (W.kind == kQ8) {
-    dot_q8<MR, NR>(xq, sv, static_cast<const int8_t*>(W.w) + n * W.K, W.K, prefetch_distance(W.K, NR), out);
-    for (int m = 0; m < MR; ++m)
-      for (int r = 0; r < NR; ++r) out[m * NR + r] = W.scale[n + r] * (out[m * NR + r] - q.gs[rows[m]]);
+    dot_q8<MR>(g.xq, g.sv, static_cast<const int8_t*>(W.w) + n * W.K, W.K, out);
+    for (int m = 0; m < MR; ++m) out[m] = W.scale[n] * (out[m] - g.xs[m][0]);
     return;
   }
-  const uint8_t* codes = static_cast<const uint8_t*>(W.w) + n * (W.K / 2);
-  const uint16_t* sm = W.sm + n * 2 * (W.K / W.G);
-  const float* xs[MR];
-  for (int m = 0; m < MR; ++m) xs[m] = q.gs.data() + rows[m] * q.ng;
-  uint16_t scale_index[32] = {};
-  for (int lane = 0; lane < 16; ++lane) scale_index[2 * lane + 1] = uint16_t((lane / 4) * kQBlock / W.G);
-  dot_q4<MR, NR>(xq, sv, xs, codes, sm, W.K, W.G, prefetch_distance(W.K / 2, NR), scale_index, out);
+  dot_q4<MR>(g.xq, g.sv, g.xs, static_cast<const uint8_t*>(W.w) + n * (W.K / 2), W.sm + n * 2 * (W.K / W.G), W.K, W.G,
+             scale_index, out);
 }
 
-template <int NR>
-void tile_rows(const Acts& a, const int64_t* rows, int64_t M, const Matrix& W, int64_t n, float* out) {
-  switch (M) {
-    case 1: return tile<1, NR>(a, rows, W, n, out);
-    case 2: return tile<2, NR>(a, rows, W, n, out);
-    case 3: return tile<3, NR>(a, rows, W, n, out);
-    default: return tile<4, NR>(a, rows, W, n, out);
-  }
-}
-
-// out[i * ldo + (n - n0)] = row rows[i] of the activations times weight row n, for n in [n0, n1)
+// out[i * ldo + (n - n0)] = row rows[i] of the activations times weight row n, for n in [n0, n1):
+// weight row by weight row, each for the token rows in groups of up to 4
 void matvec(const Acts& a, const int64_t* rows, int64_t M, const Matrix& W, int64_t n0, int64_t n1, float* out,
             int64_t ldo) {
-  float buf[32];
-  for (int64_t n = n0; n < n1;) {
-    // 8 rows at one token row (more loads in flight), except int4 (its 8 rows would not fit the registers)
-    const int nr = (M == 1 && W.kind != kQ4 && n + 8 <= n1) ? 8 : n + 4 <= n1 ? 4 : 1;
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int64_t mr = std::min<int64_t>(4, M - m0);
-      if (nr == 8)
-        tile<1, 8>(a, rows + m0, W, n, buf);
-      else if (nr == 4)
-        tile_rows<4>(a, rows + m0, mr, W, n, buf);
-      else
-        tile_rows<1>(a, rows + m0, mr, W, n, buf);
-      for (int64_t m = 0; m < mr; ++m)
-        for (int r = 0; r < nr; ++r) out[(m0 + m) * ldo + (n - n0) + r] = buf[m * nr + r];
+  const int64_t ngroups = (M + 3) / 4;
+  RowGroup small[4];  // up to 16 rows without an allocation
+  std::vector<RowGroup> more(ngroups > 4 ? ngroups : 0);
+  RowGroup* groups = ngroups > 4 ? more.data() : small;
+  for (int64_t i = 0; i < ngroups; ++i) {
+    RowGroup& g = groups[i];
+    g.mr = std::min<int64_t>(4, M - 4 * i);
+    g.rows = rows + 4 * i;
+    for (int64_t m = 0; m < g.mr; ++m) {
+      const int64_t r = g.rows[m];
+      if (W.kind == kBf16) {
+        g.x[m] = a.bf[r];
+        continue;
+      }
+      const QRows& q = *a.q;
+      g.xq[m] = q.q.data() + r * q.Kp;
+      g.sv[m] = q.sv.data() + r * (q.Kp / chunk_of(W.kind)) * 16;
+      g.xs[m] = q.gs.data() + r * q.ng;
     }
-    n += nr;
   }
+  uint16_t scale_index[32] = {};  // q4: lane i's group within a step (see dot_q4)
+  if (W.kind == kQ4)
+    for (int lane = 0; lane < 16; ++lane) scale_index[2 * lane + 1] = uint16_t((lane / 4) * kQBlock / W.G);
+  float buf[4];
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t i = 0; i < ngroups; ++i) {
+      const RowGroup& g = groups[i];
+      switch (g.mr) {
+        case 1: dot_row<1>(g, W, n, scale_index, buf); break;
+        case 2: dot_row<2>(g, W, n, scale_index, buf); break;
+        case 3: dot_row<3>(g, W, n, scale_index, buf); break;
+        default: dot_row<4>(g, W, n, scale_index, buf);
+      }
+      for (int64_t m = 0; m < g.mr; ++m) out[(4 * i + m) * ldo + (n - n0)] = buf[m];
+    }
 }
 
 // ------------------------------------------------------------------------------ checks
