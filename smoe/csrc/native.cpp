@@ -91,46 +91,11 @@ struct QRows {  // R rows of K activations quantized to int8 in blocks of 32
                                          // sum_{b in g} d_b * sum(q_b), what the group offsets multiply
 };
 
-void quantize_row(const float* x, int64_t K, Kind kind, int64_t G, int8_t* q, float* sv, float* gs) {
-  const int64_t kChunk = chunk_of(kind), Kp = (K + kChunk - 1) / kChunk * kChunk;
-  std::memset(q, 0, Kp);
-  const int64_t nblocks = Kp / kQBlock;
-  std::vector<float> d(nblocks, 0.f), sum(nblocks, 0.f);  // each block's scale and sum of codes
-  for (int64_t b = 0; b < nblocks; ++b) {
-    const int64_t k0 = b * kQBlock, k1 = std::min(K, k0 + kQBlock);
-    float amax = 0.f;
-    for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(x[k]));
-    const float scale = amax / 127.f;
-    int32_t s = 0;
-    for (int64_t k = k0; k < k1; ++k) {
-      int v = scale > 0.f ? int(std::nearbyint(x[k] / scale)) : 0;
-      v = std::min(127, std::max(-127, v));
-      const int64_t chunk = k / kChunk, j = k % kChunk;
-      q[chunk * kChunk + (kind == kQ4 ? nibble_position(int(j)) : j)] = int8_t(v);
-      s += v;
-    }
-    d[b] = scale;
-    sum[b] = float(s);
-  }
-  for (int64_t c = 0; c < Kp / kChunk; ++c)
-    for (int lane = 0; lane < 16; ++lane) sv[c * 16 + lane] = kind == kQ4 ? d[4 * c + lane / 4] : d[2 * c + lane / 8];
-  if (kind == kQ8) {
-    double c = 0;
-    for (int64_t b = 0; b < nblocks; ++b) c += double(d[b]) * sum[b];
-    gs[0] = float(128.0 * c);
-  } else {
-    const int64_t per_group = G / kQBlock;
-    for (int64_t g = 0; g < K / G; ++g) {
-      float t = 0.f;
-      for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) t += d[b] * sum[b];
-      gs[g] = t;
-    }
-  }
-}
+// one row of K bf16 activations -> its codes, per-lane block scales and sums (defined below, AVX-512)
+void quantize_row(const uint16_t* x, int64_t K, Kind kind, int64_t G, int8_t* q, float* sv, float* gs);
 
-// rows: R pointers to K floats each
-void quantize_rows(const std::vector<const float*>& rows, int64_t K, Kind kind, int64_t G, QRows& out) {
-  const int64_t R = int64_t(rows.size());
+// R rows of K bf16 activations, one after another
+void quantize_rows(const uint16_t* x, int64_t R, int64_t K, Kind kind, int64_t G, QRows& out) {
   const int64_t kChunk = chunk_of(kind);
   out.K = K;
   out.Kp = (K + kChunk - 1) / kChunk * kChunk;
@@ -140,7 +105,7 @@ void quantize_rows(const std::vector<const float*>& rows, int64_t K, Kind kind, 
   out.sv.assign(R * (out.Kp / kChunk) * 16, 0.f);
   out.gs.assign(R * out.ng, 0.f);
   for (int64_t r = 0; r < R; ++r)
-    quantize_row(rows[r], K, kind, G, out.q.data() + r * out.Kp, out.sv.data() + r * (out.Kp / kChunk) * 16,
+    quantize_row(x + r * K, K, kind, G, out.q.data() + r * out.Kp, out.sv.data() + r * (out.Kp / kChunk) * 16,
                  out.gs.data() + r * out.ng);
 }
 
@@ -217,6 +182,56 @@ void silu_mul(const float* g, const float* up, int64_t n, uint16_t* out) {
   }
 }
 
+// Activations to int8 in blocks of 32: d_b = max|x_b| / 127, q = round-half-even(x / d_b) (a true
+// division, as Python's reference divides), laid out in the kernel's column order (q4: the first
+// 16 of a block in the step's low half, the next 16 in its high half).
+void quantize_row(const uint16_t* x, int64_t K, Kind kind, int64_t G, int8_t* q, float* sv, float* gs) {
+  const int64_t kChunk = chunk_of(kind), Kp = (K + kChunk - 1) / kChunk * kChunk, nblocks = Kp / kQBlock;
+  float d[nblocks > 0 ? nblocks : 1], sum[nblocks > 0 ? nblocks : 1];
+  const __m512 sign = _mm512_set1_ps(-0.f);
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int64_t k0 = b * kQBlock, n = std::max<int64_t>(0, std::min<int64_t>(kQBlock, K - k0));
+    const __mmask16 m0 = __mmask16(n >= 16 ? 0xFFFF : (1u << n) - 1), m1 = __mmask16(n >= 32 ? 0xFFFF : n > 16 ? (1u << (n - 16)) - 1 : 0);
+    auto load = [&](int64_t k, __mmask16 m) {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, x + k)), 16));
+    };
+    const __m512 v0 = load(k0, m0), v1 = load(k0 + 16, m1);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, v0), _mm512_andnot_ps(sign, v1)));
+    const float scale = amax / 127.f;
+    __m512i q0 = _mm512_setzero_si512(), q1 = q0;
+    if (scale > 0.f) {
+      const __m512 s = _mm512_set1_ps(scale), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+      auto code = [&](__m512 v) {
+        const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(v, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        return _mm512_cvtps_epi32(_mm512_min_ps(hi, _mm512_max_ps(lo, r)));
+      };
+      q0 = code(v0);
+      q1 = code(v1);
+    }
+    d[b] = scale;
+    sum[b] = float(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
+    const int64_t chunk = k0 / kChunk, j = k0 % kChunk;
+    int8_t* first = q + chunk * kChunk + (kind == kQ4 ? (j / kQBlock) * 16 : j);
+    int8_t* second = kind == kQ4 ? first + 64 : first + 16;
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(first), _mm512_cvtepi32_epi8(q0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(second), _mm512_cvtepi32_epi8(q1));
+  }
+  for (int64_t c = 0; c < Kp / kChunk; ++c)
+    for (int lane = 0; lane < 16; ++lane) sv[c * 16 + lane] = kind == kQ4 ? d[4 * c + lane / 4] : d[2 * c + lane / 8];
+  if (kind == kQ8) {
+    double c = 0;
+    for (int64_t b = 0; b < nblocks; ++b) c += double(d[b]) * sum[b];
+    gs[0] = float(128.0 * c);
+  } else {
+    const int64_t per_group = G / kQBlock;
+    for (int64_t g = 0; g < K / G; ++g) {
+      float t = 0.f;
+      for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) t += d[b] * sum[b];
+      gs[g] = t;
+    }
+  }
+}
+
 // The dot products below read ONE weight row at a time for up to 4 token rows (MR): each thread
 // then streams one contiguous run of memory, which the hardware prefetchers follow best.
 // Measured on Zen 4 (2 threads, weights from memory): one row at a time 33-36 GB/s, tiles of 8
@@ -285,11 +300,17 @@ void dot_q4(const int8_t* const* xq, const float* const* sv, const float* const*
   const __m512i low = _mm512_set1_epi8(0x0F);
   const __m512i sidx = _mm512_loadu_si512(scale_index);
   const int64_t ng = K / G, steps = (K + 127) / 128;
+  const int gshift = __builtin_ctzll(uint64_t(G));  // G is a power of two (make_matrix)
+  const __mmask8 full_groups = __mmask8((1u << std::min<int64_t>(4, 128 >> std::min(gshift, 7))) - 1);
   auto step = [&](int64_t c, __m512* a) {  // 128 columns: 64 bytes, 4 blocks (fewer at the end)
-    const int64_t k = c * 128, blocks = std::min<int64_t>(4, (K - k) / kQBlock);
-    const int64_t g0 = k / G, groups = std::min<int64_t>(4, (blocks * kQBlock + G - 1) / G);
-    const __mmask8 gmask = __mmask8((1u << groups) - 1);
-    const __mmask64 bmask = blocks == 4 ? ~__mmask64(0) : _cvtu64_mask64((uint64_t(1) << (16 * blocks)) - 1);
+    const int64_t k = c * 128, g0 = k >> gshift;
+    __mmask8 gmask = full_groups;
+    __mmask64 bmask = ~__mmask64(0);
+    if (k + 128 > K) {  // the last, partial step
+      const int64_t blocks = (K - k) / kQBlock;
+      gmask = __mmask8((1u << std::min<int64_t>(4, (blocks * kQBlock + G - 1) >> gshift)) - 1);
+      bmask = _cvtu64_mask64((uint64_t(1) << (16 * blocks)) - 1);
+    }
     const __m512i v = _mm512_maskz_loadu_epi8(bmask, codes + c * 64);
     const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
     const __m128i s = _mm_maskz_loadu_epi16(gmask, sm + g0);  // up to 4 group scales
@@ -417,7 +438,8 @@ Matrix make_matrix(Kind kind, const at::Tensor& w, const c10::optional<at::Tenso
     check(w.scalar_type() == at::kByte && scale->scalar_type() == at::kBFloat16 && scale->is_contiguous(),
           "int4 codes (uint8) with bf16 scales expected");
     m.K = 2 * w.size(-1);
-    check(G % kQBlock == 0 && m.K % G == 0 && scale->size(-1) == m.K / G, "int4 group size must divide K, and be a multiple of 32");
+    check(G >= kQBlock && (G & (G - 1)) == 0 && m.K % G == 0 && scale->size(-1) == m.K / G,
+          "int4 group size must be a power of two of at least 32 and divide K");
     m.w = static_cast<const uint8_t*>(w.data_ptr()) + (stacked ? e * per_expert : 0);
     m.sm = static_cast<const uint16_t*>(scale->data_ptr()) + (stacked ? e * scale->stride(0) : 0);
   }
@@ -430,11 +452,7 @@ Acts prepare(Kind kind, const uint16_t* x, int64_t M, int64_t K, int64_t G, QRow
     for (int64_t i = 0; i < M; ++i) a.bf.push_back(x + i * K);
     return a;
   }
-  std::vector<float> f(M * K);
-  for (int64_t i = 0; i < M * K; ++i) f[i] = bf16_to_f32(x[i]);
-  std::vector<const float*> rows;
-  for (int64_t i = 0; i < M; ++i) rows.push_back(f.data() + i * K);
-  quantize_rows(rows, K, kind, G, storage);
+  quantize_rows(x, M, K, kind, G, storage);
   a.q = &storage;
   return a;
 }
