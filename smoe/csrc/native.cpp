@@ -77,12 +77,6 @@ inline int64_t chunk_of(int kind) { return kind == 2 ? 128 : 64; }  // columns p
 
 enum Kind { kBf16 = 0, kQ8 = 1, kQ4 = 2 };
 
-// Column j (0..127) of a 128-column q4 step -> its byte position in [low nibbles | high nibbles].
-inline int nibble_position(int j) {
-  const int block = j / 32, i = j % 32;
-  return i < 16 ? block * 16 + i : 64 + block * 16 + (i - 16);
-}
-
 struct QRows {  // R rows of K activations quantized to int8 in blocks of 32
   int64_t K = 0, Kp = 0, G = 0, ng = 0;  // Kp: K rounded up to a step; ng: floats of `gs` per row
   std::vector<int8_t> q;                 // [R, Kp] in the kernel's column order, zero padded
