@@ -6,7 +6,9 @@
 
 Precisions: bf16 (llama.cpp BF16), int8 (smoe int8 per channel; llama.cpp Q8_0), int4
 (smoe int4, group 32: 5 bits per weight, Q4_1's size; llama.cpp Q4_0) and int4-g64 (smoe int4,
-group 64: 4.5 bits per weight, Q4_0's size; llama.cpp Q4_0 again); transformers runs bf16 only (it has no CPU int8/int4
+group 64: 4.5 bits per weight, Q4_0's size; llama.cpp Q4_0 again); any of them with "+head"
+(e.g. int4+head) quantizes smoe's output head to int8 as well, as llama.cpp quantizes its output
+tensor (Q6_K in Q4_0 files, Q8_0 in Q8_0 files); transformers runs bf16 only (it has no CPU int8/int4
 path of its own). llama.cpp gets the checkpoint through the converter in llama-cpp-python's
 source distribution (`pip download llama-cpp-python==0.3.36 --no-binary :all:`), then
 `llama_model_quantize` for Q4_0.
@@ -263,12 +265,20 @@ def gguf_files(model_dir: Path, work: Path, precisions: list[str]) -> dict[str, 
     return files
 
 
+def llama_precision(precision: str) -> str:
+    """The GGUF file a precision is measured against: bf16, int8 (Q8_0) or int4 (Q4_0)."""
+    base = precision.split("+")[0]
+    return "int4" if base == "int4-g64" else base
+
+
 def smoe_checkpoint(model_dir: Path, out: Path, precision: str) -> Path:
     """The checkpoint quantized by smoe (made once, like the GGUF files)."""
     if not (out / "config.json").exists():
         print(f"smoe quantize {precision} ...", flush=True)
-        group = "64" if precision == "int4-g64" else "32"
-        bits, extra = (8, []) if precision == "int8" else (4, ["--group-size", group])
+        base = precision.split("+")[0]
+        group = "64" if base == "int4-g64" else "32"
+        bits, extra = (8, []) if base == "int8" else (4, ["--group-size", group])
+        extra += ["--quant-head"] if precision.endswith("+head") else []
         subprocess.run([sys.executable, "-m", "smoe.cli", "quantize", "--model", str(model_dir), "--bits", str(bits),
                         *extra, "--out", str(out)], check=True)
     return out
@@ -421,18 +431,18 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     engines, precisions = args.engines.split(","), args.precisions.split(",")
     ggufs = {}
-    if "llama.cpp" in engines:  # int4-g64 is measured against the same Q4_0 file as int4
-        files = list(dict.fromkeys("int4" if p == "int4-g64" else p for p in precisions))
-        ggufs = gguf_files(args.model, args.out / f"gguf-{args.model.name}", files)
-        if "int4-g64" in precisions:
-            ggufs["int4-g64"] = ggufs["int4"]
+    if "llama.cpp" in engines:  # int4-g64 and the +head variants are measured against the same GGUF files
+        made = gguf_files(args.model, args.out / f"gguf-{args.model.name}",
+                          list(dict.fromkeys(llama_precision(p) for p in precisions)))
+        ggufs = {p: made[llama_precision(p)] for p in precisions}
     quantized = {"bf16": args.model}
     for precision in precisions:
         if precision != "bf16" and "smoe" in engines:
             quantized[precision] = smoe_checkpoint(args.model, args.out / f"smoe-{args.model.name}-{precision}",
                                                    precision)
+    first = {llama_precision(p): p for p in reversed(precisions)}  # llama.cpp runs each GGUF file once
     combos = [(e, pr) for pr in precisions for e in engines if not (e == "transformers" and pr != "bf16")
-              and not (e == "llama.cpp" and pr == "int4-g64" and "int4" in precisions)]  # the same Q4_0 run
+              and not (e == "llama.cpp" and first[llama_precision(pr)] != pr)]
     best: dict[tuple, dict] = {}
     for r in range(args.repeats):
         for engine, precision in combos:
@@ -460,8 +470,10 @@ def main() -> int:
                   f"prefill {b1['prefill_tok_s']:7.1f} tok/s", flush=True)
 
     for (engine, precision, batch), m in list(best.items()):
-        if engine == "llama.cpp" and precision == "int4" and "int4-g64" in precisions:
-            best[(engine, "int4-g64", batch)] = m
+        if engine == "llama.cpp":  # the same file's figures for every precision measured against it
+            for other in precisions:
+                if llama_precision(other) == llama_precision(precision):
+                    best[(engine, other, batch)] = m
     roof = rooflines(args.model, args.threads)
     flops = flops_per_token(args.model)
     rows = []

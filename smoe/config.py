@@ -89,6 +89,8 @@ class ModelConfig:
             if not isinstance(q, dict) or q.get("method") != "smoe" or q.get("bits") not in (4, 8):
                 raise ConfigError(f"quantization must be {{\"method\": \"smoe\", \"bits\": 8 or 4, ...}}, "
                                   f"got {q!r}; smoe reads the quantized checkpoints that `smoe quantize` writes")
+            if q.get("head") not in (None, "int8"):
+                raise ConfigError(f"quantization.head must be \"int8\" or absent, got {q.get('head')!r}")
             if q["bits"] == 4 and q.get("group_size") not in (32, 64, 128, 256):
                 raise ConfigError(f"quantization.group_size must be 32, 64, 128 or 256 for 4 bits, "
                                   f"got {q.get('group_size')!r}")

@@ -43,6 +43,7 @@ class QuantSpec:
 
     bits: int
     group_size: int | None = None  # int4 only; DEFAULT_INT4_GROUP_SIZE when not given
+    head: bool = False  # the output head too, int8 per channel (as llama.cpp quantizes its output tensor)
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -57,25 +58,31 @@ class QuantSpec:
 
     @classmethod
     def parse(cls, text: str) -> QuantSpec:
-        """'int8' | 'int4' | 'int4-g64' (the `quant=` keyword of smoe.load)."""
-        if text == "int8":
-            return cls(8)
-        if text == "int4":
-            return cls(4)
-        if text.startswith("int4-g") and text[6:].isdigit() and int(text[6:]) in INT4_GROUP_SIZES:
-            return cls(4, int(text[6:]))
-        raise SmoeError(f"unknown quantization {text!r}; use int8, int4 or int4-g32/-g64/-g128/-g256")
+        """'int8' | 'int4' | 'int4-g64', each optionally '+head' (the `quant=` keyword of smoe.load)."""
+        base, head = (text[: -len("+head")], True) if text.endswith("+head") else (text, False)
+        if base == "int8":
+            return cls(8, head=head)
+        if base == "int4":
+            return cls(4, head=head)
+        if base.startswith("int4-g") and base[6:].isdigit() and int(base[6:]) in INT4_GROUP_SIZES:
+            return cls(4, int(base[6:]), head=head)
+        raise SmoeError(f"unknown quantization {text!r}; use int8, int4 or int4-g32/-g64/-g128/-g256, "
+                        "optionally with +head")
 
     @classmethod
     def from_config(cls, quantization: dict) -> QuantSpec:
         """The `quantization` entry of a smoe quantized checkpoint's config.json."""
-        return cls(quantization["bits"], quantization.get("group_size"))
+        return cls(quantization["bits"], quantization.get("group_size"), head=quantization.get("head") == "int8")
 
     def to_config(self) -> dict:
-        return {"method": "smoe", "bits": self.bits, "group_size": self.group_size}
+        config = {"method": "smoe", "bits": self.bits, "group_size": self.group_size}
+        if self.head:
+            config["head"] = "int8"
+        return config
 
     def describe(self) -> str:
-        return "int8 per output channel" if self.bits == 8 else f"int4 in groups of {self.group_size} columns"
+        kind = "int8 per output channel" if self.bits == 8 else f"int4 in groups of {self.group_size} columns"
+        return kind + (", output head int8" if self.head else "")
 
 
 @dataclass(frozen=True)

@@ -332,9 +332,10 @@ def quantize_expert(expert: nn.Module, spec: QuantSpec) -> nn.Module:
 
 
 def quantize_model(model, spec: QuantSpec, progress: bool = False) -> int:
-    """Swap the attention and expert linears for Int8Linear / Int4Linear; the router, norms,
-    embeddings and lm_head stay in high precision. Offloaded experts are quantized as they
-    load. Records the choice in model.config.quantization; returns how many linears it covers."""
+    """Swap the attention and expert linears for Int8Linear / Int4Linear, and with `spec.head`
+    the output head for an Int8Linear; the router, norms and embeddings (and the head otherwise)
+    stay in high precision. Offloaded experts are quantized as they load. Records the choice in
+    model.config.quantization; returns how many linears it covers."""
     from tqdm import tqdm
 
     config = model.config
@@ -350,5 +351,13 @@ def quantize_model(model, spec: QuantSpec, progress: bool = False) -> int:
             if not meta:
                 release_pages(linear.weight)
         layer.moe.experts = layer.moe.experts.map_experts(partial(quantize_expert, spec=spec))
+    if spec.head:
+        if config.tie_word_embeddings:
+            raise SmoeError("the output head is tied to the token embeddings; quantizing the head needs an "
+                            "untied head (drop +head / --quant-head)")
+        head = model.lm_head
+        model.lm_head = quantized_linear(head, QuantSpec(8))
+        if not meta:
+            release_pages(head.weight)
     config.quantization = spec.to_config()
-    return len(model.layers) * (len(names) + 3 * config.num_local_experts)
+    return len(model.layers) * (len(names) + 3 * config.num_local_experts) + int(spec.head)

@@ -111,6 +111,39 @@ def test_quantized_checkpoint_round_trips(checkpoint_factory, tmp_path, capsys):
         assert f"quantized: attention and expert weights {kind}" in capsys.readouterr().out
 
 
+def test_quantized_head_round_trips(checkpoint_factory, tmp_path, capsys):
+    """--quant-head: the output head int8 per channel too, recorded in the config, loaded back as
+    the same module with the same logits as quantizing at load (quant="int4-g64+head"); a head tied
+    to the embeddings, or --quant-head without --quant, is a clear error."""
+    from smoe.quantize import Int8Linear
+
+    path = checkpoint_factory(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+    out = tmp_path / "q4h"
+    assert main(["quantize", "--model", str(path), "--bits", "4", "--group-size", "64", "--quant-head",
+                 "--out", str(out)]) == 0
+    assert "quantized 33 linears (int4, group 64, head int8)" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"] == {"method": "smoe", "bits": 4, "group_size": 64, "head": "int8"}
+    in_memory = load_model(path)
+    quantize_model(in_memory, QuantSpec(4, 64, head=True))
+    loaded = load_model(out)
+    assert type(loaded.lm_head) is Int8Linear and torch.equal(loaded.lm_head.qweight, in_memory.lm_head.qweight)
+    assert torch.equal(loaded(IDS), in_memory(IDS))
+    on_the_fly, _ = smoe.load(path, quant="int4-g64+head")
+    assert torch.equal(on_the_fly(IDS), in_memory(IDS))
+    plain = load_model(path)
+    quantize_model(plain, QuantSpec(4, 64))
+    assert not torch.equal(plain(IDS), in_memory(IDS))  # the head did change
+    assert main(["info", str(out)]) == 0
+    assert "int4 in groups of 64 columns, output head int8" in capsys.readouterr().out
+    tied = checkpoint_factory(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                              tie_word_embeddings=True)
+    assert main(["quantize", "--model", str(tied), "--bits", "8", "--quant-head", "--out", str(tmp_path / "t")]) == 2
+    assert "tied to the token embeddings" in capsys.readouterr().err
+    assert main(["generate", "--model", str(path), "--quant-head", "--prompt-ids", "1,2", "--max-tokens", "2"]) == 2
+    assert "add --quant" in capsys.readouterr().err
+
+
 def test_bad_quantization_input(checkpoint_factory, tmp_path, capsys):
     path = checkpoint_factory()  # intermediate size 48: no group of 32 divides it
     with pytest.raises(SmoeError, match="48 inputs; choose a group size that divides it"):
@@ -129,7 +162,8 @@ def test_bad_quantization_input(checkpoint_factory, tmp_path, capsys):
 
 def test_quantized_demo_model_keeps_its_perplexity():
     """The speed issue's quality bar, on the demo's held-out slice: int8 within 1 % of the
-    full-precision perplexity and int4 (group 32) within 5 %, in every domain."""
+    full-precision perplexity and int4 (group 32) within 5 %, in every domain — also with the
+    output head quantized to int8 (+head)."""
     from smoe.data import read_jsonl
     from smoe.tokenizer import HFTokenizer
     from smoe.train import heldout_perplexity
@@ -137,7 +171,7 @@ def test_quantized_demo_model_keeps_its_perplexity():
     docs = read_jsonl(smoe.DEMO_MODEL / "eval_slice.jsonl")
     tokenizer = HFTokenizer(smoe.DEMO_MODEL / "tokenizer.json")
     reference = heldout_perplexity(smoe.load(dtype="fp32", pack=False)[0], tokenizer, docs, 256, 1024)
-    for quant, limit in (("int8", 0.01), ("int4-g32", 0.05)):
+    for quant, limit in (("int8", 0.01), ("int4-g32", 0.05), ("int8+head", 0.01), ("int4-g32+head", 0.05)):
         ppl = heldout_perplexity(smoe.load(dtype="fp32", quant=quant, pack=False)[0], tokenizer, docs, 256, 1024)
         for domain, value in ppl.items():
             assert abs(value / reference[domain] - 1) < limit, (quant, domain, value, reference[domain])

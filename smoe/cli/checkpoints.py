@@ -22,12 +22,14 @@ def register(sub) -> None:
     q = sub.add_parser("quantize", help="write an int8 or int4 weight-only quantized checkpoint",
                        description="Quantize the attention and expert weights (int8 per output channel, or int4 "
                                    "with a scale and zero per group of input columns); the router, norms, "
-                                   "embeddings and output head stay in high precision. Every verb loads the "
-                                   "result directly.")
+                                   "embeddings and output head (unless --quant-head) stay in high precision. "
+                                   "Every verb loads the result directly.")
     q.add_argument("--model", metavar="DIR", default=None, help="checkpoint directory (default: the demo model)")
     q.add_argument("--bits", type=int, choices=[8, 4], required=True, help="8 or 4")
     q.add_argument("--group-size", type=int, choices=INT4_GROUP_SIZES, default=DEFAULT_INT4_GROUP_SIZE,
                    help=f"int4: input columns per scale and zero (default {DEFAULT_INT4_GROUP_SIZE})")
+    q.add_argument("--quant-head", action="store_true",
+                   help="the output head too, int8 per channel (as llama.cpp quantizes its output tensor)")
     q.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="dtype of the unquantized weights and scales (default: the checkpoint's)")
     q.add_argument("--out", required=True, type=Path, metavar="DIR", help="where to write the quantized checkpoint")
@@ -142,11 +144,13 @@ def cmd_quantize(args) -> int:
     if model.config.quantization:
         raise SmoeError(f"{source}: is already quantized ({model.config.quantization['bits']} bits)")
     before = sum(t.nbytes for t in model.state_dict().values())
-    count = quantize_model(model, QuantSpec(args.bits, args.group_size), progress=True)
+    spec = QuantSpec(args.bits, args.group_size, head=args.quant_head)
+    count = quantize_model(model, spec, progress=True)
     after = sum(t.nbytes for t in model.state_dict().values())
     save_checkpoint(model, args.out)
     copy_tokenizer_files(source, args.out)
-    kind = "int8 per channel" if args.bits == 8 else f"int4, group {args.group_size}"
+    kind = ("int8 per channel" if args.bits == 8 else f"int4, group {args.group_size}") + (
+        ", head int8" if args.quant_head else "")
     print(f"quantized {count} linears ({kind}): {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB "
           f"in {time.perf_counter() - start:.1f} s; wrote {args.out}")
     return 0

@@ -51,6 +51,9 @@ def model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
                    help="quantize the weights at load: int8 per channel, or int4 in groups (see --group-size)")
     p.add_argument("--group-size", type=int, default=DEFAULT_INT4_GROUP_SIZE, choices=INT4_GROUP_SIZES,
                    help=f"int4 group size (default {DEFAULT_INT4_GROUP_SIZE})")
+    p.add_argument("--quant-head", action="store_true",
+                   help="with --quant: the output head too, int8 per channel (as llama.cpp quantizes its output "
+                        "tensor; fewer bytes per token, see docs/BENCHMARKS.md)")
     p.add_argument("--parallel", default=None, metavar="HOW",
                    help="under torchrun: split the model over the processes by expert, tensor or expert,tensor "
                         "(default expert; docs/DISTRIBUTED.md)")
@@ -99,7 +102,10 @@ def load(args):
     offload = None if args.max_memory is None else OffloadSpec(
         args.max_memory, policy=args.cache_policy, profile=args.expert_profile, prefetch=not args.no_prefetch,
         max_cpu_memory=args.max_cpu_memory)
-    quant = None if args.quant is None else QuantSpec(8 if args.quant == "int8" else 4, args.group_size)
+    if args.quant_head and args.quant is None:
+        raise SmoeError("--quant-head quantizes the output head along with --quant int8 or --quant int4; add --quant")
+    quant = None if args.quant is None else QuantSpec(8 if args.quant == "int8" else 4, args.group_size,
+                                                      head=args.quant_head)
     from smoe import parallel
 
     spec = None
