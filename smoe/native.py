@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smoe.experts import StackedExperts
 from smoe.fsutil import huge_page_copy, release_pages
+from smoe.model import Attention, Block, MoE, RMSNorm, Router
 from smoe.quantize import Int4Linear, Int8Linear, blockwise_linear, int8_linear
 
 MAX_ROWS = 16  # token rows up to which the native kernels run; above, PyTorch's GEMMs
@@ -326,25 +328,20 @@ def stack_int4(rows: list[list[nn.Module]]) -> NativeStackedInt4 | None:
 _NO_SCALE = torch.empty(0)
 
 
-def _linear_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(weight, scale) of a native linear as smoe::decode_layer reads it, or None."""
-    if type(module) is NativeLinear:
-        return module.weight, _NO_SCALE
-    if type(module) is NativeInt8Linear:
-        return module.qweight, module.scales32
-    if type(module) is NativeInt4Linear:
-        return module.codes, module.sm
-    return None
+# the tensors smoe::decode_layer reads from each native kind: (weight, scale); bf16 has no scale
+_LINEAR_WEIGHTS = {NativeLinear: ("weight", None), NativeInt8Linear: ("qweight", "scales32"),
+                   NativeInt4Linear: ("codes", "sm")}
+_STACKED_WEIGHTS = {NativeStackedLinear: ("weight", None), NativeStackedInt8: ("qweight", "scales32"),
+                    NativeStackedInt4: ("codes", "sm")}
 
 
-def _stacked_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    if type(module) is NativeStackedLinear:
-        return module.weight, _NO_SCALE
-    if type(module) is NativeStackedInt8:
-        return module.qweight, module.scales32
-    if type(module) is NativeStackedInt4:
-        return module.codes, module.sm
-    return None
+def _kernel_weights(module: nn.Module, kinds: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(weight, scale) of a module of one of `kinds` as smoe::decode_layer reads it, or None."""
+    names = kinds.get(type(module))
+    if names is None:
+        return None
+    weight, scale = names
+    return getattr(module, weight), _NO_SCALE if scale is None else getattr(module, scale)
 
 
 def _parts(block: nn.Module) -> tuple[nn.Module, ...]:
@@ -359,9 +356,6 @@ def _parts(block: nn.Module) -> tuple[nn.Module, ...]:
 def decode_weights(block: nn.Module) -> list[torch.Tensor] | None:
     """The tensors smoe::decode_layer takes for this Block, or None where some part of it is
     not one the op computes (LoRA, offloaded or sharded experts, fp32, PyTorch's kinds)."""
-    from smoe.experts import StackedExperts
-    from smoe.model import Attention, MoE, RMSNorm, Router
-
     attn, moe = block.attn, block.moe
     if not (type(attn) is Attention and type(moe) is MoE and type(moe.router) is Router
             and type(block.attn_norm) is RMSNorm and type(block.ffn_norm) is RMSNorm
@@ -371,8 +365,8 @@ def decode_weights(block: nn.Module) -> list[torch.Tensor] | None:
     small = [block.attn_norm.weight, block.ffn_norm.weight, moe.router.weight]
     if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous() for t in small):
         return None
-    pairs = [_linear_weights(lin) for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)]
-    pairs += [_stacked_weights(moe.experts.gate_up), _stacked_weights(moe.experts.down)]
+    pairs = [_kernel_weights(lin, _LINEAR_WEIGHTS) for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)]
+    pairs += [_kernel_weights(stacked, _STACKED_WEIGHTS) for stacked in (moe.experts.gate_up, moe.experts.down)]
     if any(p is None for p in pairs):
         return None
     return [t.detach() for t in small] + [t for pair in pairs for t in pair]
@@ -388,8 +382,6 @@ def _hooked(modules: tuple[nn.Module, ...]) -> bool:
 
 def native_blocks(model: nn.Module) -> int:
     """Turn every Block whose parts the kernels all read into a NativeBlock; returns how many."""
-    from smoe.model import Block
-
     if not available():
         return 0
     count = 0
@@ -400,48 +392,41 @@ def native_blocks(model: nn.Module) -> int:
     return count
 
 
-def _make_native_block():
-    from smoe.model import Block
+class NativeBlock(Block):
+    """A Block whose decode steps — one new token per row over a KV cache, bf16, at most
+    MAX_ROWS rows, no hooks on its parts — run as one call of smoe::decode_layer (RMSNorm,
+    q/k/v, RoPE, cache write, attention, o, router, the fused experts, both residuals);
+    every other call (prefill, training, hooks, a compiled step) runs the modules."""
 
-    class NativeBlock(Block):
-        """A Block whose decode steps — one new token per row over a KV cache, bf16, at most
-        MAX_ROWS rows, no hooks on its parts — run as one call of smoe::decode_layer (RMSNorm,
-        q/k/v, RoPE, cache write, attention, o, router, the fused experts, both residuals);
-        every other call (prefill, training, hooks, a compiled step) runs the modules."""
+    _decode_parts: tuple | None = None
+    _decode_weights: list | None = None
+    _decode_meta: list | None = None
 
-        _decode_parts: tuple | None = None
-        _decode_weights: list | None = None
-        _decode_meta: list | None = None
+    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        B, T, H = x.shape
+        cache = ctx.cache
+        if (T != 1 or cache is None or cache.plan.static or B > MAX_ROWS or x.dtype != torch.bfloat16
+                or x.requires_grad or torch.compiler.is_compiling()):
+            return super().forward(x, ctx)
+        parts = _parts(self)
+        if parts != self._decode_parts:  # a part was swapped since: read the weights again
+            self._decode_parts, self._decode_weights = parts, decode_weights(self)
+            attn = self.attn
+            self._decode_meta = [attn.n_heads, attn.n_kv_heads, self.moe.router.top_k, attn.layer_idx]
+        if self._decode_weights is None or _hooked(parts):
+            return super().forward(x, ctx)
+        step = getattr(ctx, "native_step", None)
+        if step is None:  # what every layer of this step shares
+            plan = cache.plan
+            mask = None if plan.mask is None else plan.mask.reshape(B, plan.kv_len).contiguous()
+            step = ctx.native_step = (plan.write_slots.reshape(B).contiguous(), mask, plan.kv_len,
+                                      ctx.cos.reshape(B, -1).contiguous(), ctx.sin.reshape(B, -1).contiguous())
+        slots, mask, kv_len, cos, sin = step
+        y = torch.ops.smoe.decode_layer(x.view(B, H), self._decode_weights,
+                                        self._decode_meta + [cache.plan.rows.start], parts[0].eps, cache.k,
+                                        cache.v, slots, mask, kv_len, cos, sin)
+        return y.view(B, 1, H)
 
-        def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
-            B, T, H = x.shape
-            cache = ctx.cache
-            if (T != 1 or cache is None or cache.plan.static or B > MAX_ROWS or x.dtype != torch.bfloat16
-                    or x.requires_grad or torch.compiler.is_compiling()):
-                return super().forward(x, ctx)
-            parts = _parts(self)
-            if parts != self._decode_parts:  # a part was swapped since: read the weights again
-                self._decode_parts, self._decode_weights = parts, decode_weights(self)
-                attn = self.attn
-                self._decode_meta = [attn.n_heads, attn.n_kv_heads, self.moe.router.top_k, attn.layer_idx]
-            if self._decode_weights is None or _hooked(parts):
-                return super().forward(x, ctx)
-            step = getattr(ctx, "native_step", None)
-            if step is None:  # what every layer of this step shares
-                plan = cache.plan
-                mask = None if plan.mask is None else plan.mask.reshape(B, plan.kv_len).contiguous()
-                step = ctx.native_step = (plan.write_slots.reshape(B).contiguous(), mask, plan.kv_len,
-                                          ctx.cos.reshape(B, -1).contiguous(), ctx.sin.reshape(B, -1).contiguous())
-            slots, mask, kv_len, cos, sin = step
-            y = torch.ops.smoe.decode_layer(x.view(B, H), self._decode_weights,
-                                            self._decode_meta + [cache.plan.rows.start], parts[0].eps, cache.k,
-                                            cache.v, slots, mask, kv_len, cos, sin)
-            return y.view(B, 1, H)
-
-    return NativeBlock
-
-
-NativeBlock = _make_native_block() if _native is not None else None
 
 if _native is not None:
     torch.library.register_fake("smoe::decode_layer")(

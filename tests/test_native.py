@@ -219,16 +219,6 @@ def test_fused_moe_compiles_whole():
 # --------------------------------------------------------------------------- the model
 
 
-def stepwise_logits(model, ids: list[int]) -> torch.Tensor:
-    """The logits of each position, decoded one token at a time through the cache (the decode path)."""
-    from smoe.cache import KVCache
-
-    cache = KVCache(model.config, 1, len(ids), dtype=model.dtype, device=model.device)
-    with torch.inference_mode():
-        return torch.stack([model(torch.tensor([[t]]), torch.tensor([[i]]), cache)[0, -1].float()
-                            for i, t in enumerate(ids)])
-
-
 def generation_logits(model, prompt_ids: list[int], continuation: list[int]) -> torch.Tensor:
     """The logits generation computes before each token of `continuation`: the prompt prefilled
     in one chunk, then one decode step per token (as smoe.generate runs them) -> [n, V]."""

@@ -468,6 +468,8 @@ void linears_into(const uint16_t* x, int64_t M, const std::vector<Matrix>& Ws, c
   bool ready[3] = {false, false, false};
   for (const Matrix& W : Ws) {
     check(W.K == K, "matrices of one call must share their input size");
+    // int4 activations carry per-group sums: every int4 matrix of the call must share its group
+    check(!ready[W.kind] || W.kind != kQ4 || storage[kQ4].G == W.G, "int4 matrices of one call must share a group size");
     if (!ready[W.kind]) acts[W.kind] = prepare(W.kind, x, M, K, W.G, storage[W.kind]);
     ready[W.kind] = true;
   }
