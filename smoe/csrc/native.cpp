@@ -233,81 +233,78 @@ void quantize_row(const uint16_t* x, int64_t K, Kind kind, int64_t G, int8_t* q,
 // chunks alternate between two accumulators (chunk c -> c % 2) so two chains of dependent
 // dot-product instructions are in flight; the two are summed, then reduced by `reduce`'s tree.
 // That order is the same for every MR, so a row's result does not depend on its batch.
+// The loops run over whole chunks with plain loads; only the last, partial chunk is masked.
+// With one token row, `dot_rows` takes NR consecutive weight rows (still one run of memory) and
+// reduces their accumulators together: one horizontal sum for 4 rows instead of 4 (by the same
+// tree, so the result is the row's own).
 
-// out[m] = sum_k x[m][k] * w[k], bf16 inputs, fp32 accumulation
+// acc[m] += the products of weight row w with token rows x[m], bf16 inputs, fp32 accumulation
 template <int MR>
-void dot_bf16(const uint16_t* const* x, const uint16_t* w, int64_t K, float* out) {
+inline void row_bf16(const uint16_t* const* x, const uint16_t* w, int64_t K, __m512* res) {
   __m512 acc[2][MR];
   for (int m = 0; m < MR; ++m) acc[0][m] = acc[1][m] = _mm512_setzero_ps();
-  auto chunk = [&](int64_t k, __m512* a) {  // 32 columns from k (fewer at the end: masked)
-    const __mmask32 mask = K - k >= 32 ? __mmask32(0xFFFFFFFFu) : _cvtu32_mask32((1u << (K - k)) - 1u);
+  auto chunk = [&](int64_t c, __m512* a, __mmask32 mask) {  // 32 columns from 32 c
+    const int64_t k = c * 32;
     const __m512i wv = _mm512_maskz_loadu_epi16(mask, w + k);
     for (int m = 0; m < MR; ++m)
       a[m] = _mm512_dpbf16_ps(a[m], (__m512bh)_mm512_maskz_loadu_epi16(mask, x[m] + k), (__m512bh)wv);
   };
-  int64_t k = 0;
-  for (; k + 64 <= K; k += 64) {
-    chunk(k, acc[0]);
-    chunk(k + 32, acc[1]);
+  const __mmask32 all = __mmask32(0xFFFFFFFFu);
+  const int64_t full = K / 32;
+  int64_t c = 0;
+  for (; c + 2 <= full; c += 2) {
+    chunk(c, acc[0], all);
+    chunk(c + 1, acc[1], all);
   }
-  if (k < K) chunk(k, acc[0]);
-  if (k + 32 < K) chunk(k + 32, acc[1]);
-  for (int m = 0; m < MR; ++m) acc[0][m] = _mm512_add_ps(acc[0][m], acc[1][m]);
-  reduce<MR>(acc[0], out);
+  if (c < full) chunk(c++, acc[0], all);
+  if (c * 32 < K) chunk(c, acc[c & 1], _cvtu32_mask32((1u << (K - c * 32)) - 1u));
+  for (int m = 0; m < MR; ++m) res[m] = _mm512_add_ps(acc[0][m], acc[1][m]);
 }
 
-// out[m] = sum_b d_b * sum_{k in b} qx[k] * (qw[k] + 128)   (the caller removes the +128)
+// res[m] = the lanes of sum_b d_b * sum_{k in b} qx[k] * (qw[k] + 128)   (the caller removes the +128)
 template <int MR>
-void dot_q8(const int8_t* const* xq, const float* const* sv, const int8_t* w, int64_t K, float* out) {
+inline void row_q8(const int8_t* const* xq, const float* const* sv, const int8_t* w, int64_t K, __m512* res) {
   __m512 acc[2][MR];
   for (int m = 0; m < MR; ++m) acc[0][m] = acc[1][m] = _mm512_setzero_ps();
   const __m512i flip = _mm512_set1_epi8(char(0x80));
-  auto chunk = [&](int64_t c, __m512* a) {  // 64 columns (masked at the end)
+  auto chunk = [&](int64_t c, __m512* a, __mmask64 mask) {  // 64 columns from 64 c
     const int64_t k = c * 64;
-    const __mmask64 mask = K - k >= 64 ? ~__mmask64(0) : _cvtu64_mask64((uint64_t(1) << (K - k)) - 1);
     const __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + k), flip);
     for (int m = 0; m < MR; ++m) {
       const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, _mm512_loadu_si512(xq[m] + k));
       a[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(sv[m] + c * 16), a[m]);
     }
   };
-  const int64_t chunks = (K + 63) / 64;
+  const __mmask64 all = ~__mmask64(0);
+  const int64_t full = K / 64;
   int64_t c = 0;
-  for (; c + 2 <= chunks; c += 2) {
-    chunk(c, acc[0]);
-    chunk(c + 1, acc[1]);
+  for (; c + 2 <= full; c += 2) {
+    chunk(c, acc[0], all);
+    chunk(c + 1, acc[1], all);
   }
-  if (c < chunks) chunk(c, acc[0]);
-  for (int m = 0; m < MR; ++m) acc[0][m] = _mm512_add_ps(acc[0][m], acc[1][m]);
-  reduce<MR>(acc[0], out);
+  if (c < full) chunk(c++, acc[0], all);
+  if (c * 64 < K) chunk(c, acc[c & 1], _cvtu64_mask64((uint64_t(1) << (K - c * 64)) - 1));
+  for (int m = 0; m < MR; ++m) res[m] = _mm512_add_ps(acc[0][m], acc[1][m]);
 }
 
-// out[m] = sum_g (s[g] * sum_{b in g} d_b * sum_{k in b} qx[k] * code[k] + m[g] * sum_{b in g} d_b * sum qx)
+// res[m] = the lanes of sum_g (s[g] * sum_{b in g} d_b * sum_{k in b} qx[k] * code[k] + m[g] * sum_{b in g} d_b * sum qx)
 // scale_index: 32 words; word 2i + 1 is the group (from the step's first) of lane i's block.
 // The offsets' part is one short dot product per row after the codes' (xs: the activations'
 // per-group sums), not a multiply-add per step.
 template <int MR>
-void dot_q4(const int8_t* const* xq, const float* const* sv, const float* const* xs, const uint8_t* codes,
-            const uint16_t* sm, int64_t K, int64_t G, const uint16_t* scale_index, float* out) {
+inline void row_q4(const int8_t* const* xq, const float* const* sv, const float* const* xs, const uint8_t* codes,
+                   const uint16_t* sm, int64_t K, int64_t G, __m512i sidx, __m512* res) {
   __m512 acc[2][MR];
   for (int m = 0; m < MR; ++m) acc[0][m] = acc[1][m] = _mm512_setzero_ps();
   const __m512i low = _mm512_set1_epi8(0x0F);
-  const __m512i sidx = _mm512_loadu_si512(scale_index);
-  const int64_t ng = K / G, steps = (K + 127) / 128;
+  const int64_t ng = K / G, full = K / 128;
   const int gshift = __builtin_ctzll(uint64_t(G));  // G is a power of two (make_matrix)
   const __mmask8 full_groups = __mmask8((1u << std::min<int64_t>(4, 128 >> std::min(gshift, 7))) - 1);
-  auto step = [&](int64_t c, __m512* a) {  // 128 columns: 64 bytes, 4 blocks (fewer at the end)
-    const int64_t k = c * 128, g0 = k >> gshift;
-    __mmask8 gmask = full_groups;
-    __mmask64 bmask = ~__mmask64(0);
-    if (k + 128 > K) {  // the last, partial step
-      const int64_t blocks = (K - k) / kQBlock;
-      gmask = __mmask8((1u << std::min<int64_t>(4, (blocks * kQBlock + G - 1) >> gshift)) - 1);
-      bmask = _cvtu64_mask64((uint64_t(1) << (16 * blocks)) - 1);
-    }
+  auto step = [&](int64_t c, __m512* a, __mmask64 bmask, __mmask8 gmask) {  // 128 columns: 64 bytes, 4 blocks
+    const int64_t k = c * 128;
     const __m512i v = _mm512_maskz_loadu_epi8(bmask, codes + c * 64);
     const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-    const __m128i s = _mm_maskz_loadu_epi16(gmask, sm + g0);  // up to 4 group scales
+    const __m128i s = _mm_maskz_loadu_epi16(gmask, sm + (k >> gshift));  // up to 4 group scales
     const __m512 ws = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, sidx, _mm512_castsi128_si512(s)));
     for (int m = 0; m < MR; ++m) {
       const __m512i xlo = _mm512_loadu_si512(xq[m] + k), xhi = _mm512_loadu_si512(xq[m] + k + 64);
@@ -316,27 +313,34 @@ void dot_q4(const int8_t* const* xq, const float* const* sv, const float* const*
       a[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(d, ws), a[m]);
     }
   };
+  const __mmask64 all = ~__mmask64(0);
   int64_t c = 0;
-  for (; c + 2 <= steps; c += 2) {
-    step(c, acc[0]);
-    step(c + 1, acc[1]);
+  for (; c + 2 <= full; c += 2) {
+    step(c, acc[0], all, full_groups);
+    step(c + 1, acc[1], all, full_groups);
   }
-  if (c < steps) step(c, acc[0]);
+  if (c < full) step(c++, acc[0], all, full_groups);
+  if (c * 128 < K) {  // the last, partial step: whole blocks of 32
+    const int64_t blocks = (K - c * 128) / kQBlock;
+    step(c, acc[c & 1], _cvtu64_mask64((uint64_t(1) << (16 * blocks)) - 1),
+         __mmask8((1u << std::min<int64_t>(4, (blocks * kQBlock + G - 1) >> gshift)) - 1));
+  }
   for (int m = 0; m < MR; ++m) {
     __m512 offsets = _mm512_setzero_ps();
-    for (int64_t g = 0; g < ng; g += 16) {
-      const __mmask16 mask = ng - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (ng - g)) - 1);
+    int64_t g = 0;
+    for (; g + 16 <= ng; g += 16) {
+      const __m512 mv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(sm + ng + g))), 16));
+      offsets = _mm512_fmadd_ps(mv, _mm512_loadu_ps(xs[m] + g), offsets);
+    }
+    if (g < ng) {
+      const __mmask16 mask = __mmask16((1u << (ng - g)) - 1);
       const __m512 mv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, sm + ng + g)), 16));
       offsets = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(mask, xs[m] + g), offsets);
     }
-    acc[0][m] = _mm512_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]), offsets);
+    res[m] = _mm512_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]), offsets);
   }
-  reduce<MR>(acc[0], out);
 }
-
-#pragma GCC pop_options
-
-// ------------------------------------------------------------------------------ tiles
 
 // One group of up to 4 activation rows, as the dot products read them (set up once per matvec call).
 struct RowGroup {
@@ -348,16 +352,23 @@ struct RowGroup {
   const float* xs[4] = {};
 };
 
-template <int MR>
-void dot_row(const RowGroup& g, const Matrix& W, int64_t n, const uint16_t* scale_index, float* out) {
-  if (W.kind == kBf16) return dot_bf16<MR>(g.x, static_cast<const uint16_t*>(W.w) + n * W.K, W.K, out);
-  if (W.kind == kQ8) {
-    dot_q8<MR>(g.xq, g.sv, static_cast<const int8_t*>(W.w) + n * W.K, W.K, out);
-    for (int m = 0; m < MR; ++m) out[m] = W.scale[n] * (out[m] - g.xs[m][0]);
-    return;
+// out[r * MR + m] = weight row n + r times token row m of the group, for r < NR
+template <int MR, int NR>
+void dot_rows(const RowGroup& g, const Matrix& W, int64_t n, __m512i sidx, float* out) {
+  __m512 res[NR * MR];
+  for (int r = 0; r < NR; ++r) {
+    if (W.kind == kBf16)
+      row_bf16<MR>(g.x, static_cast<const uint16_t*>(W.w) + (n + r) * W.K, W.K, res + r * MR);
+    else if (W.kind == kQ8)
+      row_q8<MR>(g.xq, g.sv, static_cast<const int8_t*>(W.w) + (n + r) * W.K, W.K, res + r * MR);
+    else
+      row_q4<MR>(g.xq, g.sv, g.xs, static_cast<const uint8_t*>(W.w) + (n + r) * (W.K / 2),
+                 W.sm + (n + r) * 2 * (W.K / W.G), W.K, W.G, sidx, res + r * MR);
   }
-  dot_q4<MR>(g.xq, g.sv, g.xs, static_cast<const uint8_t*>(W.w) + n * (W.K / 2), W.sm + n * 2 * (W.K / W.G), W.K, W.G,
-             scale_index, out);
+  reduce<NR * MR>(res, out);
+  if (W.kind == kQ8)
+    for (int r = 0; r < NR; ++r)
+      for (int m = 0; m < MR; ++m) out[r * MR + m] = W.scale[n + r] * (out[r * MR + m] - g.xs[m][0]);
 }
 
 // out[i * ldo + (n - n0)] = row rows[i] of the activations times weight row n, for n in [n0, n1):
@@ -384,22 +395,32 @@ void matvec(const Acts& a, const int64_t* rows, int64_t M, const Matrix& W, int6
       g.xs[m] = q.gs.data() + r * q.ng;
     }
   }
-  uint16_t scale_index[32] = {};  // q4: lane i's group within a step (see dot_q4)
+  uint16_t scale_index[32] = {};  // q4: lane i's group within a step (see row_q4)
   if (W.kind == kQ4)
     for (int lane = 0; lane < 16; ++lane) scale_index[2 * lane + 1] = uint16_t((lane / 4) * kQBlock / W.G);
+  const __m512i sidx = _mm512_loadu_si512(scale_index);
   float buf[4];
-  for (int64_t n = n0; n < n1; ++n)
+  int64_t n = n0;
+  if (M == 1)  // one token row: 4 weight rows per call
+    for (; n + 4 <= n1; n += 4) {
+      dot_rows<1, 4>(groups[0], W, n, sidx, buf);
+      for (int r = 0; r < 4; ++r) out[n - n0 + r] = buf[r];
+    }
+  for (; n < n1; ++n)
     for (int64_t i = 0; i < ngroups; ++i) {
       const RowGroup& g = groups[i];
       switch (g.mr) {
-        case 1: dot_row<1>(g, W, n, scale_index, buf); break;
-        case 2: dot_row<2>(g, W, n, scale_index, buf); break;
-        case 3: dot_row<3>(g, W, n, scale_index, buf); break;
-        default: dot_row<4>(g, W, n, scale_index, buf);
+        case 1: dot_rows<1, 1>(g, W, n, sidx, buf); break;
+        case 2: dot_rows<2, 1>(g, W, n, sidx, buf); break;
+        case 3: dot_rows<3, 1>(g, W, n, sidx, buf); break;
+        default: dot_rows<4, 1>(g, W, n, sidx, buf);
       }
       for (int64_t m = 0; m < g.mr; ++m) out[(4 * i + m) * ldo + (n - n0)] = buf[m];
     }
 }
+
+#pragma GCC pop_options
+
 
 // ------------------------------------------------------------------------------ checks
 
@@ -673,44 +694,64 @@ void attend(const float* q, int64_t R, const uint16_t* keys, const uint16_t* val
   const float scale = 1.f / std::sqrt(float(D));
   const int64_t chunks = (D + 15) / 16;
   auto mask_of = [&](int64_t c) { return __mmask16(c * 16 + 16 <= D ? 0xFFFF : (1u << (D - c * 16)) - 1); };
-  for (int64_t s = 0; s < n; ++s) {
-    if (allowed != nullptr && !allowed[s]) {
-      for (int64_t r = 0; r < R; ++r) scores[r * n + s] = -INFINITY;
-      continue;
-    }
-    const uint16_t* k = keys + s * D;
-    for (int64_t r = 0; r < R; ++r) {
-      __m512 acc = _mm512_setzero_ps();
+  // scores, 4 query rows at a time: each key is read once for them and their 4 sums reduced together
+  for (int64_t r0 = 0; r0 < R; r0 += 4) {
+    const int64_t nr = std::min<int64_t>(4, R - r0);
+    for (int64_t s = 0; s < n; ++s) {
+      if (allowed != nullptr && !allowed[s]) {
+        for (int64_t r = 0; r < nr; ++r) scores[(r0 + r) * n + s] = -INFINITY;
+        continue;
+      }
+      const uint16_t* k = keys + s * D;
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
       for (int64_t c = 0; c < chunks; ++c) {
         const __mmask16 m = mask_of(c);
-        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + r * D + c * 16), load_bf16_as_f32(k + c * 16, m), acc);
+        const __m512 kv = load_bf16_as_f32(k + c * 16, m);
+        for (int64_t r = 0; r < nr; ++r)
+          acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + (r0 + r) * D + c * 16), kv, acc[r]);
       }
-      scores[r * n + s] = _mm512_reduce_add_ps(acc) * scale;
+      float t[4];
+      _mm_storeu_ps(t, sum4(acc[0], acc[1], acc[2], acc[3]));
+      for (int64_t r = 0; r < nr; ++r) scores[(r0 + r) * n + s] = t[r] * scale;
     }
   }
+  // softmax of each row, 16 scores at a time (masked-out keys: -inf -> 0)
+  const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
   for (int64_t r = 0; r < R; ++r) {
     float* p = scores + r * n;
-    float mx = -INFINITY;
-    for (int64_t s = 0; s < n; ++s) mx = std::max(mx, p[s]);
-    float sum = 0.f;
-    for (int64_t s = 0; s < n; ++s) {
-      p[s] = p[s] == -INFINITY ? 0.f : std::exp(p[s] - mx);
-      sum += p[s];
+    __m512 mx = minus_inf;
+    for (int64_t s = 0; s < n; s += 16) {
+      const __mmask16 m = n - s >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - s)) - 1);
+      mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(minus_inf, m, p + s));
     }
-    const float inv = 1.f / sum;
-    for (int64_t s = 0; s < n; ++s) p[s] *= inv;
+    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t s = 0; s < n; s += 16) {
+      const __mmask16 m = n - s >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - s)) - 1);
+      const __m512 v = _mm512_maskz_loadu_ps(m, p + s);
+      const __mmask16 live = _mm512_mask_cmp_ps_mask(m, v, minus_inf, _CMP_NEQ_OQ);
+      const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_maskz_sub_ps(live, v, top)));
+      _mm512_mask_storeu_ps(p + s, m, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+    for (int64_t s = 0; s < n; s += 16) {
+      const __mmask16 m = n - s >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - s)) - 1);
+      _mm512_mask_storeu_ps(p + s, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p + s), inv));
+    }
   }
-  for (int64_t r = 0; r < R; ++r) std::fill(out + r * D, out + (r + 1) * D, 0.f);
-  for (int64_t s = 0; s < n; ++s) {
-    if (allowed != nullptr && !allowed[s]) continue;
-    const uint16_t* v = values + s * D;
+  // out = p·v: per 16 columns and 4 query rows, the sum over the keys in registers
+  for (int64_t r0 = 0; r0 < R; r0 += 4) {
+    const int64_t nr = std::min<int64_t>(4, R - r0);
     for (int64_t c = 0; c < chunks; ++c) {
       const __mmask16 m = mask_of(c);
-      const __m512 vv = load_bf16_as_f32(v + c * 16, m);
-      for (int64_t r = 0; r < R; ++r) {
-        float* o = out + r * D + c * 16;
-        _mm512_mask_storeu_ps(o, m, _mm512_fmadd_ps(_mm512_set1_ps(scores[r * n + s]), vv, _mm512_maskz_loadu_ps(m, o)));
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      for (int64_t s = 0; s < n; ++s) {
+        if (allowed != nullptr && !allowed[s]) continue;
+        const __m512 vv = load_bf16_as_f32(values + s * D + c * 16, m);
+        for (int64_t r = 0; r < nr; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(scores[(r0 + r) * n + s]), vv, acc[r]);
       }
+      for (int64_t r = 0; r < nr; ++r) _mm512_mask_storeu_ps(out + (r0 + r) * D + c * 16, m, acc[r]);
     }
   }
 }
