@@ -259,13 +259,18 @@ class Transformer(nn.Module):
                 mask, is_causal = attention_mask(pos[:, None], pos[None, :], window)[None, None], False  # [1, 1, T, T]
         ctx = ForwardContext(cos, sin, mask, is_causal, cache)
 
-        x = self.embed_tokens(input_ids)  # [B, T, H]
+        x = self.run_layers(self.embed_tokens(input_ids), ctx)  # [B, T, H]
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))  # [B, T, V]
+
+    def run_layers(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """The decoder layers in order, x [B, T, H] -> [B, T, H] (smoe/native.py's NativeTransformer
+        runs a decode step's layers in one native call instead)."""
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if checkpointing:
                 x = torch.utils.checkpoint.checkpoint(layer, x, ctx, use_reentrant=False)
             else:
                 x = layer(x, ctx)
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.norm(x))  # [B, T, V]
+        return x

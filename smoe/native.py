@@ -30,7 +30,7 @@ from torch import nn
 
 from smoe.experts import StackedExperts
 from smoe.fsutil import huge_page_copy, release_pages
-from smoe.model import Attention, Block, MoE, RMSNorm, Router
+from smoe.model import Attention, Block, MoE, RMSNorm, Router, Transformer
 from smoe.quantize import Int4Linear, Int8Linear, blockwise_linear, int8_linear
 
 MAX_ROWS = 16  # token rows up to which the native kernels run; above, PyTorch's GEMMs
@@ -381,7 +381,8 @@ def _hooked(modules: tuple[nn.Module, ...]) -> bool:
 
 
 def native_blocks(model: nn.Module) -> int:
-    """Turn every Block whose parts the kernels all read into a NativeBlock; returns how many."""
+    """Turn every Block whose parts the kernels all read into a NativeBlock, and the model into a
+    NativeTransformer (a decode step's layers in one call) when it has any; returns how many."""
     if not available():
         return 0
     count = 0
@@ -389,12 +390,31 @@ def native_blocks(model: nn.Module) -> int:
         if type(layer) is Block and decode_weights(layer) is not None:
             layer.__class__ = NativeBlock
             count += 1
+    if count and type(model) is Transformer:
+        model.__class__ = NativeTransformer
     return count
+
+
+def _decode_step(x: torch.Tensor, ctx) -> tuple | None:
+    """What every layer of a decode step shares (slots, mask, kv_len, cos, sin), made once per
+    step, or None where the step is not one smoe::decode_layer computes."""
+    B, T, _ = x.shape
+    cache = ctx.cache
+    if (T != 1 or cache is None or cache.plan.static or B > MAX_ROWS or x.dtype != torch.bfloat16
+            or x.requires_grad or torch.compiler.is_compiling()):
+        return None
+    step = getattr(ctx, "native_step", None)
+    if step is None:
+        plan = cache.plan
+        mask = None if plan.mask is None else plan.mask.reshape(B, plan.kv_len).contiguous()
+        step = ctx.native_step = (plan.write_slots.reshape(B).contiguous(), mask, plan.kv_len,
+                                  ctx.cos.reshape(B, -1).contiguous(), ctx.sin.reshape(B, -1).contiguous())
+    return step
 
 
 class NativeBlock(Block):
     """A Block whose decode steps — one new token per row over a KV cache, bf16, at most
-    MAX_ROWS rows, no hooks on its parts — run as one call of smoe::decode_layer (RMSNorm,
+    MAX_ROWS rows, no hooks on it or its parts — run as one call of smoe::decode_layer (RMSNorm,
     q/k/v, RoPE, cache write, attention, o, router, the fused experts, both residuals);
     every other call (prefill, training, hooks, a compiled step) runs the modules."""
 
@@ -402,32 +422,61 @@ class NativeBlock(Block):
     _decode_weights: list | None = None
     _decode_meta: list | None = None
 
-    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
-        B, T, H = x.shape
-        cache = ctx.cache
-        if (T != 1 or cache is None or cache.plan.static or B > MAX_ROWS or x.dtype != torch.bfloat16
-                or x.requires_grad or torch.compiler.is_compiling()):
-            return super().forward(x, ctx)
+    def decode_args(self) -> tuple[list, list, float] | None:
+        """(weights, [Q, G, top-k, layer], eps) for smoe::decode_layer, or None where a part was
+        swapped for one the op does not compute or anything hooks this Block or its parts."""
         parts = _parts(self)
         if parts != self._decode_parts:  # a part was swapped since: read the weights again
             self._decode_parts, self._decode_weights = parts, decode_weights(self)
             attn = self.attn
             self._decode_meta = [attn.n_heads, attn.n_kv_heads, self.moe.router.top_k, attn.layer_idx]
-        if self._decode_weights is None or _hooked(parts):
+        if self._decode_weights is None or _hooked((self, *parts)):
+            return None
+        return self._decode_weights, self._decode_meta, parts[0].eps
+
+    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        step = _decode_step(x, ctx)
+        args = None if step is None else self.decode_args()
+        if args is None:
             return super().forward(x, ctx)
-        step = getattr(ctx, "native_step", None)
-        if step is None:  # what every layer of this step shares
-            plan = cache.plan
-            mask = None if plan.mask is None else plan.mask.reshape(B, plan.kv_len).contiguous()
-            step = ctx.native_step = (plan.write_slots.reshape(B).contiguous(), mask, plan.kv_len,
-                                      ctx.cos.reshape(B, -1).contiguous(), ctx.sin.reshape(B, -1).contiguous())
+        weights, meta, eps = args
+        B, _, H = x.shape
         slots, mask, kv_len, cos, sin = step
-        y = torch.ops.smoe.decode_layer(x.view(B, H), self._decode_weights,
-                                        self._decode_meta + [cache.plan.rows.start], parts[0].eps, cache.k,
-                                        cache.v, slots, mask, kv_len, cos, sin)
+        cache = ctx.cache
+        y = torch.ops.smoe.decode_layer(x.view(B, H), weights, meta + [cache.plan.rows.start], eps, cache.k, cache.v,
+                                        slots, mask, kv_len, cos, sin)
+        return y.view(B, 1, H)
+
+
+class NativeTransformer(Transformer):
+    """A Transformer whose decode steps run all their layers in one call of smoe::decode_layers
+    when every layer is a NativeBlock that would take the native path; otherwise layer by layer
+    (each NativeBlock still deciding for itself)."""
+
+    def run_layers(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        step = _decode_step(x, ctx)
+        if step is None or (self.gradient_checkpointing and self.training):
+            return super().run_layers(x, ctx)
+        weights, meta, eps = [], [], []
+        row0 = ctx.cache.plan.rows.start
+        for layer in self.layers:
+            args = layer.decode_args() if type(layer) is NativeBlock else None
+            if args is None:
+                return super().run_layers(x, ctx)
+            weights += args[0]
+            meta += args[1]
+            meta.append(row0)
+            eps.append(args[2])
+        B, _, H = x.shape
+        slots, mask, kv_len, cos, sin = step
+        cache = ctx.cache
+        y = torch.ops.smoe.decode_layers(x.view(B, H), weights, meta, eps, cache.k, cache.v, slots, mask, kv_len,
+                                         cos, sin)
         return y.view(B, 1, H)
 
 
 if _native is not None:
     torch.library.register_fake("smoe::decode_layer")(
+        lambda x, weights, meta, eps, k_all, v_all, slots, mask, kv_len, cos, sin: torch.empty_like(x))
+    torch.library.register_fake("smoe::decode_layers")(
         lambda x, weights, meta, eps, k_all, v_all, slots, mask, kv_len, cos, sin: torch.empty_like(x))

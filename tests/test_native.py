@@ -320,6 +320,7 @@ def test_decode_layer_equals_the_block_it_replaces(checkpoint_factory, quant):
     model = smoe.load(path, dtype="bf16", quant=quant)[0]
     exact = smoe.load(path, dtype="fp32", pack=False, quant=quant)[0]
     assert all(type(layer) is native.NativeBlock for layer in model.layers)
+    assert type(model) is native.NativeTransformer
     lengths = [3, 7, 12, 20]
     B = len(lengths)
     caches = {m: KVCache(m.config, B, 64, dtype=m.dtype) for m in (model, exact)}
@@ -336,7 +337,7 @@ def test_decode_layer_equals_the_block_it_replaces(checkpoint_factory, quant):
             saved = cache.k.clone(), cache.v.clone(), cache.slot_pos.clone()
             with torch.profiler.profile() as prof:
                 ours = model(tokens, positions, cache)[:, -1].float()
-            assert sum(e.name == "smoe::decode_layer" for e in prof.events()) == len(model.layers)
+            assert sum(e.name == "smoe::decode_layers" for e in prof.events()) == 1  # all layers, one call
             written = cache.k.clone(), cache.v.clone()
             for t, s in zip((cache.k, cache.v, cache.slot_pos), saved, strict=True):
                 t.copy_(s)
@@ -353,3 +354,33 @@ def test_decode_layer_equals_the_block_it_replaces(checkpoint_factory, quant):
             assert (ours - theirs).abs().max() <= (theirs - reference).abs().max()
             assert (ours - reference).abs().mean() <= 1.1 * (theirs - reference).abs().mean()
             positions = positions + 1
+
+
+def test_decode_steps_run_hooked_layers_as_modules(checkpoint_factory):
+    """A decode step runs every layer in one smoe::decode_layers call, unless something hooks a
+    layer or one of its parts: then the layers go one by one, the hooked one through its modules
+    (its hook fires) and the others through smoe::decode_layer; without the hook, one call again."""
+    path = checkpoint_factory(seed=4, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                              num_key_value_heads=2, num_local_experts=4)
+    model = smoe.load(path, dtype="bf16")[0]
+    engine = smoe.Engine(model, None, max_batch_size=1, max_seq_len=64)
+    engine.add(list(range(3, 10)), smoe.SamplingParams(max_tokens=20, ignore_eos=True))
+    engine.step()  # prefill
+
+    def counts():
+        with torch.profiler.profile() as prof:
+            engine.step()
+        names = [e.name for e in prof.events()]
+        return names.count("smoe::decode_layers"), names.count("smoe::decode_layer")
+
+    L = len(model.layers)
+    assert counts() == (1, 0)
+    for hooked in (model.layers[1], model.layers[1].moe.router):
+        calls = []
+        handle = hooked.register_forward_hook(lambda *args, calls=calls: calls.append(1))
+        try:
+            assert counts() == (0, L - 1)
+            assert calls == [1]
+        finally:
+            handle.remove()
+        assert counts() == (1, 0)

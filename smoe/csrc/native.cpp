@@ -912,6 +912,21 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList w, at::IntArrayRef m
   return x1;
 }
 
+// A decode step's layers one after another (weights: 15 per layer, meta: 5 per layer, as
+// decode_layer takes them; eps: one per layer): one call from Python per step instead of one per
+// layer, whose interpreter work between layers runs with caches the weights have just flushed.
+at::Tensor decode_layers(const at::Tensor& x, at::TensorList w, at::IntArrayRef meta, at::ArrayRef<double> eps,
+                         const at::Tensor& k_all, const at::Tensor& v_all, const at::Tensor& slots,
+                         const c10::optional<at::Tensor>& mask, int64_t kv_len, const at::Tensor& cos,
+                         const at::Tensor& sin) {
+  const int64_t L = int64_t(eps.size());
+  check(int64_t(w.size()) == 15 * L && int64_t(meta.size()) == 5 * L, "decode_layers takes 15 weights and 5 sizes per layer");
+  at::Tensor y = x;
+  for (int64_t l = 0; l < L; ++l)
+    y = decode_layer(y, w.slice(15 * l, 15), meta.slice(5 * l, 5), eps[l], k_all, v_all, slots, mask, kv_len, cos, sin);
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(smoe, m) {
@@ -926,6 +941,8 @@ TORCH_LIBRARY_FRAGMENT(smoe, m) {
   m.def("quantize_activations(Tensor x, int group_size) -> Tensor");
   m.def("decode_layer(Tensor x, Tensor[] weights, int[] meta, float eps, Tensor(a!) k_all, Tensor(b!) v_all, "
         "Tensor slots, Tensor? mask, int kv_len, Tensor cos, Tensor sin) -> Tensor");
+  m.def("decode_layers(Tensor x, Tensor[] weights, int[] meta, float[] eps, Tensor(a!) k_all, Tensor(b!) v_all, "
+        "Tensor slots, Tensor? mask, int kv_len, Tensor cos, Tensor sin) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(smoe, CPU, m) {
@@ -937,6 +954,7 @@ TORCH_LIBRARY_IMPL(smoe, CPU, m) {
   m.impl("moe_q4", &moe_q4);
   m.impl("quantize_activations", &quantize_activations);
   m.impl("decode_layer", &decode_layer);
+  m.impl("decode_layers", &decode_layers);
 }
 
 // ------------------------------------------------------------------------------ the Python module
