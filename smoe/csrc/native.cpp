@@ -240,10 +240,10 @@ void quantize_row(const uint16_t* x, int64_t K, Kind kind, int64_t G, int8_t* q,
 
 // acc[m] += the products of weight row w with token rows x[m], bf16 inputs, fp32 accumulation
 template <int MR>
-inline void row_bf16(const uint16_t* const* x, const uint16_t* w, int64_t K, __m512* res) {
+__attribute__((noinline)) void row_bf16(const uint16_t* const* x, const uint16_t* w, int64_t K, __m512* res) {
   __m512 acc[2][MR];
   for (int m = 0; m < MR; ++m) acc[0][m] = acc[1][m] = _mm512_setzero_ps();
-  auto chunk = [&](int64_t c, __m512* a, __mmask32 mask) {  // 32 columns from 32 c
+  auto chunk = [&](int64_t c, __m512* a, __mmask32 mask) __attribute__((always_inline)) {  // 32 columns from 32 c
     const int64_t k = c * 32;
     const __m512i wv = _mm512_maskz_loadu_epi16(mask, w + k);
     for (int m = 0; m < MR; ++m)
@@ -257,17 +257,21 @@ inline void row_bf16(const uint16_t* const* x, const uint16_t* w, int64_t K, __m
     chunk(c + 1, acc[1], all);
   }
   if (c < full) chunk(c++, acc[0], all);
-  if (c * 32 < K) chunk(c, acc[c & 1], _cvtu32_mask32((1u << (K - c * 32)) - 1u));
+  if (c * 32 < K) {  // (two calls with constant indices: an indexed acc would live on the stack)
+    const __mmask32 tail = _cvtu32_mask32((1u << (K - c * 32)) - 1u);
+    if (c & 1) chunk(c, acc[1], tail);
+    else chunk(c, acc[0], tail);
+  }
   for (int m = 0; m < MR; ++m) res[m] = _mm512_add_ps(acc[0][m], acc[1][m]);
 }
 
 // res[m] = the lanes of sum_b d_b * sum_{k in b} qx[k] * (qw[k] + 128)   (the caller removes the +128)
 template <int MR>
-inline void row_q8(const int8_t* const* xq, const float* const* sv, const int8_t* w, int64_t K, __m512* res) {
+__attribute__((noinline)) void row_q8(const int8_t* const* xq, const float* const* sv, const int8_t* w, int64_t K, __m512* res) {
   __m512 acc[2][MR];
   for (int m = 0; m < MR; ++m) acc[0][m] = acc[1][m] = _mm512_setzero_ps();
   const __m512i flip = _mm512_set1_epi8(char(0x80));
-  auto chunk = [&](int64_t c, __m512* a, __mmask64 mask) {  // 64 columns from 64 c
+  auto chunk = [&](int64_t c, __m512* a, __mmask64 mask) __attribute__((always_inline)) {  // 64 columns from 64 c
     const int64_t k = c * 64;
     const __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + k), flip);
     for (int m = 0; m < MR; ++m) {
@@ -283,7 +287,11 @@ inline void row_q8(const int8_t* const* xq, const float* const* sv, const int8_t
     chunk(c + 1, acc[1], all);
   }
   if (c < full) chunk(c++, acc[0], all);
-  if (c * 64 < K) chunk(c, acc[c & 1], _cvtu64_mask64((uint64_t(1) << (K - c * 64)) - 1));
+  if (c * 64 < K) {
+    const __mmask64 tail = _cvtu64_mask64((uint64_t(1) << (K - c * 64)) - 1);
+    if (c & 1) chunk(c, acc[1], tail);
+    else chunk(c, acc[0], tail);
+  }
   for (int m = 0; m < MR; ++m) res[m] = _mm512_add_ps(acc[0][m], acc[1][m]);
 }
 
@@ -292,7 +300,7 @@ inline void row_q8(const int8_t* const* xq, const float* const* sv, const int8_t
 // The offsets' part is one short dot product per row after the codes' (xs: the activations'
 // per-group sums), not a multiply-add per step.
 template <int MR>
-inline void row_q4(const int8_t* const* xq, const float* const* sv, const float* const* xs, const uint8_t* codes,
+__attribute__((noinline)) void row_q4(const int8_t* const* xq, const float* const* sv, const float* const* xs, const uint8_t* codes,
                    const uint16_t* sm, int64_t K, int64_t G, __m512i sidx, __m512* res) {
   __m512 acc[2][MR];
   for (int m = 0; m < MR; ++m) acc[0][m] = acc[1][m] = _mm512_setzero_ps();
@@ -300,7 +308,7 @@ inline void row_q4(const int8_t* const* xq, const float* const* sv, const float*
   const int64_t ng = K / G, full = K / 128;
   const int gshift = __builtin_ctzll(uint64_t(G));  // G is a power of two (make_matrix)
   const __mmask8 full_groups = __mmask8((1u << std::min<int64_t>(4, 128 >> std::min(gshift, 7))) - 1);
-  auto step = [&](int64_t c, __m512* a, __mmask64 bmask, __mmask8 gmask) {  // 128 columns: 64 bytes, 4 blocks
+  auto step = [&](int64_t c, __m512* a, __mmask64 bmask, __mmask8 gmask) __attribute__((always_inline)) {  // 128 columns: 64 bytes, 4 blocks
     const int64_t k = c * 128;
     const __m512i v = _mm512_maskz_loadu_epi8(bmask, codes + c * 64);
     const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
@@ -322,8 +330,10 @@ inline void row_q4(const int8_t* const* xq, const float* const* sv, const float*
   if (c < full) step(c++, acc[0], all, full_groups);
   if (c * 128 < K) {  // the last, partial step: whole blocks of 32
     const int64_t blocks = (K - c * 128) / kQBlock;
-    step(c, acc[c & 1], _cvtu64_mask64((uint64_t(1) << (16 * blocks)) - 1),
-         __mmask8((1u << std::min<int64_t>(4, (blocks * kQBlock + G - 1) >> gshift)) - 1));
+    const __mmask64 bmask = _cvtu64_mask64((uint64_t(1) << (16 * blocks)) - 1);
+    const __mmask8 gmask = __mmask8((1u << std::min<int64_t>(4, (blocks * kQBlock + G - 1) >> gshift)) - 1);
+    if (c & 1) step(c, acc[1], bmask, gmask);
+    else step(c, acc[0], bmask, gmask);
   }
   for (int m = 0; m < MR; ++m) {
     __m512 offsets = _mm512_setzero_ps();
