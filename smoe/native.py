@@ -372,12 +372,17 @@ def decode_weights(block: nn.Module) -> list[torch.Tensor] | None:
     return [t.detach() for t in small] + [t for pair in pairs for t in pair]
 
 
-def _hooked(modules: tuple[nn.Module, ...]) -> bool:
+def _hook_dicts(modules: tuple[nn.Module, ...]) -> tuple[dict, ...]:
+    """The dicts a forward hook on any of `modules` would be in (torch's own, global ones first):
+    any() of them is whether something hooks them."""
     from torch.nn.modules import module as m
 
-    if m._global_forward_hooks or m._global_forward_pre_hooks:
-        return True
-    return any(mod._forward_hooks or mod._forward_pre_hooks for mod in modules)
+    return (m._global_forward_hooks, m._global_forward_pre_hooks,
+            *(d for mod in modules for d in (mod._forward_hooks, mod._forward_pre_hooks)))
+
+
+def _hooked(modules: tuple[nn.Module, ...]) -> bool:
+    return any(_hook_dicts(modules))
 
 
 def native_blocks(model: nn.Module) -> int:
@@ -392,7 +397,22 @@ def native_blocks(model: nn.Module) -> int:
             count += 1
     if count and type(model) is Transformer:
         model.__class__ = NativeTransformer
+        if type(model.norm) is RMSNorm and model.norm.weight.dtype == torch.bfloat16:
+            model.norm.__class__ = NativeRMSNorm
     return count
+
+
+class NativeRMSNorm(RMSNorm):
+    """The model's final RMSNorm, as smoe::rms_norm (decode_layer's arithmetic) for a decode
+    step's few bf16 rows: one call instead of six PyTorch ops; anything else runs the module."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.numel() > MAX_ROWS * x.shape[-1]
+                or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+                or torch.compiler.is_compiling()
+                or self._forward_hooks or self._forward_pre_hooks):
+            return super().forward(x)
+        return torch.ops.smoe.rms_norm(x.contiguous(), self.weight, self.eps)
 
 
 def _decode_step(x: torch.Tensor, ctx) -> tuple | None:
@@ -421,6 +441,7 @@ class NativeBlock(Block):
     _decode_parts: tuple | None = None
     _decode_weights: list | None = None
     _decode_meta: list | None = None
+    _decode_hooks: tuple = ()
 
     def decode_args(self) -> tuple[list, list, float] | None:
         """(weights, [Q, G, top-k, layer], eps) for smoe::decode_layer, or None where a part was
@@ -430,7 +451,8 @@ class NativeBlock(Block):
             self._decode_parts, self._decode_weights = parts, decode_weights(self)
             attn = self.attn
             self._decode_meta = [attn.n_heads, attn.n_kv_heads, self.moe.router.top_k, attn.layer_idx]
-        if self._decode_weights is None or _hooked((self, *parts)):
+            self._decode_hooks = _hook_dicts((self, *parts))
+        if self._decode_weights is None or any(self._decode_hooks):
             return None
         return self._decode_weights, self._decode_meta, parts[0].eps
 
@@ -478,5 +500,6 @@ class NativeTransformer(Transformer):
 if _native is not None:
     torch.library.register_fake("smoe::decode_layer")(
         lambda x, weights, meta, eps, k_all, v_all, slots, mask, kv_len, cos, sin: torch.empty_like(x))
+    torch.library.register_fake("smoe::rms_norm")(lambda x, weight, eps: torch.empty_like(x))
     torch.library.register_fake("smoe::decode_layers")(
         lambda x, weights, meta, eps, k_all, v_all, slots, mask, kv_len, cos, sin: torch.empty_like(x))

@@ -356,6 +356,7 @@ def test_decode_layer_equals_the_block_it_replaces(checkpoint_factory, quant):
             positions = positions + 1
 
 
+@needs_native
 def test_decode_steps_run_hooked_layers_as_modules(checkpoint_factory):
     """A decode step runs every layer in one smoe::decode_layers call, unless something hooks a
     layer or one of its parts: then the layers go one by one, the hooked one through its modules
@@ -384,3 +385,39 @@ def test_decode_steps_run_hooked_layers_as_modules(checkpoint_factory):
         finally:
             handle.remove()
         assert counts() == (1, 0)
+
+
+@needs_native
+@pytest.mark.parametrize("rows,hidden", [(1, 96), (3, 37), (16, 1024)])
+def test_final_norm_equals_the_module(rows, hidden):
+    """smoe::rms_norm (the model's final norm in a decode step, NativeRMSNorm) against the
+    RMSNorm module it replaces: fp32 statistics, bf16 roundings in the same places, so equal up
+    to the order of the sum of squares — one bf16 rounding at most; hooks and many rows take the
+    module."""
+    from smoe.model import RMSNorm
+
+    gen = torch.Generator().manual_seed(rows)
+    module = RMSNorm(hidden, 1e-5).bfloat16()
+    module.weight.data = (torch.rand(hidden, generator=gen) + 0.5).bfloat16()
+    x = (torch.randn(rows, 1, hidden, generator=gen) * 3).bfloat16()
+    native_norm = copy.deepcopy(module)
+    native_norm.__class__ = native.NativeRMSNorm
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        ours = native_norm(x)
+    assert sum(e.name == "smoe::rms_norm" for e in prof.events()) == 1
+    theirs = module(x)
+    assert ours.shape == theirs.shape and ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), theirs.float(), rtol=BF16_ULP, atol=0)
+    assert (ours == theirs).float().mean() > 0.95
+    many = torch.randn(native.MAX_ROWS + 1, hidden, generator=gen).bfloat16()
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        assert torch.equal(native_norm(many), module(many))
+    assert not any(e.name == "smoe::rms_norm" for e in prof.events())
+
+
+@needs_native
+def test_loaded_model_gets_the_native_final_norm(checkpoint_factory):
+    path = checkpoint_factory(seed=5, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                              num_key_value_heads=2, num_local_experts=4)
+    assert type(smoe.load(path, dtype="bf16")[0].norm) is native.NativeRMSNorm
+    assert type(smoe.load(path, dtype="fp32")[0].norm) is not native.NativeRMSNorm

@@ -922,6 +922,20 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList w, at::IntArrayRef m
   return x1;
 }
 
+// RMSNorm of M rows as decode_layer computes it (the model's final norm in a decode step)
+at::Tensor rms_norm_op(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.dim() >= 1,
+        "rms_norm takes contiguous bf16 rows on the CPU");
+  const int64_t H = x.size(-1);
+  check(weight.scalar_type() == at::kBFloat16 && weight.is_contiguous() && weight.numel() == H,
+        "rms_norm's weight must be bf16 [H]");
+  at::Tensor y = at::empty_like(x);
+  if (x.numel() > 0)
+    rms_norm(static_cast<const uint16_t*>(x.data_ptr()), x.numel() / H, H,
+             static_cast<const uint16_t*>(weight.data_ptr()), float(eps), static_cast<uint16_t*>(y.data_ptr()));
+  return y;
+}
+
 // A decode step's layers one after another (weights: 15 per layer, meta: 5 per layer, as
 // decode_layer takes them; eps: one per layer): one call from Python per step instead of one per
 // layer, whose interpreter work between layers runs with caches the weights have just flushed.
@@ -951,6 +965,7 @@ TORCH_LIBRARY_FRAGMENT(smoe, m) {
   m.def("quantize_activations(Tensor x, int group_size) -> Tensor");
   m.def("decode_layer(Tensor x, Tensor[] weights, int[] meta, float eps, Tensor(a!) k_all, Tensor(b!) v_all, "
         "Tensor slots, Tensor? mask, int kv_len, Tensor cos, Tensor sin) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("decode_layers(Tensor x, Tensor[] weights, int[] meta, float[] eps, Tensor(a!) k_all, Tensor(b!) v_all, "
         "Tensor slots, Tensor? mask, int kv_len, Tensor cos, Tensor sin) -> Tensor");
 }
@@ -965,6 +980,7 @@ TORCH_LIBRARY_IMPL(smoe, CPU, m) {
   m.impl("quantize_activations", &quantize_activations);
   m.impl("decode_layer", &decode_layer);
   m.impl("decode_layers", &decode_layers);
+  m.impl("rms_norm", &rms_norm_op);
 }
 
 // ------------------------------------------------------------------------------ the Python module
