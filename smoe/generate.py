@@ -270,7 +270,7 @@ class Engine:
         out = []
         greedy = all(s.params.greedy and s.params.repetition_penalty == 1.0 for s in live)
         if greedy:
-            best = logits.argmax(-1).tolist()
+            best = logits.float().argmax(-1).tolist()  # fp32: PyTorch's bf16 argmax is ~4x slower (same index)
         for seq in live:
             row_logits = logits[seq.row - lo]  # [V]
             token = best[seq.row - lo] if greedy else self._sample(seq, row_logits)
