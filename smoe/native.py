@@ -381,9 +381,6 @@ def _hook_dicts(modules: tuple[nn.Module, ...]) -> tuple[dict, ...]:
             *(d for mod in modules for d in (mod._forward_hooks, mod._forward_pre_hooks)))
 
 
-def _hooked(modules: tuple[nn.Module, ...]) -> bool:
-    return any(_hook_dicts(modules))
-
 
 def native_blocks(model: nn.Module) -> int:
     """Turn every Block whose parts the kernels all read into a NativeBlock, and the model into a
@@ -409,8 +406,7 @@ class NativeRMSNorm(RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.numel() > MAX_ROWS * x.shape[-1]
                 or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-                or torch.compiler.is_compiling()
-                or self._forward_hooks or self._forward_pre_hooks):
+                or torch.compiler.is_compiling()):
             return super().forward(x)
         return torch.ops.smoe.rms_norm(x.contiguous(), self.weight, self.eps)
 

@@ -392,8 +392,8 @@ def test_decode_steps_run_hooked_layers_as_modules(checkpoint_factory):
 def test_final_norm_equals_the_module(rows, hidden):
     """smoe::rms_norm (the model's final norm in a decode step, NativeRMSNorm) against the
     RMSNorm module it replaces: fp32 statistics, bf16 roundings in the same places, so equal up
-    to the order of the sum of squares — one bf16 rounding at most; hooks and many rows take the
-    module."""
+    to the order of the sum of squares — one bf16 rounding at most; more than MAX_ROWS rows take
+    the module."""
     from smoe.model import RMSNorm
 
     gen = torch.Generator().manual_seed(rows)
