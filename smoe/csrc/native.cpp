@@ -238,30 +238,38 @@ void quantize_row(const uint16_t* x, int64_t K, Kind kind, int64_t G, int8_t* q,
 // reduces their accumulators together: one horizontal sum for 4 rows instead of 4 (by the same
 // tree, so the result is the row's own).
 
+// The column loop of every row kernel: step(c, a, last) for the whole chunks c = 0 .. full - 1,
+// alternating between the accumulators a0 and a1 (chunk c -> c % 2, one order for every MR), then
+// once with last = true for the partial chunk if there is one. Every call names a0 or a1: an
+// accumulator picked by index (acc[c & 1]) made GCC keep both on the stack, stored every step.
+template <class Step>
+__attribute__((always_inline)) inline void alternate_chunks(int64_t full, bool partial, __m512* a0, __m512* a1,
+                                                            const Step& step) {
+  int64_t c = 0;
+  for (; c + 2 <= full; c += 2) {
+    step(c, a0, false);
+    step(c + 1, a1, false);
+  }
+  if (c < full) step(c++, a0, false);
+  if (partial) {
+    if (c & 1) step(c, a1, true);
+    else step(c, a0, true);
+  }
+}
+
 // acc[m] += the products of weight row w with token rows x[m], bf16 inputs, fp32 accumulation
 template <int MR>
 __attribute__((noinline)) void row_bf16(const uint16_t* const* x, const uint16_t* w, int64_t K, __m512* res) {
   __m512 acc[2][MR];
   for (int m = 0; m < MR; ++m) acc[0][m] = acc[1][m] = _mm512_setzero_ps();
-  auto chunk = [&](int64_t c, __m512* a, __mmask32 mask) __attribute__((always_inline)) {  // 32 columns from 32 c
-    const int64_t k = c * 32;
+  const __mmask32 tail = _cvtu32_mask32((1u << (K % 32)) - 1u);
+  alternate_chunks(K / 32, K % 32 != 0, acc[0], acc[1], [&](int64_t c, __m512* a, bool last) __attribute__((always_inline)) {
+    const int64_t k = c * 32;  // 32 columns
+    const __mmask32 mask = last ? tail : __mmask32(0xFFFFFFFFu);
     const __m512i wv = _mm512_maskz_loadu_epi16(mask, w + k);
     for (int m = 0; m < MR; ++m)
       a[m] = _mm512_dpbf16_ps(a[m], (__m512bh)_mm512_maskz_loadu_epi16(mask, x[m] + k), (__m512bh)wv);
-  };
-  const __mmask32 all = __mmask32(0xFFFFFFFFu);
-  const int64_t full = K / 32;
-  int64_t c = 0;
-  for (; c + 2 <= full; c += 2) {
-    chunk(c, acc[0], all);
-    chunk(c + 1, acc[1], all);
-  }
-  if (c < full) chunk(c++, acc[0], all);
-  if (c * 32 < K) {  // (two calls with constant indices: an indexed acc would live on the stack)
-    const __mmask32 tail = _cvtu32_mask32((1u << (K - c * 32)) - 1u);
-    if (c & 1) chunk(c, acc[1], tail);
-    else chunk(c, acc[0], tail);
-  }
+  });
   for (int m = 0; m < MR; ++m) res[m] = _mm512_add_ps(acc[0][m], acc[1][m]);
 }
 
@@ -271,27 +279,15 @@ __attribute__((noinline)) void row_q8(const int8_t* const* xq, const float* cons
   __m512 acc[2][MR];
   for (int m = 0; m < MR; ++m) acc[0][m] = acc[1][m] = _mm512_setzero_ps();
   const __m512i flip = _mm512_set1_epi8(char(0x80));
-  auto chunk = [&](int64_t c, __m512* a, __mmask64 mask) __attribute__((always_inline)) {  // 64 columns from 64 c
-    const int64_t k = c * 64;
-    const __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, w + k), flip);
+  const __mmask64 tail = _cvtu64_mask64((uint64_t(1) << (K % 64)) - 1);
+  alternate_chunks(K / 64, K % 64 != 0, acc[0], acc[1], [&](int64_t c, __m512* a, bool last) __attribute__((always_inline)) {
+    const int64_t k = c * 64;  // 64 columns
+    const __m512i wv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(last ? tail : ~__mmask64(0), w + k), flip);
     for (int m = 0; m < MR; ++m) {
       const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, _mm512_loadu_si512(xq[m] + k));
       a[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(sv[m] + c * 16), a[m]);
     }
-  };
-  const __mmask64 all = ~__mmask64(0);
-  const int64_t full = K / 64;
-  int64_t c = 0;
-  for (; c + 2 <= full; c += 2) {
-    chunk(c, acc[0], all);
-    chunk(c + 1, acc[1], all);
-  }
-  if (c < full) chunk(c++, acc[0], all);
-  if (c * 64 < K) {
-    const __mmask64 tail = _cvtu64_mask64((uint64_t(1) << (K - c * 64)) - 1);
-    if (c & 1) chunk(c, acc[1], tail);
-    else chunk(c, acc[0], tail);
-  }
+  });
   for (int m = 0; m < MR; ++m) res[m] = _mm512_add_ps(acc[0][m], acc[1][m]);
 }
 
@@ -308,11 +304,15 @@ __attribute__((noinline)) void row_q4(const int8_t* const* xq, const float* cons
   const int64_t ng = K / G, full = K / 128;
   const int gshift = __builtin_ctzll(uint64_t(G));  // G is a power of two (make_matrix)
   const __mmask8 full_groups = __mmask8((1u << std::min<int64_t>(4, 128 >> std::min(gshift, 7))) - 1);
-  auto step = [&](int64_t c, __m512* a, __mmask64 bmask, __mmask8 gmask) __attribute__((always_inline)) {  // 128 columns: 64 bytes, 4 blocks
-    const int64_t k = c * 128;
-    const __m512i v = _mm512_maskz_loadu_epi8(bmask, codes + c * 64);
+  // the last, partial step holds whole blocks of 32: its bytes and its groups' scales masked
+  const int64_t tail_blocks = (K % 128) / kQBlock;
+  const __mmask64 tail_bytes = _cvtu64_mask64((uint64_t(1) << (16 * tail_blocks)) - 1);
+  const __mmask8 tail_groups = __mmask8((1u << std::min<int64_t>(4, (tail_blocks * kQBlock + G - 1) >> gshift)) - 1);
+  alternate_chunks(full, K % 128 != 0, acc[0], acc[1], [&](int64_t c, __m512* a, bool last) __attribute__((always_inline)) {
+    const int64_t k = c * 128;  // 128 columns: 64 bytes, 4 blocks
+    const __m512i v = _mm512_maskz_loadu_epi8(last ? tail_bytes : ~__mmask64(0), codes + c * 64);
     const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-    const __m128i s = _mm_maskz_loadu_epi16(gmask, sm + (k >> gshift));  // up to 4 group scales
+    const __m128i s = _mm_maskz_loadu_epi16(last ? tail_groups : full_groups, sm + (k >> gshift));  // up to 4 scales
     const __m512 ws = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, sidx, _mm512_castsi128_si512(s)));
     for (int m = 0; m < MR; ++m) {
       const __m512i xlo = _mm512_loadu_si512(xq[m] + k), xhi = _mm512_loadu_si512(xq[m] + k + 64);
@@ -320,21 +320,7 @@ __attribute__((noinline)) void row_q4(const int8_t* const* xq, const float* cons
       const __m512i i = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo), hi, xhi);
       a[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(d, ws), a[m]);
     }
-  };
-  const __mmask64 all = ~__mmask64(0);
-  int64_t c = 0;
-  for (; c + 2 <= full; c += 2) {
-    step(c, acc[0], all, full_groups);
-    step(c + 1, acc[1], all, full_groups);
-  }
-  if (c < full) step(c++, acc[0], all, full_groups);
-  if (c * 128 < K) {  // the last, partial step: whole blocks of 32
-    const int64_t blocks = (K - c * 128) / kQBlock;
-    const __mmask64 bmask = _cvtu64_mask64((uint64_t(1) << (16 * blocks)) - 1);
-    const __mmask8 gmask = __mmask8((1u << std::min<int64_t>(4, (blocks * kQBlock + G - 1) >> gshift)) - 1);
-    if (c & 1) step(c, acc[1], bmask, gmask);
-    else step(c, acc[0], bmask, gmask);
-  }
+  });
   for (int m = 0; m < MR; ++m) {
     __m512 offsets = _mm512_setzero_ps();
     int64_t g = 0;
