@@ -219,3 +219,15 @@ def test_prompts_fed_in_chunks_between_decode_steps(checkpoint_factory):
     assert all(len(e.top) == 2 and e.top[0][1] == pytest.approx(ref[i].max().item(), abs=1e-5)
                for i, e in enumerate(b.prompt_logprobs))
     assert [e.token_id for e in b.logprobs] == b.token_ids and all(e.top == [] for e in b.logprobs)
+
+
+def test_top_p_below_fp32_range_keeps_the_most_likely_token():
+    """A top_p too small for fp32 (5e-324 compares as 0) still keeps the most likely token, so
+    sampling never sees an all -inf row (the server once answered such a request with a 500)."""
+    from smoe.sampling import Sampler, filter_logits
+
+    logits = torch.tensor([0.5, 3.0, -1.0, 2.0])
+    params = smoe.SamplingParams(temperature=1.0, top_p=5e-324, repetition_penalty=0.35)
+    kept = filter_logits(logits, params)
+    assert kept[1] == 3.0 and torch.isinf(kept[[0, 2, 3]]).all()
+    assert Sampler(params, vocab_size=4, context=[0, 2])(logits) == 1  # penalised tokens stay below 3.0
