@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from smoe.config import ModelConfig
+from smoe.fsutil import huge_page_empty
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -38,6 +39,17 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None)
     if window is not None:
         mask &= q_pos - k_pos < window
     return mask
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A zeroed cache tensor; on the CPU in huge pages (fsutil.huge_page_empty), where a decode
+    step's attention streams each head's keys and values."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    numel = 1
+    for n in shape:
+        numel *= n
+    return huge_page_empty(numel * dtype.itemsize).view(dtype).view(shape).zero_()
 
 
 @dataclass
@@ -72,8 +84,8 @@ class KVCache:
             config.num_hidden_layers, batch_size, config.num_key_value_heads,
             self.num_slots, config.head_dim,
         )
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, G, S, D]
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = _zeros(shape, dtype, device)  # [L, B, G, S, D]
+        self.v = _zeros(shape, dtype, device)
         self.slot_pos = torch.full((batch_size, self.num_slots), -1, dtype=torch.long, device=device)
         self.rows = slice(0, batch_size)
         self.plan: AttentionPlan | None = None

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smoe.experts import StackedExperts
-from smoe.fsutil import huge_page_copy, release_pages
+from smoe.fsutil import huge_page_copy, huge_page_pack, release_pages
 from smoe.model import Attention, Block, MoE, RMSNorm, Router, Transformer
 from smoe.quantize import Int4Linear, Int8Linear, blockwise_linear, int8_linear
 
@@ -382,6 +382,36 @@ def _hook_dicts(modules: tuple[nn.Module, ...]) -> tuple[dict, ...]:
 
 
 
+def _decode_tensor_owners(block: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(module, attribute) of every tensor smoe::decode_layer reads from this Block, in the order
+    one step reads them: the norms, q/k/v's weights (then their scales) one after another, o,
+    the router, the experts'."""
+    attn, moe = block.attn, block.moe
+    projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+    owners = [(block.attn_norm, "weight")]
+    owners += [(lin, _LINEAR_WEIGHTS[type(lin)][0]) for lin in projections]
+    owners += [(lin, _LINEAR_WEIGHTS[type(lin)][1]) for lin in projections]
+    owners += [(attn.o_proj, name) for name in _LINEAR_WEIGHTS[type(attn.o_proj)]]
+    owners += [(block.ffn_norm, "weight"), (moe.router, "weight")]
+    for stacked in (moe.experts.gate_up, moe.experts.down):
+        owners += [(stacked, name) for name in _STACKED_WEIGHTS[type(stacked)]]
+    return [(module, name) for module, name in owners if name is not None]
+
+
+def _pack_in_huge_pages(block: nn.Module) -> None:
+    """Move the tensors a decode step reads from this Block into one huge-page region
+    (fsutil.huge_page_pack), in the order they are read: the attention weights (0.5 MiB each
+    at hidden 1024) are too small for a huge page of their own, and on 4 KiB pages the kernels
+    read them at ~20 GB/s where they read huge pages at ~26 (docs/KERNELS.md)."""
+    owners = _decode_tensor_owners(block)
+    tensors = [getattr(module, name).detach() for module, name in owners]
+    for (module, name), copy in zip(owners, huge_page_pack(tensors), strict=True):
+        if name in module._parameters:
+            module._parameters[name] = nn.Parameter(copy, requires_grad=module._parameters[name].requires_grad)
+        else:
+            module._buffers[name] = copy
+
+
 def native_blocks(model: nn.Module) -> int:
     """Turn every Block whose parts the kernels all read into a NativeBlock, and the model into a
     NativeTransformer (a decode step's layers in one call) when it has any; returns how many."""
@@ -391,6 +421,7 @@ def native_blocks(model: nn.Module) -> int:
     for layer in getattr(model, "layers", []):
         if type(layer) is Block and decode_weights(layer) is not None:
             layer.__class__ = NativeBlock
+            _pack_in_huge_pages(layer)
             count += 1
     if count and type(model) is Transformer:
         model.__class__ = NativeTransformer

@@ -421,3 +421,56 @@ def test_loaded_model_gets_the_native_final_norm(checkpoint_factory):
                               num_key_value_heads=2, num_local_experts=4)
     assert type(smoe.load(path, dtype="bf16")[0].norm) is native.NativeRMSNorm
     assert type(smoe.load(path, dtype="fp32")[0].norm) is not native.NativeRMSNorm
+
+
+def _vma_huge_kb(address: int) -> int:
+    """AnonHugePages (KiB) of the mapping holding `address`, from /proc/self/smaps."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(" ", 1)[0]
+            if "-" in head and ":" not in head:
+                begin, end = (int(a, 16) for a in head.split("-"))
+                inside = begin <= address < end
+            elif inside and line.startswith("AnonHugePages:"):
+                return int(line.split()[1])
+    raise AssertionError("address not mapped")
+
+
+def _thp_possible() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _thp_possible(), reason="no transparent huge pages on this system")
+def test_huge_page_memory_gets_huge_pages_even_where_the_heap_was_touched():
+    from smoe.fsutil import HUGE_PAGE, huge_page_empty
+
+    # glibc raises its mmap threshold to a freed mapping's size (30 MiB) and serves the next
+    # blocks below it from its heap: the 24 MiB block is touched, freed, and handed out again
+    torch.ones(30 << 20, dtype=torch.uint8)
+    torch.ones(24 << 20, dtype=torch.uint8)
+    region = huge_page_empty(12 << 20)
+    assert region.data_ptr() % HUGE_PAGE == 0 and region.numel() == 12 << 20
+    region.fill_(1)
+    assert _vma_huge_kb(region.data_ptr()) >= 6 << 10  # at least half of it (the kernel may lack a free 2 MiB block)
+    assert int(region.sum()) == 12 << 20
+
+
+def test_a_native_layers_decode_tensors_live_in_one_region_in_read_order(checkpoint_factory):
+    path = checkpoint_factory(seed=6, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                              num_key_value_heads=2, num_local_experts=4)
+    model = smoe.load(path, dtype="bf16", quant="int4")[0]
+    for layer in model.layers:
+        assert type(layer) is native.NativeBlock
+        owners = native._decode_tensor_owners(layer)
+        tensors = [getattr(module, name) for module, name in owners]
+        storage = {t.untyped_storage().data_ptr() for t in tensors}
+        assert len(storage) == 1 and tensors[0].untyped_storage().resizable()  # ours: release_mmap keeps it
+        addresses = [t.data_ptr() for t in tensors]
+        assert addresses == sorted(addresses) and all(a % 64 == 0 for a in addresses)
+        # what the op is given is what was packed
+        assert {t.data_ptr() for t in native.decode_weights(layer) if t.numel()} == set(addresses)
