@@ -291,6 +291,12 @@ __attribute__((noinline)) void row_q8(const int8_t* const* xq, const float* cons
   for (int m = 0; m < MR; ++m) res[m] = _mm512_add_ps(acc[0][m], acc[1][m]);
 }
 
+// The int4 kernel asks for its codes 2 KiB ahead with a non-temporal hint: measured in whole
+// decode steps on Zen 4 (variants switched every 8 steps in one process), +2 to +11 %, ~+6 % on
+// average; the same prefetch in the bf16 and int8 kernels cost 7-20 % (they stream with less
+// work per byte, where the hardware prefetchers keep up alone), so they have none.
+constexpr int64_t kQ4Prefetch = 2048;
+
 // res[m] = the lanes of sum_g (s[g] * sum_{b in g} d_b * sum_{k in b} qx[k] * code[k] + m[g] * sum_{b in g} d_b * sum qx)
 // scale_index: 32 words; word 2i + 1 is the group (from the step's first) of lane i's block.
 // The offsets' part is one short dot product per row after the codes' (xs: the activations'
@@ -310,6 +316,7 @@ __attribute__((noinline)) void row_q4(const int8_t* const* xq, const float* cons
   const __mmask8 tail_groups = __mmask8((1u << std::min<int64_t>(4, (tail_blocks * kQBlock + G - 1) >> gshift)) - 1);
   alternate_chunks(full, K % 128 != 0, acc[0], acc[1], [&](int64_t c, __m512* a, bool last) __attribute__((always_inline)) {
     const int64_t k = c * 128;  // 128 columns: 64 bytes, 4 blocks
+    _mm_prefetch(reinterpret_cast<const char*>(codes + c * 64) + kQ4Prefetch, _MM_HINT_NTA);
     const __m512i v = _mm512_maskz_loadu_epi8(last ? tail_bytes : ~__mmask64(0), codes + c * 64);
     const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
     const __m128i s = _mm_maskz_loadu_epi16(last ? tail_groups : full_groups, sm + (k >> gshift));  // up to 4 scales
