@@ -272,7 +272,8 @@ class Engine:
         if greedy:
             best = logits.float().argmax(-1).tolist()  # fp32: PyTorch's bf16 argmax is ~4x slower (same index)
         for seq in live:
-            row_logits = logits[seq.row - lo]  # [V]
+            # [V]; a greedy step without logprobs does not need its row (indexing is a dispatcher call)
+            row_logits = logits[seq.row - lo] if not greedy or seq.params.logprobs is not None else None
             token = best[seq.row - lo] if greedy else self._sample(seq, row_logits)
             out.append((seq, self._accept(seq, token, row_logits)))
         dt = time.perf_counter() - t0
@@ -283,7 +284,7 @@ class Engine:
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
         return self._samplers[seq.row](logits)
 
-    def _accept(self, seq: Sequence, token: int, logits: torch.Tensor) -> str:
+    def _accept(self, seq: Sequence, token: int, logits: torch.Tensor | None) -> str:
         """Record a sampled token, apply stop rules, and return the text it makes visible."""
         seq.token_ids.append(token)
         if seq.params.logprobs is not None:

@@ -51,6 +51,7 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         self.theta = theta
         self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+        self._memo: dict = {}  # one position's tables (a decode step of one row), see forward
 
     def _inv_freq(self, device=None) -> torch.Tensor:
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
@@ -58,8 +59,24 @@ class RotaryEmbedding(nn.Module):
 
     def reset_parameters(self, device=None) -> None:
         self.inv_freq = self._inv_freq(device)
+        self._memo.clear()
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # A one-row decode step's tables are kept per position: six small ops per step otherwise,
+        # run with caches a native step's weights have just flushed. Only under inference mode (the
+        # tensors are inference tensors) and on the CPU (reading the position would sync a GPU).
+        if (positions.numel() == 1 and positions.device.type == "cpu" and torch.is_inference_mode_enabled()
+                and not torch.compiler.is_compiling()):
+            key = (int(positions), tuple(positions.shape), dtype, self.inv_freq.dtype, self.inv_freq.device)
+            tables = self._memo.get(key)
+            if tables is None:
+                if len(self._memo) >= 8192:
+                    self._memo.clear()
+                tables = self._memo[key] = self._tables(positions, dtype)
+            return tables
+        return self._tables(positions, dtype)
+
+    def _tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[..., None].float() * self.inv_freq  # [B, T, D/2]
         angles = torch.cat([freqs, freqs], dim=-1)  # [B, T, D]
         return angles.cos().to(dtype), angles.sin().to(dtype)

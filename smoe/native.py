@@ -451,12 +451,18 @@ def _decode_step(x: torch.Tensor, ctx) -> tuple | None:
             or x.requires_grad or torch.compiler.is_compiling()):
         return None
     step = getattr(ctx, "native_step", None)
-    if step is None:
+    if step is None:  # the op reads these as flat rows: [B] slots, [B, kv_len] mask, [B, D] cos / sin
         plan = cache.plan
-        mask = None if plan.mask is None else plan.mask.reshape(B, plan.kv_len).contiguous()
-        step = ctx.native_step = (plan.write_slots.reshape(B).contiguous(), mask, plan.kv_len,
-                                  ctx.cos.reshape(B, -1).contiguous(), ctx.sin.reshape(B, -1).contiguous())
+        mask = None if plan.mask is None else _dense(plan.mask)
+        step = ctx.native_step = (_dense(plan.write_slots), mask, plan.kv_len, _dense(ctx.cos), _dense(ctx.sin))
     return step
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself when its elements are already one dense run (the op checks only that and the
+    count): a reshape or contiguous() is a dispatcher call, and Python between decode steps
+    runs with caches the weights have just flushed."""
+    return t if t.is_contiguous() else t.contiguous()
 
 
 class NativeBlock(Block):
@@ -502,20 +508,31 @@ class NativeTransformer(Transformer):
     when every layer is a NativeBlock that would take the native path; otherwise layer by layer
     (each NativeBlock still deciding for itself)."""
 
+    _step_args: tuple | None = None  # (row0, each layer's decode_args, then flattened: weights, meta, eps)
+
     def run_layers(self, x: torch.Tensor, ctx) -> torch.Tensor:
         step = _decode_step(x, ctx)
         if step is None or (self.gradient_checkpointing and self.training):
             return super().run_layers(x, ctx)
-        weights, meta, eps = [], [], []
         row0 = ctx.cache.plan.rows.start
+        per_layer = []
         for layer in self.layers:
             args = layer.decode_args() if type(layer) is NativeBlock else None
             if args is None:
                 return super().run_layers(x, ctx)
-            weights += args[0]
-            meta += args[1]
-            meta.append(row0)
-            eps.append(args[2])
+            per_layer.append(args)
+        cached = self._step_args
+        if (cached is None or cached[0] != row0 or len(cached[1]) != len(per_layer)
+                or any(a[0] is not b[0] or a[1] is not b[1] or a[2] != b[2]
+                       for a, b in zip(cached[1], per_layer, strict=True))):
+            weights, meta, eps = [], [], []  # flattened once, again only when a layer's arguments change
+            for layer_weights, layer_meta, layer_eps in per_layer:
+                weights += layer_weights
+                meta += layer_meta
+                meta.append(row0)
+                eps.append(layer_eps)
+            cached = self._step_args = (row0, per_layer, weights, meta, eps)
+        weights, meta, eps = cached[2:]
         B, _, H = x.shape
         slots, mask, kv_len, cos, sin = step
         cache = ctx.cache

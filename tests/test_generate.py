@@ -231,3 +231,21 @@ def test_top_p_below_fp32_range_keeps_the_most_likely_token():
     kept = filter_logits(logits, params)
     assert kept[1] == 3.0 and torch.isinf(kept[[0, 2, 3]]).all()
     assert Sampler(params, vocab_size=4, context=[0, 2])(logits) == 1  # penalised tokens stay below 3.0
+
+
+def test_rope_tables_of_one_decode_position_are_kept_and_equal_the_computed_ones():
+    from smoe.model import RotaryEmbedding
+
+    rope = RotaryEmbedding(64, 1e6)
+    computed = rope._tables(torch.tensor([[37]]), torch.bfloat16)
+    with torch.inference_mode():
+        first = rope(torch.tensor([[37]]), torch.bfloat16)
+        again = rope(torch.tensor([[37]]), torch.bfloat16)
+        other = rope(torch.tensor([[38]]), torch.bfloat16)
+    assert again[0] is first[0] and torch.equal(first[0], computed[0]) and torch.equal(first[1], computed[1])
+    assert not torch.equal(other[0], first[0])
+    # outside inference mode the tables are computed: no inference tensor reaches autograd
+    outside = rope(torch.tensor([[37]]), torch.bfloat16)
+    assert not outside[0].is_inference() and torch.equal(outside[0], computed[0])
+    rope.reset_parameters()
+    assert not rope._memo
