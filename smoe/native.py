@@ -384,8 +384,8 @@ def _hook_dicts(modules: tuple[nn.Module, ...]) -> tuple[dict, ...]:
 
 def _decode_tensor_owners(block: nn.Module) -> list[tuple[nn.Module, str]]:
     """(module, attribute) of every tensor smoe::decode_layer reads from this Block, in the order
-    one step reads them: the norms, q/k/v's weights (then their scales) one after another, o,
-    the router, the experts'."""
+    one step reads them: the attention norm, q/k/v's weights one after another (then their
+    scales), o, the experts' norm, the router, the experts'."""
     attn, moe = block.attn, block.moe
     projections = (attn.q_proj, attn.k_proj, attn.v_proj)
     owners = [(block.attn_norm, "weight")]
