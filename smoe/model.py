@@ -65,8 +65,8 @@ class RotaryEmbedding(nn.Module):
         # A one-row decode step's tables are kept per position: six small ops per step otherwise,
         # run with caches a native step's weights have just flushed. Only under inference mode (the
         # tensors are inference tensors) and on the CPU (reading the position would sync a GPU).
-        if (positions.numel() == 1 and positions.device.type == "cpu" and torch.is_inference_mode_enabled()
-                and not torch.compiler.is_compiling()):
+        if (not torch.compiler.is_compiling()  # first: dynamo cannot trace is_inference_mode_enabled
+                and positions.numel() == 1 and positions.device.type == "cpu" and torch.is_inference_mode_enabled()):
             key = (int(positions), tuple(positions.shape), dtype, self.inv_freq.dtype, self.inv_freq.device)
             tables = self._memo.get(key)
             if tables is None:
