@@ -163,7 +163,8 @@ def test_bad_quantization_input(checkpoint_factory, tmp_path, capsys):
 def test_quantized_demo_model_keeps_its_perplexity():
     """The speed issue's quality bar, on the demo's held-out slice: int8 within 1 % of the
     full-precision perplexity and int4 (group 32) within 5 %, in every domain — also with the
-    output head quantized to int8 (+head)."""
+    output head quantized to int8 (+head), and for int4 in Q4_0's size (groups of 64, head int8:
+    the configuration docs/BENCHMARKS.md compares with llama.cpp's Q4_0)."""
     from smoe.data import read_jsonl
     from smoe.tokenizer import HFTokenizer
     from smoe.train import heldout_perplexity
@@ -171,7 +172,8 @@ def test_quantized_demo_model_keeps_its_perplexity():
     docs = read_jsonl(smoe.DEMO_MODEL / "eval_slice.jsonl")
     tokenizer = HFTokenizer(smoe.DEMO_MODEL / "tokenizer.json")
     reference = heldout_perplexity(smoe.load(dtype="fp32", pack=False)[0], tokenizer, docs, 256, 1024)
-    for quant, limit in (("int8", 0.01), ("int4-g32", 0.05), ("int8+head", 0.01), ("int4-g32+head", 0.05)):
+    for quant, limit in (("int8", 0.01), ("int4-g32", 0.05), ("int8+head", 0.01), ("int4-g32+head", 0.05),
+                         ("int4-g64+head", 0.05)):
         ppl = heldout_perplexity(smoe.load(dtype="fp32", quant=quant, pack=False)[0], tokenizer, docs, 256, 1024)
         for domain, value in ppl.items():
             assert abs(value / reference[domain] - 1) < limit, (quant, domain, value, reference[domain])
