@@ -24,6 +24,7 @@ then writes the new keys (the last S of them) into their slots.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -46,10 +47,7 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | st
     step's attention streams each head's keys and values."""
     if torch.device(device).type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    numel = 1
-    for n in shape:
-        numel *= n
-    return huge_page_empty(numel * dtype.itemsize).view(dtype).view(shape).zero_()
+    return huge_page_empty(math.prod(shape) * dtype.itemsize).view(dtype).view(shape).zero_()
 
 
 @dataclass

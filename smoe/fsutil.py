@@ -73,12 +73,9 @@ def huge_page_copy(t: torch.Tensor, min_bytes: int = 2 * HUGE_PAGE) -> torch.Ten
     keep going across a huge page where the hardware prefetchers stop at every 4 KiB page and
     the TLB misses every 4 KiB: the native kernels read weights 12-18 % faster from them
     (docs/KERNELS.md). Small tensors, other devices: a plain contiguous copy."""
-    nbytes = t.numel() * t.element_size()
-    if sys.platform != "linux" or t.device.type != "cpu" or nbytes < min_bytes:
+    if sys.platform != "linux" or t.device.type != "cpu" or t.numel() * t.element_size() < min_bytes:
         return t.contiguous()
-    out = huge_page_empty(nbytes).view(t.dtype).view(t.shape)
-    out.copy_(t)
-    return out
+    return huge_page_pack([t])[0]
 
 
 def huge_page_pack(tensors: list[torch.Tensor], align: int = 64) -> list[torch.Tensor]:

@@ -381,7 +381,6 @@ def _hook_dicts(modules: tuple[nn.Module, ...]) -> tuple[dict, ...]:
             *(d for mod in modules for d in (mod._forward_hooks, mod._forward_pre_hooks)))
 
 
-
 def _decode_tensor_owners(block: nn.Module) -> list[tuple[nn.Module, str]]:
     """(module, attribute) of every tensor smoe::decode_layer reads from this Block, in the order
     one step reads them: the attention norm, q/k/v's weights one after another (then their
@@ -508,31 +507,20 @@ class NativeTransformer(Transformer):
     when every layer is a NativeBlock that would take the native path; otherwise layer by layer
     (each NativeBlock still deciding for itself)."""
 
-    _step_args: tuple | None = None  # (row0, each layer's decode_args, then flattened: weights, meta, eps)
-
     def run_layers(self, x: torch.Tensor, ctx) -> torch.Tensor:
         step = _decode_step(x, ctx)
         if step is None or (self.gradient_checkpointing and self.training):
             return super().run_layers(x, ctx)
+        weights, meta, eps = [], [], []
         row0 = ctx.cache.plan.rows.start
-        per_layer = []
         for layer in self.layers:
             args = layer.decode_args() if type(layer) is NativeBlock else None
             if args is None:
                 return super().run_layers(x, ctx)
-            per_layer.append(args)
-        cached = self._step_args
-        if (cached is None or cached[0] != row0 or len(cached[1]) != len(per_layer)
-                or any(a[0] is not b[0] or a[1] is not b[1] or a[2] != b[2]
-                       for a, b in zip(cached[1], per_layer, strict=True))):
-            weights, meta, eps = [], [], []  # flattened once, again only when a layer's arguments change
-            for layer_weights, layer_meta, layer_eps in per_layer:
-                weights += layer_weights
-                meta += layer_meta
-                meta.append(row0)
-                eps.append(layer_eps)
-            cached = self._step_args = (row0, per_layer, weights, meta, eps)
-        weights, meta, eps = cached[2:]
+            weights += args[0]
+            meta += args[1]
+            meta.append(row0)
+            eps.append(args[2])
         B, _, H = x.shape
         slots, mask, kv_len, cos, sin = step
         cache = ctx.cache

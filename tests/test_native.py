@@ -460,6 +460,21 @@ def test_huge_page_memory_gets_huge_pages_even_where_the_heap_was_touched():
     assert int(region.sum()) == 12 << 20
 
 
+@pytest.mark.skipif(not _thp_possible(), reason="no transparent huge pages on this system")
+def test_the_cpu_kv_cache_is_zeroed_huge_page_memory():
+    from smoe.cache import KVCache
+    from smoe.config import ModelConfig
+    from smoe.fsutil import HUGE_PAGE
+
+    config = ModelConfig(vocab_size=8, hidden_size=64, intermediate_size=8, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1)
+    cache = KVCache(config, 2, 4096, dtype=torch.bfloat16)  # 4 layers x 2 rows x 2 heads x 4096 x 16 x 2 B = 2 MiB
+    for t in (cache.k, cache.v):
+        assert t.data_ptr() % HUGE_PAGE == 0 and t.shape == (4, 2, 2, 4096, 16)
+        assert t.dtype == torch.bfloat16 and t.is_contiguous() and not t.any()
+        assert _vma_huge_kb(t.data_ptr()) > 0
+
+
 def test_a_native_layers_decode_tensors_live_in_one_region_in_read_order(checkpoint_factory):
     path = checkpoint_factory(seed=6, hidden_size=64, intermediate_size=96, num_attention_heads=4,
                               num_key_value_heads=2, num_local_experts=4)
