@@ -4,11 +4,12 @@
     python benchmarks/bench_engines.py --model smoe/assets/demo --repeats 3
     smoe bench --model DIR                                               # the same
 
-Precisions: bf16 (llama.cpp BF16), int8 (smoe int8 per channel; llama.cpp Q8_0), int4
-(smoe int4, group 32: 5 bits per weight, Q4_1's size; llama.cpp Q4_0) and int4-g64 (smoe int4,
-group 64: 4.5 bits per weight, Q4_0's size; llama.cpp Q4_0 again); any of them with "+head"
-(e.g. int4+head) quantizes smoe's output head to int8 as well, as llama.cpp quantizes its output
-tensor (Q6_K in Q4_0 files, Q8_0 in Q8_0 files); transformers runs bf16 only (it has no CPU int8/int4
+Precisions: bf16 (llama.cpp BF16), then anything `--quant` / `smoe.load(quant=...)` reads:
+int8 (smoe int8 per channel; llama.cpp Q8_0), int4 (smoe's default int4: groups of 64, 4.5 bits
+per weight, Q4_0's size; llama.cpp Q4_0), int4-g32 (groups of 32: 5 bits per weight, Q4_1's
+size; against Q4_0 again). smoe quantizes its output head to int8 by default, as llama.cpp
+quantizes its output tensor (Q6_K in Q4_0 files, Q8_0 in Q8_0 files); "+keephead" (e.g.
+int4-g32+keephead) keeps it in bf16. transformers runs bf16 only (it has no CPU int8/int4
 path of its own). llama.cpp gets the checkpoint through the converter in llama-cpp-python's
 source distribution (`pip download llama-cpp-python==0.3.36 --no-binary :all:`), then
 `llama_model_quantize` for Q4_0.
@@ -265,22 +266,36 @@ def gguf_files(model_dir: Path, work: Path, precisions: list[str]) -> dict[str, 
     return files
 
 
+def quant_spec(precision: str):
+    """smoe's QuantSpec of a precision other than bf16 (the strings smoe.load's quant= reads)."""
+    from smoe.options import QuantSpec
+
+    return QuantSpec.parse(precision)
+
+
 def llama_precision(precision: str) -> str:
     """The GGUF file a precision is measured against: bf16, int8 (Q8_0) or int4 (Q4_0)."""
-    base = precision.split("+")[0]
-    return "int4" if base == "int4-g64" else base
+    return "bf16" if precision == "bf16" else f"int{quant_spec(precision).bits}"
 
 
 def smoe_checkpoint(model_dir: Path, out: Path, precision: str) -> Path:
-    """The checkpoint quantized by smoe (made once, like the GGUF files)."""
+    """The checkpoint quantized by smoe (made once, like the GGUF files; made again where one
+    made before holds another quantization, e.g. from before a default changed)."""
+    import shutil
+
+    from smoe.config import ModelConfig
+    from smoe.options import QuantSpec
+    from smoe.quantize import resolve
+
+    spec = resolve(quant_spec(precision), ModelConfig.from_dir(model_dir))
+    if (out / "config.json").exists() and QuantSpec.from_config(ModelConfig.from_dir(out).quantization) != spec:
+        shutil.rmtree(out)
     if not (out / "config.json").exists():
         print(f"smoe quantize {precision} ...", flush=True)
-        base = precision.split("+")[0]
-        group = "64" if base == "int4-g64" else "32"
-        bits, extra = (8, []) if base == "int8" else (4, ["--group-size", group])
-        extra += ["--quant-head"] if precision.endswith("+head") else []
-        subprocess.run([sys.executable, "-m", "smoe.cli", "quantize", "--model", str(model_dir), "--bits", str(bits),
-                        *extra, "--out", str(out)], check=True)
+        extra = ["--group-size", str(spec.group_size)] if spec.bits == 4 else []
+        extra += ["--quant-head" if spec.head else "--no-quant-head"]
+        subprocess.run([sys.executable, "-m", "smoe.cli", "quantize", "--model", str(model_dir),
+                        "--bits", str(spec.bits), *extra, "--out", str(out)], check=True)
     return out
 
 
@@ -424,6 +439,13 @@ def main() -> int:
     if args.engine:
         return child(args)
 
+    from smoe.errors import SmoeError
+
+    for precision in args.precisions.split(","):
+        try:
+            precision == "bf16" or quant_spec(precision)
+        except SmoeError as e:
+            p.error(f"--precisions: {e}")
     if args.model is None:
         from random_checkpoint import write
 
@@ -431,7 +453,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     engines, precisions = args.engines.split(","), args.precisions.split(",")
     ggufs = {}
-    if "llama.cpp" in engines:  # int4-g64 and the +head variants are measured against the same GGUF files
+    if "llama.cpp" in engines:  # int4, int4-g32 and the +keephead variants are measured against the same GGUFs
         made = gguf_files(args.model, args.out / f"gguf-{args.model.name}",
                           list(dict.fromkeys(llama_precision(p) for p in precisions)))
         ggufs = {p: made[llama_precision(p)] for p in precisions}

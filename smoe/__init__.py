@@ -58,9 +58,11 @@ def load(
     adapter: a LoRA adapter directory in PEFT format (smoe/lora.py) to apply.
 
     quant: quantize the attention and expert weights at load (smoe/quantize.py): 'int8'
-    (per output channel) or 'int4' (groups of 32 input columns; 'int4-g64', 'int4-g128',
-    'int4-g256' for larger groups), or a QuantSpec. A checkpoint written by `smoe quantize`
-    loads quantized without it. progress: show progress bars while loading.
+    (per output channel) or 'int4' (groups of 64 input columns, 4.5 bits per weight like
+    llama.cpp's Q4_0; 'int4-g32', 'int4-g128', 'int4-g256' for other groups), or a QuantSpec.
+    The output head becomes int8 too unless it is tied to the embeddings ('+keephead' keeps
+    it, e.g. 'int4-g32+keephead'). A checkpoint written by `smoe quantize` loads quantized
+    without it. progress: show progress bars while loading.
 
     max_memory: offload the experts (smoe/offload.py): keep at most this many bytes of them
     on the device ('6GiB', '512MiB' or a number), read the rest from the checkpoint when a

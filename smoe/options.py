@@ -1,7 +1,8 @@
 """What a user asks of a load, typed once at the edge (CLI flags, `smoe.load` keywords) and
 passed down as these small dataclasses; every default lives here and nowhere else.
 
-    QuantSpec(bits=4, group_size=64)       --quant int4 --group-size 64, or quant="int4-g64"
+    QuantSpec(bits=4)                      --quant int4, or quant="int4": groups of 64, output head int8
+    QuantSpec(4, 32, head=False)           --quant int4 --group-size 32 --no-quant-head, or "int4-g32+keephead"
     OffloadSpec(max_memory=6 * 2**30)      --max-memory 6GiB [--cache-policy lfu] [--expert-profile F]
     LoraSpec(rank=16)                      smoe finetune --lora-rank 16 (alpha defaults to 2 x rank)
 """
@@ -15,7 +16,8 @@ from pathlib import Path
 from smoe.errors import SmoeError
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-DEFAULT_INT4_GROUP_SIZE = 32
+DEFAULT_INT4_GROUP_SIZE = 64  # 4.5 bits per weight: llama.cpp Q4_0's size, mlx-lm's default group
+FALLBACK_INT4_GROUP_SIZE = 32  # the default where a model's width is not a multiple of 64
 CACHE_POLICIES = ("lru", "lfu")
 DEFAULT_CACHE_POLICY = "lru"
 DEFAULT_LORA_RANK = 8
@@ -38,36 +40,36 @@ def parse_size(text: str | int | float) -> int:
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """Weight-only quantization of the attention and expert linears for inference:
-    int8 per output channel, or int4 with a scale and zero per group of input columns."""
+    """Weight-only quantization of the attention and expert linears for inference: int8 per
+    output channel, or int4 with a scale and zero per group of input columns; the output head
+    int8 per channel. What is not given is chosen per model by `resolve` (smoe/quantize.py):
+    groups of 64 (32 where a width is not a multiple of 64), and the head quantized unless it is
+    tied to the token embeddings — what llama.cpp's Q4_0 / Q8_0 and mlx-lm's default do."""
 
     bits: int
-    group_size: int | None = None  # int4 only; DEFAULT_INT4_GROUP_SIZE when not given
-    head: bool = False  # the output head too, int8 per channel (as llama.cpp quantizes its output tensor)
+    group_size: int | None = None  # int4 only; None: DEFAULT_INT4_GROUP_SIZE, or FALLBACK_ where needed
+    head: bool | None = None  # the output head int8 too; None: yes where the head is untied
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
             raise SmoeError(f"bits must be 8 or 4, got {self.bits}")
         if self.bits == 8:
             object.__setattr__(self, "group_size", None)
-        elif self.group_size is None:
-            object.__setattr__(self, "group_size", DEFAULT_INT4_GROUP_SIZE)
-        elif self.group_size not in INT4_GROUP_SIZES:
+        elif self.group_size is not None and self.group_size not in INT4_GROUP_SIZES:
             raise SmoeError(f"int4 group size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, "
                             f"got {self.group_size}")
 
     @classmethod
     def parse(cls, text: str) -> QuantSpec:
-        """'int8' | 'int4' | 'int4-g64', each optionally '+head' (the `quant=` keyword of smoe.load)."""
-        base, head = (text[: -len("+head")], True) if text.endswith("+head") else (text, False)
-        if base == "int8":
-            return cls(8, head=head)
-        if base == "int4":
-            return cls(4, head=head)
-        if base.startswith("int4-g") and base[6:].isdigit() and int(base[6:]) in INT4_GROUP_SIZES:
-            return cls(4, int(base[6:]), head=head)
+        """'int8' | 'int4' | 'int4-g32' (-g64, -g128, -g256), optionally '+head' (the output head
+        int8, an error where it is tied) or '+keephead' (the head in the model's precision)."""
+        base, _, suffix = text.partition("+")
+        head = {"": None, "head": True, "keephead": False}.get(suffix, "?")
+        group = base[6:] if base.startswith("int4-g") else ""
+        if head != "?" and (base in ("int8", "int4") or group.isdigit() and int(group) in INT4_GROUP_SIZES):
+            return cls(8 if base == "int8" else 4, int(group) if group else None, head=head)
         raise SmoeError(f"unknown quantization {text!r}; use int8, int4 or int4-g32/-g64/-g128/-g256, "
-                        "optionally with +head")
+                        "optionally with +head or +keephead")
 
     @classmethod
     def from_config(cls, quantization: dict) -> QuantSpec:
@@ -75,14 +77,18 @@ class QuantSpec:
         return cls(quantization["bits"], quantization.get("group_size"), head=quantization.get("head") == "int8")
 
     def to_config(self) -> dict:
+        if self.head is None or self.bits == 4 and self.group_size is None:
+            raise ValueError("resolve the spec for its model first (smoe.quantize.resolve)")
         config = {"method": "smoe", "bits": self.bits, "group_size": self.group_size}
         if self.head:
             config["head"] = "int8"
         return config
 
     def describe(self) -> str:
-        kind = "int8 per output channel" if self.bits == 8 else f"int4 in groups of {self.group_size} columns"
-        return kind + (", output head int8" if self.head else "")
+        group = self.group_size or f"{DEFAULT_INT4_GROUP_SIZE} (or {FALLBACK_INT4_GROUP_SIZE})"
+        kind = "int8 per output channel" if self.bits == 8 else f"int4 in groups of {group} columns"
+        head = {True: ", output head int8", False: "", None: ", output head int8 where untied"}[self.head]
+        return kind + head
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from torch import nn
 from smoe.errors import SmoeError
 from smoe.experts import register_stacked_kind
 from smoe.fsutil import release_pages
-from smoe.options import INT4_GROUP_SIZES, QuantSpec
+from smoe.options import DEFAULT_INT4_GROUP_SIZE, FALLBACK_INT4_GROUP_SIZE, INT4_GROUP_SIZES, QuantSpec
 
 KERNEL_MAX_ROWS = {8: 24, 4: 96}
 DEQUANT_BLOCK_BYTES = 1 << 20
@@ -331,17 +331,37 @@ def quantize_expert(expert: nn.Module, spec: QuantSpec) -> nn.Module:
     return expert
 
 
+def resolve(spec: QuantSpec, config) -> QuantSpec:
+    """The spec with what it leaves open chosen for this model: int4 groups of 64, or 32 where a
+    linear's input width is not a multiple of 64; the output head int8 unless it is tied to the
+    token embeddings. Checks that the group size divides every width."""
+    widths = (config.hidden_size, config.head_dim * config.num_attention_heads, config.intermediate_size)
+    group = spec.group_size
+    if spec.bits == 4 and group is None:
+        group = DEFAULT_INT4_GROUP_SIZE if all(w % DEFAULT_INT4_GROUP_SIZE == 0 for w in widths) \
+            else FALLBACK_INT4_GROUP_SIZE
+    if spec.bits == 4:
+        for width in widths:
+            check_int4_shape(width, group)
+    head = spec.head
+    if head is None:
+        head = not config.tie_word_embeddings
+    elif head and config.tie_word_embeddings:
+        raise SmoeError("the output head is tied to the token embeddings; quantizing the head needs an "
+                        "untied head (drop +head / --quant-head)")
+    return QuantSpec(spec.bits, group, head=head)
+
+
 def quantize_model(model, spec: QuantSpec, progress: bool = False) -> int:
     """Swap the attention and expert linears for Int8Linear / Int4Linear, and with `spec.head`
-    the output head for an Int8Linear; the router, norms and embeddings (and the head otherwise)
-    stay in high precision. Offloaded experts are quantized as they load. Records the choice in
-    model.config.quantization; returns how many linears it covers."""
+    (by default where the head is untied) the output head for an Int8Linear; the router, norms
+    and embeddings stay in high precision. Offloaded experts are quantized as they load. Records
+    the choice, resolved for this model (`resolve`), in model.config.quantization; returns how
+    many linears it covers."""
     from tqdm import tqdm
 
     config = model.config
-    if spec.bits == 4:
-        for width in (config.hidden_size, config.head_dim * config.num_attention_heads, config.intermediate_size):
-            check_int4_shape(width, spec.group_size)
+    spec = resolve(spec, config)
     meta = model.layers[0].attn.q_proj.weight.is_meta
     names = ("q_proj", "k_proj", "v_proj", "o_proj")
     for layer in tqdm(model.layers, desc=f"int{spec.bits}", unit="layer", disable=not progress or meta, delay=1.0):
@@ -352,9 +372,6 @@ def quantize_model(model, spec: QuantSpec, progress: bool = False) -> int:
                 release_pages(linear.weight)
         layer.moe.experts = layer.moe.experts.map_experts(partial(quantize_expert, spec=spec))
     if spec.head:
-        if config.tie_word_embeddings:
-            raise SmoeError("the output head is tied to the token embeddings; quantizing the head needs an "
-                            "untied head (drop +head / --quant-head)")
         head = model.lm_head
         model.lm_head = quantized_linear(head, QuantSpec(8))
         if not meta:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from smoe.cli.common import check_new_dir, copy_tokenizer_files
-from smoe.options import DEFAULT_INT4_GROUP_SIZE, INT4_GROUP_SIZES
+from smoe.options import DEFAULT_INT4_GROUP_SIZE, FALLBACK_INT4_GROUP_SIZE, INT4_GROUP_SIZES
 
 
 def register(sub) -> None:
@@ -22,14 +22,17 @@ def register(sub) -> None:
     q = sub.add_parser("quantize", help="write an int8 or int4 weight-only quantized checkpoint",
                        description="Quantize the attention and expert weights (int8 per output channel, or int4 "
                                    "with a scale and zero per group of input columns); the router, norms, "
-                                   "embeddings and output head (unless --quant-head) stay in high precision. "
+                                   "embeddings stay in high precision, the output head too where it is tied to them "
+                                   "(otherwise it is int8 per channel unless --no-quant-head). "
                                    "Every verb loads the result directly.")
     q.add_argument("--model", metavar="DIR", default=None, help="checkpoint directory (default: the demo model)")
     q.add_argument("--bits", type=int, choices=[8, 4], required=True, help="8 or 4")
-    q.add_argument("--group-size", type=int, choices=INT4_GROUP_SIZES, default=DEFAULT_INT4_GROUP_SIZE,
-                   help=f"int4: input columns per scale and zero (default {DEFAULT_INT4_GROUP_SIZE})")
-    q.add_argument("--quant-head", action="store_true",
-                   help="the output head too, int8 per channel (as llama.cpp quantizes its output tensor)")
+    q.add_argument("--group-size", type=int, choices=INT4_GROUP_SIZES, default=None,
+                   help=f"int4: input columns per scale and zero (default {DEFAULT_INT4_GROUP_SIZE}, 4.5 bits per "
+                        f"weight as llama.cpp's Q4_0; {FALLBACK_INT4_GROUP_SIZE} where a width is not a multiple)")
+    q.add_argument("--quant-head", action=argparse.BooleanOptionalAction, default=None,
+                   help="the output head int8 per channel (default: yes unless it is tied to the embeddings, as "
+                        "llama.cpp and mlx-lm do; --no-quant-head keeps it in high precision)")
     q.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="dtype of the unquantized weights and scales (default: the checkpoint's)")
     q.add_argument("--out", required=True, type=Path, metavar="DIR", help="where to write the quantized checkpoint")
@@ -149,8 +152,9 @@ def cmd_quantize(args) -> int:
     after = sum(t.nbytes for t in model.state_dict().values())
     save_checkpoint(model, args.out)
     copy_tokenizer_files(source, args.out)
-    kind = ("int8 per channel" if args.bits == 8 else f"int4, group {args.group_size}") + (
-        ", head int8" if args.quant_head else "")
+    done = QuantSpec.from_config(model.config.quantization)  # what the model's shape resolved
+    kind = ("int8 per channel" if done.bits == 8 else f"int4, group {done.group_size}") + (
+        ", head int8" if done.head else "")
     print(f"quantized {count} linears ({kind}): {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB "
           f"in {time.perf_counter() - start:.1f} s; wrote {args.out}")
     return 0

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from smoe.options import DEFAULT_CACHE_POLICY, DEFAULT_INT4_GROUP_SIZE, INT4_GROUP_SIZES
+from smoe.options import DEFAULT_CACHE_POLICY, DEFAULT_INT4_GROUP_SIZE, FALLBACK_INT4_GROUP_SIZE, INT4_GROUP_SIZES
 
 EXIT_USAGE = 2
 LOADED: list = []  # models whose expert statistics --stats prints at the end
@@ -49,11 +49,12 @@ def model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
                         "decode where Python overhead dominates, e.g. small models in bf16/fp32)")
     p.add_argument("--quant", choices=["int8", "int4"], default=None,
                    help="quantize the weights at load: int8 per channel, or int4 in groups (see --group-size)")
-    p.add_argument("--group-size", type=int, default=DEFAULT_INT4_GROUP_SIZE, choices=INT4_GROUP_SIZES,
-                   help=f"int4 group size (default {DEFAULT_INT4_GROUP_SIZE})")
-    p.add_argument("--quant-head", action="store_true",
-                   help="with --quant: the output head too, int8 per channel (as llama.cpp quantizes its output "
-                        "tensor; fewer bytes per token, see docs/BENCHMARKS.md)")
+    p.add_argument("--group-size", type=int, default=None, choices=INT4_GROUP_SIZES,
+                   help=f"int4 group size (default {DEFAULT_INT4_GROUP_SIZE}: 4.5 bits per weight, llama.cpp Q4_0's "
+                        f"size; {FALLBACK_INT4_GROUP_SIZE} where a width is not a multiple of it)")
+    p.add_argument("--quant-head", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --quant: the output head int8 per channel too (default: yes unless it is tied to the "
+                        "embeddings, as llama.cpp and mlx-lm do; --no-quant-head keeps it in the model's precision)")
     p.add_argument("--parallel", default=None, metavar="HOW",
                    help="under torchrun: split the model over the processes by expert, tensor or expert,tensor "
                         "(default expert; docs/DISTRIBUTED.md)")
@@ -102,8 +103,9 @@ def load(args):
     offload = None if args.max_memory is None else OffloadSpec(
         args.max_memory, policy=args.cache_policy, profile=args.expert_profile, prefetch=not args.no_prefetch,
         max_cpu_memory=args.max_cpu_memory)
-    if args.quant_head and args.quant is None:
-        raise SmoeError("--quant-head quantizes the output head along with --quant int8 or --quant int4; add --quant")
+    if args.quant is None and (args.quant_head is not None or args.group_size is not None):
+        flag = "--group-size" if args.group_size is not None else "--quant-head / --no-quant-head"
+        raise SmoeError(f"{flag} sets how --quant int8 or --quant int4 quantizes; add --quant")
     quant = None if args.quant is None else QuantSpec(8 if args.quant == "int8" else 4, args.group_size,
                                                       head=args.quant_head)
     from smoe import parallel
