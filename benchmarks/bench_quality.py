@@ -1,5 +1,6 @@
 """Quality of quantization: held-out perplexity per domain of the demo model in bf16, int8
-and int4 (group 32, 64, 128).
+and int4 (group 32, 64, 128) with the output head in bf16 (+keephead), and the defaults
+(int8, int4: groups of 64) with the head int8.
 
     python benchmarks/bench_quality.py                       # the demo's held-out slice
     python benchmarks/bench_quality.py --heldout data/corpus/heldout.jsonl --tokens 8192
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = ("bf16", "int8", "int4-g32", "int4-g64", "int4-g128")
+VARIANTS = ("bf16", "int8+keephead", "int4-g32+keephead", "int4-g64+keephead", "int4-g128+keephead", "int8", "int4")
 
 
 def main() -> int:
