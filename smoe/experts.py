@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smoe.fsutil import release_pages
+from smoe.fsutil import release_module_pages
 from smoe.packing import PackedLinears, can_pack
 
 
@@ -182,9 +182,7 @@ class StackedLinear(nn.Module):
 
             native = stack_bf16(rows)  # the native kernels' kind where this CPU runs them
             if native is not None:
-                for row in rows:
-                    for lin in row:
-                        release_pages(lin.weight)
+                release_module_pages(lin for row in rows for lin in row)
                 return native
         if pack and can_pack(rows[0][0].weight):
             try:
@@ -192,9 +190,7 @@ class StackedLinear(nn.Module):
             except RuntimeError:  # a oneDNN build without this dtype: keep the plain layout
                 pass
         stacked = StackedLinear(torch.stack([torch.cat([lin.weight.detach() for lin in row]) for row in rows]))
-        for row in rows:
-            for lin in row:
-                release_pages(lin.weight)  # the stacked copy replaces the file's pages
+        release_module_pages(lin for row in rows for lin in row)  # the stacked copy replaces the file's pages
         return stacked
 
     @property

@@ -49,6 +49,14 @@ def release_pages(t: torch.Tensor) -> None:
     _advise(t, MADV_DONTNEED, whole_pages=True)
 
 
+def release_module_pages(modules) -> None:
+    """release_pages for every parameter and buffer of these modules (linears whose contents
+    now live in a stacked, repacked or quantized copy); memory torch allocated is left alone."""
+    for module in modules:
+        for t in (*module.parameters(), *module.buffers()):
+            release_pages(t)
+
+
 def huge_page_empty(nbytes: int) -> torch.Tensor:
     """`nbytes` of uninitialised CPU memory (uint8), starting on a 2 MiB boundary and backed by
     transparent huge pages where the system has them (Linux, THP not "never"): advised with
@@ -72,9 +80,10 @@ def huge_page_copy(t: torch.Tensor, min_bytes: int = 2 * HUGE_PAGE) -> torch.Ten
     """A contiguous copy of a large CPU tensor in huge pages (huge_page_empty). Streaming reads
     keep going across a huge page where the hardware prefetchers stop at every 4 KiB page and
     the TLB misses every 4 KiB: the native kernels read weights 12-18 % faster from them
-    (docs/KERNELS.md). Small tensors, other devices: a plain contiguous copy."""
+    (docs/KERNELS.md). Small tensors, other devices: a plain contiguous copy (a copy always:
+    the source may view a checkpoint's memory map, which the copy must not keep alive)."""
     if sys.platform != "linux" or t.device.type != "cpu" or t.numel() * t.element_size() < min_bytes:
-        return t.contiguous()
+        return t.clone(memory_format=torch.contiguous_format)
     return huge_page_pack([t])[0]
 
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smoe.experts import StackedExperts
-from smoe.fsutil import huge_page_copy, huge_page_pack, release_pages
+from smoe.fsutil import huge_page_copy, huge_page_pack, release_module_pages
 from smoe.model import Attention, Block, MoE, RMSNorm, Router, Transformer
 from smoe.quantize import Int4Linear, Int8Linear, blockwise_linear, int8_linear
 
@@ -150,7 +150,8 @@ class NativeInt8Linear(Int8Linear):
     @classmethod
     def from_int8(cls, linear: Int8Linear) -> NativeInt8Linear:
         native = cls(linear.in_features, linear.out_features, linear.scales.dtype, "meta")
-        native.qweight, native.scales = huge_page_copy(linear.qweight), linear.scales
+        # scales copied too: a view would keep the checkpoint's whole memory map alive
+        native.qweight, native.scales = huge_page_copy(linear.qweight), linear.scales.clone()
         native.register_buffer("scales32", linear.scales.float(), persistent=False)
         return native
 
@@ -205,9 +206,9 @@ def native_linears(model: nn.Module) -> int:
                 native = NativeInt8Linear.from_int8(child)
             elif type(child) is Int4Linear and child.scales_and_zeros.dtype == torch.bfloat16:
                 native = NativeInt4Linear.from_int4(child)
-                release_pages(child.qweight)
             else:
                 continue
+            release_module_pages([child])  # the native copy replaces the file's pages
             setattr(parent, name, native)
             count += 1
     return count

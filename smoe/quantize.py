@@ -29,7 +29,7 @@ from torch import nn
 
 from smoe.errors import SmoeError
 from smoe.experts import register_stacked_kind
-from smoe.fsutil import release_pages
+from smoe.fsutil import release_module_pages, release_pages
 from smoe.options import DEFAULT_INT4_GROUP_SIZE, FALLBACK_INT4_GROUP_SIZE, INT4_GROUP_SIZES, QuantSpec
 
 KERNEL_MAX_ROWS = {8: 24, 4: 96}
@@ -234,9 +234,12 @@ class StackedInt8Linear(nn.Module):
 
             native = stack_int8(rows)  # the native kernels' kind where this CPU runs them
             if native is not None:
+                release_module_pages(lin for row in rows for lin in row)
                 return native
-        return StackedInt8Linear(torch.stack([torch.cat([lin.qweight for lin in row]) for row in rows]),
-                                 torch.stack([torch.cat([lin.scales for lin in row]) for row in rows]))
+        stacked = StackedInt8Linear(torch.stack([torch.cat([lin.qweight for lin in row]) for row in rows]),
+                                    torch.stack([torch.cat([lin.scales for lin in row]) for row in rows]))
+        release_module_pages(lin for row in rows for lin in row)  # the stacked copy replaces the file's pages
+        return stacked
 
     @property
     def num_experts(self) -> int:
@@ -269,6 +272,7 @@ class StackedInt4Linear(nn.Module):
 
             native = stack_int4(rows)  # the native kernels' kind (and layout) where this CPU runs them
             if native is not None:
+                release_module_pages(lin for row in rows for lin in row)
                 return native
         first = rows[0][0]
         qweights, scales_and_zeros = [], []
@@ -281,8 +285,10 @@ class StackedInt4Linear(nn.Module):
             qweights.append(q)
             scales_and_zeros.append(sz)
         out_features = sum(lin.out_features for lin in rows[0])
-        return StackedInt4Linear(torch.stack(qweights), torch.stack(scales_and_zeros), out_features,
-                                 first.in_features, first.group_size)
+        stacked = StackedInt4Linear(torch.stack(qweights), torch.stack(scales_and_zeros), out_features,
+                                    first.in_features, first.group_size)
+        release_module_pages(lin for row in rows for lin in row)  # the stacked copy replaces the file's pages
+        return stacked
 
     @property
     def num_experts(self) -> int:
