@@ -53,9 +53,9 @@ class QuantSpec:
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
             raise SmoeError(f"bits must be 8 or 4, got {self.bits}")
-        if self.bits == 8:
-            object.__setattr__(self, "group_size", None)
-        elif self.group_size is not None and self.group_size not in INT4_GROUP_SIZES:
+        if self.bits == 8 and self.group_size is not None:
+            raise SmoeError(f"int8 is per output channel: a group size ({self.group_size}) is for int4 only")
+        if self.group_size is not None and self.group_size not in INT4_GROUP_SIZES:
             raise SmoeError(f"int4 group size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, "
                             f"got {self.group_size}")
 
@@ -74,7 +74,8 @@ class QuantSpec:
     @classmethod
     def from_config(cls, quantization: dict) -> QuantSpec:
         """The `quantization` entry of a smoe quantized checkpoint's config.json."""
-        return cls(quantization["bits"], quantization.get("group_size"), head=quantization.get("head") == "int8")
+        bits = quantization["bits"]
+        return cls(bits, quantization.get("group_size") if bits == 4 else None, head=quantization.get("head") == "int8")
 
     def to_config(self) -> dict:
         if self.head is None or self.bits == 4 and self.group_size is None:

@@ -178,6 +178,11 @@ def test_quantized_head_is_the_default_where_untied(checkpoint_factory, tmp_path
     for flags in (["--quant-head"], ["--no-quant-head"], ["--group-size", "32"]):
         assert main(["generate", "--model", str(path), *flags, "--prompt-ids", "1,2", "--max-tokens", "2"]) == 2
         assert "add --quant" in capsys.readouterr().err
+    assert main(["generate", "--model", str(path), "--quant", "int8", "--group-size", "32", "--prompt-ids", "1,2",
+                 "--max-tokens", "2"]) == 2
+    assert "int8 is per output channel: a group size (32) is for int4 only" in capsys.readouterr().err
+    assert main(["quantize", "--model", str(path), "--bits", "8", "--group-size", "64", "--out", str(tmp_path / "g")]) == 2
+    assert "for int4 only" in capsys.readouterr().err and not (tmp_path / "g").exists()
 
 
 @pytest.mark.parametrize("text,spec", [("int8", QuantSpec(8)), ("int4", QuantSpec(4)),
@@ -254,7 +259,8 @@ def test_a_loaded_quantized_checkpoint_gives_its_file_pages_back(checkpoint_fact
     path = checkpoint_factory(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
                               num_local_experts=8, num_hidden_layers=2, vocab_size=512)
     out = tmp_path / "q"
-    assert main(["quantize", "--model", str(path), "--bits", str(bits), "--group-size", "32", "--out", str(out)]) == 0
+    group = ["--group-size", "32"] if bits == 4 else []
+    assert main(["quantize", "--model", str(path), "--bits", str(bits), *group, "--out", str(out)]) == 0
     _align_safetensors_data(out / "model.safetensors")
     model = load_model(out)
     codes = model.layers[0].moe.experts[0].w1.qweight

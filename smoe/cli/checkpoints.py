@@ -139,6 +139,7 @@ def cmd_quantize(args) -> int:
     from smoe.quantize import quantize_model
 
     check_new_dir(args.out)
+    spec = QuantSpec(args.bits, args.group_size, head=args.quant_head)
     from smoe.loader import model_path
 
     source = str(model_path(args.model))
@@ -147,7 +148,6 @@ def cmd_quantize(args) -> int:
     if model.config.quantization:
         raise SmoeError(f"{source}: is already quantized ({model.config.quantization['bits']} bits)")
     before = sum(t.nbytes for t in model.state_dict().values())
-    spec = QuantSpec(args.bits, args.group_size, head=args.quant_head)
     count = quantize_model(model, spec, progress=True)
     after = sum(t.nbytes for t in model.state_dict().values())
     save_checkpoint(model, args.out)
