@@ -126,6 +126,17 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+def trim_heap() -> None:
+    """Give the free memory inside glibc's heaps back to the system (malloc_trim). A load frees
+    hundreds of MB of temporaries (stacked and repacked copies) that glibc keeps resident
+    otherwise: 245-325 MiB of the benchmark checkpoint's resident set, in ~20 ms."""
+    if sys.platform.startswith("linux"):
+        try:
+            _libc().malloc_trim(0)
+        except AttributeError:  # not glibc
+            pass
+
+
 def return_freed_memory() -> None:
     """Make glibc give large freed blocks back to the system at once. By default it raises its
     mmap threshold after the first large free and keeps later blocks in its heaps (one per

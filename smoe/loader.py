@@ -111,6 +111,7 @@ def load_model(path: Path, options: LoadOptions):
         model.requires_grad_(False)
     if options.pack or options.compile:
         from smoe import native
+        from smoe.fsutil import trim_heap
         from smoe.packing import pack_linears, release_mmap
 
         # the native kernels are custom ops with fake impls: a compiled step calls them too
@@ -130,6 +131,7 @@ def load_model(path: Path, options: LoadOptions):
         if not options.compile:  # a compiled step packs its own weights (inductor's freezing)
             pack_linears(model)
         release_mmap(model)
+        trim_heap()  # the stacking's freed temporaries
     if offload is not None:
         from smoe.offload import start_store
 
