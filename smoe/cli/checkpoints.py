@@ -7,8 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from smoe.cli.common import check_new_dir, copy_tokenizer_files
-from smoe.options import DEFAULT_INT4_GROUP_SIZE, FALLBACK_INT4_GROUP_SIZE, INT4_GROUP_SIZES
+from smoe.cli.common import check_new_dir, copy_tokenizer_files, quant_layout_args
 
 
 def register(sub) -> None:
@@ -27,12 +26,7 @@ def register(sub) -> None:
                                    "Every verb loads the result directly.")
     q.add_argument("--model", metavar="DIR", default=None, help="checkpoint directory (default: the demo model)")
     q.add_argument("--bits", type=int, choices=[8, 4], required=True, help="8 or 4")
-    q.add_argument("--group-size", type=int, choices=INT4_GROUP_SIZES, default=None,
-                   help=f"int4: input columns per scale and zero (default {DEFAULT_INT4_GROUP_SIZE}, 4.5 bits per "
-                        f"weight as llama.cpp's Q4_0; {FALLBACK_INT4_GROUP_SIZE} where a width is not a multiple)")
-    q.add_argument("--quant-head", action=argparse.BooleanOptionalAction, default=None,
-                   help="the output head int8 per channel (default: yes unless it is tied to the embeddings, as "
-                        "llama.cpp and mlx-lm do; --no-quant-head keeps it in high precision)")
+    quant_layout_args(q)
     q.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="dtype of the unquantized weights and scales (default: the checkpoint's)")
     q.add_argument("--out", required=True, type=Path, metavar="DIR", help="where to write the quantized checkpoint")

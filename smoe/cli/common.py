@@ -31,6 +31,16 @@ def sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
 
 
+def quant_layout_args(p: argparse.ArgumentParser) -> None:
+    """--group-size and --quant-head / --no-quant-head (`smoe quantize` and --quant at load)."""
+    p.add_argument("--group-size", type=int, default=None, choices=INT4_GROUP_SIZES,
+                   help=f"int4: input columns per scale and zero (default {DEFAULT_INT4_GROUP_SIZE}: 4.5 bits per "
+                        f"weight, llama.cpp Q4_0's size; {FALLBACK_INT4_GROUP_SIZE} where a width is not a multiple)")
+    p.add_argument("--quant-head", action=argparse.BooleanOptionalAction, default=None,
+                   help="the output head int8 per channel too (default: yes unless it is tied to the embeddings, "
+                        "as llama.cpp and mlx-lm do; --no-quant-head keeps it in the model's precision)")
+
+
 def model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
     if positional:
         p.add_argument("model", metavar="DIR", help="checkpoint directory")
@@ -49,12 +59,7 @@ def model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
                         "decode where Python overhead dominates, e.g. small models in bf16/fp32)")
     p.add_argument("--quant", choices=["int8", "int4"], default=None,
                    help="quantize the weights at load: int8 per channel, or int4 in groups (see --group-size)")
-    p.add_argument("--group-size", type=int, default=None, choices=INT4_GROUP_SIZES,
-                   help=f"int4 group size (default {DEFAULT_INT4_GROUP_SIZE}: 4.5 bits per weight, llama.cpp Q4_0's "
-                        f"size; {FALLBACK_INT4_GROUP_SIZE} where a width is not a multiple of it)")
-    p.add_argument("--quant-head", action=argparse.BooleanOptionalAction, default=None,
-                   help="with --quant: the output head int8 per channel too (default: yes unless it is tied to the "
-                        "embeddings, as llama.cpp and mlx-lm do; --no-quant-head keeps it in the model's precision)")
+    quant_layout_args(p)
     p.add_argument("--parallel", default=None, metavar="HOW",
                    help="under torchrun: split the model over the processes by expert, tensor or expert,tensor "
                         "(default expert; docs/DISTRIBUTED.md)")
