@@ -45,15 +45,13 @@ WEIGHT_STD = 0.02
 
 def tensor_specs(c: dict) -> list[tuple[str, str, list[int]]]:
     """(name, safetensors dtype, shape) of every tensor, in file order."""
-    from smoe.quantize import INT4_BLOCK_N
-
     H, F, E = c["hidden_size"], c["intermediate_size"], c["num_local_experts"]
     q_out, kv_out = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
 
     def int4(prefix: str, n_in: int, n_out: int) -> list:
-        padded = -(-n_out // INT4_BLOCK_N) * INT4_BLOCK_N
-        return [(f"{prefix}.qweight", "U8", [padded, n_in // 2]),
-                (f"{prefix}.scales_and_zeros", "BF16", [n_in // GROUP, padded, 2])]
+        return [(f"{prefix}.qweight", "U8", [n_out, n_in // 2]),  # smoe-int4 format 1 (smoe/quantize.py)
+                (f"{prefix}.scales", "BF16", [n_out, n_in // GROUP]),
+                (f"{prefix}.mins", "BF16", [n_out, n_in // GROUP])]
 
     specs = [("model.embed_tokens.weight", "BF16", [c["vocab_size"], H])]
     for i in range(c["num_hidden_layers"]):
@@ -73,11 +71,9 @@ def tensor_specs(c: dict) -> list[tuple[str, str, list[int]]]:
 def make_tensor(name: str, dtype: str, shape: list[int], gen: torch.Generator) -> torch.Tensor:
     if name.endswith(".qweight"):  # uniform codes 0..15 in both nibbles
         return torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
-    if name.endswith(".scales_and_zeros"):  # uniform codes have std 4.6 steps, mean -0.5 step
+    if name.endswith(".scales") or name.endswith(".mins"):  # uniform codes: std 4.6 steps, mean 7.5 steps
         scale = WEIGHT_STD / 4.6
-        t = torch.empty(shape, dtype=torch.bfloat16)
-        t[..., 0], t[..., 1] = scale, 0.5 * scale
-        return t
+        return torch.full(shape, scale if name.endswith(".scales") else -7.5 * scale, dtype=torch.bfloat16)
     if name.endswith("norm.weight"):
         return torch.ones(shape, dtype=torch.bfloat16)
     return (torch.randn(shape, generator=gen) * WEIGHT_STD).to(torch.bfloat16)
@@ -88,9 +84,11 @@ def write_checkpoint(out: Path, shape: dict) -> None:
     from tqdm import tqdm
 
     from smoe.config import ModelConfig
+    from smoe.quantize import STORED_FORMATS
 
     out.mkdir(parents=True, exist_ok=True)
-    config = ModelConfig(**shape, quantization={"method": "smoe", "bits": 4, "group_size": GROUP},
+    config = ModelConfig(**shape, quantization={"method": "smoe", "bits": 4, "group_size": GROUP,
+                                                   "format": STORED_FORMATS[4]},
                          torch_dtype="bfloat16")
     (out / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
     specs = tensor_specs(shape)

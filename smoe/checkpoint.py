@@ -22,6 +22,7 @@ import mmap
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ import torch
 from smoe.config import ModelConfig
 from smoe.errors import CheckpointError, ConfigError
 from smoe.fsutil import atomic_write, release_pages
+from smoe.quantize import STORED_FORMATS, legacy_int4_mins, legacy_int4_qweight, legacy_int4_scales
 
 SAFETENSORS_DTYPES = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -269,6 +271,39 @@ def _with_quantized(table: NameTable, ours_names: set[str], where: Path | str) -
     return out
 
 
+def _int4_before_format_1(table: NameTable, expected: dict[str, tuple[int, ...]]) -> NameTable:
+    """The table for an int4 checkpoint written before format 1 (no `format` in its
+    quantization): each int4 linear's qweight, scales and mins are converted at load from
+    what it stored, aten's AVX-512 `qweight` [N_pad, K/2] and `scales_and_zeros` [K/G, N_pad, 2]
+    (smoe/quantize.py's legacy_int4_*). Loading only: a model saves in the current format."""
+    def refuse(t: torch.Tensor) -> torch.Tensor:
+        raise CheckpointError("a checkpoint is written in the current int4 format only")
+
+    out = dict(table)
+    for ours, (theirs, _, _) in table.items():
+        if ours.endswith(".mins"):
+            prefix, their_prefix, n = ours[: -len("mins")], theirs[: -len("mins")], expected[ours][0]
+            out[prefix + "qweight"] = (their_prefix + "qweight", partial(legacy_int4_qweight, out_features=n), refuse)
+            for name, convert in (("scales", legacy_int4_scales), ("mins", legacy_int4_mins)):
+                out[prefix + name] = (their_prefix + "scales_and_zeros", partial(convert, out_features=n), refuse)
+    return out
+
+
+def stored_format(config: ModelConfig, where: Path | str) -> int:
+    """The version of the stored quantized layout (smoe/quantize.py's STORED_FORMATS): 0 for a
+    checkpoint written before formats were recorded; a newer one than this smoe reads is an error."""
+    q = config.quantization
+    if "format" not in q:
+        return 0
+    known = STORED_FORMATS[q["bits"]]
+    name, version = q["format"].get("name"), q["format"].get("version")
+    if name != known["name"] or not isinstance(version, int) or not 0 < version <= known["version"]:
+        raise ConfigError(f"{where}: quantization.format is {q['format']!r}; this smoe reads {known['name']} "
+                          f"versions 1..{known['version']} for {q['bits']} bits: upgrade smoe, or quantize the "
+                          "original checkpoint again with this one (smoe quantize)")
+    return version
+
+
 def detect_layout(names: set[str], where: Path) -> str:
     if any(".block_sparse_moe." in n for n in names):
         return "hf"
@@ -320,8 +355,10 @@ def load_state(
     dtype: torch.dtype,
     device: torch.device | str,
     defer: Callable[[str], bool] | None = None,
+    stored_version: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Map, validate and assign checkpoint tensors to a model built on the meta device.
+    """Map, validate and assign checkpoint tensors to a model built on the meta device;
+    a quantized checkpoint's tensors are in format `stored_version` (stored_format).
 
     Parameters for which `defer(name)` is true are validated but not assigned: they are
     returned as views of the file (their stored dtype, unaligned, nothing read yet) and
@@ -332,6 +369,8 @@ def load_state(
     table = _names_for(config, layout)
     if config.quantization:
         table = _with_quantized(table, set(expected), where)
+        if config.quantization["bits"] == 4 and stored_version == 0:
+            table = _int4_before_format_1(table, expected)
     used = {theirs for theirs, _, _ in table.values()}
     missing = sorted(used - set(stored))
     if missing:
@@ -519,14 +558,18 @@ def load_model_deferred(
     dtype = parse_dtype(dtype) or _stored_dtype(config, stored)
     with torch.device("meta"):
         model = Transformer(config)
+    version = None
     if config.quantization:  # empty int8 / int4 modules for the stored codes to be assigned to
         from smoe.options import QuantSpec
         from smoe.quantize import quantize_model
 
         model.to(dtype)
+        version = stored_format(config, path)  # a format this smoe does not know is refused before any reading
+        # the modules hold the current format, and config.quantization now says so: a stored
+        # older one is converted as it is read
         quantize_model(model, QuantSpec.from_config(config.quantization))
     deferred = load_state(model, config, stored, path, dtype, device,
-                          defer=is_expert_weight if defer_experts else None)
+                          defer=is_expert_weight if defer_experts else None, stored_version=version)
     model.rope.reset_parameters(device=device)
     model.requires_grad_(False)
     model.eval()

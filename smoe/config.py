@@ -46,7 +46,8 @@ class ModelConfig:
     router_jitter_noise: float = 0.0
     router_aux_loss_coef: float = 0.001
     torch_dtype: str | None = None  # dtype the checkpoint was saved in, if it says
-    # weight-only quantization of a smoe quantized checkpoint: {"method": "smoe", "bits": 8 | 4, "group_size": G}
+    # weight-only quantization of a smoe quantized checkpoint: {"method": "smoe", "bits": 8 | 4, "group_size": G,
+    # "head": "int8" (or absent), "format": {"name": "smoe-int4", "version": 1} (absent: before format 1)}
     quantization: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # fields we keep but do not use
 
@@ -91,6 +92,10 @@ class ModelConfig:
                                   f"got {q!r}; smoe reads the quantized checkpoints that `smoe quantize` writes")
             if q.get("head") not in (None, "int8"):
                 raise ConfigError(f"quantization.head must be \"int8\" or absent, got {q.get('head')!r}")
+            fmt = q.get("format", {"name": "", "version": 0})
+            if not isinstance(fmt, dict) or not isinstance(fmt.get("name"), str) or type(fmt.get("version")) is not int:
+                raise ConfigError(f"quantization.format must be {{\"name\": ..., \"version\": N}} or absent, "
+                                  f"got {fmt!r}")
             if q["bits"] == 4 and q.get("group_size") not in (32, 64, 128, 256):
                 raise ConfigError(f"quantization.group_size must be 32, 64, 128 or 256 for 4 bits, "
                                   f"got {q.get('group_size')!r}")

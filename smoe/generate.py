@@ -101,6 +101,13 @@ def compiled_decode(model: torch.nn.Module) -> torch.nn.Module:
                               "smoe.load(..., compile=True) (--compile); oneDNN-packed weights are opaque to it")
     # a frozen inference model: no guards on its modules (each step would check hundreds: ~0.2 ms)
     options = {"freezing": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    if next(model.parameters()).device.type == "cpu":
+        # the vector width inductor picks from ATEN_CPU_CAPABILITY, stated: its on-disk cache keys on
+        # the options and not on that variable, and a graph cached under avx2 and loaded under avx512
+        # corrupted the heap (torch 2.13: "free(): invalid next size", seen on an AVX-512 VM)
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+        options["cpp.simdlen"] = pick_vec_isa().bit_width()
     return torch.compile(model, fullgraph=True, dynamic=False, options=options)
 
 

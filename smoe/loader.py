@@ -13,9 +13,10 @@ re-parses a string.
                 quantized linears
     5. layout   the inference layout (`pack`): experts.for_inference(pack) stacks the experts
                 ([E, 2F, H] / [E, H, F]; experts with LoRA adapters stay a list) in the native
-                kernels' kinds where this CPU runs them (smoe/native.py), else oneDNN-packed;
-                attention and head linears likewise (native_linears, then pack_linears for the
-                rest), the file pages released (smoe/packing.py). With `compile` the experts
+                kernels' kinds where this CPU runs them (smoe/native.py), else oneDNN-packed
+                (int4: aten's int4pack layout for this CPU, smoe/quantize.py); attention and
+                head linears likewise (native_linears, aten_int4_linears, then pack_linears for
+                the rest), the file pages released (smoe/packing.py). With `compile` the experts
                 are stacked unpacked and the linears stay plain: oneDNN's packed tensors are
                 opaque to torch.compile, which packs the weights of a compiled decode step
                 itself (generate.py)
@@ -113,6 +114,7 @@ def load_model(path: Path, options: LoadOptions):
         from smoe import native
         from smoe.fsutil import trim_heap
         from smoe.packing import pack_linears, release_mmap
+        from smoe.quantize import aten_int4_linears
 
         # the native kernels are custom ops with fake impls: a compiled step calls them too
         use_native = model.dtype == torch.bfloat16 and options.device == "cpu" and native.available()
@@ -129,6 +131,7 @@ def load_model(path: Path, options: LoadOptions):
         if not options.compile:  # decode steps: one native call per layer (a compiled step traces the modules)
             native.native_blocks(model)
         if not options.compile:  # a compiled step packs its own weights (inductor's freezing)
+            aten_int4_linears(model)  # int4 the native kernels did not take: aten's layout for this CPU
             pack_linears(model)
         release_mmap(model)
         trim_heap()  # the stacking's freed temporaries

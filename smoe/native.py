@@ -99,16 +99,15 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- int4 in the kernels' layout
 
 
-def int4_native_layout(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+def int4_native_layout(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
                        dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
-    """codes [N, K] (0..15), scale and zero [N, K/G] (w = (code - 8)·scale + zero) ->
-    (bytes [N, K/2]: per block of 32 columns, column j low nibble, j + 16 high; sm [N, 2, K/G]:
-    scale, then offset m = zero - 8·scale, so w = code·s + m)."""
+    """codes [N, K] (0..15), scales and mins [N, K/G] (the stored format's w = code·scale + min,
+    smoe/quantize.py) -> (bytes [N, K/2]: per block of 32 columns, column j low nibble, j + 16
+    high; sm [N, 2, K/G]: scale, then min)."""
     N, K = codes.shape
     blocks = codes.to(torch.uint8).view(N, K // 32, 2, 16)
     packed = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(N, K // 2)
-    offset = zero.float() - 8 * scale.float()
-    return packed.contiguous(), torch.stack([scale.float(), offset], dim=1).to(dtype).contiguous()
+    return packed.contiguous(), torch.stack([scales, mins], dim=1).to(dtype).contiguous()
 
 
 def dequantize_int4_native(codes: torch.Tensor, sm: torch.Tensor, group_size: int, dtype: torch.dtype,
@@ -173,7 +172,7 @@ class NativeInt4Linear(nn.Module):
 
     @classmethod
     def from_int4(cls, linear) -> NativeInt4Linear:
-        return cls(*int4_native_layout(*linear.codes(), linear.scales_and_zeros.dtype), linear.group_size)
+        return cls(*int4_native_layout(*linear.codes(), linear.scales.dtype), linear.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = _rows(x)
@@ -181,7 +180,7 @@ class NativeInt4Linear(nn.Module):
             y = torch.ops.smoe.linear_q4(rows, self.codes, self.sm, self.group_size)
         else:
             y = blockwise_linear(rows, partial(dequantize_int4_native, self.codes, self.sm, self.group_size, x.dtype),
-                                 self.out_features, 1)
+                                 self.out_features)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -204,7 +203,7 @@ def native_linears(model: nn.Module) -> int:
                 native = NativeLinear(child)
             elif type(child) is Int8Linear and child.scales.dtype == torch.bfloat16:
                 native = NativeInt8Linear.from_int8(child)
-            elif type(child) is Int4Linear and child.scales_and_zeros.dtype == torch.bfloat16:
+            elif type(child) is Int4Linear and child.scales.dtype == torch.bfloat16:
                 native = NativeInt4Linear.from_int4(child)
             else:
                 continue
@@ -283,7 +282,7 @@ class NativeStackedInt4(nn.Module):
         if few_rows(x):
             return torch.ops.smoe.linear_q4(x.contiguous(), self.codes[e], self.sm[e], self.group_size)
         dequantize = partial(dequantize_int4_native, self.codes[e], self.sm[e], self.group_size, x.dtype)
-        return blockwise_linear(x.contiguous(), dequantize, self.out_features, 1)
+        return blockwise_linear(x.contiguous(), dequantize, self.out_features)
 
     def native_moe(self, down: NativeStackedInt4, x, expert_indices, expert_weights) -> torch.Tensor:
         return torch.ops.smoe.moe_q4(x.contiguous(), expert_indices.contiguous(), expert_weights.contiguous(),
@@ -313,7 +312,7 @@ def stack_int8(rows: list[list[nn.Module]]) -> NativeStackedInt8 | None:
 
 def stack_int4(rows: list[list[nn.Module]]) -> NativeStackedInt4 | None:
     first = rows[0][0]
-    if first.scales_and_zeros.dtype != torch.bfloat16 or not usable_for(first.qweight):
+    if first.scales.dtype != torch.bfloat16 or not usable_for(first.qweight):
         return None
     codes, sms = [], []
     for row in rows:

@@ -122,12 +122,16 @@ def is_packed(model: nn.Module) -> bool:
 
 
 def release_mmap(model: nn.Module) -> None:
-    """Copy the parameters that still view the checkpoint's memory map (embeddings, norms,
-    routers) into memory of their own, so the map — and the file pages it holds in the
-    resident set — is released once packing has replaced the large weights."""
+    """Copy the tensors that still view the checkpoint's memory map (embeddings, norms,
+    routers; quantized codes no backend repacked) into memory of their own, so the map — and
+    the file pages it holds in the resident set — is released once packing has replaced the
+    large weights."""
     for module in model.modules():
         for name, p in list(module.named_parameters(recurse=False)):
             if not p.untyped_storage().resizable():  # a view into a buffer we did not allocate
                 setattr(module, name, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+        for name, b in list(module.named_buffers(recurse=False)):
+            if b is not None and b.layout == torch.strided and not b.untyped_storage().resizable():
+                setattr(module, name, b.clone())
     if getattr(model.config, "tie_word_embeddings", False) and not isinstance(model.lm_head, PackedLinear):
         model.lm_head.weight = model.embed_tokens.weight

@@ -3,16 +3,24 @@ accumulation in the model dtype. (NF4, the QLoRA training format, is in nf4.py.)
 
 int8: symmetric per output channel, w ≈ q · scale[n], q in [-127, 127].
 int4: asymmetric per group of G input columns (G = 32, 64, 128 or 256):
-      w ≈ (q - 8) · scale[n, g] + zero[n, g], q in [0, 15], zero = min + 8 · scale.
+      w ≈ q · scale[n, g] + min[n, g], q in [0, 15], min the group's smallest weight.
+
+What is stored belongs to no kernel and no CPU (STORED_FORMATS, recorded in config.json):
+int8 codes [N, K] and scales [N]; int4 codes in the checkpoint's row order, unpadded, two per
+byte (pack_nibbles: column 2i low nibble, 2i+1 high), scales and mins [N, K/G]. Each backend
+repacks once at load: the native kernels (smoe/native.py) into their blocks, aten's int4 CPU
+kernel into the layout it picks from the CPU capability it runs with (aten_int4_layout), and
+the plain PyTorch twin (Int4Linear's forward, StackedInt4Linear) reads the stored format.
+Checkpoints written before format 1 held aten's AVX-512 layout: checkpoint.py converts them
+at load (legacy_int4_*).
 
 Decode multiplies few rows: PyTorch's weight-only CPU kernels (_weight_int8pack_mm,
-_weight_int4pack_mm_for_cpu) read the small weights directly; their cost grows with every
-row. Prefill multiplies many rows: there the weight is dequantized and multiplied with a
-bf16 GEMM, a fixed cost per weight. The dequantization goes a block of output rows at a
-time (DEQUANT_BLOCK_BYTES of bf16 each), so its temporaries stay in the caches: whole-matrix
-dequantization of a Mixtral-8x7B expert projection took 230 ms (int4) and 83 ms (int8),
-~30x the kernels' per-row cost. KERNEL_MAX_ROWS picks the crossover per kind
-(benchmarks/bench_kernels.py --rows 1,4,16,32,64,128,256).
+_weight_int4pack_mm_for_cpu) read the small weights directly. Prefill multiplies many rows:
+for int8 (and the plain int4 twin) the weight is dequantized and multiplied with a GEMM, a
+fixed cost per weight, a block of output rows at a time (DEQUANT_BLOCK_BYTES of bf16 each), so
+its temporaries stay in the caches: whole-matrix dequantization of a Mixtral-8x7B expert
+projection took 230 ms (int4) and 83 ms (int8), ~30x the kernels' per-row cost.
+KERNEL_MAX_ROWS is int8's crossover (benchmarks/bench_kernels.py --rows 1,4,16,32,64,128,256).
 
 Each format is a pair of functions over plain tensors (`int8_linear`, `int4_linear`) that
 both the single linears (attention, `Int8Linear` / `Int4Linear`) and the stacked experts
@@ -32,9 +40,12 @@ from smoe.experts import register_stacked_kind
 from smoe.fsutil import release_module_pages, release_pages
 from smoe.options import DEFAULT_INT4_GROUP_SIZE, FALLBACK_INT4_GROUP_SIZE, INT4_GROUP_SIZES, QuantSpec
 
-KERNEL_MAX_ROWS = {8: 24, 4: 96}
+KERNEL_MAX_ROWS = {8: 24}
 DEQUANT_BLOCK_BYTES = 1 << 20
-INT4_BLOCK_N = 64  # rows per block in the int4 layout below
+ATEN_INT4_BLOCK_N = 64  # aten's int4 CPU kernel works on blocks of 64 output rows
+# the stored layouts, by bits: config.json's quantization.format names one; a checkpoint without
+# it was written before version 1 (int8: the same layout; int4: aten's AVX-512 int4pack)
+STORED_FORMATS = {8: {"name": "smoe-int8", "version": 1}, 4: {"name": "smoe-int4", "version": 1}}
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,36 +57,27 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """weight [N, K] -> (q uint8 codes 0..15 [N, K], scale [N, K/G], zero [N, K/G]), fp32 scales."""
+    """weight [N, K] -> (codes uint8 0..15 [N, K], scale [N, K/G], min [N, K/G]), fp32, with
+    w ≈ code · scale + min: each group's range split into 15 steps from its smallest weight."""
     N, K = weight.shape
     w = weight.detach().float().view(N, K // group_size, group_size)  # [N, K/G, G]
     lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # [N, K/G]
     scale = ((hi - lo) / 15).clamp_min(1e-12)
     q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
-    return q.view(N, K), scale, lo + 8 * scale
+    return q.view(N, K), scale, lo
 
 
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """Codes [N, K] (0..15) -> bytes [N, K/2] in the layout of PyTorch's CPU int4 kernel:
-    rows in blocks of 64; the block's bytes, viewed as [K, 32], hold at (k, j) row j's code
-    of column k in the low nibble and row 32+j's in the high nibble. (A test checks this
-    equals torch.ops.aten._convert_weight_to_int4pack_for_cpu.)"""
-    N, K = q.shape
-    blocks = q.view(N // INT4_BLOCK_N, 2, 32, K).to(torch.uint8)  # [N/64, half, j, K]
-    packed = blocks[:, 0] | (blocks[:, 1] << 4)  # [N/64, 32, K]
-    return packed.transpose(1, 2).contiguous().view(N, K // 2)  # [N/64, K, 32] as [N, K/2]
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Codes [N, K] (0..15) -> bytes [N, K/2] in the stored int4 format: byte i of a row holds
+    column 2i in its low nibble and column 2i+1 in its high nibble (a row of codes 1, 2, 3, 4
+    is the bytes 0x21, 0x43). The checkpoint's rows, in its order, unpadded."""
+    pairs = codes.to(torch.uint8).view(*codes.shape[:-1], -1, 2)  # [..., K/2, 2]
+    return pairs[..., 0] | (pairs[..., 1] << 4)
 
 
-def unpack_int4(packed: torch.Tensor, K: int) -> torch.Tensor:
-    """The inverse of pack_int4: bytes [N, K/2] -> codes [N, K] (uint8)."""
-    N = packed.shape[0]
-    b = packed.view(N // INT4_BLOCK_N, K, 32)  # [N/64, K, j]
-    codes = torch.stack([b & 0x0F, b >> 4], dim=1)  # [N/64, half, K, j]
-    return codes.transpose(2, 3).reshape(N, K)  # row = block*64 + half*32 + j
-
-
-def _padded(n: int) -> int:
-    return -(-n // INT4_BLOCK_N) * INT4_BLOCK_N
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_nibbles: bytes [..., K/2] -> codes [..., K] (uint8)."""
+    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).flatten(-2)
 
 
 # --------------------------------------------------------------------------- the two formats as functions
@@ -87,17 +89,15 @@ def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     return qweight[start:stop].to(dtype) * scales[start:stop].to(dtype)[:, None]
 
 
-def dequantize_int4(qweight: torch.Tensor, scales_and_zeros: torch.Tensor, out_features: int, in_features: int,
-                    group_size: int, dtype: torch.dtype, start: int = 0, stop: int | None = None) -> torch.Tensor:
-    """qweight uint8 [N_pad, K/2], scales_and_zeros [K/G, N_pad, 2] -> the weight [N, K] (or its
-    output rows start:stop; start a multiple of 64) in `dtype`."""
-    K, G = in_features, group_size
-    stop = out_features if stop is None else min(stop, out_features)
-    n = stop - start
-    codes = unpack_int4(qweight[start:_padded(stop)], K)[:n].view(n, K // G, G).to(dtype)  # [n, K/G, G]
-    scale = scales_and_zeros[:, start:stop, 0].t().to(dtype)[..., None]  # [n, K/G, 1]
-    zero = scales_and_zeros[:, start:stop, 1].t().to(dtype)[..., None]
-    return ((codes - 8) * scale + zero).view(n, K)
+def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
+                    dtype: torch.dtype, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """The stored int4 format -> the weight [N, K] (or its output rows start:stop) in `dtype`:
+    qweight uint8 [N, K/2] (pack_nibbles), scales and mins [N, K/G], w = code · scale + min."""
+    codes = unpack_nibbles(qweight[start:stop])  # [n, K]
+    n, K = codes.shape
+    scale = scales[start:stop].to(dtype)[..., None]  # [n, K/G, 1]
+    low = mins[start:stop].to(dtype)[..., None]
+    return (codes.view(n, K // group_size, group_size).to(dtype) * scale + low).view(n, K)
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -107,25 +107,21 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
     if x2.shape[0] <= KERNEL_MAX_ROWS[8] and x.device.type == "cpu":
         y = torch.ops.aten._weight_int8pack_mm(x2, qweight, scales.to(x.dtype))
     else:
-        y = blockwise_linear(x2, partial(dequantize_int8, qweight, scales, x.dtype), N, 1)
+        y = blockwise_linear(x2, partial(dequantize_int8, qweight, scales, x.dtype), N)
     return y.view(*x.shape[:-1], N)
 
 
-def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales_and_zeros: torch.Tensor, out_features: int,
+def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
                 group_size: int) -> torch.Tensor:
-    """x [..., K] · dequant(W)ᵀ for int4 W [N, K] in the kernel's layout (rows padded to 64)."""
-    K = x.shape[-1]
+    """x [..., K] · dequant(W)ᵀ for W in the stored int4 format (the plain PyTorch twin every
+    int4 backend is tested against): blockwise dequantization."""
+    K, N = x.shape[-1], qweight.shape[0]
     x2 = x.reshape(-1, K).contiguous()  # [M, K]
-    if x2.shape[0] <= KERNEL_MAX_ROWS[4] and x.device.type == "cpu":
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, qweight, group_size, scales_and_zeros.to(x.dtype))
-        y = y[:, :out_features]
-    else:
-        dequantize = partial(dequantize_int4, qweight, scales_and_zeros, out_features, K, group_size, x.dtype)
-        y = blockwise_linear(x2, dequantize, out_features, INT4_BLOCK_N)
-    return y.reshape(*x.shape[:-1], out_features)
+    y = blockwise_linear(x2, partial(dequantize_int4, qweight, scales, mins, group_size, x.dtype), N)
+    return y.reshape(*x.shape[:-1], N)
 
 
-def blockwise_linear(x: torch.Tensor, dequantize, out_features: int, align: int) -> torch.Tensor:
+def blockwise_linear(x: torch.Tensor, dequantize, out_features: int, align: int = 1) -> torch.Tensor:
     """x [M, K] · Wᵀ with W rebuilt by `dequantize(start, stop)` a block of output rows at a
     time (block starts aligned to `align` rows), each block's temporaries small enough to stay in cache."""
     K = x.shape[1]
@@ -133,6 +129,62 @@ def blockwise_linear(x: torch.Tensor, dequantize, out_features: int, align: int)
         return F.linear(x, dequantize(0, out_features))
     rows = max(align, DEQUANT_BLOCK_BYTES // (2 * K) // align * align)
     return torch.cat([F.linear(x, dequantize(start, start + rows)) for start in range(0, out_features, rows)], dim=1)
+
+
+# --------------------------------------------------------------------------- int4 before format 1
+
+
+def legacy_int4_qweight(packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """Codes as checkpoints before format 1 stored them — aten's AVX-512 int4pack layout, rows
+    padded to blocks of 64, each block's bytes viewed as [K, 32] holding at (k, j) row j's code
+    of column k in the low nibble and row 32 + j's in the high one — -> qweight [N, K/2] (pack_nibbles)."""
+    padded, K = packed.shape[0], 2 * packed.shape[1]
+    blocks = packed.reshape(padded // ATEN_INT4_BLOCK_N, K, 32)  # [N_pad/64, K, j]
+    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=1)  # [N_pad/64, half, K, j]
+    return pack_nibbles(codes.transpose(2, 3).reshape(padded, K)[:out_features])  # row = block*64 + half*32 + j
+
+
+def legacy_int4_scales(scales_and_zeros: torch.Tensor, out_features: int) -> torch.Tensor:
+    """Before format 1: scales_and_zeros [K/G, N_pad, 2] of (scale, zero) -> scales [N, K/G]."""
+    return scales_and_zeros[:, :out_features, 0].t().contiguous()
+
+
+def legacy_int4_mins(scales_and_zeros: torch.Tensor, out_features: int) -> torch.Tensor:
+    """Before format 1, w = (q - 8)·scale + zero -> mins [N, K/G] = zero - 8·scale, in fp32 (the
+    loader rounds it to the model dtype: the very offsets the native kernels computed from it)."""
+    pairs = scales_and_zeros[:, :out_features].float()  # [K/G, N, 2]
+    return (pairs[..., 1] - 8 * pairs[..., 0]).t().contiguous()
+
+
+# --------------------------------------------------------------------------- int4 in aten's CPU kernel layout
+
+
+def aten_int4_layout(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """codes [N, K] (0..15), scales and mins [N, K/G] -> what aten._weight_int4pack_mm_for_cpu
+    reads in THIS process: (packed [N_pad, K/2], scales_and_zeros [K/G, N_pad, 2]) with rows padded
+    to 64 (codes 8, scale 0, zero 0: outputs dropped) and aten's formula w = (q - 8)·scale + zero,
+    so zero = min + 8·scale. aten picks the packed layout from the CPU capability it runs with
+    (ATEN_CPU_CAPABILITY: default, avx2 and avx512 give three different byte orders), so it is
+    made here, at load, by aten itself, and never stored."""
+    N = codes.shape[0]
+    pad = -N % ATEN_INT4_BLOCK_N
+    codes = F.pad(codes, (0, 0, 0, pad), value=8)
+    scale, zero = scales.float(), mins.float() + 8 * scales.float()
+    scale, zero = F.pad(scale, (0, 0, 0, pad)), F.pad(zero, (0, 0, 0, pad))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+    return packed, torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous()
+
+
+def aten_int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, out_features: int,
+                     group_size: int) -> torch.Tensor:
+    """x [..., K] · Wᵀ through aten's weight-only int4 CPU kernel (every row count: without the
+    stored codes there is no blockwise dequantization, and on CPUs without AVX-512 BF16 the
+    kernel beats dequantize + bf16 GEMM at every size measured, 16-512 rows)."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K).contiguous()  # [M, K]
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, scales_and_zeros.to(x.dtype))
+    return y[:, :out_features].reshape(*x.shape[:-1], out_features)
 
 
 # --------------------------------------------------------------------------- single linears
@@ -163,49 +215,72 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """A bias-free linear with 4-bit weights, a scale and a zero point per group of input columns.
-    The kernel works on blocks of 64 output rows: other row counts are padded with zero rows
-    (codes 8, scale 0, zero 0), whose outputs are dropped."""
+    """A bias-free linear with 4-bit weights and a scale and min per group of G input columns,
+    in the stored int4 format (INT4_FORMAT): qweight uint8 [N, K/2] (pack_nibbles), scales and
+    mins [N, K/G] in the compute dtype, w = code · scale + min. Its forward is the plain
+    PyTorch twin; the inference layout repacks it for a kernel (AtenInt4Linear here,
+    smoe/native.py's NativeInt4Linear)."""
 
     def __init__(self, in_features: int, out_features: int, group_size: int, dtype: torch.dtype = torch.bfloat16,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
         check_int4_shape(in_features, group_size)
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        padded = _padded(out_features)
-        self.register_buffer("qweight", torch.empty(padded, in_features // 2, dtype=torch.uint8, device=device))
-        # [K/G, N, 2]: (scale, zero) per group, the kernel's layout, in the compute dtype
-        self.register_buffer("scales_and_zeros",
-                             torch.empty(in_features // group_size, padded, 2, dtype=dtype, device=device))
+        groups = in_features // group_size
+        self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, groups, dtype=dtype, device=device))
+        self.register_buffer("mins", torch.empty(out_features, groups, dtype=dtype, device=device))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int) -> Int4Linear:
         m = cls(linear.in_features, linear.out_features, group_size, linear.weight.dtype, linear.weight.device)
-        q, scale, zero = quantize_int4(linear.weight, group_size)
-        m.qweight, m.scales_and_zeros = _int4_layout(q, scale, zero, linear.weight.dtype)
+        codes, scale, low = quantize_int4(linear.weight, group_size)
+        dtype = linear.weight.dtype
+        m.qweight, m.scales, m.mins = pack_nibbles(codes), scale.to(dtype), low.to(dtype)
         return m
 
     def codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Unpadded (codes [N, K], scale [N, K/G], zero [N, K/G]) in the stored dtype."""
-        N = self.out_features
-        q = unpack_int4(self.qweight, self.in_features)[:N]
-        return q, self.scales_and_zeros[:, :N, 0].t(), self.scales_and_zeros[:, :N, 1].t()
+        """(codes [N, K], scales [N, K/G], mins [N, K/G]) in the stored dtype."""
+        return unpack_nibbles(self.qweight), self.scales, self.mins
 
     def dequantize(self, dtype: torch.dtype, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        return dequantize_int4(self.qweight, self.scales_and_zeros, self.out_features, self.in_features,
-                               self.group_size, dtype, start, stop)
+        return dequantize_int4(self.qweight, self.scales, self.mins, self.group_size, dtype, start, stop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int4_linear(x, self.qweight, self.scales_and_zeros, self.out_features, self.group_size)
+        return int4_linear(x, self.qweight, self.scales, self.mins, self.group_size)
 
 
-def _int4_layout(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """codes [N, K], scale and zero [N, K/G] -> (qweight [N_pad, K/2], scales_and_zeros [K/G, N_pad, 2])."""
-    pad = _padded(q.shape[0]) - q.shape[0]
-    q = F.pad(q, (0, 0, 0, pad), value=8)
-    scale, zero = F.pad(scale, (0, 0, 0, pad)), F.pad(zero, (0, 0, 0, pad))
-    return pack_int4(q), torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous()
+class AtenInt4Linear(nn.Module):
+    """An Int4Linear repacked at load for aten's CPU int4 kernel (aten_int4_layout), for the
+    capability this process runs with: the CPU backend where the native kernels do not run."""
+
+    def __init__(self, linear: Int4Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, \
+            linear.group_size
+        packed, scales_and_zeros = aten_int4_layout(*linear.codes(), linear.scales.dtype)
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return aten_int4_linear(x, self.packed, self.scales_and_zeros, self.out_features, self.group_size)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                "aten int4pack")
+
+
+def aten_int4_linears(model: nn.Module) -> int:
+    """Swap every Int4Linear on the CPU (attention; what the native kernels did not take) for an
+    AtenInt4Linear; returns how many were swapped."""
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is Int4Linear and child.qweight.device.type == "cpu":
+                setattr(parent, name, AtenInt4Linear(child))
+                release_module_pages([child])  # the repacked copy replaces the file's pages
+                count += 1
+    return count
 
 
 def check_int4_shape(in_features: int, group_size: int) -> None:
@@ -255,38 +330,29 @@ class StackedInt8Linear(nn.Module):
 
 
 class StackedInt4Linear(nn.Module):
-    """E int4 linears of one shape: qweight [E, N_pad, K/2], scales_and_zeros [E, K/G, N_pad, 2]."""
+    """E int4 linears of one shape in the stored format: qweight [E, N, K/2], scales and mins
+    [E, N, K/G]. The plain PyTorch twin (and the kind off the CPU: it gathers)."""
 
-    def __init__(self, qweight: torch.Tensor, scales_and_zeros: torch.Tensor, out_features: int,
-                 in_features: int, group_size: int) -> None:
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int) -> None:
         super().__init__()
         self.register_buffer("qweight", qweight)
-        self.register_buffer("scales_and_zeros", scales_and_zeros)
-        self.out_features, self.in_features, self.group_size = out_features, in_features, group_size
+        self.register_buffer("scales", scales)
+        self.register_buffer("mins", mins)
+        self.group_size = group_size
+        self.out_features, self.in_features = qweight.shape[1], 2 * qweight.shape[2]
 
     @staticmethod
     def stack(rows: list[list[Int4Linear]], pack: bool) -> nn.Module:
-        """Concatenating int4 linears goes through their codes: each is padded to 64 rows on its own."""
-        if pack:
+        """Where the experts run on the CPU with `pack`, the kernels' layouts: the native kernels'
+        where this CPU runs them, else aten's (AtenStackedInt4); otherwise the stored format stacked."""
+        on_cpu = rows[0][0].qweight.device.type == "cpu"
+        if pack and on_cpu:
             from smoe.native import stack_int4
 
-            native = stack_int4(rows)  # the native kernels' kind (and layout) where this CPU runs them
-            if native is not None:
-                release_module_pages(lin for row in rows for lin in row)
-                return native
-        first = rows[0][0]
-        qweights, scales_and_zeros = [], []
-        for row in rows:
-            if len(row) == 1:
-                q, sz = row[0].qweight, row[0].scales_and_zeros
-            else:
-                parts = [lin.codes() for lin in row]
-                q, sz = _int4_layout(*(torch.cat(p) for p in zip(*parts, strict=True)), first.scales_and_zeros.dtype)
-            qweights.append(q)
-            scales_and_zeros.append(sz)
-        out_features = sum(lin.out_features for lin in rows[0])
-        stacked = StackedInt4Linear(torch.stack(qweights), torch.stack(scales_and_zeros), out_features,
-                                    first.in_features, first.group_size)
+            stacked = stack_int4(rows) or AtenStackedInt4.stack(rows)
+        else:
+            stacked = StackedInt4Linear(*(torch.stack([torch.cat([getattr(lin, name) for lin in row]) for row in rows])
+                                          for name in ("qweight", "scales", "mins")), rows[0][0].group_size)
         release_module_pages(lin for row in rows for lin in row)  # the stacked copy replaces the file's pages
         return stacked
 
@@ -295,19 +361,52 @@ class StackedInt4Linear(nn.Module):
         return self.qweight.shape[0]
 
     def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return int4_linear(x, self.qweight[e], self.scales_and_zeros[e], self.out_features, self.group_size)
+        return int4_linear(x, self.qweight[e], self.scales[e], self.mins[e], self.group_size)
 
     def gathered(self, expert_indices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """indices [N, K], x [N, K, in] -> [N, K, out], dequantizing only the chosen experts."""
         N, K = expert_indices.shape
-        P, K_in, G = self.qweight.shape[1], self.in_features, self.group_size  # P: rows padded to 64
-        q = self.qweight[expert_indices].reshape(N * K * P, K_in // 2)  # each expert's padded rows in turn
-        codes = unpack_int4(q, K_in).view(N, K, P, K_in // G, G).to(x.dtype)
-        sz = self.scales_and_zeros[expert_indices].to(x.dtype)  # [N, K, K_in/G, P, 2]
-        scale = sz[..., 0].transpose(-1, -2)[..., None]  # [N, K, P, K_in/G, 1]
-        zero = sz[..., 1].transpose(-1, -2)[..., None]
-        weight = ((codes - 8) * scale + zero).view(N, K, P, K_in)[:, :, : self.out_features]
+        G = self.group_size
+        codes = unpack_nibbles(self.qweight[expert_indices])  # [N, K, out, in]
+        codes = codes.view(N, K, self.out_features, self.in_features // G, G).to(x.dtype)
+        scale = self.scales[expert_indices].to(x.dtype)[..., None]  # [N, K, out, in/G, 1]
+        low = self.mins[expert_indices].to(x.dtype)[..., None]
+        weight = (codes * scale + low).view(N, K, self.out_features, self.in_features)
         return torch.matmul(weight, x[..., None])[..., 0]
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}")
+
+
+class AtenStackedInt4(nn.Module):
+    """E int4 linears repacked for aten's CPU int4 kernel in this process (aten_int4_layout):
+    packed [E, N_pad, K/2], scales_and_zeros [E, K/G, N_pad, 2]. CPU only: no gathered path."""
+
+    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, out_features: int,
+                 group_size: int) -> None:
+        super().__init__()
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)
+        self.out_features, self.group_size = out_features, group_size
+
+    @staticmethod
+    def stack(rows: list[list[Int4Linear]]) -> AtenStackedInt4:
+        layouts = [aten_int4_layout(*(torch.cat(part) for part in zip(*(lin.codes() for lin in row), strict=True)),
+                                    row[0].scales.dtype) for row in rows]
+        return AtenStackedInt4(torch.stack([p for p, _ in layouts]), torch.stack([sz for _, sz in layouts]),
+                               sum(lin.out_features for lin in rows[0]), rows[0][0].group_size)
+
+    @property
+    def num_experts(self) -> int:
+        return self.packed.shape[0]
+
+    def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return aten_int4_linear(x, self.packed[e], self.scales_and_zeros[e], self.out_features, self.group_size)
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}, out_features={self.out_features}, group_size={self.group_size}, "
+                "aten int4pack")
 
 
 register_stacked_kind(Int8Linear, StackedInt8Linear.stack)
@@ -382,5 +481,5 @@ def quantize_model(model, spec: QuantSpec, progress: bool = False) -> int:
         model.lm_head = quantized_linear(head, QuantSpec(8))
         if not meta:
             release_pages(head.weight)
-    config.quantization = spec.to_config()
+    config.quantization = {**spec.to_config(), "format": STORED_FORMATS[spec.bits]}
     return len(model.layers) * (len(names) + 3 * config.num_local_experts) + int(spec.head)

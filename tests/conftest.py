@@ -1,14 +1,63 @@
-"""Shared fixtures: tiny random Mixtral checkpoints saved by transformers, the real v1 tokenizer."""
+"""Shared fixtures: tiny random Mixtral checkpoints saved by transformers, the real v1 tokenizer;
+the CPU capabilities this machine can run tests under."""
 
 from __future__ import annotations
 
+import functools
+import getpass
 import json
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 torch.set_num_threads(2)
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "tests" / "data"
+
+# aten's x86 CPU capabilities (ATEN_CPU_CAPABILITY), lowest first: what its kernels are compiled for
+# and, for int4, which byte layout _convert_weight_to_int4pack_for_cpu makes
+ATEN_CAPABILITIES = ("default", "avx2", "avx512")
+# oneDNN picks its instructions by itself: capped with aten's, as on a CPU that has no more (aten at
+# avx2 beside oneDNN's AMX kernels fails in bf16 attention: "pack_vnni2 is only supported when avx512
+# is supported", seen on a Sapphire Rapids VM)
+_ONEDNN_ISA = {"default": "SSE41", "avx2": "AVX2"}
+
+
+@functools.cache
+def cpu_capabilities() -> tuple[str, ...]:
+    """The ATEN_CPU_CAPABILITY values this CPU runs, lowest first (asked of a torch started
+    without the variable)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")}
+    best = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+                          env=env, capture_output=True, text=True, check=True).stdout.strip().lower()
+    if best in ATEN_CAPABILITIES:
+        return ATEN_CAPABILITIES[: ATEN_CAPABILITIES.index(best) + 1]
+    return ("default", best) if best != "default" else ("default",)  # aarch64: default, sve...
+
+
+def current_capability() -> str:
+    return torch.backends.cpu.get_cpu_capability().lower()
+
+
+# inductor's on-disk cache does not key on ATEN_CPU_CAPABILITY (smoe/generate.py's compiled_decode
+# states the vector width; the tests' own torch.compile calls get a cache per capability)
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) /
+                                                     f"torchinductor_{getpass.getuser()}_{current_capability()}"))
+
+
+def capability_env(capability: str, **more: str) -> dict[str, str]:
+    """The environment of a subprocess that runs under `capability`."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, **more}
+    env.pop("ONEDNN_MAX_CPU_ISA", None)
+    if capability in _ONEDNN_ISA and capability != cpu_capabilities()[-1]:
+        env["ONEDNN_MAX_CPU_ISA"] = _ONEDNN_ISA[capability]
+    return env
 
 BASE = dict(
     vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

@@ -72,3 +72,31 @@ def test_compiled_decode_with_int8_experts_keeps_their_kernels(checkpoint_factor
     expected = smoe.generate(eager, None, PROMPTS[0], max_tokens=16, ignore_eos=True)
     assert smoe.generate(compiled, None, PROMPTS[0], max_tokens=16, ignore_eos=True,
                          compile=True).token_ids == expected.token_ids
+
+
+def test_a_compiled_step_cached_under_one_capability_is_not_reused_under_another(checkpoint_factory, tmp_path):
+    """inductor's on-disk cache keys on its options, not on ATEN_CPU_CAPABILITY: a decode step cached
+    under avx2 and loaded under avx512 corrupted the heap ("corrupted double-linked list"). compiled_decode
+    states the vector width in its options, so each capability compiles and caches its own."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import capability_env, cpu_capabilities
+
+    capabilities = cpu_capabilities()
+    if len(capabilities) < 2:
+        pytest.skip("this CPU runs one ATEN_CPU_CAPABILITY")
+    path = checkpoint_factory(num_local_experts=8)
+    code = ("import json, smoe\n"
+            f"m, _ = smoe.load({str(path)!r}, compile=True)\n"
+            f"print(json.dumps(smoe.generate(m, None, {PROMPTS[0]}, max_tokens=8, ignore_eos=True, "
+            "compile=True).token_ids))\n")
+    tokens = []
+    for capability in (capabilities[-2], capabilities[-1], capabilities[-2]):
+        env = capability_env(capability, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, (capability, r.stderr[-3000:])
+        tokens.append(r.stdout.split()[-1])
+    assert tokens[0] == tokens[1] == tokens[2]
+    assert os.listdir(tmp_path / "inductor")
