@@ -150,25 +150,31 @@ def test_packed_model_refuses_to_save(checkpoint_factory, tmp_path):
 
 @pytest.mark.parametrize("pack", [True, False])
 def test_moe_layer_compiles_whole(pack):
-    """torch.compile(fullgraph=True) of a whole MoE layer of the demo model: the default
-    (oneDNN-packed experts, read on the host inside one custom op) and the stacked plain
-    layout on its gather path, which would break the graph on any host synchronisation. The
-    gather path runs in fp32: in bf16, inductor keeps fused intermediates in fp32 and the
-    outputs differ from eager by one bf16 rounding step."""
+    """torch.compile(fullgraph=True) of a whole MoE layer of the demo model: the default layout
+    (native kinds or oneDNN-packed experts, read on the host inside one custom op; on a CPU where
+    oneDNN packs no bf16 — no AVX-512 — plain stacked experts, which the graph gathers) and the
+    stacked plain layout on its gather path, which would break the graph on any host
+    synchronisation. A gathered bf16 graph keeps its fused intermediates in fp32 where eager
+    rounds each op to bf16 (outputs apart by a bf16 step or two, seen on an AVX2 CPU), so in bf16
+    both are held to the layer in fp32: the compiled one no further from it than eager is."""
     model, _ = smoe.load(pack=pack, dtype=None if pack else "fp32")
     moe = model.layers[0].moe
     if not pack:
         moe.experts = moe.experts.for_inference(pack=False)
         moe.experts.path = "gather"
+    exact = smoe.load(dtype="fp32", pack=False)[0].layers[0].moe
     compiled = torch.compile(moe, fullgraph=True)
     hidden = model.config.hidden_size
     for batch in (1, 4):
         x = torch.randn(batch, 1, hidden, generator=torch.Generator().manual_seed(batch)).to(model.dtype)
         with torch.no_grad():
-            expected, got = moe(x), compiled(x)
+            expected, got, fp32 = moe(x).float(), compiled(x).float(), exact(x.float())
         assert got.shape == (batch, 1, hidden)
-        tol = 1e-2 if model.dtype == torch.bfloat16 else 1e-5
-        assert torch.allclose(got.float(), expected.float(), rtol=tol, atol=tol), batch
+        if model.dtype == torch.bfloat16:
+            assert (got - fp32).abs().mean() <= 1.1 * (expected - fp32).abs().mean(), batch
+            assert (got - fp32).abs().max() <= 2 * (expected - fp32).abs().max(), batch
+        else:
+            assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5), batch
 
 
 def test_a_copy_of_stacked_experts_is_found_by_its_own_name():
