@@ -4,8 +4,9 @@
 
 For the benchmark checkpoint's expert shapes (1024 -> 3584 and back), times y = x · Wᵀ for a
 few rows x with: plain bf16 F.linear, oneDNN-packed bf16, PyTorch's int8 weight-only kernel,
-PyTorch's int4 kernel, and smoe's Int8Linear / Int4Linear (those kernels for up to
-KERNEL_MAX_ROWS rows, dequantize + GEMM for more). Each call uses the next of --copies
+PyTorch's int4 kernel (in the layout it takes on this CPU capability: AtenInt4Linear), and
+smoe's Int8Linear (that kernel for up to KERNEL_MAX_ROWS rows, dequantize + GEMM for more) /
+Int4Linear (the stored format's plain twin: dequantize + GEMM). Each call uses the next of --copies
 weights, so the weights come from memory, not from the caches.
 The roofline is a streaming read of a large buffer (a copy, which reads and writes, counted
 as 2 bytes moved per byte copied), best of several.
@@ -46,7 +47,7 @@ def kernels(x, sets: list[tuple]) -> dict:
         turn[0] = (turn[0] + 1) % len(sets)
         return sets[turn[0]]
 
-    linear, _, _, q4 = sets[0]
+    linear, _, _, q4, _ = sets[0]
     N, K = linear.weight.shape
     int4_bytes = N * K // 2 + q4.scales_and_zeros.nbytes
     return {
@@ -55,14 +56,13 @@ def kernels(x, sets: list[tuple]) -> dict:
         "int8 aten kernel": (lambda: (lambda s: torch.ops.aten._weight_int8pack_mm(x, s.qweight, s.scales))(nxt()[2]),
                              N * K),
         "int8 smoe": (lambda: nxt()[2](x), N * K),
-        "int4 aten kernel": (lambda: (lambda s: torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x, s.qweight, 32, s.scales_and_zeros))(nxt()[3]), int4_bytes),
-        "int4 smoe": (lambda: nxt()[3](x), int4_bytes),
+        "int4 aten kernel": (lambda: nxt()[3](x), int4_bytes),
+        "int4 plain twin": (lambda: nxt()[4](x), int4_bytes),
     }
 
 
 def main() -> int:
-    from smoe.quantize import Int4Linear, Int8Linear
+    from smoe.quantize import AtenInt4Linear, Int4Linear, Int8Linear
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="1024x3584,3584x1024", help="in x out, comma-separated")
@@ -77,8 +77,9 @@ def main() -> int:
         sets = []
         for _ in range(args.copies):
             linear = torch.nn.Linear(K, N, bias=False, dtype=torch.bfloat16).requires_grad_(False)
+            int4 = Int4Linear.from_linear(linear, 32)
             sets.append((linear, torch.ops.mkldnn._reorder_linear_weight(linear.weight, 1),
-                         Int8Linear.from_linear(linear), Int4Linear.from_linear(linear, 32)))
+                         Int8Linear.from_linear(linear), AtenInt4Linear(int4), int4))
         for rows in map(int, args.rows.split(",")):
             x = torch.randn(rows, K, dtype=torch.bfloat16)
             cases = kernels(x, sets)

@@ -56,7 +56,10 @@ def child(args) -> int:
                   for _ in range(3))
     decode = smoe.generate(model, None, short, max_tokens=args.decode + 1, ignore_eos=True).decode_tokens_per_s
     tokens = smoe.generate(model, None, short, max_tokens=args.check_tokens, ignore_eos=True).token_ids
-    print(json.dumps({"prefill_tok_s": prefill, "decode_tok_s": decode, "tokens": tokens}))
+    from smoe import native
+
+    print(json.dumps({"prefill_tok_s": prefill, "decode_tok_s": decode, "tokens": tokens,
+                      "native": native.available()}))
     return 0
 
 
@@ -66,6 +69,10 @@ def worktree(base: str) -> Path:
     path = HERE / "out" / f"rev-{rev}"
     if not path.exists():
         subprocess.run(["git", "worktree", "add", "--detach", str(path), rev], cwd=ROOT, check=True,
+                       capture_output=True)
+    if (path / "smoe" / "csrc").exists() and not list((path / "smoe").glob("_native*.so")):
+        # the native kernels are not in git: built for the base tree as `make install` builds them
+        subprocess.run([sys.executable, "setup.py", "--quiet", "build_ext", "--inplace"], cwd=path, check=True,
                        capture_output=True)
     return path
 
@@ -141,7 +148,7 @@ def main() -> int:
                     old["decode_tok_s"] = max(old["decode_tok_s"], got["decode_tok_s"])
                     assert old["tokens"] == got["tokens"], f"{name} {variant}: tokens differ between runs"
                 print(f"repeat {r + 1} {variant:>8} {name:>7}: prefill {got['prefill_tok_s']:7.1f} tok/s, "
-                      f"decode {got['decode_tok_s']:6.1f} tok/s", flush=True)
+                      f"decode {got['decode_tok_s']:6.1f} tok/s, native kernels {got['native']}", flush=True)
     base_rev = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, capture_output=True,
                               text=True).stdout.strip()
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
