@@ -70,12 +70,19 @@ def apply_repetition_penalty(logits: torch.Tensor, context: torch.Tensor, penalt
         return logits
     seen = logits.gather(0, context)
     seen = torch.where(seen > 0, seen / penalty, seen * penalty)
-    return logits.scatter(0, context, seen)
+    # a penalty below 1 so strong that a logit overflows (1e-300 is a valid penalty) leaves it at
+    # the largest finite value: +inf would make the softmax NaN
+    top = torch.finfo(seen.dtype).max
+    return logits.scatter(0, context, seen.clamp(max=top))
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, then top-k, top-p (nucleus) and min-p as -inf masks. logits [V] fp32."""
-    logits = logits / params.temperature
+    # a temperature outside the dtype's range would divide by 0 or by inf there (5e-324 and 1e300 are
+    # valid): its ends are as good a limit (Sampler shifts the top logit to 0 first, so a tiny one
+    # sends the rest to -inf: greedy)
+    finfo = torch.finfo(logits.dtype)
+    logits = logits / min(max(params.temperature, finfo.tiny), finfo.max)
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -120,5 +127,8 @@ class Sampler:
             logits = apply_repetition_penalty(logits, self.seen.nonzero()[:, 0], self.params.repetition_penalty)
         if self.params.greedy:
             return int(logits.argmax())
-        probs = filter_logits(logits, self.params).softmax(-1)
+        # the largest logit shifted to 0 first (the distribution is the same): a temperature so small
+        # that logit / temperature overflows (5e-324 is valid) then gives 0 for the top token and
+        # -inf for the rest — greedy, its limit — where +inf - inf made the softmax NaN (a 500)
+        probs = filter_logits(logits - logits.max(), self.params).softmax(-1)
         return int(torch.multinomial(probs, 1, generator=self.generator))

@@ -249,3 +249,23 @@ def test_rope_tables_of_one_decode_position_are_kept_and_equal_the_computed_ones
     assert not outside[0].is_inference() and torch.equal(outside[0], computed[0])
     rope.reset_parameters()
     assert not rope._memo
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=5e-324), dict(temperature=1e-300), dict(temperature=1e-40),
+                                dict(temperature=1.0, repetition_penalty=1e-300),
+                                dict(temperature=5e-324, repetition_penalty=1e-300),
+                                dict(temperature=1e300, top_k=1), dict(temperature=1.0, repetition_penalty=1e300)])
+def test_extreme_valid_sampling_values_sample_a_token(kw):
+    """Valid values at fp32's ends (the server's fuzz test sent temperature 1e-300 and got a 500:
+    "probability tensor contains either inf, nan"): a temperature under fp32's range is greedy, its
+    limit; a penalty that overflows a logit leaves it the largest finite one; top_k=1 keeps the top."""
+    from smoe.sampling import Sampler
+
+    logits = torch.randn(500, generator=torch.Generator().manual_seed(4)) * 5
+    context = [int(logits.argmax()), 7, 9]
+    token = Sampler(SamplingParams(**kw, seed=0), vocab_size=500, context=context)(logits)
+    penalized = kw.get("repetition_penalty", 1.0)
+    if kw["temperature"] < 1e-30 and penalized == 1.0 or kw.get("top_k") == 1:
+        assert token == int(logits.argmax())
+    if penalized < 1e-100:  # the strongest "reward": one of the seen tokens with a positive logit (all at the top)
+        assert token in [t for t in context if logits[t] > 0]
