@@ -255,7 +255,7 @@ def _names_for(config: ModelConfig, layout: str) -> NameTable:
 
 def _with_quantized(table: NameTable, ours_names: set[str], where: Path | str) -> NameTable:
     """The table with each quantized linear's `X.weight` entry replaced by its stored parts
-    (`X.qweight`, `X.scales` or `X.scales_and_zeros`) under the same checkpoint prefix."""
+    (`X.qweight` and `X.scales`, and int4's `X.mins`) under the same checkpoint prefix."""
     out: NameTable = {}
     for ours, (theirs, take, give) in table.items():
         if ours in ours_names or not ours.endswith(".weight"):
