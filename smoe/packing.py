@@ -131,7 +131,7 @@ def release_mmap(model: nn.Module) -> None:
             if not p.untyped_storage().resizable():  # a view into a buffer we did not allocate
                 setattr(module, name, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
         for name, b in list(module.named_buffers(recurse=False)):
-            if b is not None and b.layout == torch.strided and not b.untyped_storage().resizable():
+            if b.layout == torch.strided and not b.untyped_storage().resizable():
                 setattr(module, name, b.clone())
     if getattr(model.config, "tie_word_embeddings", False) and not isinstance(model.lm_head, PackedLinear):
         model.lm_head.weight = model.embed_tokens.weight

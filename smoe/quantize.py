@@ -91,13 +91,14 @@ def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
 
 def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
                     dtype: torch.dtype, start: int = 0, stop: int | None = None) -> torch.Tensor:
-    """The stored int4 format -> the weight [N, K] (or its output rows start:stop) in `dtype`:
-    qweight uint8 [N, K/2] (pack_nibbles), scales and mins [N, K/G], w = code · scale + min."""
-    codes = unpack_nibbles(qweight[start:stop])  # [n, K]
-    n, K = codes.shape
-    scale = scales[start:stop].to(dtype)[..., None]  # [n, K/G, 1]
+    """The stored int4 format -> the weight [..., N, K] (or its output rows start:stop of the first
+    dim) in `dtype`: qweight uint8 [..., N, K/2] (pack_nibbles), scales and mins [..., N, K/G],
+    w = code · scale + min. Leading dims: the chosen experts' weights, gathered."""
+    codes = unpack_nibbles(qweight[start:stop])  # [..., n, K]
+    *lead, K = codes.shape
+    scale = scales[start:stop].to(dtype)[..., None]  # [..., n, K/G, 1]
     low = mins[start:stop].to(dtype)[..., None]
-    return (codes.view(n, K // group_size, group_size).to(dtype) * scale + low).view(n, K)
+    return (codes.view(*lead, K // group_size, group_size).to(dtype) * scale + low).view(*lead, K)
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -121,13 +122,13 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mi
     return y.reshape(*x.shape[:-1], N)
 
 
-def blockwise_linear(x: torch.Tensor, dequantize, out_features: int, align: int = 1) -> torch.Tensor:
+def blockwise_linear(x: torch.Tensor, dequantize, out_features: int) -> torch.Tensor:
     """x [M, K] · Wᵀ with W rebuilt by `dequantize(start, stop)` a block of output rows at a
-    time (block starts aligned to `align` rows), each block's temporaries small enough to stay in cache."""
+    time, each block's temporaries small enough to stay in cache."""
     K = x.shape[1]
     if x.device.type != "cpu":  # GPUs have the memory bandwidth: one dequantization, one GEMM
         return F.linear(x, dequantize(0, out_features))
-    rows = max(align, DEQUANT_BLOCK_BYTES // (2 * K) // align * align)
+    rows = max(1, DEQUANT_BLOCK_BYTES // (2 * K))
     return torch.cat([F.linear(x, dequantize(start, start + rows)) for start in range(0, out_features, rows)], dim=1)
 
 
@@ -216,7 +217,7 @@ class Int8Linear(nn.Module):
 
 class Int4Linear(nn.Module):
     """A bias-free linear with 4-bit weights and a scale and min per group of G input columns,
-    in the stored int4 format (INT4_FORMAT): qweight uint8 [N, K/2] (pack_nibbles), scales and
+    in the stored int4 format (STORED_FORMATS[4]): qweight uint8 [N, K/2] (pack_nibbles), scales and
     mins [N, K/G] in the compute dtype, w = code · scale + min. Its forward is the plain
     PyTorch twin; the inference layout repacks it for a kernel (AtenInt4Linear here,
     smoe/native.py's NativeInt4Linear)."""
@@ -256,8 +257,8 @@ class AtenInt4Linear(nn.Module):
 
     def __init__(self, linear: Int4Linear) -> None:
         super().__init__()
-        self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, \
-            linear.group_size
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.group_size = linear.group_size
         packed, scales_and_zeros = aten_int4_layout(*linear.codes(), linear.scales.dtype)
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)
@@ -365,13 +366,8 @@ class StackedInt4Linear(nn.Module):
 
     def gathered(self, expert_indices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """indices [N, K], x [N, K, in] -> [N, K, out], dequantizing only the chosen experts."""
-        N, K = expert_indices.shape
-        G = self.group_size
-        codes = unpack_nibbles(self.qweight[expert_indices])  # [N, K, out, in]
-        codes = codes.view(N, K, self.out_features, self.in_features // G, G).to(x.dtype)
-        scale = self.scales[expert_indices].to(x.dtype)[..., None]  # [N, K, out, in/G, 1]
-        low = self.mins[expert_indices].to(x.dtype)[..., None]
-        weight = (codes * scale + low).view(N, K, self.out_features, self.in_features)
+        weight = dequantize_int4(self.qweight[expert_indices], self.scales[expert_indices],
+                                 self.mins[expert_indices], self.group_size, x.dtype)  # [N, K, out, in]
         return torch.matmul(weight, x[..., None])[..., 0]
 
     def extra_repr(self) -> str:

@@ -20,7 +20,7 @@ import smoe
 import smoe.quantize
 from conftest import DATA, capability_env, cpu_capabilities, current_capability
 from smoe import native
-from smoe.checkpoint import load_model
+from smoe.checkpoint import load_model, save_checkpoint
 from smoe.cli import main
 from smoe.errors import ConfigError, SmoeError
 from smoe.options import QuantSpec
@@ -382,8 +382,6 @@ def test_a_checkpoint_written_before_format_1_gives_the_tokens_of_the_cpu_that_w
     assert plain.config.quantization["format"] == STORED_FORMATS[4]
     assert smoe.generate(plain, None, expected["prompt_ids"], max_tokens=8, ignore_eos=True).token_ids == \
         expected["token_ids"][:8]
-    from smoe.checkpoint import save_checkpoint
-
     save_checkpoint(plain, tmp_path / "v1")
     assert json.loads((tmp_path / "v1" / "config.json").read_text())["quantization"]["format"] == STORED_FORMATS[4]
     again = load_model(tmp_path / "v1")
