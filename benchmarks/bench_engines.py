@@ -285,7 +285,7 @@ def smoe_checkpoint(model_dir: Path, out: Path, precision: str) -> Path:
 
     from smoe.config import ModelConfig
     from smoe.options import QuantSpec
-    from smoe.quantize import resolve
+    from smoe.quantize import resolve_quant as resolve
 
     spec = resolve(quant_spec(precision), ModelConfig.from_dir(model_dir))
     if (out / "config.json").exists() and QuantSpec.from_config(ModelConfig.from_dir(out).quantization) != spec:

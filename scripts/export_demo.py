@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 import smoe
-from smoe.checkpoint import atomic_write, load_model, save_checkpoint
+from smoe.checkpoint import atomic_write, save_checkpoint
+from smoe.loader import build_model
 from smoe.data import read_jsonl, write_jsonl
 from smoe.tokenizer import HFTokenizer
 from smoe.train import heldout_perplexity, tokenize_documents
@@ -73,7 +74,7 @@ def main() -> int:
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    model = load_model(ckpt, dtype=torch.float32)
+    model = build_model(ckpt, dtype=torch.float32)
     save_checkpoint(model, out, dtype="bf16")
     shutil.copy(args.corpus / "tokenizer.json", out / "tokenizer.json")
     if (args.run / "loss.png").exists():

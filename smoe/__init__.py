@@ -15,7 +15,7 @@ import torch
 from smoe.config import ModelConfig
 from smoe.errors import SmoeError
 from smoe.generate import Engine, GenerationResult, TextPiece, generate, stream_generate
-from smoe.options import DEFAULT_CACHE_POLICY, LoraSpec, OffloadSpec, QuantSpec
+from smoe.options import DEFAULT_CACHE_POLICY, DEMO_MODEL, LoraSpec, OffloadSpec, QuantSpec
 from smoe.sampling import SamplingParams
 
 __all__ = [
@@ -23,8 +23,6 @@ __all__ = [
     "ModelConfig", "SmoeError", "DEMO_MODEL", "QuantSpec", "OffloadSpec", "LoraSpec",
 ]
 __version__ = "0.1.0"
-
-DEMO_MODEL = Path(__file__).parent / "assets" / "demo"
 
 
 def load(
@@ -76,8 +74,8 @@ def load(
 
     The order in which these transforms apply is documented in smoe/loader.py.
     """
-    from smoe.checkpoint import parse_dtype
     from smoe.loader import LoadOptions, load_model, model_path
+    from smoe.options import parse_dtype
 
     if max_memory is None and (expert_profile is not None or cache_policy != DEFAULT_CACHE_POLICY):
         raise SmoeError("an expert profile or cache policy needs offloading: give max_memory (--max-memory)")

@@ -10,9 +10,10 @@ Layouts, one declarative name table each (`_names_for`):
 - ``mistral``: Mistral's ``consolidated.safetensors`` + ``params.json``, whose q/k rows
   pair rotary dimensions (2i, 2i+1) where the HF layout pairs (i, i + D/2).
 
-Loading builds the model on the ``meta`` device, memory-maps every file and assigns the
-mapped tensors to the parameters (`load_state_dict(assign=True)`): a tensor already in
-the wanted dtype is never copied, so weights are not held twice.
+This module reads, validates and assigns; it never builds or transforms a model. The loader
+(smoe/loader.py's build_model) builds the model on the ``meta`` device; `load_state` maps
+every file and assigns the mapped tensors to its parameters (`load_state_dict(assign=True)`):
+a tensor already in the wanted dtype is never copied, so weights are not held twice.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import torch
 from smoe.config import ModelConfig
 from smoe.errors import CheckpointError, ConfigError
 from smoe.fsutil import atomic_write, release_pages
+from smoe.kernels import in_inference_layout
+from smoe.options import DTYPE_NAMES, parse_dtype
 from smoe.quantize import STORED_FORMATS, legacy_int4_mins, legacy_int4_qweight, legacy_int4_scales
 
 SAFETENSORS_DTYPES = {
@@ -39,22 +42,6 @@ SAFETENSORS_DTYPES = {
 }
 WEIGHT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
-
-DTYPE_NAMES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16,
-}
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return DTYPE_NAMES[dtype.lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16") from None
-
 
 # --------------------------------------------------------------------------- safetensors
 
@@ -467,9 +454,7 @@ def save_checkpoint(
     """Save config and weights (safetensors; sharded with an index above max_shard_bytes)."""
     from safetensors.torch import save_file
 
-    from smoe.packing import is_packed
-
-    if is_packed(model):
+    if in_inference_layout(model):
         raise CheckpointError("this model's weights are packed for CPU inference; load it with pack=False to save it")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -521,62 +506,20 @@ def save_checkpoint(
 # --------------------------------------------------------------------------- load
 
 
-def load_model(
-    path: str | Path,
-    *,
-    dtype: torch.dtype | str | None = None,
-    device: torch.device | str = "cpu",
-    allow_pickle: bool = False,
-) -> torch.nn.Module:
-    """Build the model on `meta`, memory-map the checkpoint, assign (no second copy)."""
-    return load_model_deferred(path, dtype=dtype, device=device, allow_pickle=allow_pickle)[0]
+def read_checkpoint(path: Path, allow_pickle: bool = False) -> tuple[ModelConfig, dict[str, StoredTensor]]:
+    """A checkpoint directory's config and its tensors, memory-mapped: nothing read yet."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory; pass the checkpoint directory, not a file")
+    return ModelConfig.from_dir(path), open_checkpoint(path, allow_pickle)
 
 
 def is_expert_weight(name: str) -> bool:
     return ".moe.experts." in name
 
 
-def load_model_deferred(
-    path: str | Path,
-    *,
-    dtype: torch.dtype | str | None = None,
-    device: torch.device | str = "cpu",
-    allow_pickle: bool = False,
-    defer_experts: bool = False,
-) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """load_model, optionally leaving the experts on `meta`: then also returns their weights
-    as unread views of the checkpoint files, by parameter name (for smoe/offload.py)."""
-    from smoe.model import Transformer
-
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such directory")
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory; pass the checkpoint directory, not a file")
-    config = ModelConfig.from_dir(path)
-    stored = open_checkpoint(path, allow_pickle)
-    dtype = parse_dtype(dtype) or _stored_dtype(config, stored)
-    with torch.device("meta"):
-        model = Transformer(config)
-    version = None
-    if config.quantization:  # empty int8 / int4 modules for the stored codes to be assigned to
-        from smoe.options import QuantSpec
-        from smoe.quantize import quantize_model
-
-        model.to(dtype)
-        version = stored_format(config, path)  # a format this smoe does not know is refused before any reading
-        # the modules hold the current format, and config.quantization now says so: a stored
-        # older one is converted as it is read
-        quantize_model(model, QuantSpec.from_config(config.quantization))
-    deferred = load_state(model, config, stored, path, dtype, device,
-                          defer=is_expert_weight if defer_experts else None, stored_version=version)
-    model.rope.reset_parameters(device=device)
-    model.requires_grad_(False)
-    model.eval()
-    return model, deferred
-
-
-def _stored_dtype(config: ModelConfig, stored: dict[str, StoredTensor]) -> torch.dtype:
+def stored_dtype(config: ModelConfig, stored: dict[str, StoredTensor]) -> torch.dtype:
     """The checkpoint's own dtype: what config.json says, else what most weights are in."""
     if config.torch_dtype in DTYPE_NAMES:
         return DTYPE_NAMES[config.torch_dtype]

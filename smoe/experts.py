@@ -26,8 +26,9 @@ Implementations (each an nn.Module with that call):
 
 Transforms reach experts through two methods every implementation has:
 `map_experts(fn)` (a per-expert module transform: quantization) and
-`for_inference(pack)` (the stacked layout, oneDNN-packed on the CPU). Neither asks what
-kind of experts module it is given.
+`for_inference(kernels)` (the stacked layout, in the kind `kernels.stack(rows)` chooses:
+smoe/kernels/ asks its backends in order, the weight format's plain PyTorch kind last).
+Neither asks what kind of experts module it is given, and nothing here picks a kernel.
 
 Shape legend: N token rows, H hidden, E experts, K experts per token, F expert hidden.
 """
@@ -44,14 +45,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from smoe.fsutil import release_module_pages
-from smoe.packing import PackedLinears, can_pack
-
-
-def few_rows(x: torch.Tensor) -> bool:
-    """Few enough bf16 rows for the native kernels (smoe/native.py's MAX_ROWS)."""
-    from smoe.native import few_rows as native_few_rows
-
-    return native_few_rows(x)
 
 
 class Expert(nn.Module):
@@ -137,32 +130,20 @@ class ExpertList(nn.ModuleList):
             self[e] = fn(expert)
         return self
 
-    def for_inference(self, pack: bool) -> nn.Module:
-        """The stacked layout (oneDNN-packed on the CPU when `pack`), or this list read on the
-        host when its experts' linears have no stacked kind (LoRA-wrapped, NF4)."""
+    def for_inference(self, kernels) -> nn.Module:
+        """The stacked layout in the kind `kernels.stack(rows)` gives (smoe/kernels/: rows holds,
+        per expert, the linears to concatenate along their outputs), or this list read on the
+        host when it gives None (linears of no one weight format: LoRA-wrapped, NF4)."""
         linears = [[expert.w1, expert.w3, expert.w2] for expert in self]
-        kinds = {type(lin) for row in linears for lin in row}
-        stack = STACKED_KINDS.get(kinds.pop()) if len(kinds) == 1 else None
-        if stack is None:
+        gate_up = kernels.stack([[w1, w3] for w1, w3, _ in linears])  # [E, 2F, H]: gate, then up
+        if gate_up is None:
             self.sorted_dispatch = True
             return self
-        intermediate = self[0].w1.out_features
-        gate_up = stack([[w1, w3] for w1, w3, _ in linears], pack)  # [E, 2F, H]: gate, then up
-        down = stack([[w2] for _, _, w2 in linears], pack)  # [E, H, F]
-        return StackedExperts(gate_up, down, intermediate)
+        down = kernels.stack([[w2] for _, _, w2 in linears])  # [E, H, F]
+        return StackedExperts(gate_up, down, self[0].w1.out_features)
 
 
 # --------------------------------------------------------------------------- stacked experts
-
-# linear type -> stack(rows, pack): rows holds, per expert, the linears to concatenate along
-# their outputs (gate and up: [w1, w3]); returns a stacked kind (a module with `one` and,
-# where the kind can run on any device, `gathered`). quantize.py registers int8 and int4.
-STACKED_KINDS: dict[type, Callable[[list[list[nn.Module]], bool], nn.Module]] = {}
-
-
-def register_stacked_kind(linear_type: type, stack: Callable[[list[list[nn.Module]], bool], nn.Module]) -> None:
-    STACKED_KINDS[linear_type] = stack
-
 
 class StackedLinear(nn.Module):
     """E bias-free linears of one shape in one tensor: weight [E, out, in]."""
@@ -174,21 +155,8 @@ class StackedLinear(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
 
     @staticmethod
-    def stack(rows: list[list[nn.Linear]], pack: bool) -> nn.Module:
-        """rows: per expert, the linears whose outputs are concatenated; `pack`: oneDNN's layout
-        where the device and dtype have it (smoe/packing.py)."""
-        if pack:
-            from smoe.native import stack_bf16
-
-            native = stack_bf16(rows)  # the native kernels' kind where this CPU runs them
-            if native is not None:
-                release_module_pages(lin for row in rows for lin in row)
-                return native
-        if pack and can_pack(rows[0][0].weight):
-            try:
-                return PackedLinears.stack(rows)
-            except RuntimeError:  # a oneDNN build without this dtype: keep the plain layout
-                pass
+    def stack(rows: list[list[nn.Linear]]) -> StackedLinear:
+        """rows: per expert, the linears whose outputs are concatenated."""
         stacked = StackedLinear(torch.stack([torch.cat([lin.weight.detach() for lin in row]) for row in rows]))
         release_module_pages(lin for row in rows for lin in row)  # the stacked copy replaces the file's pages
         return stacked
@@ -211,8 +179,6 @@ class StackedLinear(nn.Module):
         return f"experts={E}, in_features={in_features}, out_features={out_features}, dtype={self.weight.dtype}"
 
 
-register_stacked_kind(nn.Linear, StackedLinear.stack)
-
 _BY_NAME: weakref.WeakValueDictionary[str, StackedExperts] = weakref.WeakValueDictionary()
 _NAMES = itertools.count()
 
@@ -220,9 +186,9 @@ _NAMES = itertools.count()
 class StackedExperts(nn.Module):
     """All experts of a layer stacked: gate_up [E, 2F, H], down [E, H, F] in one weight kind.
 
-    path: 'auto' (the fused native op for few rows where the kind has it; gather for few
-    rows off the CPU, or inside a compiled graph for plain weights; sorted otherwise),
-    'native', 'gather' or 'sorted' (tests pin one)."""
+    path: 'auto' (the kind's fused MoE op where it has one and takes these rows — the native
+    kernels' `fused_moe`, smoe/kernels/; gather for few rows off the CPU, or inside a compiled
+    graph for plain weights; sorted otherwise), 'fused', 'gather' or 'sorted' (tests pin one)."""
 
     GATHER_MAX_ROWS = 8  # above this many token rows, gathering copies more weights than sorting reads
 
@@ -232,7 +198,7 @@ class StackedExperts(nn.Module):
         self.num_experts = gate_up.num_experts
         self.path = "auto"
         self.can_gather = hasattr(gate_up, "gathered")  # kinds that run on any device
-        self.native = hasattr(gate_up, "native_moe")  # kinds with the fused native decode op (smoe/native.py)
+        self.fused = hasattr(gate_up, "fused_moe")  # kinds with one op for all chosen experts (smoe/kernels/)
         # inside a compiled graph on the CPU, gather only where inductor's own kernels beat the
         # kind's eager ones (plain weights; int8/int4 keep their weight-only kernels)
         self.gather_in_graph = getattr(gate_up, "gather_in_graph", False)
@@ -259,10 +225,10 @@ class StackedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_indices: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
         path = self.path
-        if path == "auto" and self.native and few_rows(x):
-            path = "native"
-        if path == "native":  # all chosen experts in one call of the native kernels
-            return self.gate_up.native_moe(self.down, x, expert_indices, expert_weights)
+        if path == "auto" and self.fused and self.gate_up.takes_fused(x):
+            path = "fused"
+        if path == "fused":  # all chosen experts in one call of the kind's op
+            return self.gate_up.fused_moe(self.down, x, expert_indices, expert_weights)
         if path == "auto":  # gather where the device, or a compiled graph, would otherwise wait on the host
             few = x.shape[0] <= self.GATHER_MAX_ROWS and self.can_gather
             in_graph = torch.compiler.is_compiling() and self.gather_in_graph
@@ -290,7 +256,7 @@ class StackedExperts(nn.Module):
     def map_experts(self, fn: Callable[[nn.Module], nn.Module]) -> StackedExperts:
         raise TypeError("stacked experts are the last expert transform: quantize before for_inference")
 
-    def for_inference(self, pack: bool) -> StackedExperts:
+    def for_inference(self, kernels) -> StackedExperts:
         return self
 
     def extra_repr(self) -> str:

@@ -94,9 +94,7 @@ def compiled_decode(model: torch.nn.Module) -> torch.nn.Module:
     them for oneDNN itself. Compiling happens on the first call (tens of seconds: the Engine
     makes it with a warm-up step); dynamo keeps the result for later engines over the same
     model and cache shape."""
-    from smoe.packing import has_opaque_weights
-
-    if has_opaque_weights(model):
+    if any(getattr(m, "opaque_to_compile", False) for m in model.modules()):  # a backend's opaque layout
         raise GenerationError("compile=True needs the layout torch.compile can trace: load the model with "
                               "smoe.load(..., compile=True) (--compile); oneDNN-packed weights are opaque to it")
     # a frozen inference model: no guards on its modules (each step would check hundreds: ~0.2 ms)

@@ -3,7 +3,8 @@
 re-parses a string.
 
     1. build    the Transformer on `meta`, memory-map the checkpoint, assign the tensors
-                (checkpoint.load_model_deferred); with offloading the experts stay unread
+                (build_model, over checkpoint.py's reading and validation); with offloading
+                the experts stay unread
     2. offload  each layer's experts -> OffloadedExperts over one ExpertStore; the steps
                 below reach offloaded experts through the same methods and are applied to
                 each expert as it loads (smoe/offload.py)
@@ -11,15 +12,15 @@ re-parses a string.
                 (smoe/quantize.py); a quantized checkpoint arrives quantized from step 1
     4. adapter  LoRA wrappers from a PEFT adapter directory (smoe/lora.py), over plain or
                 quantized linears
-    5. layout   the inference layout (`pack`): experts.for_inference(pack) stacks the experts
-                ([E, 2F, H] / [E, H, F]; experts with LoRA adapters stay a list) in the native
-                kernels' kinds where this CPU runs them (smoe/native.py), else oneDNN-packed
-                (int4: aten's int4pack layout for this CPU, smoe/quantize.py); attention and
-                head linears likewise (native_linears, aten_int4_linears, then pack_linears for
-                the rest), the file pages released (smoe/packing.py). With `compile` the experts
-                are stacked unpacked and the linears stay plain: oneDNN's packed tensors are
-                opaque to torch.compile, which packs the weights of a compiled decode step
-                itself (generate.py)
+    5. layout   the inference layout (`pack`): the backend list for this load is built once
+                (smoe/kernels/: the native kernels where this CPU runs them, aten's int4
+                kernel, oneDNN, then each format's plain PyTorch reference), from the device,
+                the dtype and `compile`; experts.for_inference(kernels) stacks the experts
+                ([E, 2F, H] / [E, H, F]; experts with LoRA adapters stay a list) in the first
+                backend's kind that takes them; the attention and head linears likewise
+                (kernels.repack_linears); a backend's decode-step plan is attached; the file
+                pages are released. With `compile` oneDNN and aten's int4 layout are not asked
+                (torch.compile packs a compiled step's weights itself) and no plan is attached
     6. start    the expert store measures an expert, checks the budget, pins a profile
 
 Each step only swaps modules; none looks at what an earlier one produced. A new transform
@@ -34,9 +35,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
+from tqdm import tqdm
 
-from smoe.errors import SmoeError
-from smoe.options import OffloadSpec, QuantSpec
+from smoe import kernels, parallel
+from smoe.checkpoint import is_expert_weight, load_state, read_checkpoint, stored_dtype, stored_format
+from smoe.errors import CheckpointError, SmoeError
+from smoe.formats import locate
+from smoe.fsutil import trim_heap
+from smoe.kernels.ops import note_fallback
+from smoe.lora import load_adapter
+from smoe.model import Transformer
+from smoe.offload import offload_experts, start_store
+from smoe.options import DEMO_MODEL, OffloadSpec, QuantSpec, parse_dtype
+from smoe.quantize import quantize_model
+from smoe.tokenizer import load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -57,24 +70,44 @@ class LoadOptions:
 def model_path(path: str | Path | None) -> Path:
     """The checkpoint directory to load: `path` (a directory, a hub id `org/name[@revision]` or a
     `.gguf` file: smoe/formats), or the bundled demo model when None."""
-    from smoe import DEMO_MODEL
-    from smoe.errors import CheckpointError
-
     if path is not None:
-        from smoe.formats import resolve
-
-        return resolve(path)
+        return locate(path)
     if not (DEMO_MODEL / "config.json").exists():
         raise CheckpointError("no model given and the bundled demo model is not installed yet; "
                               "pass a checkpoint directory (smoe.load('path/to/model'), or --model DIR)")
     return DEMO_MODEL
 
 
-def load_model(path: Path, options: LoadOptions):
-    """(model, tokenizer) from a checkpoint directory, transformed as `options` ask."""
-    from smoe.checkpoint import load_model_deferred
-    from smoe.tokenizer import load_tokenizer
+def build_model(path: str | Path, *, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
+                allow_pickle: bool = False, deferred: dict[str, torch.Tensor] | None = None) -> Transformer:
+    """The plain model a checkpoint directory holds: built on `meta` (a quantized checkpoint's
+    linears as its format's empty modules), its tensors memory-mapped and assigned, no copy.
+    With a `deferred` dict the experts stay on `meta` and their weights go into it, as unread
+    views of the files by parameter name (smoe/offload.py and parallel.py read them later)."""
+    path = Path(path)
+    config, stored = read_checkpoint(path, allow_pickle)
+    dtype = parse_dtype(dtype) or stored_dtype(config, stored)
+    with torch.device("meta"):
+        model = Transformer(config)
+    version = None
+    if config.quantization:
+        model.to(dtype)
+        version = stored_format(config, path)  # a format this smoe does not know is refused before any reading
+        # the modules hold the current format, and config.quantization now says so: a stored
+        # older one is converted as it is read
+        quantize_model(model, QuantSpec.from_config(config.quantization))
+    sources = load_state(model, config, stored, path, dtype, device,
+                         defer=is_expert_weight if deferred is not None else None, stored_version=version)
+    if deferred is not None:
+        deferred.update(sources)
+    model.rope.reset_parameters(device=device)
+    model.requires_grad_(False)
+    model.eval()
+    return model
 
+
+def load_model(path: Path, options: LoadOptions) -> tuple[nn.Module, object]:
+    """(model, tokenizer) from a checkpoint directory, transformed as `options` ask."""
     offload = options.offload
     if offload is not None and options.adapter is not None:
         raise SmoeError("a LoRA adapter cannot be applied to offloaded experts yet; merge it first "
@@ -84,60 +117,62 @@ def load_model(path: Path, options: LoadOptions):
                         "are read on the host); drop --compile, or merge the adapter first (smoe lora merge)")
     if options.parallel is not None and (offload is not None or options.compile):
         raise SmoeError("--parallel does not combine with offloaded experts or --compile yet")
-    defer = offload is not None or options.parallel is not None
-    model, expert_sources = load_model_deferred(path, dtype=options.dtype, device=options.device,
-                                                allow_pickle=options.allow_pickle, defer_experts=defer)
+    expert_sources = {} if offload is not None or options.parallel is not None else None
+    model = build_model(path, dtype=options.dtype, device=options.device, allow_pickle=options.allow_pickle,
+                        deferred=expert_sources)
     if options.parallel is not None:  # this rank's share; experts it does not hold are never read
-        from smoe import parallel
-
         rank, world = parallel.init()
         parallel.parallelize(model, options.parallel, parallel.make_mesh(options.parallel, rank, world),
                              expert_sources)
         expert_sources = {}
     if offload is not None:
-        from smoe.offload import offload_experts
-
         offload_experts(model, expert_sources, offload)
     if options.quant is not None:
-        from smoe.quantize import quantize_model
-
         if model.config.quantization:
             raise SmoeError(f"{path}: the checkpoint is already quantized "
                             f"({model.config.quantization['bits']} bits); drop the quantization option")
         quantize_model(model, options.quant, progress=options.progress)
     if options.adapter is not None:
-        from smoe.lora import load_adapter
-
         load_adapter(model, options.adapter)
         model.requires_grad_(False)
     if options.pack or options.compile:
-        from smoe import native
-        from smoe.fsutil import trim_heap
-        from smoe.packing import pack_linears, release_mmap
-        from smoe.quantize import aten_int4_linears
-
-        # the native kernels are custom ops with fake impls: a compiled step calls them too
-        use_native = model.dtype == torch.bfloat16 and options.device == "cpu" and native.available()
-        if model.dtype == torch.bfloat16 and options.device == "cpu":
-            native.note_fallback()
-        from tqdm import tqdm
-
-        # stacking reads the experts' pages of the checkpoint: most of a large model's load time
-        for layer in tqdm(model.layers, desc="loading layers", unit="layer", disable=not options.progress,
-                          delay=1.0, file=sys.stderr):
-            layer.moe.experts = layer.moe.experts.for_inference(pack=not options.compile or use_native)
-        if not options.compile or use_native:
-            native.native_linears(model)
-        if not options.compile:  # decode steps: one native call per layer (a compiled step traces the modules)
-            native.native_blocks(model)
-        if not options.compile:  # a compiled step packs its own weights (inductor's freezing)
-            aten_int4_linears(model)  # int4 the native kernels did not take: aten's layout for this CPU
-            pack_linears(model)
-        release_mmap(model)
-        trim_heap()  # the stacking's freed temporaries
+        inference_layout(model, kernels.Target(options.device, model.dtype, options.compile), options.progress)
     if offload is not None:
-        from smoe.offload import start_store
-
         start_store(model, offload, progress=options.progress)
     tokenizer = load_tokenizer(path, backend=options.tokenizer_backend) if Path(path).is_dir() else None
     return model, tokenizer
+
+
+def inference_layout(model: nn.Module, target: kernels.Target, progress: bool = False) -> kernels.Kernels:
+    """Step 5: the backend list for `target`, built once; the experts stacked and the linears
+    repacked by the first backend that takes each; a decode-step plan; the checkpoint's pages
+    let go. The list, with what ran where, is kept as `model.kernels` (smoe info --kernels)."""
+    chosen = kernels.for_load(target)
+    if target.device == "cpu" and target.dtype == torch.bfloat16:
+        note_fallback()  # one line when the native kernels do not run here, and why
+    # stacking reads the experts' pages of the checkpoint: most of a large model's load time
+    for layer in tqdm(model.layers, desc="loading layers", unit="layer", disable=not progress, delay=1.0,
+                      file=sys.stderr):
+        layer.moe.experts = layer.moe.experts.for_inference(chosen)
+    chosen.repack_linears(model)
+    chosen.plan_decode(model)
+    release_mmap(model)
+    trim_heap()  # the stacking's freed temporaries
+    model.kernels = chosen
+    return chosen
+
+
+def release_mmap(model: nn.Module) -> None:
+    """Copy the tensors that still view the checkpoint's memory map (embeddings, norms,
+    routers; quantized codes no backend repacked) into memory of their own, so the map — and
+    the file pages it holds in the resident set — is released once the backends have replaced
+    the large weights; a head tied to the embeddings is tied again where it still has a weight."""
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if not p.untyped_storage().resizable():  # a view into a buffer we did not allocate
+                setattr(module, name, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+        for name, b in list(module.named_buffers(recurse=False)):
+            if b.layout == torch.strided and not b.untyped_storage().resizable():
+                setattr(module, name, b.clone())
+    if getattr(model.config, "tie_word_embeddings", False) and "weight" in model.lm_head._parameters:
+        model.lm_head.weight = model.embed_tokens.weight

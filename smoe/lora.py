@@ -31,30 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smoe.errors import SmoeError
-from smoe.options import PEFT_DEFAULT_ALPHA, LoraSpec
-
-ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-EXPERT_TARGETS = ("w1", "w2", "w3")
-ROUTER_TARGET = "router"
-ALL_TARGETS = ATTENTION_TARGETS + EXPERT_TARGETS + (ROUTER_TARGET,)
-TARGET_GROUPS = {"attention": ATTENTION_TARGETS, "experts": EXPERT_TARGETS, "all": ALL_TARGETS}
-
-
-def parse_targets(spec: str | list[str]) -> list[str]:
-    """'q_proj,v_proj' or 'attention,router' -> module names; groups: attention, experts, all."""
-    names = [t.strip() for t in spec.split(",")] if isinstance(spec, str) else list(spec)
-    out: list[str] = []
-    for name in names:
-        for t in TARGET_GROUPS.get(name, (name,)):
-            if t not in ALL_TARGETS:
-                raise SmoeError(f"unknown LoRA target {t!r}; choose from {', '.join(ALL_TARGETS)} "
-                                f"or the groups {', '.join(TARGET_GROUPS)}")
-            if t not in out:
-                out.append(t)
-    if not out:
-        raise SmoeError("no LoRA targets given")
-    return out
-
+from smoe.options import ATTENTION_TARGETS, EXPERT_TARGETS, PEFT_DEFAULT_ALPHA, ROUTER_TARGET, LoraSpec
 
 def _dims(base: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a linear-like module (nn.Linear, NF4Linear, Router)."""

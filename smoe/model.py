@@ -226,6 +226,7 @@ class Transformer(nn.Module):
         self.rope = RotaryEmbedding(config.head_dim, config.rope_theta)
         # recompute each block's activations in backward instead of keeping them (training only)
         self.gradient_checkpointing = False
+        self.decode_plan = None  # a backend's plan for decode steps, attached at load (smoe/kernels/)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -282,9 +283,14 @@ class Transformer(nn.Module):
         return self.lm_head(self.norm(x))  # [B, T, V]
 
     def run_layers(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """The decoder layers in order, x [B, T, H] -> [B, T, H] (smoe/native.py's NativeTransformer
-        runs a decode step's layers in one native call instead)."""
+        """The decoder layers in order, x [B, T, H] -> [B, T, H]. A decode-step plan the loader
+        attached (smoe/kernels/decode.py) runs the steps it takes — one new token per row over a
+        cache — in native calls instead; it gives None for any other call."""
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if self.decode_plan is not None and not checkpointing:
+            y = self.decode_plan(self.layers, x, ctx)
+            if y is not None:
+                return y
         for layer in self.layers:
             if checkpointing:
                 x = torch.utils.checkpoint.checkpoint(layer, x, ctx, use_reentrant=False)

@@ -464,8 +464,8 @@ class OffloadedExperts(nn.Module):
         self.store.steps[self.layer].append(lambda experts: experts.map_experts(fn))
         return self
 
-    def for_inference(self, pack: bool) -> OffloadedExperts:
-        self.store.steps[self.layer].append(lambda experts: experts.for_inference(pack))
+    def for_inference(self, kernels) -> OffloadedExperts:
+        self.store.steps[self.layer].append(lambda experts: experts.for_inference(kernels))
         return self
 
     def extra_repr(self) -> str:

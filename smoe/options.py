@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from smoe.errors import SmoeError
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -21,11 +23,51 @@ FALLBACK_INT4_GROUP_SIZE = 32  # the default where a model's width is not a mult
 CACHE_POLICIES = ("lru", "lfu")
 DEFAULT_CACHE_POLICY = "lru"
 DEFAULT_LORA_RANK = 8
-DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # the "attention" group
 PEFT_DEFAULT_ALPHA = 8.0  # what peft assumes when an adapter_config.json has no lora_alpha
+DEMO_MODEL = Path(__file__).parent / "assets" / "demo"  # what loads when no model is given
+
+# the names a dtype may be given by (--dtype, smoe.load(dtype=...))
+DTYPE_NAMES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}
+
+# the linears LoRA can wrap, by their module names, and the groups a user may name instead
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+EXPERT_TARGETS = ("w1", "w2", "w3")
+ROUTER_TARGET = "router"
+ALL_TARGETS = ATTENTION_TARGETS + EXPERT_TARGETS + (ROUTER_TARGET,)
+TARGET_GROUPS = {"attention": ATTENTION_TARGETS, "experts": EXPERT_TARGETS, "all": ALL_TARGETS}
+
+
+def parse_targets(spec: str | list[str]) -> list[str]:
+    """'q_proj,v_proj' or 'attention,router' -> module names; groups: attention, experts, all."""
+    names = [t.strip() for t in spec.split(",")] if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for name in names:
+        for t in TARGET_GROUPS.get(name, (name,)):
+            if t not in ALL_TARGETS:
+                raise SmoeError(f"unknown LoRA target {t!r}; choose from {', '.join(ALL_TARGETS)} "
+                                f"or the groups {', '.join(TARGET_GROUPS)}")
+            if t not in out:
+                out.append(t)
+    if not out:
+        raise SmoeError("no LoRA targets given")
+    return out
+DEFAULT_LORA_TARGETS = ATTENTION_TARGETS
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPE_NAMES[dtype.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16") from None
 
 
 def parse_size(text: str | int | float) -> int:
@@ -77,9 +119,14 @@ class QuantSpec:
         bits = quantization["bits"]
         return cls(bits, quantization.get("group_size") if bits == 4 else None, head=quantization.get("head") == "int8")
 
+    @property
+    def format_name(self) -> str:
+        """The stored weight format this spec quantizes to (smoe/weights.py, smoe/quantize.py)."""
+        return "smoe-int8" if self.bits == 8 else "smoe-int4"
+
     def to_config(self) -> dict:
         if self.head is None or self.bits == 4 and self.group_size is None:
-            raise ValueError("resolve the spec for its model first (smoe.quantize.resolve)")
+            raise ValueError("resolve the spec for its model first (smoe.quantize.resolve_quant)")
         config = {"method": "smoe", "bits": self.bits, "group_size": self.group_size}
         if self.head:
             config["head"] = "int8"
@@ -121,8 +168,6 @@ class LoraSpec:
     targets: tuple[str, ...] = field(default=DEFAULT_LORA_TARGETS)
 
     def __post_init__(self) -> None:
-        from smoe.lora import parse_targets
-
         if not isinstance(self.rank, int) or self.rank < 1:
             raise SmoeError(f"LoRA rank must be at least 1, got {self.rank}")
         if not 0 <= self.dropout < 1:

@@ -221,8 +221,8 @@ class ShardedExperts(nn.Module):
         self.experts = self.experts.map_experts(fn)
         return self
 
-    def for_inference(self, pack: bool) -> ShardedExperts:
-        self.experts = self.experts.for_inference(pack)
+    def for_inference(self, kernels) -> ShardedExperts:
+        self.experts = self.experts.for_inference(kernels)
         return self
 
     def extra_repr(self) -> str:

@@ -8,8 +8,8 @@ int4: asymmetric per group of G input columns (G = 32, 64, 128 or 256):
 What is stored belongs to no kernel and no CPU (STORED_FORMATS, recorded in config.json):
 int8 codes [N, K] and scales [N]; int4 codes in the checkpoint's row order, unpadded, two per
 byte (pack_nibbles: column 2i low nibble, 2i+1 high), scales and mins [N, K/G]. Each backend
-repacks once at load: the native kernels (smoe/native.py) into their blocks, aten's int4 CPU
-kernel into the layout it picks from the CPU capability it runs with (aten_int4_layout), and
+repacks once at load (smoe/kernels/): the native kernels into their blocks, aten's int4 CPU
+kernel into the layout it picks from the CPU capability it runs with (kernels/aten.py), and
 the plain PyTorch twin (Int4Linear's forward, StackedInt4Linear) reads the stored format.
 Checkpoints written before format 1 held aten's AVX-512 layout: checkpoint.py converts them
 at load (legacy_int4_*).
@@ -34,18 +34,16 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from smoe.errors import SmoeError
-from smoe.experts import register_stacked_kind
 from smoe.fsutil import release_module_pages, release_pages
 from smoe.options import DEFAULT_INT4_GROUP_SIZE, FALLBACK_INT4_GROUP_SIZE, INT4_GROUP_SIZES, QuantSpec
+from smoe.weights import WeightFormat, format_named, register_format
 
 KERNEL_MAX_ROWS = {8: 24}
 DEQUANT_BLOCK_BYTES = 1 << 20
 ATEN_INT4_BLOCK_N = 64  # aten's int4 CPU kernel works on blocks of 64 output rows
-# the stored layouts, by bits: config.json's quantization.format names one; a checkpoint without
-# it was written before version 1 (int8: the same layout; int4: aten's AVX-512 int4pack)
-STORED_FORMATS = {8: {"name": "smoe-int8", "version": 1}, 4: {"name": "smoe-int4", "version": 1}}
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,37 +155,6 @@ def legacy_int4_mins(scales_and_zeros: torch.Tensor, out_features: int) -> torch
     return (pairs[..., 1] - 8 * pairs[..., 0]).t().contiguous()
 
 
-# --------------------------------------------------------------------------- int4 in aten's CPU kernel layout
-
-
-def aten_int4_layout(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """codes [N, K] (0..15), scales and mins [N, K/G] -> what aten._weight_int4pack_mm_for_cpu
-    reads in THIS process: (packed [N_pad, K/2], scales_and_zeros [K/G, N_pad, 2]) with rows padded
-    to 64 (codes 8, scale 0, zero 0: outputs dropped) and aten's formula w = (q - 8)·scale + zero,
-    so zero = min + 8·scale. aten picks the packed layout from the CPU capability it runs with
-    (ATEN_CPU_CAPABILITY: default, avx2 and avx512 give three different byte orders), so it is
-    made here, at load, by aten itself, and never stored."""
-    N = codes.shape[0]
-    pad = -N % ATEN_INT4_BLOCK_N
-    codes = F.pad(codes, (0, 0, 0, pad), value=8)
-    scale, zero = scales.float(), mins.float() + 8 * scales.float()
-    scale, zero = F.pad(scale, (0, 0, 0, pad)), F.pad(zero, (0, 0, 0, pad))
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
-    return packed, torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous()
-
-
-def aten_int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, out_features: int,
-                     group_size: int) -> torch.Tensor:
-    """x [..., K] · Wᵀ through aten's weight-only int4 CPU kernel (every row count: without the
-    stored codes there is no blockwise dequantization, and on CPUs without AVX-512 BF16 the
-    kernel beats dequantize + bf16 GEMM at every size measured, 16-512 rows)."""
-    K = x.shape[-1]
-    x2 = x.reshape(-1, K).contiguous()  # [M, K]
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, scales_and_zeros.to(x.dtype))
-    return y[:, :out_features].reshape(*x.shape[:-1], out_features)
-
-
 # --------------------------------------------------------------------------- single linears
 
 
@@ -219,8 +186,8 @@ class Int4Linear(nn.Module):
     """A bias-free linear with 4-bit weights and a scale and min per group of G input columns,
     in the stored int4 format (STORED_FORMATS[4]): qweight uint8 [N, K/2] (pack_nibbles), scales and
     mins [N, K/G] in the compute dtype, w = code · scale + min. Its forward is the plain
-    PyTorch twin; the inference layout repacks it for a kernel (AtenInt4Linear here,
-    smoe/native.py's NativeInt4Linear)."""
+    PyTorch twin; the inference layout repacks it for a backend (smoe/kernels/: AtenInt4Linear,
+    NativeInt4Linear)."""
 
     def __init__(self, in_features: int, out_features: int, group_size: int, dtype: torch.dtype = torch.bfloat16,
                  device: torch.device | str | None = None) -> None:
@@ -251,37 +218,10 @@ class Int4Linear(nn.Module):
         return int4_linear(x, self.qweight, self.scales, self.mins, self.group_size)
 
 
-class AtenInt4Linear(nn.Module):
-    """An Int4Linear repacked at load for aten's CPU int4 kernel (aten_int4_layout), for the
-    capability this process runs with: the CPU backend where the native kernels do not run."""
-
-    def __init__(self, linear: Int4Linear) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.group_size = linear.group_size
-        packed, scales_and_zeros = aten_int4_layout(*linear.codes(), linear.scales.dtype)
-        self.register_buffer("packed", packed, persistent=False)
-        self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return aten_int4_linear(x, self.packed, self.scales_and_zeros, self.out_features, self.group_size)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
-                "aten int4pack")
-
-
-def aten_int4_linears(model: nn.Module) -> int:
-    """Swap every Int4Linear on the CPU (attention; what the native kernels did not take) for an
-    AtenInt4Linear; returns how many were swapped."""
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is Int4Linear and child.qweight.device.type == "cpu":
-                setattr(parent, name, AtenInt4Linear(child))
-                release_module_pages([child])  # the repacked copy replaces the file's pages
-                count += 1
-    return count
+def concat_codes(row: list[Int4Linear]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes [N, K], scales, mins [N, K/G]) of int4 linears concatenated along their outputs (an
+    expert's gate and up): what a backend repacks a stacked row from."""
+    return tuple(torch.cat(part) for part in zip(*(lin.codes() for lin in row), strict=True))
 
 
 def check_int4_shape(in_features: int, group_size: int) -> None:
@@ -304,14 +244,7 @@ class StackedInt8Linear(nn.Module):
         self.register_buffer("scales", scales)
 
     @staticmethod
-    def stack(rows: list[list[Int8Linear]], pack: bool) -> nn.Module:
-        if pack:
-            from smoe.native import stack_int8
-
-            native = stack_int8(rows)  # the native kernels' kind where this CPU runs them
-            if native is not None:
-                release_module_pages(lin for row in rows for lin in row)
-                return native
+    def stack(rows: list[list[Int8Linear]]) -> StackedInt8Linear:
         stacked = StackedInt8Linear(torch.stack([torch.cat([lin.qweight for lin in row]) for row in rows]),
                                     torch.stack([torch.cat([lin.scales for lin in row]) for row in rows]))
         release_module_pages(lin for row in rows for lin in row)  # the stacked copy replaces the file's pages
@@ -343,17 +276,9 @@ class StackedInt4Linear(nn.Module):
         self.out_features, self.in_features = qweight.shape[1], 2 * qweight.shape[2]
 
     @staticmethod
-    def stack(rows: list[list[Int4Linear]], pack: bool) -> nn.Module:
-        """Where the experts run on the CPU with `pack`, the kernels' layouts: the native kernels'
-        where this CPU runs them, else aten's (AtenStackedInt4); otherwise the stored format stacked."""
-        on_cpu = rows[0][0].qweight.device.type == "cpu"
-        if pack and on_cpu:
-            from smoe.native import stack_int4
-
-            stacked = stack_int4(rows) or AtenStackedInt4.stack(rows)
-        else:
-            stacked = StackedInt4Linear(*(torch.stack([torch.cat([getattr(lin, name) for lin in row]) for row in rows])
-                                          for name in ("qweight", "scales", "mins")), rows[0][0].group_size)
+    def stack(rows: list[list[Int4Linear]]) -> StackedInt4Linear:
+        stacked = StackedInt4Linear(*(torch.stack([torch.cat([getattr(lin, name) for lin in row]) for row in rows])
+                                      for name in ("qweight", "scales", "mins")), rows[0][0].group_size)
         release_module_pages(lin for row in rows for lin in row)  # the stacked copy replaces the file's pages
         return stacked
 
@@ -375,54 +300,37 @@ class StackedInt4Linear(nn.Module):
                 f"group_size={self.group_size}")
 
 
-class AtenStackedInt4(nn.Module):
-    """E int4 linears repacked for aten's CPU int4 kernel in this process (aten_int4_layout):
-    packed [E, N_pad, K/2], scales_and_zeros [E, K/G, N_pad, 2]. CPU only: no gathered path."""
-
-    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, out_features: int,
-                 group_size: int) -> None:
-        super().__init__()
-        self.register_buffer("packed", packed, persistent=False)
-        self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)
-        self.out_features, self.group_size = out_features, group_size
-
-    @staticmethod
-    def stack(rows: list[list[Int4Linear]]) -> AtenStackedInt4:
-        layouts = [aten_int4_layout(*(torch.cat(part) for part in zip(*(lin.codes() for lin in row), strict=True)),
-                                    row[0].scales.dtype) for row in rows]
-        return AtenStackedInt4(torch.stack([p for p, _ in layouts]), torch.stack([sz for _, sz in layouts]),
-                               sum(lin.out_features for lin in rows[0]), rows[0][0].group_size)
-
-    @property
-    def num_experts(self) -> int:
-        return self.packed.shape[0]
-
-    def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return aten_int4_linear(x, self.packed[e], self.scales_and_zeros[e], self.out_features, self.group_size)
-
-    def extra_repr(self) -> str:
-        return (f"experts={self.num_experts}, out_features={self.out_features}, group_size={self.group_size}, "
-                "aten int4pack")
+def int8_from_linear(linear: nn.Module, spec: QuantSpec) -> Int8Linear:
+    """The int8 replacement of a linear; built empty when the linear is on `meta` (a quantized
+    checkpoint is being loaded)."""
+    if linear.weight.is_meta:
+        return Int8Linear(linear.in_features, linear.out_features, linear.weight.dtype, "meta")
+    return Int8Linear.from_linear(linear)
 
 
-register_stacked_kind(Int8Linear, StackedInt8Linear.stack)
-register_stacked_kind(Int4Linear, StackedInt4Linear.stack)
+def int4_from_linear(linear: nn.Module, spec: QuantSpec) -> Int4Linear:
+    """The int4 replacement of a linear (groups of spec.group_size); built empty on `meta`."""
+    if linear.weight.is_meta:
+        return Int4Linear(linear.in_features, linear.out_features, spec.group_size, linear.weight.dtype, "meta")
+    return Int4Linear.from_linear(linear, spec.group_size)
 
 
 # --------------------------------------------------------------------------- the transform
 
 
-def quantized_linear(linear: nn.Module, spec: QuantSpec) -> nn.Module:
-    """The int8 / int4 replacement of a linear; built empty when the linear is on `meta`
-    (a quantized checkpoint is being loaded)."""
-    if linear.weight.is_meta:
-        if spec.bits == 8:
-            return Int8Linear(linear.in_features, linear.out_features, linear.weight.dtype, "meta")
-        return Int4Linear(linear.in_features, linear.out_features, spec.group_size, linear.weight.dtype, "meta")
-    return Int8Linear.from_linear(linear) if spec.bits == 8 else Int4Linear.from_linear(linear, spec.group_size)
+def quantized_linear(linear: nn.Module, spec) -> nn.Module:
+    """The replacement of a linear in the format `spec.format_name` names (smoe/weights.py)."""
+    return spec_format(spec).quantize(linear, spec)
 
 
-def quantize_expert(expert: nn.Module, spec: QuantSpec) -> nn.Module:
+def spec_format(spec) -> WeightFormat:
+    fmt = format_named(spec.format_name)
+    if fmt is None or fmt.quantize is None:
+        raise SmoeError(f"no weight format named {spec.format_name!r} to quantize to")
+    return fmt
+
+
+def quantize_expert(expert: nn.Module, spec) -> nn.Module:
     """Quantize one expert's w1, w2, w3 in place (read once from the memory map, pages given back)."""
     for name in ("w1", "w2", "w3"):
         linear = getattr(expert, name)
@@ -432,7 +340,7 @@ def quantize_expert(expert: nn.Module, spec: QuantSpec) -> nn.Module:
     return expert
 
 
-def resolve(spec: QuantSpec, config) -> QuantSpec:
+def resolve_quant(spec: QuantSpec, config) -> QuantSpec:
     """The spec with what it leaves open chosen for this model: int4 groups of 64, or 32 where a
     linear's input width is not a multiple of 64; the output head int8 unless it is tied to the
     token embeddings. Checks that the group size divides every width."""
@@ -453,29 +361,40 @@ def resolve(spec: QuantSpec, config) -> QuantSpec:
     return QuantSpec(spec.bits, group, head=head)
 
 
-def quantize_model(model, spec: QuantSpec, progress: bool = False) -> int:
-    """Swap the attention and expert linears for Int8Linear / Int4Linear, and with `spec.head`
-    (by default where the head is untied) the output head for an Int8Linear; the router, norms
-    and embeddings stay in high precision. Offloaded experts are quantized as they load. Records
-    the choice, resolved for this model (`resolve`), in model.config.quantization; returns how
-    many linears it covers."""
-    from tqdm import tqdm
-
+def quantize_model(model, spec, progress: bool = False) -> int:
+    """Swap the attention and expert linears for the format `spec` names (Int8Linear /
+    Int4Linear for a QuantSpec; any registered format's for a spec with its `format_name`), and
+    with `spec.head` (by default where the head is untied) the output head for an Int8Linear;
+    the router, norms and embeddings stay in high precision. Offloaded experts are quantized as
+    they load. Records the choice, resolved for this model (the format's `resolve`), in
+    model.config.quantization with the format's name and version; returns how many linears it
+    covers."""
     config = model.config
-    spec = resolve(spec, config)
+    fmt = spec_format(spec)
+    if fmt.resolve is not None:
+        spec = fmt.resolve(spec, config)
     meta = model.layers[0].attn.q_proj.weight.is_meta
     names = ("q_proj", "k_proj", "v_proj", "o_proj")
-    for layer in tqdm(model.layers, desc=f"int{spec.bits}", unit="layer", disable=not progress or meta, delay=1.0):
+    for layer in tqdm(model.layers, desc=fmt.name, unit="layer", disable=not progress or meta, delay=1.0):
         for name in names:
             linear = getattr(layer.attn, name)
             setattr(layer.attn, name, quantized_linear(linear, spec))
             if not meta:
                 release_pages(linear.weight)
         layer.moe.experts = layer.moe.experts.map_experts(partial(quantize_expert, spec=spec))
-    if spec.head:
+    if getattr(spec, "head", False):
         head = model.lm_head
-        model.lm_head = quantized_linear(head, QuantSpec(8))
+        model.lm_head = INT8.quantize(head, QuantSpec(8))
         if not meta:
             release_pages(head.weight)
-    config.quantization = {**spec.to_config(), "format": STORED_FORMATS[spec.bits]}
-    return len(model.layers) * (len(names) + 3 * config.num_local_experts) + int(spec.head)
+    config.quantization = {**spec.to_config(), "format": {"name": fmt.name, "version": fmt.version}}
+    return len(model.layers) * (len(names) + 3 * config.num_local_experts) + int(bool(getattr(spec, "head", False)))
+
+
+INT8 = register_format(WeightFormat("smoe-int8", 1, Int8Linear, StackedInt8Linear.stack, quantize=int8_from_linear,
+                                    resolve=resolve_quant, spec_from_config=QuantSpec.from_config))
+INT4 = register_format(WeightFormat("smoe-int4", 1, Int4Linear, StackedInt4Linear.stack, quantize=int4_from_linear,
+                                    resolve=resolve_quant, spec_from_config=QuantSpec.from_config))
+# the stored layouts, by bits: config.json's quantization.format names one; a checkpoint without
+# it was written before version 1 (int8: the same layout; int4: aten's AVX-512 int4pack)
+STORED_FORMATS = {fmt_bits: {"name": fmt.name, "version": fmt.version} for fmt_bits, fmt in ((8, INT8), (4, INT4))}

@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 
 import smoe
 from conftest import hf_model
-from smoe.checkpoint import load_model, save_checkpoint
+from smoe.checkpoint import save_checkpoint
+from smoe.loader import build_model
 from smoe.config import ModelConfig
 from smoe.errors import CheckpointError, ConfigError
 
@@ -48,7 +49,7 @@ def hf_dir(checkpoint_factory):
 
 
 def test_hf_layout_loads_without_copies(hf_dir):
-    model = load_model(hf_dir)
+    model = build_model(hf_dir)
     assert (model(IDS) - reference_logits()).abs().max() <= 1e-5
     # fp32 file, fp32 model: parameters are views into the memory-mapped file, not copies
     w = model.layers[0].moe.experts[1].w2.weight
@@ -78,7 +79,7 @@ def test_mistral_consolidated_layout(hf_dir, tmp_path):
               "norm_eps": 1e-5, "vocab_size": 128, "rope_theta": 10000.0, "sliding_window": 6,
               "max_seq_len": 256, "moe": {"num_experts": 4, "num_experts_per_tok": 2}}
     (tmp_path / "params.json").write_text(json.dumps(params))
-    model = load_model(tmp_path)
+    model = build_model(tmp_path)
     assert (model(IDS) - reference_logits()).abs().max() <= 1e-5
     # and smoe writes the same file back
     save_checkpoint(model, tmp_path / "again", layout="mistral")
@@ -92,17 +93,17 @@ def test_fused_layout_from_transformers_memory(hf_dir, tmp_path):
     assert "model.layers.0.mlp.experts.gate_up_proj" in state
     save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "model.safetensors")
     shutil.copy(hf_dir / "config.json", tmp_path / "config.json")
-    model = load_model(tmp_path)
+    model = build_model(tmp_path)
     assert (model(IDS) - reference_logits()).abs().max() <= 1e-5
 
 
 def test_round_trip_through_all_layouts(hf_dir, tmp_path):
-    model = load_model(hf_dir)
+    model = build_model(hf_dir)
     expected = model(IDS)
     current = model
     for layout in ("mistral", "hf_fused", "hf"):
         save_checkpoint(current, tmp_path / layout, layout=layout)
-        current = load_model(tmp_path / layout)
+        current = build_model(tmp_path / layout)
         assert torch.equal(current(IDS), expected), layout
     # what smoe saves in HF layout, transformers loads
     from transformers import MixtralForCausalLM
@@ -117,12 +118,12 @@ def test_sharded_checkpoints(tmp_path):
     hf.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
     assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
     assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 2
-    model = load_model(tmp_path / "hf")
+    model = build_model(tmp_path / "hf")
     assert (model(IDS) - reference_logits()).abs().max() <= 1e-5
     save_checkpoint(model, tmp_path / "ours", max_shard_bytes=30_000)
     index = json.loads((tmp_path / "ours" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
-    assert torch.equal(load_model(tmp_path / "ours")(IDS), model(IDS))
+    assert torch.equal(build_model(tmp_path / "ours")(IDS), model(IDS))
 
 
 def test_transformers_v4_config(hf_dir, tmp_path):
@@ -133,7 +134,7 @@ def test_transformers_v4_config(hf_dir, tmp_path):
     config.pop("dtype")
     (path / "config.json").write_text(json.dumps(config))
     assert ModelConfig.from_dir(path).rope_theta == 10000.0
-    assert (load_model(path)(IDS) - reference_logits()).abs().max() <= 1e-5
+    assert (build_model(path)(IDS) - reference_logits()).abs().max() <= 1e-5
 
 
 def test_head_dim_null_means_hidden_over_heads():
@@ -159,7 +160,7 @@ def test_missing_shard(tmp_path):
     shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
     shard.unlink()
     with pytest.raises(CheckpointError, match=f"shard '{shard.name}' is missing"):
-        load_model(tmp_path)
+        build_model(tmp_path)
 
 
 def test_truncated_file(hf_dir, tmp_path):
@@ -167,7 +168,7 @@ def test_truncated_file(hf_dir, tmp_path):
     f = path / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(CheckpointError, match=r"model\.safetensors: file is truncated: tensor '.+' ends at byte"):
-        load_model(path)
+        build_model(path)
 
 
 def test_corrupt_header(hf_dir, tmp_path):
@@ -177,45 +178,45 @@ def test_corrupt_header(hf_dir, tmp_path):
     data[8:20] = b"\x00garbage!!\xff\xfe"
     f.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"model\.safetensors: corrupt safetensors header"):
-        load_model(path)
+        build_model(path)
     f.write_bytes(b"\x01\x02")
     with pytest.raises(CheckpointError, match="truncated"):
-        load_model(path)
+        build_model(path)
 
 
 def test_missing_tensor(hf_dir, tmp_path):
     path = copy_ckpt(hf_dir, tmp_path / "c")
     rewrite(path, lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
     with pytest.raises(CheckpointError, match=r"missing tensor 'model\.layers\.1\.self_attn\.k_proj\.weight'"):
-        load_model(path)
+        build_model(path)
 
 
 def test_unexpected_tensor(hf_dir, tmp_path):
     path = copy_ckpt(hf_dir, tmp_path / "c")
     rewrite(path, lambda t: t.update({"model.layers.0.self_attn.rotary.inv_freq": torch.zeros(4)}))
     with pytest.raises(CheckpointError, match=r"model\.safetensors: unexpected tensor 'model\.layers\.0\.self_attn\.rotary\.inv_freq'"):
-        load_model(path)
+        build_model(path)
 
 
 def test_saved_rope_buffers_are_ignored(hf_dir, tmp_path):
     """transformers v4.3x wrote self_attn.rotary_emb.inv_freq into some checkpoints; it is derived, not a weight."""
     path = copy_ckpt(hf_dir, tmp_path / "c")
     rewrite(path, lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.zeros(8)}))
-    assert (load_model(path)(IDS) - reference_logits()).abs().max() <= 1e-5
+    assert (build_model(path)(IDS) - reference_logits()).abs().max() <= 1e-5
 
 
 def test_wrong_shape(hf_dir, tmp_path):
     path = copy_ckpt(hf_dir, tmp_path / "c")
     rewrite(path, lambda t: t.update({"model.layers.0.block_sparse_moe.experts.2.w3.weight": torch.zeros(40, 32)}))
     with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.layers\.0\.block_sparse_moe\.experts\.2\.w3\.weight' has shape \[40, 32\], which does not fit .* \[48, 32\]"):
-        load_model(path)
+        build_model(path)
 
 
 def test_unsupported_dtype(hf_dir, tmp_path):
     path = copy_ckpt(hf_dir, tmp_path / "c")
     rewrite(path, lambda t: t.update({"model.norm.weight": torch.ones(32, dtype=torch.int32)}))
     with pytest.raises(CheckpointError, match=r"tensor 'model\.norm\.weight' has unsupported dtype I32"):
-        load_model(path)
+        build_model(path)
 
 
 def test_config_does_not_match_tensors(hf_dir, tmp_path):
@@ -226,7 +227,7 @@ def test_config_does_not_match_tensors(hf_dir, tmp_path):
         config[field] = value
         (path / "config.json").write_text(json.dumps(config))
         with pytest.raises(ConfigError, match=f"config does not match the weights: it says .*{says}"):
-            load_model(path)
+            build_model(path)
 
 
 def test_pickle_refused_unless_allowed(hf_dir, tmp_path):
@@ -235,21 +236,21 @@ def test_pickle_refused_unless_allowed(hf_dir, tmp_path):
     shutil.copy(hf_dir / "config.json", path)
     torch.save(load_file(hf_dir / "model.safetensors"), path / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match=r"(?s)pickle files \(pytorch_model\.bin\).*--allow-pickle"):
-        load_model(path)
-    model = load_model(path, allow_pickle=True)
+        build_model(path)
+    model = build_model(path, allow_pickle=True)
     assert (model(IDS) - reference_logits()).abs().max() <= 1e-5
 
 
 def test_no_weights_and_bad_paths(tmp_path, hf_dir):
     with pytest.raises(CheckpointError, match="no such directory"):
-        load_model(tmp_path / "nope")
+        build_model(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="not a directory"):
-        load_model(hf_dir / "config.json")
+        build_model(hf_dir / "config.json")
     with pytest.raises(ConfigError, match="no config.json or params.json"):
-        load_model(tmp_path)
+        build_model(tmp_path)
     shutil.copy(hf_dir / "config.json", tmp_path)
     with pytest.raises(CheckpointError, match="no weights found"):
-        load_model(tmp_path)
+        build_model(tmp_path)
 
 
 @pytest.mark.parametrize("change,message", [
@@ -290,7 +291,7 @@ def test_release_pages_keeps_values_and_frees_the_map(checkpoint_factory, tmp_pa
 
     from smoe.checkpoint import release_pages
 
-    model = load_model(checkpoint_factory(vocab_size=4096, hidden_size=256))
+    model = build_model(checkpoint_factory(vocab_size=4096, hidden_size=256))
     weight = model.embed_tokens.weight  # 4 MiB viewing the file's memory map
     before = weight.clone()
     assert not weight.untyped_storage().resizable()

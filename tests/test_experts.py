@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import smoe
+from smoe import kernels
 from smoe.experts import Expert, ExpertList, StackedExperts
 from smoe.options import QuantSpec
 from smoe.quantize import quantize_expert
@@ -41,7 +42,7 @@ def implementations(reference: ExpertList) -> dict[str, torch.nn.Module]:
     out["list-sorted"] = sorted_list
     for pack in (False, True):
         for path in ("gather", "sorted"):
-            stacked = copy.deepcopy(reference).for_inference(pack=pack)
+            stacked = copy.deepcopy(reference).for_inference(kernels.for_load(kernels.Target()) if pack else kernels.PLAIN)
             assert isinstance(stacked, StackedExperts)
             if path == "gather" and not hasattr(stacked.gate_up, "gathered"):
                 continue  # oneDNN-packed experts run on the CPU only, read on the host
@@ -80,7 +81,7 @@ def test_stacked_quantized_experts_equal_their_list(spec, tokens, monkeypatch):
     indices, weights = routing(tokens, 8, 2, seed=tokens)
     expected = reference(x, indices, weights)
     for pack in (False, True):
-        stacked = copy.deepcopy(reference).for_inference(pack=pack)
+        stacked = copy.deepcopy(reference).for_inference(kernels.for_load(kernels.Target()) if pack else kernels.PLAIN)
         for path in ("gather", "sorted") if stacked.can_gather else ("sorted",):
             stacked.path = path
             assert torch.allclose(stacked(x, indices, weights), expected, rtol=1e-2, atol=1e-2), (pack, path)
@@ -120,7 +121,8 @@ def test_lora_experts_stay_a_list_read_on_the_host(checkpoint_factory, tmp_path)
 
 def test_inference_layout_agrees_with_the_plain_model(checkpoint_factory):
     """The CPU fast path (stacked experts, oneDNN-packed weights) against the plain model."""
-    from smoe.packing import PackedLinear, PackedLinears, is_packed
+    from smoe.kernels import in_inference_layout as is_packed
+    from smoe.kernels.onednn import PackedLinear, PackedLinears
 
     path = checkpoint_factory(num_local_experts=8, sliding_window=5)
     plain, _ = smoe.load(path, pack=False)
@@ -160,7 +162,7 @@ def test_moe_layer_compiles_whole(pack):
     model, _ = smoe.load(pack=pack, dtype=None if pack else "fp32")
     moe = model.layers[0].moe
     if not pack:
-        moe.experts = moe.experts.for_inference(pack=False)
+        moe.experts = moe.experts.for_inference(kernels.PLAIN)
         moe.experts.path = "gather"
     exact = smoe.load(dtype="fp32", pack=False)[0].layers[0].moe
     compiled = torch.compile(moe, fullgraph=True)
@@ -179,7 +181,7 @@ def test_moe_layer_compiles_whole(pack):
 
 def test_a_copy_of_stacked_experts_is_found_by_its_own_name():
     """The compiled path finds its module by name: a copy must not run the original's weights."""
-    stacked = expert_list(4, torch.float32).for_inference(pack=False)
+    stacked = expert_list(4, torch.float32).for_inference(kernels.PLAIN)
     clone = copy.deepcopy(stacked)
     assert clone.name != stacked.name
     clone.down.weight.data.zero_()  # the clone's weights are its own

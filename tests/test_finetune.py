@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from smoe.checkpoint import load_model
+from smoe.loader import build_model
 from smoe.cli import main
 from smoe.data import read_examples, split_heldout
 from smoe.errors import SmoeError
@@ -55,7 +55,7 @@ def test_peft_loads_an_adapter_trained_by_smoe(chat_checkpoint, tmp_path, capsys
     assert config["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"] and config["r"] == 4
 
     ids = torch.randint(0, 32000, (2, 13), generator=torch.Generator().manual_seed(0))
-    model = load_model(chat_checkpoint)
+    model = build_model(chat_checkpoint)
     load_adapter(model, adapter)
     assert all(m.lora_B.weight.abs().sum() > 0 for m in lora_modules(model).values())  # training moved B
     expected, plain = peft_logits(chat_checkpoint, adapter, ids)
@@ -134,7 +134,7 @@ def test_qlora_trains_adapters_over_an_nf4_base(chat_checkpoint, tmp_path):
     assert isinstance(model.layers[0].moe.experts[0].w1, NF4Linear)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
-    trained = load_model(chat_checkpoint)  # the adapter also applies to the unquantized base
+    trained = build_model(chat_checkpoint)  # the adapter also applies to the unquantized base
     load_adapter(trained, tmp_path / "q")
     assert all(m.lora_B.weight.abs().sum() > 0 for m in lora_modules(trained).values())
 
@@ -146,7 +146,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(checkpoint_factory):
     cfg = TrainConfig(out="unused", init_from="x", autocast="none", aux_loss_coef=0.1)
     grads = []
     for checkpointing in (False, True):
-        model = load_model(checkpoint_factory())
+        model = build_model(checkpoint_factory())
         apply_lora(model, LoraSpec(rank=2, alpha=4, targets=("q_proj", "w1", "router",)))
         for m in lora_modules(model).values():
             torch.nn.init.normal_(m.lora_B.weight, std=0.1, generator=torch.Generator().manual_seed(2))
@@ -163,8 +163,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(checkpoint_factory):
 def test_router_lora_merges_and_round_trips(checkpoint_factory, tmp_path):
     path = checkpoint_factory()
     ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(3))
-    base = load_model(path)(ids)
-    model = load_model(path)
+    base = build_model(path)(ids)
+    model = build_model(path)
     apply_lora(model, LoraSpec(rank=2, alpha=2, targets=("router",)))
     assert torch.equal(model(ids), base)  # B = 0: routing unchanged
     for m in lora_modules(model).values():
@@ -172,7 +172,7 @@ def test_router_lora_merges_and_round_trips(checkpoint_factory, tmp_path):
     adapted = model(ids)
     assert (adapted - base).abs().max() > 1e-3  # different routing, different output
     save_adapter(model, tmp_path / "r")
-    reloaded = load_model(path)
+    reloaded = build_model(path)
     load_adapter(reloaded, tmp_path / "r")
     assert torch.equal(reloaded(ids), adapted)
     merge_lora(model)
@@ -236,7 +236,7 @@ def test_full_finetune_writes_model_checkpoints(chat_checkpoint, tmp_path, capsy
     assert "model checkpoints in" in capsys.readouterr().out
     ckpt = tmp_path / "run" / "ckpt-0000002"
     assert (ckpt / "model.safetensors").exists() and not (tmp_path / "run" / "adapter_config.json").exists()
-    trained, base = load_model(ckpt), load_model(chat_checkpoint)
+    trained, base = build_model(ckpt), build_model(chat_checkpoint)
     changed = [n for n, p in trained.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
     assert any("experts" in n for n in changed) and any("attn" in n for n in changed)  # every weight trains
     assert finetune(chat_checkpoint, data, tmp_path / "x", "--full", "--qlora", "--max-steps", "1") == 2

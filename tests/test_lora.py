@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from smoe.checkpoint import load_model
+from smoe.loader import build_model
 from smoe.errors import SmoeError
 from smoe.lora import apply_lora, load_adapter, lora_modules, merge_lora, save_adapter, unmerge_lora
 from smoe.options import LoraSpec
@@ -25,7 +25,7 @@ def test_peft_loads_smoe_attention_adapter(checkpoint_factory, tmp_path):
     from conftest import peft_logits
 
     path = checkpoint_factory(num_local_experts=4, sliding_window=6)
-    model = load_model(path)
+    model = build_model(path)
     apply_lora(model, LoraSpec(rank=4, alpha=8, targets=("q_proj", "k_proj", "v_proj", "o_proj",)))
     randomize_b(model)
     save_adapter(model, tmp_path / "adapter", base_model=str(path))
@@ -33,15 +33,15 @@ def test_peft_loads_smoe_attention_adapter(checkpoint_factory, tmp_path):
     got = model(IDS)
     assert (got - expected).abs().max().item() <= 1e-4
     assert (expected - plain).abs().max().item() > 1e-2  # the adapter does change the output
-    reloaded = load_model(path)
+    reloaded = build_model(path)
     load_adapter(reloaded, tmp_path / "adapter")
     assert torch.equal(reloaded(IDS), got)
 
 
 def test_fresh_adapter_is_identity_and_merge_matches(checkpoint_factory):
     path = checkpoint_factory()
-    base = load_model(path)(IDS)
-    model = load_model(path)
+    base = build_model(path)(IDS)
+    model = build_model(path)
     wrapped = apply_lora(model, LoraSpec(rank=2, alpha=4, targets=("q_proj", "v_proj", "w1", "w2", "w3",)))
     assert len(wrapped) == 2 * (2 + 4 * 3)
     assert torch.equal(model(IDS), base)  # B = 0
@@ -54,7 +54,7 @@ def test_fresh_adapter_is_identity_and_merge_matches(checkpoint_factory):
 
 
 def test_gradients_reach_only_adapters(checkpoint_factory):
-    model = load_model(checkpoint_factory())
+    model = build_model(checkpoint_factory())
     apply_lora(model, LoraSpec(rank=2, alpha=2, targets=("q_proj", "o_proj", "w2",)))
     randomize_b(model)
     model.train()
@@ -85,7 +85,7 @@ def test_load_and_generate_with_adapter(checkpoint_factory, tmp_path):
     import smoe
 
     path = checkpoint_factory()
-    model = load_model(path)
+    model = build_model(path)
     apply_lora(model, LoraSpec(rank=2, alpha=4, targets=("q_proj", "w1",)))
     randomize_b(model, seed=3)
     save_adapter(model, tmp_path / "a")
@@ -109,7 +109,7 @@ def test_lora_merge_cli_writes_an_equivalent_checkpoint(checkpoint_factory, tmp_
     import sys
 
     path = checkpoint_factory(num_local_experts=4)
-    model = load_model(path)
+    model = build_model(path)
     apply_lora(model, LoraSpec(rank=3, alpha=6, targets=("k_proj", "o_proj", "w3",)))
     randomize_b(model, seed=4)
     save_adapter(model, tmp_path / "a")
@@ -117,7 +117,7 @@ def test_lora_merge_cli_writes_an_equivalent_checkpoint(checkpoint_factory, tmp_
                           str(tmp_path / "a"), "--out", str(tmp_path / "merged")], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
-    merged = load_model(tmp_path / "merged")
+    merged = build_model(tmp_path / "merged")
     assert not lora_modules(merged)
     assert (merged(IDS) - model(IDS)).abs().max().item() <= 1e-5
     again = subprocess.run([sys.executable, "-m", "smoe.cli", "lora", "merge", "--model", str(path), "--adapter",

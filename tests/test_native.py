@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 import smoe
-from smoe import native
+from smoe import kernels
+from smoe.kernels import decode, native
 from smoe.experts import Expert, ExpertList, StackedExperts
 from smoe.options import QuantSpec
 from smoe.quantize import quantize_expert, quantize_int4, quantize_int8
@@ -164,11 +165,11 @@ def test_fused_moe_equals_the_experts_module(threads, quant, num_experts, top_k,
     products through the same kernels, the rest in PyTorch): equal up to SiLU's last bit."""
     hidden, ffn = (192, 320) if quant == "int4-g64" else (H, FF)  # g64 needs multiples of 64 (not of 128)
     experts = quantized(expert_list(num_experts, hidden=hidden, ffn=ffn), quant)
-    stacked = experts.for_inference(pack=True)
-    assert isinstance(stacked, StackedExperts) and stacked.native
+    stacked = experts.for_inference(kernels.for_load(kernels.Target()))
+    assert isinstance(stacked, StackedExperts) and stacked.fused
     x = randn(tokens, hidden, seed=tokens)
     indices, weights = routing(tokens, num_experts, top_k, seed=tokens * 31 + num_experts)
-    stacked.path = "native"
+    stacked.path = "fused"
     fused = stacked(x, indices, weights)
     stacked.path = "sorted"
     per_expert = stacked(x, indices, weights)
@@ -184,9 +185,9 @@ def test_fused_moe_close_to_the_pytorch_experts(quant, limit):
     """Against PyTorch's own kinds (bf16 products; int8/int4 with unquantized activations):
     the difference is the 8-bit activations' rounding, a few % of the output's scale."""
     experts = quantized(expert_list(8, seed=3), quant)
-    reference = copy.deepcopy(experts).for_inference(pack=False)
-    assert not reference.native
-    stacked = experts.for_inference(pack=True)
+    reference = copy.deepcopy(experts).for_inference(kernels.PLAIN)
+    assert not reference.fused
+    stacked = experts.for_inference(kernels.for_load(kernels.Target()))
     x = randn(6, H, seed=9)
     indices, weights = routing(6, 8, 2, seed=5)
     ours, theirs = stacked(x, indices, weights).float(), reference(x, indices, weights).float()
@@ -198,17 +199,17 @@ def test_fused_moe_reads_rows_that_are_not_multiples_of_the_tile():
     """H and F that are neither multiples of 4 (the row tile) nor of 32 (bf16 only)."""
     experts = expert_list(5, hidden=37, ffn=23)
     reference = copy.deepcopy(experts)
-    stacked = experts.for_inference(pack=True)
+    stacked = experts.for_inference(kernels.for_load(kernels.Target()))
     x = randn(3, 37, seed=2)
     indices, weights = routing(3, 5, 2, seed=1)
-    stacked.path = "native"
+    stacked.path = "fused"
     expected = reference(x, indices, weights).float()
     assert (stacked(x, indices, weights).float() - expected).abs().max() <= 4 * BF16_ULP * expected.abs().amax()
 
 
 @needs_native
 def test_fused_moe_compiles_whole():
-    experts = expert_list(8).for_inference(pack=True)
+    experts = expert_list(8).for_inference(kernels.for_load(kernels.Target()))
     x = randn(2, H, seed=4)
     indices, weights = routing(2, 8, 2, seed=4)
     eager = experts(x, indices, weights)
@@ -249,9 +250,9 @@ def test_demo_greedy_tokens_identical_with_and_without_the_kernels(monkeypatch):
         models[flag] = model
         runs[flag] = [smoe.generate(model, tokenizer, p, max_tokens=48, temperature=0).token_ids for p in prompts]
         kinds = {type(model.layers[0].moe.experts.gate_up).__name__, type(model.lm_head).__name__,
-                 type(model.layers[0]).__name__}
-        assert kinds == ({"NativeStackedLinear", "NativeLinear", "NativeBlock"} if flag == "1"
-                         else {"PackedLinears", "PackedLinear", "Block"})
+                 type(model.decode_plan).__name__}
+        assert kinds == ({"NativeStackedLinear", "NativeLinear", "DecodePlan"} if flag == "1"
+                         else {"PackedLinears", "PackedLinear", "NoneType"})
     exact = smoe.load(dtype="fp32", pack=False)[0]
     whole = 0
     for prompt, ours_ids, theirs_ids in zip(prompts, runs["1"], runs["0"], strict=True):
@@ -290,7 +291,7 @@ def test_fallback_is_pytorch_and_said_once():
     """SMOE_NATIVE=0 (as on a CPU without the instructions, or without a compiler): PyTorch's
     layout, one line on stderr, the same greedy tokens as the default load."""
     code = ("import smoe, torch\n"
-            "from smoe.packing import PackedLinear\n"
+            "from smoe.kernels.onednn import PackedLinear\n"
             "m, t = smoe.load(dtype='bf16'); smoe.load(dtype='bf16')\n"
             "print(type(m.lm_head).__name__)\n"
             "print(smoe.generate(m, t, 'Once upon a time', max_tokens=16, temperature=0).token_ids)\n"
@@ -318,14 +319,12 @@ def test_decode_layer_equals_the_block_it_replaces(checkpoint_factory, quant):
     not for others: the layer runs once per layer per step, and its logits are no further from
     PyTorch's bf16 ones than those are from the fp32 model's."""
     from smoe.cache import KVCache
-    from smoe.model import Block
-
     path = checkpoint_factory(seed=3, hidden_size=96, intermediate_size=160, num_attention_heads=6,
                               num_key_value_heads=2, num_local_experts=5, sliding_window=8)
     model = smoe.load(path, dtype="bf16", quant=quant)[0]
     exact = smoe.load(path, dtype="fp32", pack=False, quant=quant)[0]
-    assert all(type(layer) is native.NativeBlock for layer in model.layers)
-    assert type(model) is native.NativeTransformer
+    assert model.decode_plan is not None  # every layer's parts are the op's
+    assert model.kernels.ran["layers", "native", "decode steps"] == len(model.layers)
     lengths = [3, 7, 12, 20]
     B = len(lengths)
     caches = {m: KVCache(m.config, B, 64, dtype=m.dtype) for m in (model, exact)}
@@ -346,13 +345,11 @@ def test_decode_layer_equals_the_block_it_replaces(checkpoint_factory, quant):
             written = cache.k.clone(), cache.v.clone()
             for t, s in zip((cache.k, cache.v, cache.slot_pos), saved, strict=True):
                 t.copy_(s)
-            for layer in model.layers:
-                layer.__class__ = Block
+            plan, model.decode_plan = model.decode_plan, None  # the Blocks' modules
             try:
                 theirs = model(tokens, positions, cache)[:, -1].float()
             finally:
-                for layer in model.layers:
-                    layer.__class__ = native.NativeBlock
+                model.decode_plan = plan
             reference = exact(tokens, positions, caches[exact])[:, -1]
             for ours_kv, theirs_kv in zip(written, (cache.k, cache.v), strict=True):  # RoPE'd keys, values
                 torch.testing.assert_close(ours_kv.float(), theirs_kv.float(), rtol=2 * BF16_ULP, atol=1e-3)
@@ -406,7 +403,7 @@ def test_final_norm_equals_the_module(rows, hidden):
     module.weight.data = (torch.rand(hidden, generator=gen) + 0.5).bfloat16()
     x = (torch.randn(rows, 1, hidden, generator=gen) * 3).bfloat16()
     native_norm = copy.deepcopy(module)
-    native_norm.__class__ = native.NativeRMSNorm
+    native_norm.__class__ = decode.NativeRMSNorm
     with torch.inference_mode(), torch.profiler.profile() as prof:
         ours = native_norm(x)
     assert sum(e.name == "smoe::rms_norm" for e in prof.events()) == 1
@@ -424,8 +421,8 @@ def test_final_norm_equals_the_module(rows, hidden):
 def test_loaded_model_gets_the_native_final_norm(checkpoint_factory):
     path = checkpoint_factory(seed=5, hidden_size=64, intermediate_size=96, num_attention_heads=4,
                               num_key_value_heads=2, num_local_experts=4)
-    assert type(smoe.load(path, dtype="bf16")[0].norm) is native.NativeRMSNorm
-    assert type(smoe.load(path, dtype="fp32")[0].norm) is not native.NativeRMSNorm
+    assert type(smoe.load(path, dtype="bf16")[0].norm) is decode.NativeRMSNorm
+    assert type(smoe.load(path, dtype="fp32")[0].norm) is not decode.NativeRMSNorm
 
 
 def _vma_huge_kb(address: int) -> int:
@@ -486,12 +483,12 @@ def test_a_native_layers_decode_tensors_live_in_one_region_in_read_order(checkpo
                               num_key_value_heads=2, num_local_experts=4)
     model = smoe.load(path, dtype="bf16", quant="int4")[0]
     for layer in model.layers:
-        assert type(layer) is native.NativeBlock
-        owners = native._decode_tensor_owners(layer)
+        assert decode.decode_weights(layer) is not None
+        owners = decode.decode_tensor_owners(layer)
         tensors = [getattr(module, name) for module, name in owners]
         storage = {t.untyped_storage().data_ptr() for t in tensors}
         assert len(storage) == 1 and tensors[0].untyped_storage().resizable()  # ours: release_mmap keeps it
         addresses = [t.data_ptr() for t in tensors]
         assert addresses == sorted(addresses) and all(a % 64 == 0 for a in addresses)
         # what the op is given is what was packed
-        assert {t.data_ptr() for t in native.decode_weights(layer) if t.numel()} == set(addresses)
+        assert {t.data_ptr() for t in decode.decode_weights(layer) if t.numel()} == set(addresses)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from smoe.checkpoint import load_model
+from smoe.loader import build_model
 from smoe.lora import apply_lora, lora_modules
 from smoe.nf4 import NF4_LEVELS, NF4Linear, dequantize_nf4, nf4_absmax, quantize_model_nf4, quantize_nf4
 from smoe.options import LoraSpec
@@ -66,18 +66,18 @@ def test_qlora_is_lora_over_nf4(checkpoint_factory):
     path = checkpoint_factory(num_local_experts=4)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(2))
     # the reference: a plain model whose weights are replaced by their NF4 round trip
-    reference_model = load_model(path)
+    reference_model = build_model(path)
     with torch.no_grad():
         for name, module in reference_model.named_modules():
             if isinstance(module, torch.nn.Linear) and name != "lm_head":
                 module.weight.copy_(dequantize_nf4(quantize_nf4(module.weight)))
     reference = reference_model(ids)
-    model = load_model(path)
+    model = build_model(path)
     assert quantize_model_nf4(model) == 2 * (4 + 4 * 3)
     assert isinstance(model.layers[0].moe.experts[3].w2, NF4Linear)
     quantized = model(ids)
     assert (quantized - reference).abs().max() <= 1e-5
-    assert (quantized - load_model(path)(ids)).abs().max() > 1e-3  # 4 bits do change the weights
+    assert (quantized - build_model(path)(ids)).abs().max() > 1e-3  # 4 bits do change the weights
     apply_lora(model, LoraSpec(rank=4, alpha=8, targets=("q_proj", "v_proj", "w1", "w2", "w3",)))
     assert torch.equal(model(ids), quantized)  # fresh adapters change nothing
     model.train()

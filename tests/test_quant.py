@@ -19,15 +19,16 @@ from torch import nn
 import smoe
 import smoe.quantize
 from conftest import DATA, capability_env, cpu_capabilities, current_capability
-from smoe import native
-from smoe.checkpoint import load_model, save_checkpoint
+from smoe import kernels
+from smoe.kernels import native
+from smoe.kernels.aten import AtenInt4Linear, AtenStackedInt4
+from smoe.checkpoint import save_checkpoint
+from smoe.loader import build_model
 from smoe.cli import main
 from smoe.errors import ConfigError, SmoeError
 from smoe.options import QuantSpec
 from smoe.quantize import (
     STORED_FORMATS,
-    AtenInt4Linear,
-    AtenStackedInt4,
     Int4Linear,
     Int8Linear,
     legacy_int4_qweight,
@@ -132,7 +133,7 @@ def test_quantized_model_equals_its_dequantized_twin(checkpoint_factory, kind):
     if kind[0] == 4:
         assert type(fast.layers[0].attn.q_proj) is AtenInt4Linear
         assert type(fast.layers[0].moe.experts.gate_up) is AtenStackedInt4
-    quantize_model(slow_src := load_model(path), QuantSpec(*kind))
+    quantize_model(slow_src := build_model(path), QuantSpec(*kind))
     slow = straightforward(slow_src)
     assert (fast(IDS) - slow(IDS)).abs().max().item() <= 1e-4
     expected = smoe.generate(slow, None, [3, 1, 4, 1, 5], max_tokens=12, ignore_eos=True).token_ids
@@ -148,9 +149,9 @@ def test_quantized_checkpoint_round_trips(checkpoint_factory, tmp_path, capsys):
         config = json.loads((out / "config.json").read_text())
         assert config["quantization"] == {"method": "smoe", "bits": bits, "group_size": 64 if bits == 4 else None,
                                           "head": "int8", "format": STORED_FORMATS[bits]}
-        in_memory = load_model(path)
+        in_memory = build_model(path)
         quantize_model(in_memory, QuantSpec(bits, 64 if bits == 4 else None, head=True))
-        loaded = load_model(out)
+        loaded = build_model(out)
         assert type(loaded.layers[1].moe.experts[3].w2) is type(in_memory.layers[1].moe.experts[3].w2)
         assert type(loaded.lm_head) is Int8Linear
         assert torch.equal(loaded(IDS), in_memory(IDS))
@@ -170,18 +171,18 @@ def test_quantized_checkpoint_round_trips(checkpoint_factory, tmp_path, capsys):
 def test_default_int4_groups_are_64_or_32_where_a_width_needs_it(checkpoint_factory):
     """No group size given: 64 (Q4_0's 4.5 bits per weight) where every linear's input width is
     a multiple of 64, else 32 — a model that int4-g32 fits is never refused by plain int4."""
-    from smoe.quantize import resolve
+    from smoe.quantize import resolve_quant as resolve
 
     wide = checkpoint_factory(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
     narrow = checkpoint_factory(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
     for path, group in ((wide, 64), (narrow, 32)):
-        model = load_model(path)
+        model = build_model(path)
         assert resolve(QuantSpec(4), model.config) == QuantSpec(4, group, head=True)
         quantize_model(model, QuantSpec(4))
         assert model.config.quantization["group_size"] == group
         assert model.layers[0].moe.experts[0].w2.group_size == group
     with pytest.raises(SmoeError, match="group size 64 needs input widths divisible by it.*96 inputs"):
-        quantize_model(load_model(narrow), QuantSpec(4, 64))  # asked for explicitly: refused, not changed
+        quantize_model(build_model(narrow), QuantSpec(4, 64))  # asked for explicitly: refused, not changed
 
 
 def test_quantized_head_is_the_default_where_untied(checkpoint_factory, tmp_path, capsys):
@@ -197,9 +198,9 @@ def test_quantized_head_is_the_default_where_untied(checkpoint_factory, tmp_path
     config = json.loads((out / "config.json").read_text())
     assert config["quantization"] == {"method": "smoe", "bits": 4, "group_size": 64, "head": "int8",
                                       "format": {"name": "smoe-int4", "version": 1}}
-    in_memory = load_model(path)
+    in_memory = build_model(path)
     quantize_model(in_memory, QuantSpec(4, 64, head=True))
-    loaded = load_model(out)
+    loaded = build_model(out)
     assert type(loaded.lm_head) is Int8Linear and torch.equal(loaded.lm_head.qweight, in_memory.lm_head.qweight)
     assert torch.equal(loaded(IDS), in_memory(IDS))
     for quant in ("int4-g64+head", "int4"):
@@ -213,9 +214,9 @@ def test_quantized_head_is_the_default_where_untied(checkpoint_factory, tmp_path
     assert "quantized 32 linears (int4, group 64):" in capsys.readouterr().out
     assert json.loads((kept / "config.json").read_text())["quantization"] == {
         "method": "smoe", "bits": 4, "group_size": 64, "format": {"name": "smoe-int4", "version": 1}}
-    plain = load_model(kept)
+    plain = build_model(kept)
     assert type(plain.lm_head) is nn.Linear
-    assert torch.equal(plain.lm_head.weight, load_model(path).lm_head.weight)
+    assert torch.equal(plain.lm_head.weight, build_model(path).lm_head.weight)
     assert not torch.equal(plain(IDS), in_memory(IDS))  # the head did change
     on_the_fly, _ = smoe.load(path, quant="int4+keephead", pack=False)
     assert torch.equal(on_the_fly(IDS), plain(IDS))
@@ -224,7 +225,7 @@ def test_quantized_head_is_the_default_where_untied(checkpoint_factory, tmp_path
                               tie_word_embeddings=True)
     assert main(["quantize", "--model", str(tied), "--bits", "8", "--out", str(tmp_path / "t8")]) == 0
     assert "quantized 32 linears (int8 per channel):" in capsys.readouterr().out
-    model = load_model(tmp_path / "t8")
+    model = build_model(tmp_path / "t8")
     assert "head" not in model.config.quantization and type(model.lm_head) is nn.Linear
     assert torch.equal(model.lm_head.weight, model.embed_tokens.weight)
     assert main(["quantize", "--model", str(tied), "--bits", "8", "--quant-head", "--out", str(tmp_path / "t")]) == 2
@@ -255,7 +256,7 @@ def test_quant_spec_strings_that_are_refused(text):
 def test_bad_quantization_input(checkpoint_factory, tmp_path, capsys):
     path = checkpoint_factory()  # intermediate size 48: no group of 32 divides it
     with pytest.raises(SmoeError, match="48 inputs; choose a group size that divides it"):
-        quantize_model(load_model(path), QuantSpec(4, 32))
+        quantize_model(build_model(path), QuantSpec(4, 32))
     with pytest.raises(SmoeError, match="unknown quantization"):
         smoe.load(path, quant="int3")
     config = json.loads((path / "config.json").read_text())
@@ -263,7 +264,7 @@ def test_bad_quantization_input(checkpoint_factory, tmp_path, capsys):
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({**config, "quantization": {"method": "gptq", "bits": 4}}))
     with pytest.raises(ConfigError, match="smoe quantize"):
-        load_model(bad)
+        build_model(bad)
     assert main(["quantize", "--model", str(path), "--bits", "8", "--out", str(path)]) == 2
     assert "not an empty directory" in capsys.readouterr().err
 
@@ -316,7 +317,7 @@ def test_a_loaded_quantized_checkpoint_gives_its_file_pages_back(checkpoint_fact
     group = ["--group-size", "32"] if bits == 4 else []
     assert main(["quantize", "--model", str(path), "--bits", str(bits), *group, "--out", str(out)]) == 0
     _align_safetensors_data(out / "model.safetensors")
-    model = load_model(out)
+    model = build_model(out)
     codes = model.layers[0].moe.experts[0].w1.qweight
     assert not codes.untyped_storage().resizable()  # aligned: a view of the map
     expert_bytes = sum(t.nbytes for layer in model.layers for t in layer.moe.experts.buffers())
@@ -325,7 +326,7 @@ def test_a_loaded_quantized_checkpoint_gives_its_file_pages_back(checkpoint_fact
         t.sum()  # every page of the file resident, as a load that reads it leaves them
     touched = rss_file_kib()
     for layer in model.layers:
-        layer.moe.experts = layer.moe.experts.for_inference(pack=True)
+        layer.moe.experts = layer.moe.experts.for_inference(kernels.for_load(kernels.Target()))
     # the stacked copies replaced them (whole pages only: a 128 KiB tensor's edges stay)
     assert rss_file_kib() < touched - expert_bytes / 2 / 1024
     del model, codes, t, layer
@@ -378,13 +379,13 @@ def test_a_checkpoint_written_before_format_1_gives_the_tokens_of_the_cpu_that_w
     got = smoe.generate(model, None, expected["prompt_ids"], max_tokens=expected["max_tokens"], temperature=0,
                         ignore_eos=True)
     assert got.token_ids == expected["token_ids"] == affine_rule(expected["prompt_ids"], expected["max_tokens"])
-    plain = load_model(AFFINE_INT4_V0)  # the stored format in memory: its plain twin, and it saves as format 1
+    plain = build_model(AFFINE_INT4_V0)  # the stored format in memory: its plain twin, and it saves as format 1
     assert plain.config.quantization["format"] == STORED_FORMATS[4]
     assert smoe.generate(plain, None, expected["prompt_ids"], max_tokens=8, ignore_eos=True).token_ids == \
         expected["token_ids"][:8]
     save_checkpoint(plain, tmp_path / "v1")
     assert json.loads((tmp_path / "v1" / "config.json").read_text())["quantization"]["format"] == STORED_FORMATS[4]
-    again = load_model(tmp_path / "v1")
+    again = build_model(tmp_path / "v1")
     for name, t in plain.state_dict().items():
         assert torch.equal(again.state_dict()[name], t), name
 
@@ -432,6 +433,6 @@ def test_an_unknown_stored_format_is_a_clear_error(tmp_path, capsys):
         config["quantization"]["format"] = fmt
         (bad / "config.json").write_text(json.dumps(config))
         with pytest.raises(ConfigError, match=re.escape(message)):
-            load_model(bad)
+            build_model(bad)
         assert main(["generate", "--model", str(bad), "--prompt-ids", "1,2", "--max-tokens", "2"]) == 2
         assert message in capsys.readouterr().err

@@ -127,18 +127,18 @@ def cmd_info(args) -> int:
 def cmd_quantize(args) -> int:
     import time
 
-    from smoe.checkpoint import load_model, save_checkpoint
+    from smoe.checkpoint import save_checkpoint
     from smoe.errors import SmoeError
     from smoe.options import QuantSpec
     from smoe.quantize import quantize_model
 
     check_new_dir(args.out)
     spec = QuantSpec(args.bits, args.group_size, head=args.quant_head)
-    from smoe.loader import model_path
+    from smoe.loader import build_model, model_path
 
     source = str(model_path(args.model))
     start = time.perf_counter()
-    model = load_model(source, dtype=args.dtype)  # memory-mapped: each weight is read once, as it is quantized
+    model = build_model(source, dtype=args.dtype)  # memory-mapped: each weight is read once, as it is quantized
     if model.config.quantization:
         raise SmoeError(f"{source}: is already quantized ({model.config.quantization['bits']} bits)")
     before = sum(t.nbytes for t in model.state_dict().values())
@@ -155,14 +155,15 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_lora(args) -> int:
-    from smoe.checkpoint import load_model, parse_dtype, save_checkpoint
-    from smoe.loader import model_path
+    from smoe.checkpoint import save_checkpoint
+    from smoe.loader import build_model, model_path
     from smoe.lora import load_adapter, merge_lora
+    from smoe.options import parse_dtype
 
     check_new_dir(args.out)
     base = model_path(args.model)
-    saved_dtype = parse_dtype(args.dtype) or load_model(base).dtype  # memory-mapped: no copy
-    model = load_model(base, dtype="fp32")  # merge in fp32, then save in the wanted dtype
+    saved_dtype = parse_dtype(args.dtype) or build_model(base).dtype  # memory-mapped: no copy
+    model = build_model(base, dtype="fp32")  # merge in fp32, then save in the wanted dtype
     load_adapter(model, args.adapter)
     merge_lora(model, unwrap=True)
     save_checkpoint(model, args.out, dtype=saved_dtype)
@@ -185,7 +186,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from smoe.checkpoint import parse_dtype
+    from smoe.options import parse_dtype
     from smoe.cli.common import check_new_dir
     from smoe.errors import SmoeError
     from smoe.formats.gguf import convert

@@ -94,7 +94,7 @@ def load(args):
     """The model and tokenizer the flags describe (smoe/loader.py applies the transforms)."""
     import torch
 
-    from smoe.checkpoint import parse_dtype
+    from smoe.options import parse_dtype
     from smoe.errors import SmoeError
     from smoe.loader import LoadOptions, load_model, model_path
     from smoe.offload import format_bytes

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from smoe.cli.common import model_args
+import dataclasses
+
+from smoe.cli.common import load, model_args
+from smoe.server import ServeSettings, serve
 
 
 def register(sub) -> None:
@@ -38,6 +41,5 @@ def register(sub) -> None:
 
 
 def cmd_serve(args) -> int:
-    from smoe.server import serve
-
-    return serve(args)
+    settings = ServeSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeSettings)})
+    return serve(settings, lambda: load(args))

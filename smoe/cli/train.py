@@ -81,7 +81,7 @@ def finetune_config(args):
     from smoe.config import ModelConfig
     from smoe.errors import SmoeError
     from smoe.loader import model_path
-    from smoe.lora import parse_targets
+    from smoe.options import parse_targets
     from smoe.train import TrainConfig
 
     model = str(model_path(args.model))  # a directory, a hub id or a .gguf file

@@ -1,22 +1,21 @@
 """Readers for what people download: Hugging Face hub ids and the HF cache (hub.py), GGUF
-files (gguf.py). `resolve(spec)` turns whatever a user passed as a model into a checkpoint
+files (gguf.py). `locate(spec)` turns whatever a user passed as a model into a checkpoint
 directory smoe loads."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from smoe.formats import hub
+from smoe.formats.gguf import cached_conversion
 
-def resolve(spec: str | Path) -> Path:
+
+def locate(spec: str | Path) -> Path:
     """A local path wins; then a `.gguf` file (converted once into a cache directory); then a
     hub id `org/name[@revision]` (the HF cache, or a download of the files smoe reads)."""
-    from smoe.formats import hub
-
     path = Path(spec)
     if path.suffix == ".gguf" and path.is_file():
-        from smoe.formats.gguf import cached_conversion
-
         return cached_conversion(path)
     if path.exists() or not hub.is_hub_id(str(spec)):
         return path
-    return hub.resolve(str(spec))
+    return hub.download(str(spec))

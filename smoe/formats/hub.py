@@ -4,7 +4,7 @@ A snapshot already in the Hugging Face cache is used as it is (offline when HF_H
 otherwise only the files smoe reads are downloaded — config, tokenizer files and safetensors
 weights of ONE layout (the hub's `model-*.safetensors`, else Mistral's `consolidated`), never
 pickles (`*.bin`, `*.pt`, `*.pth`) — with huggingface_hub's progress bars, resuming a partial
-download. A local directory of the same name always wins (formats.resolve).
+download. A local directory of the same name always wins (formats.locate).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def is_hub_id(text: str) -> bool:
     return HUB_ID.match(text) is not None and not text.startswith(("./", "../", "/"))
 
 
-def resolve(spec: str) -> Path:
+def download(spec: str) -> Path:
     """The snapshot directory of a hub id, from the cache or downloaded."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub import errors as hf

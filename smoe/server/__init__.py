@@ -17,22 +17,49 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
+import uvicorn
+
+from smoe import parallel
 from smoe.errors import SmoeError
+from smoe.generate import Engine
+from smoe.offload import format_bytes
+from smoe.server.app import ServerState, create_app
+from smoe.server.lockstep import LockstepEngine, follow
+from smoe.server.scheduler import Scheduler
 
 DEFAULT_MAX_CONTEXT = 4096
 SWITCH_INTERVAL_S = 0.0005
 
 
-def serve(args) -> int:
-    import uvicorn
+@dataclass(frozen=True)
+class ServeSettings:
+    """How to serve (`smoe serve`'s flags, typed by cli/serve.py; the defaults are its defaults)."""
 
-    from smoe import parallel
-    from smoe.server.app import ServerState, create_app
+    model: str | None = None  # what the model was loaded from: the served name defaults to its last part
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key: str | None = None
+    served_model_name: str | None = None
+    max_batch: int = 8
+    max_context: int | None = None
+    max_queue: int = 64
+    prefill_chunk: int = 256
+    max_body: int = 4 << 20
+    allowed_origins: str | None = None
+    log_level: str = "info"
+    compile: bool = False
 
+
+def serve(args: ServeSettings, load: Callable[[], tuple]) -> int:
+    """Listen at once (GET /health answers 503 while loading), then `load()` -> (model,
+    tokenizer) in a background thread and serve it until stopped."""
     _check_flags(args)
     if parallel.launched() and int(os.environ.get("RANK", "0")) != 0:
-        return _follow(args)  # the other ranks step the engine with rank 0; rank 0 serves HTTP
+        return _follow(args, load)  # the other ranks step the engine with rank 0; rank 0 serves HTTP
 
     # the event loop and the scheduler thread share the GIL; Python hands it over every 5 ms by
     # default, so a busy event loop could stall a decode step that long: hand it over sooner
@@ -48,7 +75,7 @@ def serve(args) -> int:
 
     def load() -> None:
         try:
-            _load_into(state, args)
+            _load_into(state, args, load)
             host, port = sock.getsockname()[:2]
             key = "API key required" if api_key else "no API key (anyone who can reach the port can use it)"
             print(f"smoe serve: {name} ready on http://{host}:{port} (chat page at /, {key})", file=sys.stderr)
@@ -101,28 +128,20 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def _model_name(model: str | None) -> str:
-    from pathlib import Path
-
     return "smoe-demo" if model is None else Path(model).resolve().name
 
 
-def _load_into(state, args) -> None:
-    from smoe import parallel
-    from smoe.cli.common import load
-
-    model, tokenizer = load(args)
+def _load_into(state, args: ServeSettings, load: Callable[[], tuple]) -> None:
+    model, tokenizer = load()
     attach(state, model, tokenizer, max_batch=args.max_batch, max_context=args.max_context,
            prefill_chunk=args.prefill_chunk, max_queue=args.max_queue, compile=args.compile,
            lockstep=parallel.launched())
 
 
-def _follow(args) -> int:
+def _follow(args: ServeSettings, load: Callable[[], tuple]) -> int:
     """A rank > 0 under torchrun: its share of the model, an engine shaped like rank 0's, and
     rank 0's calls replayed on it until the server stops."""
-    from smoe.cli.common import load
-    from smoe.server.lockstep import follow
-
-    model, tokenizer = load(args)
+    model, tokenizer = load()
     follow(serving_engine(model, tokenizer, args.max_batch, args.max_context, args.prefill_chunk))
     return 0
 
@@ -131,8 +150,6 @@ def serving_engine(model, tokenizer, max_batch: int, max_context: int | None, pr
                    compile: bool = False):
     """The engine a server steps: max_batch rows of the model's context (at most max_context,
     DEFAULT_MAX_CONTEXT when not given). Every rank under torchrun makes the same one."""
-    from smoe.generate import Engine
-
     context = model.config.max_position_embeddings
     return Engine(model, tokenizer, max_batch_size=max_batch, prefill_chunk=prefill_chunk, compile=compile,
                   max_seq_len=min(max_context or DEFAULT_MAX_CONTEXT, context))
@@ -142,9 +159,6 @@ def attach(state, model, tokenizer, *, max_batch: int = 8, max_context: int | No
            max_queue: int = 64, compile: bool = False, lockstep: bool = False):
     """Give a ServerState its engine and a running scheduler: from then on the routes answer.
     -> the Scheduler (stop() it when done)."""
-    from smoe.offload import format_bytes
-    from smoe.server.scheduler import Scheduler
-
     engine = serving_engine(model, tokenizer, max_batch, max_context, prefill_chunk, compile)
     print(f"smoe serve: {max_batch} sequences x {engine.max_seq_len} tokens of KV cache "
           f"({format_bytes(engine.cache.nbytes)}), queue of {max_queue}", file=sys.stderr)
@@ -154,8 +168,6 @@ def attach(state, model, tokenizer, *, max_batch: int = 8, max_context: int | No
     state.num_layers = model.config.num_hidden_layers
     state.num_experts = model.config.num_local_experts
     if lockstep:  # under torchrun: every rank runs what this engine runs (server/lockstep.py)
-        from smoe.server.lockstep import LockstepEngine
-
         engine = LockstepEngine(engine)
     scheduler = Scheduler(engine, max_queue=max_queue, metrics=state.metrics)
     scheduler.start()

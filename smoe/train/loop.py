@@ -138,10 +138,10 @@ def plot_history(history: list[dict], out: Path, title: str = "") -> None:
     os.replace(tmp, out)
 
 
-def build_model(cfg: TrainConfig, vocab_size: int | None, adapter: Path | None = None):
+def model_to_train(cfg: TrainConfig, vocab_size: int | None, adapter: Path | None = None):
     """The model to train: new (random init), loaded from init_from, or init_from wrapped in
     LoRA adapters (over an NF4 base for QLoRA), with adapter weights from `adapter` when resuming."""
-    from smoe.checkpoint import load_model
+    from smoe.loader import build_model
     from smoe.model import Transformer
 
     if cfg.init_from:
@@ -155,7 +155,7 @@ def build_model(cfg: TrainConfig, vocab_size: int | None, adapter: Path | None =
             base_dtype = torch.bfloat16
         else:
             base_dtype = torch.float32
-        model = load_model(cfg.init_from, dtype=base_dtype)
+        model = build_model(cfg.init_from, dtype=base_dtype)
         model.config.router_jitter_noise = cfg.router_jitter
         for layer in model.layers:
             layer.moe.jitter_noise = cfg.router_jitter
@@ -262,9 +262,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
     if resume and (run / "latest").exists():
         ckpt = run / (run / "latest").read_text().strip()
         if cfg.lora is not None:
-            model = build_model(cfg, None, adapter=ckpt)
+            model = model_to_train(cfg, None, adapter=ckpt)
         else:
-            model = build_model(replace(cfg, init_from=str(ckpt), model=None), None)
+            model = model_to_train(replace(cfg, init_from=str(ckpt), model=None), None)
         optimizer = _optimizer(model, cfg)
         state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
@@ -275,7 +275,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
     else:
         if resume:
             print(f"no checkpoint in {run} to resume from; starting from step 0")
-        model = build_model(cfg, tokenizer.vocab_size)
+        model = model_to_train(cfg, tokenizer.vocab_size)
         optimizer = _optimizer(model, cfg)
     if lead:
         (run / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")

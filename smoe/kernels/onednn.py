@@ -1,11 +1,11 @@
-"""CPU inference fast path: linear weights pre-packed in oneDNN's blocked layout.
+"""The oneDNN backend: linear weights packed once at load in oneDNN's blocked layout.
 
 A plain bf16 ``F.linear`` matrix-vector product reads its weight at ~20-27 GB/s on our
 2-core machine; the same product on a weight that oneDNN has reordered once into its
 blocked layout reads at ~35 GB/s, and larger products run 1.1-2.2x faster too
-(docs/BENCHMARKS.md, "Where the time goes"). Packing is a transform
-(DESIGN.md): it swaps each frozen ``nn.Linear`` for a ``PackedLinear`` with the same
-call, after the model is loaded; stacked experts (smoe/experts.py) hold their experts as
+(docs/BENCHMARKS.md, "Where the time goes"). The backend (registered
+below, asked after the native kernels) swaps each frozen bias-free ``nn.Linear`` for a
+``PackedLinear`` with the same call; stacked experts (smoe/experts.py) hold their experts as
 ``PackedLinears``, each expert's gate and up projections one packed [2F, H] matrix (one
 matrix-vector product instead of two per token).
 The packed tensor is opaque — only oneDNN can read it — so a packed model is for
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from smoe.fsutil import release_pages
+from smoe.kernels.registry import Backend, Target
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -33,6 +34,8 @@ def can_pack(weight: torch.Tensor) -> bool:
 
 class PackedLinear(nn.Module):
     """y = x·Wᵀ for a frozen W stored in oneDNN's layout (no bias: Mixtral has none)."""
+
+    opaque_to_compile = True  # torch.compile cannot trace through a oneDNN-packed tensor
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -58,6 +61,8 @@ class PackedLinears(nn.Module):
     """The stacked-experts kind for oneDNN: one packed matrix per expert (the packed layout is
     opaque, so the experts cannot share one tensor); CPU only, so no gathered path. The decode
     path calls oneDNN directly on `weights[e]`, without a module call per expert."""
+
+    opaque_to_compile = True
 
     def __init__(self, weights: list[torch.Tensor], in_features: int, out_features: int) -> None:
         super().__init__()
@@ -88,50 +93,34 @@ class PackedLinears(nn.Module):
         return f"experts={len(self.weights)}, in_features={self.in_features}, out_features={self.out_features}"
 
 
-def pack_linears(model: nn.Module) -> int:
-    """Replace every packable nn.Linear of a frozen CPU model (attention, output head; the
-    experts are packed when they are stacked); returns how many linears were packed."""
-    if any(p.requires_grad for p in model.parameters()):
-        raise ValueError("pack_linears is for inference: call model.requires_grad_(False) first")
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child.bias is None and can_pack(child.weight):
-                try:
-                    packed = PackedLinear(child)
-                except RuntimeError:  # a oneDNN build without this dtype: keep the plain linear
-                    continue
-                setattr(parent, name, packed)
-                release_pages(child.weight)  # the packed copy replaces the file's pages
-                count += 1
-    return count
+def onednn_linear(linear: nn.Linear) -> PackedLinear | None:
+    """A frozen bias-free linear in oneDNN's layout, or None where oneDNN cannot take it."""
+    if linear.bias is not None or linear.weight.requires_grad or not can_pack(linear.weight):
+        return None
+    try:
+        return PackedLinear(linear)
+    except RuntimeError:  # a oneDNN build without this dtype: keep the plain linear
+        return None
 
 
-def has_opaque_weights(model: nn.Module) -> bool:
-    """Holds oneDNN-packed tensors, which torch.compile cannot trace through."""
-    return any(isinstance(m, PackedLinear | PackedLinears) for m in model.modules())
+def onednn_stack(rows: list[list[nn.Linear]]) -> PackedLinears | None:
+    if not can_pack(rows[0][0].weight):
+        return None
+    try:
+        return PackedLinears.stack(rows)
+    except RuntimeError:  # a oneDNN build without this dtype: keep the plain layout
+        return None
 
 
-def is_packed(model: nn.Module) -> bool:
-    """Transformed for inference: packed weights or stacked experts (which no checkpoint layout names)."""
-    from smoe.experts import StackedExperts
-    from smoe.native import NativeInt4Linear, NativeInt8Linear, NativeLinear
+def refuses(target: Target) -> str | None:
+    if target.device != "cpu":
+        return f"oneDNN packs CPU weights; the model is on {target.device}"
+    if target.compile:
+        return "a compiled decode step packs its frozen weights itself (inductor)"
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return "this torch has no oneDNN"
+    return None
 
-    kinds = PackedLinear | StackedExperts | NativeLinear | NativeInt8Linear | NativeInt4Linear
-    return any(isinstance(m, kinds) for m in model.modules())
 
-
-def release_mmap(model: nn.Module) -> None:
-    """Copy the tensors that still view the checkpoint's memory map (embeddings, norms,
-    routers; quantized codes no backend repacked) into memory of their own, so the map — and
-    the file pages it holds in the resident set — is released once packing has replaced the
-    large weights."""
-    for module in model.modules():
-        for name, p in list(module.named_parameters(recurse=False)):
-            if not p.untyped_storage().resizable():  # a view into a buffer we did not allocate
-                setattr(module, name, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
-        for name, b in list(module.named_buffers(recurse=False)):
-            if b.layout == torch.strided and not b.untyped_storage().resizable():
-                setattr(module, name, b.clone())
-    if getattr(model.config, "tie_word_embeddings", False) and not isinstance(model.lm_head, PackedLinear):
-        model.lm_head.weight = model.embed_tokens.weight
+BACKEND = Backend("onednn", ("plain",), refuses, linear=onednn_linear, stack=onednn_stack,
+                  kinds=(PackedLinear, PackedLinears))

@@ -1,0 +1,278 @@
+"""The native CPU kernels (smoe/csrc/, the ops in smoe/kernels/ops.py) as a backend: the weight
+kinds that call them, each format's repacking into their layout, and the registration.
+
+The kernels multiply a few token rows (decode) by bf16, int8 or int4 weights with AVX-512
+BF16 and VNNI dot products, reading each weight once; int8 and int4 quantize the activations
+to 8 bits in blocks of 32 once per call, shared by every expert of the layer. One op,
+`smoe::moe_*`, runs all chosen experts of a MoE layer (gate/up, SiLU·up, down, weighted sum).
+Many rows (prefill) go to PyTorch's GEMMs, which are faster there. Whole decoder layers of a
+decode step run as one call: smoe/kernels/decode.py. docs/KERNELS.md has the layouts, the
+arithmetic and the measurements.
+
+The layouts: bf16 weights stay as stored ([N, K], stacked [E, N, K]); int8 keeps its codes
+and takes fp32 scales; int4 is repacked at load into blocks of 32 columns, 16 bytes each
+(column j in the low nibble, j + 16 in the high one) with a bf16 scale s and offset m per
+group (w = code·s + m), so a block unpacks with one shift and one mask.
+
+Each kind names, in `decode_tensors`, the (weight, scale) attributes smoe::decode_layer reads.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smoe.fsutil import huge_page_copy
+from smoe.kernels.decode import plan_decode
+from smoe.kernels.ops import MAX_ROWS, available, few_rows, note_fallback, unavailable_reason
+from smoe.kernels.registry import Backend, Target
+from smoe.quantize import Int4Linear, Int8Linear, blockwise_linear, concat_codes, int8_linear
+
+__all__ = ["MAX_ROWS", "available", "unavailable_reason", "note_fallback", "few_rows", "BACKEND"]
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+# --------------------------------------------------------------------------- int4 in the kernels' layout
+
+
+def int4_native_layout(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                       dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
+    """codes [N, K] (0..15), scales and mins [N, K/G] (the stored format's w = code·scale + min,
+    smoe/quantize.py) -> (bytes [N, K/2]: per block of 32 columns, column j low nibble, j + 16
+    high; sm [N, 2, K/G]: scale, then min)."""
+    N, K = codes.shape
+    blocks = codes.to(torch.uint8).view(N, K // 32, 2, 16)
+    packed = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(N, K // 2)
+    return packed.contiguous(), torch.stack([scales, mins], dim=1).to(dtype).contiguous()
+
+
+def dequantize_int4_native(codes: torch.Tensor, sm: torch.Tensor, group_size: int, dtype: torch.dtype,
+                           start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """bytes [N, K/2], sm [N, 2, K/G] -> the weight [N, K] (or its rows start:stop) in `dtype`."""
+    b = codes[start:stop]
+    n, K = b.shape[0], 2 * b.shape[1]
+    q = torch.stack([b.view(n, K // 32, 16) & 0x0F, b.view(n, K // 32, 16) >> 4], dim=2).view(n, K // group_size,
+                                                                                            group_size)
+    s, m = sm[start:stop, 0].to(dtype)[..., None], sm[start:stop, 1].to(dtype)[..., None]  # [n, K/G, 1]
+    return (q.to(dtype) * s + m).view(n, K)
+
+
+# --------------------------------------------------------------------------- single linears (attention, head)
+
+
+class NativeLinear(nn.Module):
+    """A frozen bias-free bf16 linear: the native kernel for few rows, F.linear for many."""
+
+    decode_tensors = ("weight", None)
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        # in huge pages (fsutil.huge_page_copy); a head tied to the embedding is tied again by release_mmap
+        self.weight = nn.Parameter(huge_page_copy(linear.weight.detach()), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = _rows(x)
+        if few_rows(rows):
+            return torch.ops.smoe.linear_bf16(rows, self.weight).view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, native"
+
+
+class NativeInt8Linear(Int8Linear):
+    """An Int8Linear whose few-row products run natively (with an fp32 copy of its scales)."""
+
+    decode_tensors = ("qweight", "scales32")
+
+    @classmethod
+    def from_int8(cls, linear: Int8Linear) -> NativeInt8Linear:
+        native = cls(linear.in_features, linear.out_features, linear.scales.dtype, "meta")
+        # scales copied too: a view would keep the checkpoint's whole memory map alive
+        native.qweight, native.scales = huge_page_copy(linear.qweight), linear.scales.clone()
+        native.register_buffer("scales32", linear.scales.float(), persistent=False)
+        return native
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = _rows(x)
+        if few_rows(rows):
+            return torch.ops.smoe.linear_q8(rows, self.qweight, self.scales32).view(*x.shape[:-1], self.out_features)
+        return int8_linear(x, self.qweight, self.scales)
+
+
+class NativeInt4Linear(nn.Module):
+    """An int4 linear in the kernels' layout (see int4_native_layout)."""
+
+    decode_tensors = ("codes", "sm")
+
+    def __init__(self, codes: torch.Tensor, sm: torch.Tensor, group_size: int) -> None:
+        super().__init__()
+        self.register_buffer("codes", huge_page_copy(codes))
+        self.register_buffer("sm", sm)
+        self.out_features, self.in_features, self.group_size = codes.shape[0], 2 * codes.shape[1], group_size
+
+    @classmethod
+    def from_int4(cls, linear) -> NativeInt4Linear:
+        return cls(*int4_native_layout(*linear.codes(), linear.scales.dtype), linear.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = _rows(x)
+        if few_rows(rows):
+            y = torch.ops.smoe.linear_q4(rows, self.codes, self.sm, self.group_size)
+        else:
+            y = blockwise_linear(rows, partial(dequantize_int4_native, self.codes, self.sm, self.group_size, x.dtype),
+                                 self.out_features)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                "native")
+
+
+def native_linear(linear: nn.Module) -> nn.Module | None:
+    """A frozen bias-free bf16 nn.Linear, or an Int8Linear / Int4Linear with bf16 scales, on the
+    CPU, as the native kernels' module; None for anything else."""
+    if type(linear) is nn.Linear:
+        if linear.bias is None and linear.weight.dtype == torch.bfloat16 and linear.weight.device.type == "cpu":
+            return NativeLinear(linear)
+        return None
+    if linear.scales.dtype != torch.bfloat16 or linear.scales.device.type != "cpu":
+        return None
+    return NativeInt8Linear.from_int8(linear) if type(linear) is Int8Linear else NativeInt4Linear.from_int4(linear)
+
+
+# --------------------------------------------------------------------------- stacked experts
+
+
+class _Fused:
+    """A stacked kind with smoe::moe_* (StackedExperts' 'fused' path) for the rows it takes."""
+
+    @staticmethod
+    def takes_fused(x: torch.Tensor) -> bool:
+        return few_rows(x)
+
+
+
+class NativeStackedLinear(_Fused, nn.Module):
+    """E bf16 linears [E, out, in] (as StackedLinear) with the native decode kernels."""
+
+    decode_tensors = ("weight", None)
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+    @property
+    def num_experts(self) -> int:
+        return self.weight.shape[0]
+
+    def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        if few_rows(x):
+            return torch.ops.smoe.linear_bf16(x.contiguous(), self.weight[e])
+        return F.linear(x, self.weight[e])
+
+    def fused_moe(self, down: NativeStackedLinear, x, expert_indices, expert_weights) -> torch.Tensor:
+        return torch.ops.smoe.moe_bf16(x.contiguous(), expert_indices.contiguous(), expert_weights.contiguous(),
+                                       self.weight, down.weight)
+
+    def extra_repr(self) -> str:
+        E, out_features, in_features = self.weight.shape
+        return f"experts={E}, in_features={in_features}, out_features={out_features}, native"
+
+
+class NativeStackedInt8(_Fused, nn.Module):
+    """E int8 linears: qweight [E, N, K], scales [E, N] (compute dtype) and their fp32 copy."""
+
+    decode_tensors = ("qweight", "scales32")
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("scales32", scales.float(), persistent=False)
+
+    @property
+    def num_experts(self) -> int:
+        return self.qweight.shape[0]
+
+    def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        if few_rows(x):
+            return torch.ops.smoe.linear_q8(x.contiguous(), self.qweight[e], self.scales32[e])
+        return int8_linear(x, self.qweight[e], self.scales[e])
+
+    def fused_moe(self, down: NativeStackedInt8, x, expert_indices, expert_weights) -> torch.Tensor:
+        return torch.ops.smoe.moe_q8(x.contiguous(), expert_indices.contiguous(), expert_weights.contiguous(),
+                                     self.qweight, self.scales32, down.qweight, down.scales32)
+
+
+class NativeStackedInt4(_Fused, nn.Module):
+    """E int4 linears in the kernels' layout: codes [E, N, K/2], sm [E, N, 2, K/G]."""
+
+    decode_tensors = ("codes", "sm")
+
+    def __init__(self, codes: torch.Tensor, sm: torch.Tensor, group_size: int) -> None:
+        super().__init__()
+        self.register_buffer("codes", codes)
+        self.register_buffer("sm", sm)
+        self.group_size = group_size
+        self.out_features, self.in_features = codes.shape[1], 2 * codes.shape[2]
+
+    @property
+    def num_experts(self) -> int:
+        return self.codes.shape[0]
+
+    def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        if few_rows(x):
+            return torch.ops.smoe.linear_q4(x.contiguous(), self.codes[e], self.sm[e], self.group_size)
+        dequantize = partial(dequantize_int4_native, self.codes[e], self.sm[e], self.group_size, x.dtype)
+        return blockwise_linear(x.contiguous(), dequantize, self.out_features)
+
+    def fused_moe(self, down: NativeStackedInt4, x, expert_indices, expert_weights) -> torch.Tensor:
+        return torch.ops.smoe.moe_q4(x.contiguous(), expert_indices.contiguous(), expert_weights.contiguous(),
+                                     self.codes, self.sm, down.codes, down.sm, self.group_size)
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}, native")
+
+
+def native_stack(rows: list[list[nn.Module]]) -> nn.Module | None:
+    """E experts' linears (bf16 nn.Linear, or Int8Linear / Int4Linear with bf16 scales, on the
+    CPU) in the native stacked kind; None where the kernels cannot read them."""
+    first = rows[0][0]
+    if type(first) is nn.Linear:
+        if first.weight.dtype != torch.bfloat16 or first.weight.device.type != "cpu":
+            return None
+        return NativeStackedLinear(huge_page_copy(torch.stack([torch.cat([lin.weight.detach() for lin in row])
+                                                               for row in rows])))
+    if first.scales.dtype != torch.bfloat16 or first.qweight.device.type != "cpu":
+        return None
+    if type(first) is Int8Linear:
+        return NativeStackedInt8(huge_page_copy(torch.stack([torch.cat([lin.qweight for lin in row]) for row in rows])),
+                                 torch.stack([torch.cat([lin.scales for lin in row]) for row in rows]))
+    layouts = [int4_native_layout(*concat_codes(row)) for row in rows]
+    return NativeStackedInt4(huge_page_copy(torch.stack([codes for codes, _ in layouts])),
+                             torch.stack([sm for _, sm in layouts]), first.group_size)
+
+
+def refuses(target: Target) -> str | None:
+    if target.device != "cpu":
+        return f"CPU kernels; the model is on {target.device}"
+    reason = unavailable_reason()
+    if reason is not None:
+        return reason
+    if target.dtype != torch.bfloat16:
+        return f"the kernels compute in bf16; the model is {str(target.dtype).removeprefix('torch.')}"
+    return None
+
+
+BACKEND = Backend("native", ("plain", "smoe-int8", "smoe-int4"), refuses, linear=native_linear, stack=native_stack,
+                  kinds=(NativeLinear, NativeInt8Linear, NativeInt4Linear, NativeStackedLinear, NativeStackedInt8,
+                         NativeStackedInt4), decode=plan_decode)

@@ -1,0 +1,75 @@
+"""smoe's native CPU ops (the extension `smoe._native`, built from smoe/csrc/ by setup.py):
+whether they run here, and their fake implementations for torch.compile and meta tensors.
+
+The ops are `torch.library` ops in the `smoe` namespace, found by name (`torch.ops.smoe.*`):
+linear_bf16 / _q8 / _q4 (few rows by one weight), moe_bf16 / _q8 / _q4 (all chosen experts of
+a MoE layer), quantize_activations, rms_norm, decode_layer / decode_layers (whole decoder layers
+of a decode step). docs/KERNELS.md has their layouts, arithmetic and measurements.
+
+`available()` is true when the extension was built (`make install`), the CPU has the
+instructions and SMOE_NATIVE is not 0.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import torch
+
+MAX_ROWS = 16  # token rows up to which the native kernels run; above, PyTorch's GEMMs
+
+try:  # optional: built by `make install` where a compiler is (imported by name: it is not a Python module)
+    _native = importlib.import_module("smoe._native")
+except ImportError as error:  # not built: no compiler, or installed without torch at build time
+    _native, _IMPORT_ERROR = None, str(error)
+else:
+    _IMPORT_ERROR = None
+
+_noted = False
+
+
+def unavailable_reason() -> str | None:
+    """Why the native kernels cannot run here, or None when they can."""
+    if _native is None:
+        return f"the native extension is not built ({_IMPORT_ERROR}); `make install` builds it"
+    if os.environ.get("SMOE_NATIVE", "1") == "0":
+        return "SMOE_NATIVE=0"
+    if not _native.supported():
+        return "this CPU lacks AVX-512 BF16 and VNNI"
+    return None
+
+
+def available() -> bool:
+    return unavailable_reason() is None
+
+
+def note_fallback() -> None:
+    """Say once per process that the PyTorch kernels run instead, and why."""
+    global _noted
+    reason = unavailable_reason()
+    if reason is not None and not _noted:
+        _noted = True
+        print(f"smoe: native CPU kernels off ({reason}); using PyTorch's kernels", file=sys.stderr)
+
+
+def few_rows(x: torch.Tensor) -> bool:
+    """Rows the native kernels take: at most MAX_ROWS, bf16, not being differentiated."""
+    return x.shape[0] <= MAX_ROWS and x.dtype == torch.bfloat16 and not x.requires_grad
+
+
+if _native is not None:  # fake implementations: shapes only, for torch.compile and meta tensors
+    def _rows_by(x, out_features):
+        return x.new_empty(x.shape[0], out_features)
+
+    def _like_x(x, *args):
+        return torch.empty_like(x)
+
+    torch.library.register_fake("smoe::linear_bf16")(lambda x, w: _rows_by(x, w.shape[0]))
+    torch.library.register_fake("smoe::linear_q8")(lambda x, w, scale: _rows_by(x, w.shape[0]))
+    torch.library.register_fake("smoe::linear_q4")(lambda x, codes, sm, group_size: _rows_by(x, codes.shape[0]))
+    for _op in ("moe_bf16", "moe_q8", "moe_q4", "rms_norm", "decode_layer", "decode_layers"):
+        torch.library.register_fake(f"smoe::{_op}")(_like_x)
+    torch.library.register_fake("smoe::quantize_activations")(
+        lambda x, group_size: x.new_empty(x.shape, dtype=torch.float32))
