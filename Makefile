@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml setup.py
 	touch $(STAMP) $(NATIVE)
 
 # the native kernels again when their source changes (a failed build leaves PyTorch's kernels in use)
-$(NATIVE): smoe/csrc/native.cpp
+$(NATIVE): $(wildcard smoe/csrc/*.cpp smoe/csrc/*.h)
 	$(BIN)/python setup.py --quiet build_ext --inplace
 	touch $(NATIVE)
 

@@ -22,8 +22,8 @@ import torch
 
 import smoe
 from smoe.checkpoint import atomic_write, save_checkpoint
-from smoe.loader import build_model
 from smoe.data import read_jsonl, write_jsonl
+from smoe.loader import build_model
 from smoe.tokenizer import HFTokenizer
 from smoe.train import heldout_perplexity, tokenize_documents
 

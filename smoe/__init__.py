@@ -15,7 +15,8 @@ import torch
 from smoe.config import ModelConfig
 from smoe.errors import SmoeError
 from smoe.generate import Engine, GenerationResult, TextPiece, generate, stream_generate
-from smoe.options import DEFAULT_CACHE_POLICY, DEMO_MODEL, LoraSpec, OffloadSpec, QuantSpec
+from smoe.loader import LoadOptions, load_model, model_path
+from smoe.options import DEFAULT_CACHE_POLICY, DEMO_MODEL, LoraSpec, OffloadSpec, QuantSpec, parse_dtype
 from smoe.sampling import SamplingParams
 
 __all__ = [
@@ -50,7 +51,8 @@ def load(
     tokenizer=None (prompts are then lists of token ids).
 
     pack: the inference layout — experts stacked (smoe/experts.py) and, on the CPU, linear
-    weights in oneDNN's blocked layout (smoe/packing.py). Default: on. A packed model cannot
+    weights repacked for the first backend that takes each (smoe/kernels/: the native kernels,
+    aten's int4 kernel, oneDNN). Default: on. A packed model cannot
     be trained or saved; load with pack=False for that.
 
     adapter: a LoRA adapter directory in PEFT format (smoe/lora.py) to apply.
@@ -74,8 +76,6 @@ def load(
 
     The order in which these transforms apply is documented in smoe/loader.py.
     """
-    from smoe.loader import LoadOptions, load_model, model_path
-    from smoe.options import parse_dtype
 
     if max_memory is None and (expert_profile is not None or cache_policy != DEFAULT_CACHE_POLICY):
         raise SmoeError("an expert profile or cache policy needs offloading: give max_memory (--max-memory)")

@@ -30,8 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smoe.checkpoint import atomic_write, read_safetensors
 from smoe.errors import SmoeError
 from smoe.options import ATTENTION_TARGETS, EXPERT_TARGETS, PEFT_DEFAULT_ALPHA, ROUTER_TARGET, LoraSpec
+
 
 def _dims(base: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a linear-like module (nn.Linear, NF4Linear, Router)."""
@@ -173,8 +175,6 @@ def _peft_key(ours: str) -> str:
 def save_adapter(model, path: str | Path, base_model: str | None = None) -> None:
     from safetensors.torch import save_file
 
-    from smoe.checkpoint import atomic_write
-
     modules = lora_modules(model)
     if not modules:
         raise SmoeError("the model has no LoRA adapters to save")
@@ -234,7 +234,6 @@ def read_adapter_config(path: str | Path) -> LoraSpec:
 
 def load_adapter_weights(model, path: str | Path) -> None:
     """Copy a saved adapter's A and B matrices into a model that already carries the same adapters."""
-    from smoe.checkpoint import read_safetensors
 
     file = Path(path) / "adapter_model.safetensors"
     stored = read_safetensors(file)

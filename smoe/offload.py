@@ -508,7 +508,7 @@ class _Prefetcher:
 
 def offload_experts(model: nn.Module, sources: dict[str, torch.Tensor], spec: OffloadSpec) -> ExpertStore:
     """The transform: serve `model`'s experts (left on `meta` by
-    checkpoint.load_model_deferred, their weights in `sources`) from an ExpertStore with
+    loader.build_model with `deferred`, their weights in `sources`) from an ExpertStore with
     spec.max_memory bytes on the model's device (plus a spec.max_cpu_memory RAM tier when that
     device is a GPU). The store starts (measures, pins spec.profile's hottest experts) when
     the loader calls `start_store`, after the transforms that follow this one."""

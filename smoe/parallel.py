@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from smoe.errors import SmoeError
+from smoe.experts import Expert, ExpertList
 
 DEFAULT_TIMEOUT_S = 60.0
 
@@ -236,7 +237,6 @@ def parallelize(model: nn.Module, spec: ParallelSpec, mesh: Mesh, sources: dict[
                 ) -> nn.Module:
     """Keep this rank's share of `model` (built and loaded; with `sources`, the experts are still
     unread views of the checkpoint, by parameter name, and only this rank's slices are read)."""
-    from smoe.experts import Expert, ExpertList
 
     config = model.config
     E, G, Q, F = (config.num_local_experts, config.num_key_value_heads, config.num_attention_heads,

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from smoe.tokenizer import IncrementalDetokenizer
+
 RoutingObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
@@ -182,7 +184,6 @@ def token_pieces(tokenizer, ids: list[int], context: list[int] = ()) -> list[str
     """Text of each token such that the pieces add up to the decoded text (a character split
     over several byte tokens is shown on the token that completes it); `context`: the ids
     before them, so that the first piece keeps the space that separates it from them."""
-    from smoe.tokenizer import IncrementalDetokenizer
 
     detok = IncrementalDetokenizer(tokenizer, context=context)
     pieces = [detok.add(i) for i in ids]

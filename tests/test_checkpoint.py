@@ -11,11 +11,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import smoe
+import smoe.loader
 from conftest import hf_model
 from smoe.checkpoint import save_checkpoint
-from smoe.loader import build_model
 from smoe.config import ModelConfig
 from smoe.errors import CheckpointError, ConfigError
+from smoe.loader import build_model
 
 CFG = dict(num_local_experts=4, head_dim=16, num_attention_heads=4, num_key_value_heads=2, sliding_window=6)
 IDS = torch.randint(0, 128, (2, 13), generator=torch.Generator().manual_seed(0))
@@ -280,7 +281,7 @@ def test_bad_params_json(tmp_path):
 
 
 def test_load_without_path_and_no_demo_model(monkeypatch, tmp_path):
-    monkeypatch.setattr(smoe, "DEMO_MODEL", tmp_path / "not-installed")
+    monkeypatch.setattr(smoe.loader, "DEMO_MODEL", tmp_path / "not-installed")  # where model_path looks
     with pytest.raises(CheckpointError, match="pass a checkpoint directory"):
         smoe.load()
 

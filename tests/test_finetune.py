@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from smoe.loader import build_model
 from smoe.cli import main
 from smoe.data import read_examples, split_heldout
 from smoe.errors import SmoeError
+from smoe.loader import build_model
 from smoe.lora import apply_lora, load_adapter, lora_modules, merge_lora, save_adapter, unmerge_lora
 from smoe.options import LoraSpec
 from smoe.tokenizer import SentencePieceTokenizer, chat_training_ids

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from smoe.loader import build_model
 from smoe.errors import SmoeError
+from smoe.loader import build_model
 from smoe.lora import apply_lora, load_adapter, lora_modules, merge_lora, save_adapter, unmerge_lora
 from smoe.options import LoraSpec
 

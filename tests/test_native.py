@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 import smoe
 from smoe import kernels
-from smoe.kernels import decode, native
 from smoe.experts import Expert, ExpertList, StackedExperts
+from smoe.kernels import decode, native
 from smoe.options import QuantSpec
 from smoe.quantize import quantize_expert, quantize_int4, quantize_int8
 

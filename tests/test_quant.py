@@ -20,12 +20,12 @@ import smoe
 import smoe.quantize
 from conftest import DATA, capability_env, cpu_capabilities, current_capability
 from smoe import kernels
-from smoe.kernels import native
-from smoe.kernels.aten import AtenInt4Linear, AtenStackedInt4
 from smoe.checkpoint import save_checkpoint
-from smoe.loader import build_model
 from smoe.cli import main
 from smoe.errors import ConfigError, SmoeError
+from smoe.kernels import native
+from smoe.kernels.aten import AtenInt4Linear, AtenStackedInt4
+from smoe.loader import build_model
 from smoe.options import QuantSpec
 from smoe.quantize import (
     STORED_FORMATS,

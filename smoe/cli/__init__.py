@@ -17,8 +17,10 @@ import argparse
 import os
 import sys
 
+from smoe import __version__
 from smoe.cli import analysis, checkpoints, generate, serve, train
 from smoe.cli.common import EXIT_USAGE, LOADED
+from smoe.errors import SmoeError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,13 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from smoe import __version__
 
     return __version__
 
 
 def main(argv: list[str] | None = None) -> int:
-    from smoe.errors import SmoeError
 
     args = build_parser().parse_args(argv)
     try:

@@ -5,6 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from smoe.cli.common import load, model_args
+from smoe.data import read_jsonl
+from smoe.errors import SmoeError
+from smoe.offload import expert_usage, write_profile
+from smoe.routing import run_routes
 
 
 def register(sub) -> None:
@@ -34,10 +38,6 @@ def register(sub) -> None:
 
 def cmd_routes(args) -> int:
     from collections import Counter
-
-    from smoe.data import read_jsonl
-    from smoe.errors import SmoeError
-    from smoe.routing import run_routes
 
     if args.input is None and args.domains is None:
         raise SmoeError("give --input FILE and/or --domains FILE")
@@ -80,9 +80,6 @@ def cmd_routes(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    from smoe.data import read_jsonl
-    from smoe.errors import SmoeError
-    from smoe.offload import expert_usage, write_profile
 
     if args.window < 1:
         raise SmoeError("--window must be at least 1")

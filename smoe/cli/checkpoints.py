@@ -7,7 +7,17 @@ import json
 import sys
 from pathlib import Path
 
+from smoe.checkpoint import save_checkpoint
 from smoe.cli.common import check_new_dir, copy_tokenizer_files, quant_layout_args
+from smoe.config import ModelConfig
+from smoe.errors import SmoeError
+from smoe.experts import Expert
+from smoe.formats.gguf import convert
+from smoe.loader import LoadOptions, build_model, load_model, model_path
+from smoe.lora import load_adapter, merge_lora
+from smoe.offload import format_bytes, module_bytes
+from smoe.options import QuantSpec, parse_dtype
+from smoe.quantize import quantize_expert, quantize_model
 
 
 def register(sub) -> None:
@@ -16,6 +26,12 @@ def register(sub) -> None:
     i.add_argument("model", metavar="DIR", nargs="?", default=None,
                    help="checkpoint directory (default: the demo model)")
     i.add_argument("--json", action="store_true", help="print JSON")
+    i.add_argument("--kernels", action="store_true",
+                   help="load the model for inference and say which backend multiplies which weights, and why "
+                        "the others were not asked")
+    i.add_argument("--quant", choices=["int8", "int4"], default=None, help="with --kernels: quantize at load")
+    i.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="with --kernels: the compute dtype (default: the checkpoint's own)")
     i.set_defaults(run=cmd_info)
 
     q = sub.add_parser("quantize", help="write an int8 or int4 weight-only quantized checkpoint",
@@ -74,14 +90,6 @@ def _count(n: int) -> str:
 def cmd_info(args) -> int:
     import torch
 
-    from smoe.config import ModelConfig
-    from smoe.errors import SmoeError
-    from smoe.experts import Expert
-    from smoe.loader import model_path
-    from smoe.offload import format_bytes, module_bytes
-    from smoe.options import QuantSpec
-    from smoe.quantize import quantize_expert
-
     path = model_path(args.model)  # a directory, a hub id or a .gguf file
     if not path.is_dir():
         raise SmoeError(f"{path}: not a checkpoint directory")
@@ -90,6 +98,11 @@ def cmd_info(args) -> int:
     stored = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     if stored:
         info["stored_bytes"] = stored
+    if (args.quant or args.dtype) and not args.kernels:
+        raise SmoeError("--quant and --dtype say how --kernels loads the model: add --kernels")
+    if args.kernels:  # the inference layout smoe.load makes here, and what it chose
+        options = LoadOptions(dtype=parse_dtype(args.dtype), quant=QuantSpec.parse(args.quant) if args.quant else None)
+        info["kernels"] = load_model(path, options)[0].kernels.report()
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -121,20 +134,16 @@ def cmd_info(args) -> int:
     label = f"int{q['bits']}" if q else "bf16"
     print(f"  offloading (--max-memory): {n_experts} experts of {format_bytes(size)} ({label}); "
           f"half of them in memory takes {format_bytes(size * n_experts // 2)}")
+    for line in info.get("kernels", ()):
+        print(f"  {line}")
     return 0
 
 
 def cmd_quantize(args) -> int:
     import time
 
-    from smoe.checkpoint import save_checkpoint
-    from smoe.errors import SmoeError
-    from smoe.options import QuantSpec
-    from smoe.quantize import quantize_model
-
     check_new_dir(args.out)
     spec = QuantSpec(args.bits, args.group_size, head=args.quant_head)
-    from smoe.loader import build_model, model_path
 
     source = str(model_path(args.model))
     start = time.perf_counter()
@@ -155,10 +164,6 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_lora(args) -> int:
-    from smoe.checkpoint import save_checkpoint
-    from smoe.loader import build_model, model_path
-    from smoe.lora import load_adapter, merge_lora
-    from smoe.options import parse_dtype
 
     check_new_dir(args.out)
     base = model_path(args.model)
@@ -175,8 +180,6 @@ def cmd_lora(args) -> int:
 def cmd_bench(args) -> int:
     import subprocess
 
-    from smoe.errors import SmoeError
-
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_engines.py"
     if not script.exists():
         raise SmoeError("smoe bench runs from a source checkout (benchmarks/bench_engines.py is not installed "
@@ -186,10 +189,6 @@ def cmd_bench(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from smoe.options import parse_dtype
-    from smoe.cli.common import check_new_dir
-    from smoe.errors import SmoeError
-    from smoe.formats.gguf import convert
 
     if not args.source.is_file():
         raise SmoeError(f"--from {args.source}: no such file")

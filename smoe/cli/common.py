@@ -8,7 +8,19 @@ import os
 import sys
 from pathlib import Path
 
-from smoe.options import DEFAULT_CACHE_POLICY, DEFAULT_INT4_GROUP_SIZE, FALLBACK_INT4_GROUP_SIZE, INT4_GROUP_SIZES
+from smoe import parallel
+from smoe.errors import SmoeError
+from smoe.loader import LoadOptions, load_model, model_path
+from smoe.offload import format_bytes
+from smoe.options import (
+    DEFAULT_CACHE_POLICY,
+    DEFAULT_INT4_GROUP_SIZE,
+    FALLBACK_INT4_GROUP_SIZE,
+    INT4_GROUP_SIZES,
+    OffloadSpec,
+    QuantSpec,
+    parse_dtype,
+)
 
 EXIT_USAGE = 2
 LOADED: list = []  # models whose expert statistics --stats prints at the end
@@ -94,12 +106,6 @@ def load(args):
     """The model and tokenizer the flags describe (smoe/loader.py applies the transforms)."""
     import torch
 
-    from smoe.options import parse_dtype
-    from smoe.errors import SmoeError
-    from smoe.loader import LoadOptions, load_model, model_path
-    from smoe.offload import format_bytes
-    from smoe.options import OffloadSpec, QuantSpec
-
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SmoeError(f"--device {args.device}: no CUDA device is available; use --device cpu")
     if args.max_memory is None and (args.expert_profile or args.cache_policy != DEFAULT_CACHE_POLICY or args.stats):
@@ -113,7 +119,6 @@ def load(args):
         raise SmoeError(f"{flag} sets how --quant int8 or --quant int4 quantizes; add --quant")
     quant = None if args.quant is None else QuantSpec(8 if args.quant == "int8" else 4, args.group_size,
                                                       head=args.quant_head)
-    from smoe import parallel
 
     spec = None
     if args.parallel is not None or parallel.launched():
@@ -175,7 +180,6 @@ def copy_tokenizer_files(src, dst: Path) -> None:
 
 
 def check_new_dir(path: Path) -> None:
-    from smoe.errors import SmoeError
 
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise SmoeError(f"{path}: exists and is not an empty directory; choose a new --out")

@@ -7,8 +7,12 @@ import json
 import sys
 from pathlib import Path
 
+import smoe
 from smoe.cli.common import load, model_args, sampling, sampling_args, stats_line, verbose_stats
+from smoe.errors import SmoeError
+from smoe.fsutil import atomic_write
 from smoe.generate import TextPiece
+from smoe.routing import token_pieces, trace_routing
 
 
 def register(sub) -> None:
@@ -40,8 +44,6 @@ def register(sub) -> None:
 
 
 def cmd_generate(args) -> int:
-    import smoe
-    from smoe.errors import SmoeError
 
     if args.prompt_ids is not None:
         try:
@@ -96,7 +98,6 @@ def summary(args, result) -> str:
 
 def read_prompt(prompt: str) -> str:
     """--prompt text ('-': standard input), which must be UTF-8."""
-    from smoe.errors import SmoeError
 
     try:
         text = sys.stdin.buffer.read().decode("utf-8") if prompt == "-" else prompt
@@ -108,9 +109,6 @@ def read_prompt(prompt: str) -> str:
 
 
 def _generate_traced(args, model, tokenizer, prompt, params) -> int:
-    import smoe
-    from smoe.fsutil import atomic_write
-    from smoe.routing import token_pieces, trace_routing
 
     prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     with trace_routing(model) as trace:
@@ -129,8 +127,6 @@ def _generate_traced(args, model, tokenizer, prompt, params) -> int:
 
 
 def cmd_chat(args) -> int:
-    import smoe
-    from smoe.errors import SmoeError
 
     model, tokenizer = load(args)
     if tokenizer is None:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from smoe.options import DEFAULT_LORA_RANK
+from smoe.config import ModelConfig
+from smoe.errors import SmoeError
+from smoe.loader import model_path
+from smoe.options import DEFAULT_LORA_RANK, parse_targets
+from smoe.train import TrainConfig, train
 
 
 def register(sub) -> None:
@@ -59,8 +63,6 @@ def register(sub) -> None:
 
 
 def cmd_train(args) -> int:
-    from smoe.errors import SmoeError
-    from smoe.train import TrainConfig, train
 
     cfg = TrainConfig.from_file(args.config)
     if args.max_steps is not None:
@@ -78,11 +80,6 @@ def cmd_train(args) -> int:
 
 def finetune_config(args):
     """The TrainConfig that `smoe finetune` flags describe."""
-    from smoe.config import ModelConfig
-    from smoe.errors import SmoeError
-    from smoe.loader import model_path
-    from smoe.options import parse_targets
-    from smoe.train import TrainConfig
 
     model = str(model_path(args.model))  # a directory, a hub id or a .gguf file
     config = ModelConfig.from_dir(model)  # fails early, naming the directory, if it is not a checkpoint
@@ -117,8 +114,6 @@ def finetune_config(args):
 
 
 def cmd_finetune(args) -> int:
-    from smoe.errors import SmoeError
-    from smoe.train import train
 
     cfg = finetune_config(args)
     if not args.resume and (args.out / "latest").exists():

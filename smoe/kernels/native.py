@@ -29,7 +29,7 @@ from smoe.fsutil import huge_page_copy
 from smoe.kernels.decode import plan_decode
 from smoe.kernels.ops import MAX_ROWS, available, few_rows, note_fallback, unavailable_reason
 from smoe.kernels.registry import Backend, Target
-from smoe.quantize import Int4Linear, Int8Linear, blockwise_linear, concat_codes, int8_linear
+from smoe.quantize import Int8Linear, blockwise_linear, concat_codes, int8_linear
 
 __all__ = ["MAX_ROWS", "available", "unavailable_reason", "note_fallback", "few_rows", "BACKEND"]
 

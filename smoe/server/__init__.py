@@ -54,12 +54,12 @@ class ServeSettings:
     compile: bool = False
 
 
-def serve(args: ServeSettings, load: Callable[[], tuple]) -> int:
-    """Listen at once (GET /health answers 503 while loading), then `load()` -> (model,
+def serve(args: ServeSettings, load_model: Callable[[], tuple]) -> int:
+    """Listen at once (GET /health answers 503 while loading), then `load_model()` -> (model,
     tokenizer) in a background thread and serve it until stopped."""
     _check_flags(args)
     if parallel.launched() and int(os.environ.get("RANK", "0")) != 0:
-        return _follow(args, load)  # the other ranks step the engine with rank 0; rank 0 serves HTTP
+        return _follow(args, load_model)  # the other ranks step the engine with rank 0; rank 0 serves HTTP
 
     # the event loop and the scheduler thread share the GIL; Python hands it over every 5 ms by
     # default, so a busy event loop could stall a decode step that long: hand it over sooner
@@ -75,7 +75,7 @@ def serve(args: ServeSettings, load: Callable[[], tuple]) -> int:
 
     def load() -> None:
         try:
-            _load_into(state, args, load)
+            _load_into(state, args, load_model)
             host, port = sock.getsockname()[:2]
             key = "API key required" if api_key else "no API key (anyone who can reach the port can use it)"
             print(f"smoe serve: {name} ready on http://{host}:{port} (chat page at /, {key})", file=sys.stderr)

@@ -27,9 +27,10 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from smoe import __version__
 from smoe.errors import GenerationError, TokenizerError
 from smoe.generate import TokenLogprob
-from smoe.routing import expert_color, token_pieces
+from smoe.routing import expert_color, token_pieces, trace_routing
 from smoe.sampling import SamplingParams
 from smoe.server.metrics import Metrics
 from smoe.server.protocol import (
@@ -394,7 +395,6 @@ def create_app(state: ServerState, allowed_origins: list[str] | None = None) -> 
 
 
 def _version() -> str:
-    from smoe import __version__
 
     return __version__
 
@@ -646,8 +646,6 @@ def _chat_logprobs(state, prompt_ids, ids, lps, top) -> list[dict]:
 def trace_experts(model, ids: list[int]) -> list[list[int]]:
     """token -> [first-choice expert per layer]."""
     import torch
-
-    from smoe.routing import trace_routing
 
     with torch.inference_mode(), trace_routing(model) as trace:
         model(torch.tensor([ids], device=model.device))

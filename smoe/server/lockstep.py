@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from smoe.errors import GenerationError
 from smoe.generate import Engine
+from smoe.server.app import trace_experts
 
 HEARTBEAT_S = 5.0
 
@@ -54,7 +55,6 @@ class LockstepEngine:
         self.engine.remove(seq)
 
     def trace(self, token_ids: list[int]):
-        from smoe.server.app import trace_experts
 
         _broadcast(("trace", list(token_ids)))
         return trace_experts(self.engine.model, token_ids)
@@ -68,7 +68,6 @@ class LockstepEngine:
 
 def follow(engine: Engine) -> None:
     """Ranks > 0: replay rank 0's calls until it stops."""
-    from smoe.server.app import trace_experts
 
     while True:
         op, *args = _broadcast(None)

@@ -34,9 +34,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from smoe import parallel
+from smoe.checkpoint import atomic_write, save_checkpoint
 from smoe.config import ModelConfig
+from smoe.data import read_examples, split_heldout
 from smoe.errors import SmoeError
+from smoe.loader import build_model
+from smoe.lora import apply_lora, load_adapter_weights, save_adapter
+from smoe.model import Transformer
+from smoe.nf4 import quantize_model_nf4
 from smoe.routing import observe_routing
+from smoe.tokenizer import HFTokenizer, chat_training_ids, load_tokenizer
 from smoe.train.batches import ExampleStream, TokenStream, domain_streams, tokenize_documents
 from smoe.train.config import TrainConfig
 from smoe.train.evaluate import evaluate
@@ -88,13 +96,11 @@ def _optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 def _save(run: Path, model, optimizer, step: int, cfg: TrainConfig, history: list[dict], elapsed: float) -> Path:
     """Write ckpt-STEP/ through a temporary directory, then point `latest` at it."""
-    from smoe.checkpoint import atomic_write, save_checkpoint
 
     final = run / f"ckpt-{step:07d}"
     tmp = run / f".ckpt-{step:07d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if cfg.lora is not None:
-        from smoe.lora import save_adapter
 
         save_adapter(model, tmp, base_model=cfg.init_from)
     else:
@@ -141,8 +147,6 @@ def plot_history(history: list[dict], out: Path, title: str = "") -> None:
 def model_to_train(cfg: TrainConfig, vocab_size: int | None, adapter: Path | None = None):
     """The model to train: new (random init), loaded from init_from, or init_from wrapped in
     LoRA adapters (over an NF4 base for QLoRA), with adapter weights from `adapter` when resuming."""
-    from smoe.loader import build_model
-    from smoe.model import Transformer
 
     if cfg.init_from:
         qlora = cfg.lora is not None and cfg.lora.get("quantize") == "nf4"
@@ -162,10 +166,8 @@ def model_to_train(cfg: TrainConfig, vocab_size: int | None, adapter: Path | Non
         if cfg.lora is None:
             model.requires_grad_(True)
         else:
-            from smoe.lora import apply_lora, load_adapter_weights
 
             if qlora:
-                from smoe.nf4 import quantize_model_nf4
 
                 quantize_model_nf4(model)
                 model.float()  # embeddings, norms, routers, lm_head: fp32 master weights
@@ -186,7 +188,6 @@ def model_to_train(cfg: TrainConfig, vocab_size: int | None, adapter: Path | Non
 
 
 def _tokenizer(cfg: TrainConfig):
-    from smoe.tokenizer import HFTokenizer, load_tokenizer
 
     if cfg.tokenizer:
         return HFTokenizer(cfg.tokenizer) if Path(cfg.tokenizer).suffix == ".json" else load_tokenizer(cfg.tokenizer)
@@ -200,8 +201,6 @@ def _tokenizer(cfg: TrainConfig):
 def load_data(cfg: TrainConfig, tokenizer) -> tuple[TokenStream | ExampleStream, dict]:
     """The training stream and the held-out sets ({name: token tensor or ExampleStream}).
     Without a held-out file, a fine-tune holds out part of its data (data.split_heldout)."""
-    from smoe.data import read_examples, split_heldout
-    from smoe.tokenizer import chat_training_ids
 
     train_examples = read_examples(Path(cfg.train_data), chat=cfg.chat)
     if cfg.heldout_data:
@@ -240,7 +239,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    from smoe import parallel
 
     dp = parallel.DataParallel() if parallel.launched() else None  # under torchrun: data parallel
     if dp is not None and cfg.batch_size % dp.world:
@@ -333,7 +331,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
     wall = elapsed_before + time.perf_counter() - t_start
     if last_step == cfg.max_steps and lead:
         if cfg.lora is not None:  # the finished adapter at the top of the run: --adapter RUN_DIR
-            from smoe.lora import save_adapter
 
             save_adapter(model, run, base_model=cfg.init_from)
         (run / "summary.json").write_text(json.dumps({"steps": last_step, "wall_s": round(wall, 1)}) + "\n")

@@ -1,0 +1,88 @@
+// What the kernel families share: the CPU check, argument checks, weight matrices as the
+// kernels read them, activation rows prepared once per call.
+
+#include "kernels.h"
+
+namespace smoe_native {
+
+bool cpu_supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni");
+}
+
+// ------------------------------------------------------------------------------ checks
+
+void check(bool ok, const char* what) { TORCH_CHECK(ok, "smoe native kernels: ", what); }
+
+void check_acts(const at::Tensor& x, int64_t K) {
+  check(x.device().is_cpu() && x.scalar_type() == at::kBFloat16, "activations must be bf16 on the CPU");
+  check(x.dim() == 2 && x.size(1) == K && x.is_contiguous(), "activations must be contiguous [M, K]");
+}
+
+Matrix make_matrix(Kind kind, const at::Tensor& w, const c10::optional<at::Tensor>& scale, int64_t G,
+                   int64_t e) {
+  // w: [N, K] (or [E, N, K] with expert e); for q4 w is [.., N, K/2] and scale holds sm [.., N, 2, K/G]
+  const bool stacked = e >= 0;
+  check(w.is_contiguous() && w.device().is_cpu() && w.dim() == (stacked ? 3 : 2), "weights must be contiguous");
+  const int64_t N = w.size(-2);
+  Matrix m{kind, N, 0, nullptr, nullptr, nullptr, G};
+  const int64_t per_expert = stacked ? w.stride(0) : 0;
+  if (kind == kBf16) {
+    check(w.scalar_type() == at::kBFloat16, "bf16 weights expected");
+    m.K = w.size(-1);
+    m.w = static_cast<const uint16_t*>(w.data_ptr()) + (stacked ? e * per_expert : 0);
+  } else if (kind == kQ8) {
+    check(w.scalar_type() == at::kChar && scale->scalar_type() == at::kFloat && scale->is_contiguous(),
+          "int8 weights with fp32 scales expected");
+    m.K = w.size(-1);
+    m.w = static_cast<const int8_t*>(w.data_ptr()) + (stacked ? e * per_expert : 0);
+    m.scale = scale->data_ptr<float>() + (stacked ? e * N : 0);
+  } else {
+    check(w.scalar_type() == at::kByte && scale->scalar_type() == at::kBFloat16 && scale->is_contiguous(),
+          "int4 codes (uint8) with bf16 scales expected");
+    m.K = 2 * w.size(-1);
+    check(G >= kQBlock && (G & (G - 1)) == 0 && m.K % G == 0 && scale->size(-1) == m.K / G,
+          "int4 group size must be a power of two of at least 32 and divide K");
+    m.w = static_cast<const uint8_t*>(w.data_ptr()) + (stacked ? e * per_expert : 0);
+    m.sm = static_cast<const uint16_t*>(scale->data_ptr()) + (stacked ? e * scale->stride(0) : 0);
+  }
+  return m;
+}
+
+Acts prepare(Kind kind, const uint16_t* x, int64_t M, int64_t K, int64_t G, QRows& storage) {
+  Acts a{kind, {}, nullptr};
+  if (kind == kBf16) {
+    for (int64_t i = 0; i < M; ++i) a.bf.push_back(x + i * K);
+    return a;
+  }
+  quantize_rows(x, M, K, kind, G, storage);
+  a.q = &storage;
+  return a;
+}
+
+int64_t tiles_grain(int64_t rows_per_tile_work) {
+  // at least ~16k multiply-adds per task, so tiny matrices do not pay for the thread pool
+  return std::max<int64_t>(1, 4096 / std::max<int64_t>(1, rows_per_tile_work));
+}
+
+// A linear's weight as the kernels read it: bf16 [N, K] (no scale), int8 [N, K] with fp32 scales,
+// or int4 bytes [N, K/2] with sm [N, 2, K/G]; stacked [E, ...] with expert e.
+Kind kind_of(const at::Tensor& w) {
+  if (w.scalar_type() == at::kBFloat16) return kBf16;
+  if (w.scalar_type() == at::kChar) return kQ8;
+  check(w.scalar_type() == at::kByte, "weights must be bf16, int8 or int4 bytes");
+  return kQ4;
+}
+
+int64_t group_of(const at::Tensor& w, const at::Tensor& scale) {
+  return kind_of(w) == kQ4 ? 2 * w.size(-1) / scale.size(-1) : 0;
+}
+
+Matrix weight_matrix(const at::Tensor& w, const at::Tensor& scale) {
+  const Kind kind = kind_of(w);
+  return make_matrix(kind, w, kind == kBf16 ? c10::nullopt : c10::optional<at::Tensor>(scale), group_of(w, scale));
+}
+
+}  // namespace smoe_native

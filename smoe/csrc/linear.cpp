@@ -1,0 +1,65 @@
+// linear_bf16 / _q8 / _q4: y [M, N] = x [M, K] · Wᵀ for a few token rows, each weight row read
+// once (the PyTorch twins: F.linear, smoe/quantize.py's int8_linear and int4_linear).
+
+#include "kernels.h"
+
+namespace smoe_native {
+
+// ------------------------------------------------------------------------------ linear
+
+// y_i [M, N_i] = x [M, K] · W_iᵀ rounded to bf16, for every matrix i (all with the same K): the
+// activations prepared once per kind (quantized once for all int8 matrices, once for all int4),
+// and one split of all the matrices' row tiles across the threads.
+void linears_into(const uint16_t* x, int64_t M, const std::vector<Matrix>& Ws, const std::vector<uint16_t*>& ys) {
+  const int64_t K = Ws[0].K;
+  QRows storage[3];
+  Acts acts[3];
+  bool ready[3] = {false, false, false};
+  for (const Matrix& W : Ws) {
+    check(W.K == K, "matrices of one call must share their input size");
+    // int4 activations carry per-group sums: every int4 matrix of the call must share its group
+    check(!ready[W.kind] || W.kind != kQ4 || storage[kQ4].G == W.G, "int4 matrices of one call must share a group size");
+    if (!ready[W.kind]) acts[W.kind] = prepare(W.kind, x, M, K, W.G, storage[W.kind]);
+    ready[W.kind] = true;
+  }
+  std::vector<int64_t> first(Ws.size() + 1, 0);  // each matrix's first tile of 4 rows
+  for (size_t i = 0; i < Ws.size(); ++i) first[i + 1] = first[i] + (Ws[i].N + 3) / 4;
+  std::vector<int64_t> rows(M);
+  for (int64_t i = 0; i < M; ++i) rows[i] = i;
+  at::parallel_for(0, first.back(), tiles_grain(K * M / 4), [&](int64_t t0, int64_t t1) {
+    std::vector<float> buf;
+    for (size_t i = 0; i < Ws.size(); ++i) {
+      const int64_t a = std::max(t0, first[i]), b = std::min(t1, first[i + 1]);
+      if (a >= b) continue;
+      const Matrix& W = Ws[i];
+      const int64_t n0 = (a - first[i]) * 4, n1 = std::min(W.N, (b - first[i]) * 4), nn = n1 - n0;
+      buf.resize(M * nn);
+      matvec(acts[W.kind], rows.data(), M, W, n0, n1, buf.data(), nn);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < nn; ++n) ys[i][m * W.N + n0 + n] = f32_to_bf16(buf[m * nn + n]);
+    }
+  });
+}
+
+at::Tensor linear(Kind kind, const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
+                  int64_t G) {
+  const Matrix W = make_matrix(kind, w, scale, G);
+  check_acts(x, W.K);
+  const int64_t M = x.size(0), N = W.N;
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  linears_into(static_cast<const uint16_t*>(x.data_ptr()), M, {W}, {static_cast<uint16_t*>(out.data_ptr())});
+  return out;
+}
+
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w) { return linear(kBf16, x, w, c10::nullopt, 0); }
+
+at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
+  return linear(kQ8, x, w, scale, 0);
+}
+
+at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& sm, int64_t group_size) {
+  return linear(kQ4, x, codes, sm, group_size);
+}
+
+}  // namespace smoe_native
