@@ -1,4 +1,4 @@
-"""Builds smoe's native CPU kernels (smoe/csrc/*.cpp) against the installed torch.
+"""Builds smoe's native CPU kernels (smoe/csrc/native.cpp and the files it includes) against the installed torch.
 
 `make install` runs `pip install --no-build-isolation -e .` after torch, so the extension is
 compiled for the very torch it will load into. The extension is optional: without torch at
@@ -8,7 +8,6 @@ build time, or when the compiler fails, smoe installs without it and runs PyTorc
 
 import os
 import sys
-from pathlib import Path
 
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
@@ -24,7 +23,7 @@ def native_extension():
         return None, build_ext
     ext = CppExtension(
         "smoe._native",
-        sorted(str(p) for p in Path("smoe/csrc").glob("*.cpp")),  # one file per kernel family, per instruction set
+        ["smoe/csrc/native.cpp"],  # one translation unit: it includes the files of each kernel family
         # -O3; the AVX-512 kernels carry their own target pragma and run only where the CPU has them,
         # so the library itself is built for plain x86-64 and loads on any CPU
         extra_compile_args=["-O3", "-fopenmp", "-Wno-unused-parameter"],

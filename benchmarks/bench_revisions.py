@@ -12,7 +12,10 @@ tokens from a fixed prompt; the table says whether both trees produced the same 
 
 Variants: bf16 (the checkpoint as it loads), int8 / int4 (quantized at load), offload
 (experts offloaded with half of them fitting in memory), lora (a random adapter on the
-attention projections and every expert's w1, written once by the current tree).
+attention projections and every expert's w1, written once by the current tree), gguf (the
+checkpoint written as an F16 GGUF file once, by tests/test_formats_gguf.py's writer, and loaded
+from it: each tree converts it into its own cache), ep (expert parallelism: two processes under
+torch.distributed.run, one thread each).
 Prefill: tokens/s of a --prefill-token prompt up to its first token (best of three in the
 process: the first one after loading pays for first-touch allocations); decode: tokens/s of
 --decode greedy tokens after a 32-token prompt (the first token, from prefill, not counted).
@@ -37,7 +40,7 @@ def child(args) -> int:
 
     import smoe
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads if args.variant != "ep" else 1)
     kwargs = {}
     if args.variant in ("int8", "int4"):
         kwargs["quant"] = args.variant
@@ -45,7 +48,13 @@ def child(args) -> int:
         kwargs["adapter"] = args.adapter
     if args.variant == "offload":
         kwargs["max_memory"] = args.max_memory
-    model, _ = smoe.load(args.model, **kwargs)
+    if args.variant == "ep":  # this rank's share of the experts
+        from smoe.loader import LoadOptions, load_model
+        from smoe.parallel import ParallelSpec
+
+        model, _ = load_model(Path(args.model), LoadOptions(parallel=ParallelSpec.parse("expert")))
+    else:
+        model, _ = smoe.load(args.gguf if args.variant == "gguf" else args.model, **kwargs)
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     long = torch.randint(3, vocab, (args.prefill,), generator=g).tolist()
@@ -56,11 +65,34 @@ def child(args) -> int:
                   for _ in range(3))
     decode = smoe.generate(model, None, short, max_tokens=args.decode + 1, ignore_eos=True).decode_tokens_per_s
     tokens = smoe.generate(model, None, short, max_tokens=args.check_tokens, ignore_eos=True).token_ids
-    from smoe import native
-
-    print(json.dumps({"prefill_tok_s": prefill, "decode_tok_s": decode, "tokens": tokens,
-                      "native": native.available()}))
+    try:
+        from smoe.kernels import ops as native
+    except ImportError:  # a tree before smoe/kernels/
+        from smoe import native
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"prefill_tok_s": prefill, "decode_tok_s": decode, "tokens": tokens,
+                          "native": native.available()}))
     return 0
+
+
+def write_gguf_of(model: Path, out: Path) -> Path:
+    """The checkpoint as an F16 GGUF file (llama.cpp's names and q/k row order), written once."""
+    if out.exists():
+        return out
+    import tempfile
+
+    import smoe
+    from smoe.checkpoint import save_checkpoint
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_formats_gguf import write_gguf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        plain, _ = smoe.load(model, pack=False, dtype="fp32")
+        save_checkpoint(plain, tmp, max_shard_bytes=1 << 62)
+        write_gguf(Path(tmp), out.with_suffix(".part"), "F16", tokenizer=False)
+    out.with_suffix(".part").rename(out)
+    return out
 
 
 def worktree(base: str) -> Path:
@@ -101,7 +133,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, help="the revision to compare with (a commit or branch)")
     p.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: the demo model)")
-    p.add_argument("--variants", default="bf16,int8,int4,offload,lora")
+    p.add_argument("--variants", default="bf16,int8,int4,offload,lora,gguf,ep")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--prefill", type=int, default=512)
     p.add_argument("--decode", type=int, default=128)
@@ -112,6 +144,7 @@ def main() -> int:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--adapter", help=argparse.SUPPRESS)
+    p.add_argument("--gguf", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args)
@@ -126,15 +159,20 @@ def main() -> int:
     adapter = make_adapter(model, HERE / "out" / f"adapter-{Path(model).name}")
     trees = {"base": worktree(args.base), "current": ROOT}
     variants = args.variants.split(",")
+    gguf = write_gguf_of(model, HERE / "out" / f"{Path(model).name}-F16.gguf") if "gguf" in variants else model
     best: dict = {v: {t: None for t in trees} for v in variants}
     for r in range(args.repeats):
         for variant in variants:
             for name, tree in trees.items():
                 cmd = [sys.executable, str(HERE / "bench_revisions.py"), "--child", "--base", args.base,
-                       "--model", str(model), "--variant", variant, "--adapter", str(adapter),
+                       "--model", str(model), "--variant", variant, "--adapter", str(adapter), "--gguf", str(gguf),
                        "--max-memory", max_memory, "--prefill", str(args.prefill), "--decode", str(args.decode),
                        "--check-tokens", str(args.check_tokens), "--threads", str(args.threads)]
-                env = {**os.environ, "PYTHONPATH": str(tree)}
+                if variant == "ep":
+                    cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+                # each tree converts the GGUF file into a cache of its own
+                env = {**os.environ, "PYTHONPATH": str(tree), "SMOE_CACHE": str(HERE / "out" / f"cache-{name}"),
+                       "OMP_NUM_THREADS": "1" if variant == "ep" else str(args.threads)}
                 run = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tree)
                 if run.returncode:
                     print(run.stderr[-2000:], file=sys.stderr)

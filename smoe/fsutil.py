@@ -84,10 +84,10 @@ def huge_page_copy(t: torch.Tensor, min_bytes: int = 2 * HUGE_PAGE) -> torch.Ten
     the source may view a checkpoint's memory map, which the copy must not keep alive)."""
     if sys.platform != "linux" or t.device.type != "cpu" or t.numel() * t.element_size() < min_bytes:
         return t.clone(memory_format=torch.contiguous_format)
-    return huge_page_pack([t])[0]
+    return huge_page_gather([t])[0]
 
 
-def huge_page_pack(tensors: list[torch.Tensor], align: int = 64) -> list[torch.Tensor]:
+def huge_page_gather(tensors: list[torch.Tensor], align: int = 64) -> list[torch.Tensor]:
     """Copies of CPU tensors laid one after another (each on an `align`-byte boundary) in one
     huge-page region: small tensors read together (a layer's attention weights, scales, norms)
     get huge pages too, and adjacent memory. The copies are views of that region."""

@@ -7,7 +7,7 @@ int4: asymmetric per group of G input columns (G = 32, 64, 128 or 256):
 
 What is stored belongs to no kernel and no CPU (STORED_FORMATS, recorded in config.json):
 int8 codes [N, K] and scales [N]; int4 codes in the checkpoint's row order, unpadded, two per
-byte (pack_nibbles: column 2i low nibble, 2i+1 high), scales and mins [N, K/G]. Each backend
+byte (join_nibbles: column 2i low nibble, 2i+1 high), scales and mins [N, K/G]. Each backend
 repacks once at load (smoe/kernels/): the native kernels into their blocks, aten's int4 CPU
 kernel into the layout it picks from the CPU capability it runs with (kernels/aten.py), and
 the plain PyTorch twin (Int4Linear's forward, StackedInt4Linear) reads the stored format.
@@ -65,7 +65,7 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     return q.view(N, K), scale, lo
 
 
-def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+def join_nibbles(codes: torch.Tensor) -> torch.Tensor:
     """Codes [N, K] (0..15) -> bytes [N, K/2] in the stored int4 format: byte i of a row holds
     column 2i in its low nibble and column 2i+1 in its high nibble (a row of codes 1, 2, 3, 4
     is the bytes 0x21, 0x43). The checkpoint's rows, in its order, unpadded."""
@@ -73,8 +73,8 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     return pairs[..., 0] | (pairs[..., 1] << 4)
 
 
-def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """The inverse of pack_nibbles: bytes [..., K/2] -> codes [..., K] (uint8)."""
+def split_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of join_nibbles: bytes [..., K/2] -> codes [..., K] (uint8)."""
     return torch.stack([packed & 0x0F, packed >> 4], dim=-1).flatten(-2)
 
 
@@ -90,9 +90,9 @@ def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
 def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
                     dtype: torch.dtype, start: int = 0, stop: int | None = None) -> torch.Tensor:
     """The stored int4 format -> the weight [..., N, K] (or its output rows start:stop of the first
-    dim) in `dtype`: qweight uint8 [..., N, K/2] (pack_nibbles), scales and mins [..., N, K/G],
+    dim) in `dtype`: qweight uint8 [..., N, K/2] (join_nibbles), scales and mins [..., N, K/G],
     w = code · scale + min. Leading dims: the chosen experts' weights, gathered."""
-    codes = unpack_nibbles(qweight[start:stop])  # [..., n, K]
+    codes = split_nibbles(qweight[start:stop])  # [..., n, K]
     *lead, K = codes.shape
     scale = scales[start:stop].to(dtype)[..., None]  # [..., n, K/G, 1]
     low = mins[start:stop].to(dtype)[..., None]
@@ -136,11 +136,11 @@ def blockwise_linear(x: torch.Tensor, dequantize, out_features: int) -> torch.Te
 def legacy_int4_qweight(packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """Codes as checkpoints before format 1 stored them — aten's AVX-512 int4pack layout, rows
     padded to blocks of 64, each block's bytes viewed as [K, 32] holding at (k, j) row j's code
-    of column k in the low nibble and row 32 + j's in the high one — -> qweight [N, K/2] (pack_nibbles)."""
+    of column k in the low nibble and row 32 + j's in the high one — -> qweight [N, K/2] (join_nibbles)."""
     padded, K = packed.shape[0], 2 * packed.shape[1]
     blocks = packed.reshape(padded // ATEN_INT4_BLOCK_N, K, 32)  # [N_pad/64, K, j]
     codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=1)  # [N_pad/64, half, K, j]
-    return pack_nibbles(codes.transpose(2, 3).reshape(padded, K)[:out_features])  # row = block*64 + half*32 + j
+    return join_nibbles(codes.transpose(2, 3).reshape(padded, K)[:out_features])  # row = block*64 + half*32 + j
 
 
 def legacy_int4_scales(scales_and_zeros: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -184,7 +184,7 @@ class Int8Linear(nn.Module):
 
 class Int4Linear(nn.Module):
     """A bias-free linear with 4-bit weights and a scale and min per group of G input columns,
-    in the stored int4 format (STORED_FORMATS[4]): qweight uint8 [N, K/2] (pack_nibbles), scales and
+    in the stored int4 format (STORED_FORMATS[4]): qweight uint8 [N, K/2] (join_nibbles), scales and
     mins [N, K/G] in the compute dtype, w = code · scale + min. Its forward is the plain
     PyTorch twin; the inference layout repacks it for a backend (smoe/kernels/: AtenInt4Linear,
     NativeInt4Linear)."""
@@ -204,12 +204,12 @@ class Int4Linear(nn.Module):
         m = cls(linear.in_features, linear.out_features, group_size, linear.weight.dtype, linear.weight.device)
         codes, scale, low = quantize_int4(linear.weight, group_size)
         dtype = linear.weight.dtype
-        m.qweight, m.scales, m.mins = pack_nibbles(codes), scale.to(dtype), low.to(dtype)
+        m.qweight, m.scales, m.mins = join_nibbles(codes), scale.to(dtype), low.to(dtype)
         return m
 
     def codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes [N, K], scales [N, K/G], mins [N, K/G]) in the stored dtype."""
-        return unpack_nibbles(self.qweight), self.scales, self.mins
+        return split_nibbles(self.qweight), self.scales, self.mins
 
     def dequantize(self, dtype: torch.dtype, start: int = 0, stop: int | None = None) -> torch.Tensor:
         return dequantize_int4(self.qweight, self.scales, self.mins, self.group_size, dtype, start, stop)

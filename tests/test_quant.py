@@ -31,12 +31,12 @@ from smoe.quantize import (
     STORED_FORMATS,
     Int4Linear,
     Int8Linear,
+    join_nibbles,
     legacy_int4_qweight,
-    pack_nibbles,
     quantize_int4,
     quantize_int8,
     quantize_model,
-    unpack_nibbles,
+    split_nibbles,
 )
 
 IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -55,9 +55,9 @@ def affine_rule(prompt: list[int], n: int) -> list[int]:
 def test_stored_int4_format_is_two_codes_a_byte_in_column_order():
     """Column 2i in the low nibble, 2i+1 in the high one, rows as the checkpoint has them (none added)."""
     codes = torch.tensor([[1, 2, 3, 4], [15, 0, 0, 15]], dtype=torch.uint8)
-    assert pack_nibbles(codes).tolist() == [[0x21, 0x43], [0x0F, 0xF0]]
+    assert join_nibbles(codes).tolist() == [[0x21, 0x43], [0x0F, 0xF0]]
     q = torch.randint(0, 16, (96, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    assert pack_nibbles(q).shape == (96, 32) and torch.equal(unpack_nibbles(pack_nibbles(q)), q)
+    assert join_nibbles(q).shape == (96, 32) and torch.equal(split_nibbles(join_nibbles(q)), q)
     linear = Int4Linear.from_linear(nn.Linear(64, 96, bias=False), 32)
     assert linear.qweight.shape == (96, 32) and linear.scales.shape == linear.mins.shape == (96, 2)
 
@@ -75,7 +75,7 @@ def aten_avx512_layout(codes: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("shape", [(64, 32), (96, 96), (384, 256)])
 def test_int4_before_format_1_converts_to_the_stored_format(shape):
     codes = torch.randint(0, 16, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(legacy_int4_qweight(aten_avx512_layout(codes), shape[0]), pack_nibbles(codes))
+    assert torch.equal(legacy_int4_qweight(aten_avx512_layout(codes), shape[0]), join_nibbles(codes))
     if current_capability() == "avx512":  # the layout was aten's own, on this capability
         padded = F.pad(codes, (0, 0, 0, -shape[0] % 64), value=8).to(torch.int32)
         assert torch.equal(torch.ops.aten._convert_weight_to_int4pack_for_cpu(padded, 1), aten_avx512_layout(codes))

@@ -3,7 +3,7 @@
 
 #include "kernels.h"
 
-namespace smoe_native {
+namespace {
 
 // R rows of K bf16 activations, one after another
 void quantize_rows(const uint16_t* x, int64_t R, int64_t K, Kind kind, int64_t G, QRows& out) {
@@ -34,4 +34,4 @@ at::Tensor quantize_activations(const at::Tensor& x, int64_t group_size) {
   return out;
 }
 
-}  // namespace smoe_native
+}  // namespace

@@ -8,7 +8,7 @@
 
 #include <immintrin.h>
 
-namespace smoe_native {
+namespace {
 
 // ------------------------------------------------------------------------------ AVX-512 kernels
 
@@ -392,4 +392,4 @@ void attend(const float* q, int64_t R, const uint16_t* keys, const uint16_t* val
 
 #pragma GCC pop_options
 
-}  // namespace smoe_native
+}  // namespace

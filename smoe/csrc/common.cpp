@@ -3,7 +3,7 @@
 
 #include "kernels.h"
 
-namespace smoe_native {
+namespace {
 
 bool cpu_supported() {
   __builtin_cpu_init();
@@ -85,4 +85,4 @@ Matrix weight_matrix(const at::Tensor& w, const at::Tensor& scale) {
   return make_matrix(kind, w, kind == kBf16 ? c10::nullopt : c10::optional<at::Tensor>(scale), group_of(w, scale));
 }
 
-}  // namespace smoe_native
+}  // namespace

@@ -3,7 +3,7 @@
 
 #include "kernels.h"
 
-namespace smoe_native {
+namespace {
 
 // ------------------------------------------------------------------------------ one decoder layer, one token per row
 //
@@ -184,4 +184,4 @@ at::Tensor decode_layers(const at::Tensor& x, at::TensorList w, at::IntArrayRef 
   return y;
 }
 
-}  // namespace smoe_native
+}  // namespace

@@ -3,7 +3,7 @@
 
 #include "kernels.h"
 
-namespace smoe_native {
+namespace {
 
 // ------------------------------------------------------------------------------ linear
 
@@ -62,4 +62,4 @@ at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   return linear(kQ4, x, codes, sm, group_size);
 }
 
-}  // namespace smoe_native
+}  // namespace

@@ -6,7 +6,6 @@
 
 #include "kernels.h"
 
-using namespace smoe_native;
 
 TORCH_LIBRARY_FRAGMENT(smoe, m) {
   m.def("linear_bf16(Tensor x, Tensor w) -> Tensor");

@@ -3,7 +3,7 @@
 
 #include "kernels.h"
 
-namespace smoe_native {
+namespace {
 
 // ------------------------------------------------------------------------------ fused MoE decode
 //
@@ -122,4 +122,4 @@ at::Tensor moe_q4(const at::Tensor& x, const at::Tensor& expert_indices, const a
   return moe(kQ4, x, expert_indices, expert_weights, gate_up, gate_up_sm, down, down_sm, group_size);
 }
 
-}  // namespace smoe_native
+}  // namespace

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from smoe.experts import StackedExperts
-from smoe.fsutil import huge_page_pack
+from smoe.fsutil import huge_page_gather
 from smoe.kernels.ops import MAX_ROWS, available
 from smoe.model import Attention, Block, MoE, RMSNorm, Router
 
@@ -92,14 +92,14 @@ def decode_tensor_owners(block: nn.Module) -> list[tuple[nn.Module, str]]:
     return [(module, name) for module, name in owners if name is not None]
 
 
-def _pack_in_huge_pages(block: nn.Module) -> None:
+def _gather_in_huge_pages(block: nn.Module) -> None:
     """Move the tensors a decode step reads from this Block into one huge-page region
-    (fsutil.huge_page_pack), in the order they are read: the attention weights (0.5 MiB each
+    (fsutil.huge_page_gather), in the order they are read: the attention weights (0.5 MiB each
     at hidden 1024) are too small for a huge page of their own, and on 4 KiB pages the kernels
     read them at ~20 GB/s where they read huge pages at ~26 (docs/KERNELS.md)."""
     owners = decode_tensor_owners(block)
     tensors = [getattr(module, name).detach() for module, name in owners]
-    for (module, name), copy in zip(owners, huge_page_pack(tensors), strict=True):
+    for (module, name), copy in zip(owners, huge_page_gather(tensors), strict=True):
         if name in module._parameters:
             module._parameters[name] = nn.Parameter(copy, requires_grad=module._parameters[name].requires_grad)
         else:
@@ -202,7 +202,7 @@ def plan_decode(model: nn.Module) -> int:
     count = 0
     for layer in layers:
         if decode_weights(layer) is not None:
-            _pack_in_huge_pages(layer)
+            _gather_in_huge_pages(layer)
             count += 1
     if count:
         model.decode_plan = DecodePlan(len(layers))
