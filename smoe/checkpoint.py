@@ -34,6 +34,7 @@ from smoe.fsutil import atomic_write, release_pages
 from smoe.kernels import in_inference_layout
 from smoe.options import DTYPE_NAMES, parse_dtype
 from smoe.quantize import STORED_FORMATS, legacy_int4_mins, legacy_int4_qweight, legacy_int4_scales
+from smoe.weights import WeightFormat, format_named
 
 SAFETENSORS_DTYPES = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -276,19 +277,28 @@ def _int4_before_format_1(table: NameTable, expected: dict[str, tuple[int, ...]]
     return out
 
 
-def stored_format(config: ModelConfig, where: Path | str) -> int:
-    """The version of the stored quantized layout (smoe/quantize.py's STORED_FORMATS): 0 for a
-    checkpoint written before formats were recorded; a newer one than this smoe reads is an error."""
+def stored_format(config: ModelConfig, where: Path | str) -> tuple[WeightFormat, int]:
+    """The weight format (smoe/weights.py) a quantized checkpoint is stored in, and its version:
+    smoe's int8 / int4 (STORED_FORMATS; version 0 for a checkpoint written before formats were
+    recorded) or any other registered format by its name. A newer version than this smoe reads,
+    or a format it does not have, is an error."""
     q = config.quantization
-    if "format" not in q:
-        return 0
+    if q.get("method") != "smoe":  # another registered format, by name
+        fmt, version = format_named(q["format"]["name"]), q["format"]["version"]
+        if fmt is None or fmt.spec_from_config is None or not 0 < version <= fmt.version:
+            raise ConfigError(f"{where}: quantization.format is {q['format']!r}, a weight format this smoe does not "
+                              "have (or a newer version of it): register it before loading "
+                              "(smoe.weights.register_format), or upgrade smoe")
+        return fmt, version
     known = STORED_FORMATS[q["bits"]]
+    if "format" not in q:
+        return format_named(known["name"]), 0
     name, version = q["format"].get("name"), q["format"].get("version")
     if name != known["name"] or not isinstance(version, int) or not 0 < version <= known["version"]:
         raise ConfigError(f"{where}: quantization.format is {q['format']!r}; this smoe reads {known['name']} "
                           f"versions 1..{known['version']} for {q['bits']} bits: upgrade smoe, or quantize the "
                           "original checkpoint again with this one (smoe quantize)")
-    return version
+    return format_named(name), version
 
 
 def detect_layout(names: set[str], where: Path) -> str:
@@ -356,7 +366,7 @@ def load_state(
     table = _names_for(config, layout)
     if config.quantization:
         table = _with_quantized(table, set(expected), where)
-        if config.quantization["bits"] == 4 and stored_version == 0:
+        if config.quantization.get("bits") == 4 and stored_version == 0:
             table = _int4_before_format_1(table, expected)
     used = {theirs for theirs, _, _ in table.values()}
     missing = sorted(used - set(stored))

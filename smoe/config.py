@@ -87,6 +87,12 @@ class ModelConfig:
             raise ConfigError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
         if self.quantization is not None:
             q = self.quantization
+            if isinstance(q, dict) and q.get("method") != "smoe" and isinstance(q.get("method"), str) \
+                    and isinstance(q.get("format"), dict):
+                q = q["format"]  # another registered weight format's own entry (smoe/weights.py): its name and version
+                if not isinstance(q.get("name"), str) or type(q.get("version")) is not int:
+                    raise ConfigError(f"quantization.format must be {{\"name\": ..., \"version\": N}}, got {q!r}")
+                return
             if not isinstance(q, dict) or q.get("method") != "smoe" or q.get("bits") not in (4, 8):
                 raise ConfigError(f"quantization must be {{\"method\": \"smoe\", \"bits\": 8 or 4, ...}}, "
                                   f"got {q!r}; smoe reads the quantized checkpoints that `smoe quantize` writes")

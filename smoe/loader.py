@@ -92,10 +92,11 @@ def build_model(path: str | Path, *, dtype: torch.dtype | str | None = None, dev
     version = None
     if config.quantization:
         model.to(dtype)
-        version = stored_format(config, path)  # a format this smoe does not know is refused before any reading
-        # the modules hold the current format, and config.quantization now says so: a stored
-        # older one is converted as it is read
-        quantize_model(model, QuantSpec.from_config(config.quantization))
+        # a format this smoe does not know is refused before any reading
+        fmt, version = stored_format(config, path)
+        # the modules hold the current version of the format, and config.quantization now says
+        # so: a stored older one is converted as it is read
+        quantize_model(model, fmt.spec_from_config(config.quantization))
     sources = load_state(model, config, stored, path, dtype, device,
                          defer=is_expert_weight if deferred is not None else None, stored_version=version)
     if deferred is not None:
@@ -130,7 +131,7 @@ def load_model(path: Path, options: LoadOptions) -> tuple[nn.Module, object]:
     if options.quant is not None:
         if model.config.quantization:
             raise SmoeError(f"{path}: the checkpoint is already quantized "
-                            f"({model.config.quantization['bits']} bits); drop the quantization option")
+                            f"({model.config.quantization['format']['name']}); drop the quantization option")
         quantize_model(model, options.quant, progress=options.progress)
     if options.adapter is not None:
         load_adapter(model, options.adapter)

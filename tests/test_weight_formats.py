@@ -1,15 +1,21 @@
 """A weight format added by one module and one registration (tests/toy_format.py, which no smoe
 module names) runs through smoe.load's quantization, the stacked inference layout, offloaded
-experts and the server — against a plain model whose linears hold the same dequantized weights."""
+experts, the server, and a checkpoint saved in it — against a plain model whose linears hold the
+same dequantized weights."""
 
 from __future__ import annotations
 
+import json
+
 import openai
+import pytest
 import torch
 from fastapi.testclient import TestClient
 from toy_format import NAME, StackedToy, ToyLinear, ToySpec, quantize_rows
 
 import smoe
+from smoe.checkpoint import save_checkpoint
+from smoe.errors import ConfigError
 from smoe.experts import StackedExperts
 from smoe.loader import build_model
 from smoe.offload import OffloadedExperts
@@ -86,3 +92,20 @@ def test_a_registered_format_serves(checkpoint_factory):
         assert done.usage.completion_tokens == 6
     finally:
         scheduler.stop()
+
+
+def test_a_registered_format_saves_and_loads(checkpoint_factory, tmp_path):
+    """Saved, config.json records the format by name and version; loaded, the stored codes come
+    back into the format's modules; a format this smoe does not have is one clear error."""
+    model, _ = smoe.load(checkpoint_factory(seed=11, **CONFIG), quant=ToySpec(), pack=False)
+    save_checkpoint(model, tmp_path / "toy")
+    config = json.loads((tmp_path / "toy" / "config.json").read_text())
+    assert config["quantization"]["format"] == {"name": NAME, "version": 1}
+    again, _ = smoe.load(tmp_path / "toy")
+    assert type(again.layers[0].attn.q_proj) is ToyLinear and type(again.layers[0].moe.experts.gate_up) is StackedToy
+    with torch.inference_mode():
+        torch.testing.assert_close(again(IDS), model(IDS), rtol=0, atol=1e-5)
+    config["quantization"]["format"]["name"] = "toy-never-registered"
+    (tmp_path / "toy" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="a weight format this smoe does not have"):
+        smoe.load(tmp_path / "toy")

@@ -28,7 +28,11 @@ class ToySpec:
     format_name: str = NAME
 
     def to_config(self) -> dict:
-        return {"method": "toy", "bits": 8}
+        return {"method": "toy"}
+
+    @classmethod
+    def from_config(cls, quantization: dict) -> ToySpec:
+        return cls()
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -95,4 +99,5 @@ class StackedToy(nn.Module):
         return torch.matmul(self.weight_in(expert_indices, x.dtype), x[..., None])[..., 0]
 
 
-TOY = register_format(WeightFormat(NAME, 1, ToyLinear, StackedToy.stack, quantize=from_linear))
+TOY = register_format(WeightFormat(NAME, 1, ToyLinear, StackedToy.stack, quantize=from_linear,
+                                   spec_from_config=ToySpec.from_config))
