@@ -15,6 +15,7 @@ from toy_format import NAME, StackedToy, ToyLinear, ToySpec, quantize_rows
 
 import smoe
 from smoe.checkpoint import save_checkpoint
+from smoe.cli import main
 from smoe.errors import ConfigError
 from smoe.experts import StackedExperts
 from smoe.loader import build_model
@@ -94,7 +95,7 @@ def test_a_registered_format_serves(checkpoint_factory):
         scheduler.stop()
 
 
-def test_a_registered_format_saves_and_loads(checkpoint_factory, tmp_path):
+def test_a_registered_format_saves_and_loads(checkpoint_factory, tmp_path, capsys):
     """Saved, config.json records the format by name and version; loaded, the stored codes come
     back into the format's modules; a format this smoe does not have is one clear error."""
     model, _ = smoe.load(checkpoint_factory(seed=11, **CONFIG), quant=ToySpec(), pack=False)
@@ -105,7 +106,13 @@ def test_a_registered_format_saves_and_loads(checkpoint_factory, tmp_path):
     assert type(again.layers[0].attn.q_proj) is ToyLinear and type(again.layers[0].moe.experts.gate_up) is StackedToy
     with torch.inference_mode():
         torch.testing.assert_close(again(IDS), model(IDS), rtol=0, atol=1e-5)
+    assert main(["info", str(tmp_path / "toy")]) == 0  # described by the format's own spec
+    assert f"in the format {NAME} v1" in capsys.readouterr().out
     config["quantization"]["format"]["name"] = "toy-never-registered"
     (tmp_path / "toy" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="a weight format this smoe does not have"):
         smoe.load(tmp_path / "toy")
+    assert main(["info", str(tmp_path / "toy")]) == 0  # still described from config.json alone
+    assert "in the format toy-never-registered v1" in capsys.readouterr().out
+    assert main(["generate", "--model", str(tmp_path / "toy"), "--prompt-ids", "1,2", "--max-tokens", "2"]) == 2
+    assert "register it before loading" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from smoe.lora import load_adapter, merge_lora
 from smoe.offload import format_bytes, module_bytes
 from smoe.options import QuantSpec, parse_dtype
 from smoe.quantize import quantize_expert, quantize_model
+from smoe.weights import format_named
 
 
 def register(sub) -> None:
@@ -117,8 +118,13 @@ def cmd_info(args) -> int:
           f"{_count(info['active_parameters_per_token'])} active per token "
           f"({info['expert_parameters'] / info['parameters']:.0%} of all weights are experts)")
     q = c.quantization
+    # smoe's int8 / int4, or another registered weight format (smoe/weights.py), by its name
+    fmt = None if not q or q.get("method") == "smoe" else format_named(q["format"]["name"])
+    spec = None if not q else QuantSpec.from_config(q) if q.get("method") == "smoe" else \
+        fmt and fmt.spec_from_config and fmt.spec_from_config(q)
     if q:
-        kind = QuantSpec.from_config(q).describe()
+        kind = spec.describe() if isinstance(spec, QuantSpec) else \
+            f"in the format {q['format']['name']} v{q['format']['version']}"
         print(f"  quantized: attention and expert weights {kind}; {format_bytes(stored)} on disk")
     print("  dtype   weights      read/token   KV cache/token" + ("   (unquantized, for comparison)" if q else ""))
     for dtype, m in info["memory"].items():
@@ -127,13 +133,14 @@ def cmd_info(args) -> int:
               f"{m['kv_cache_bytes_per_token'] / 1024:.1f} KiB")
     # one expert as it is stored and loaded: its structure on meta (quantized like the checkpoint)
     expert = Expert(c.hidden_size, c.intermediate_size).to(device="meta", dtype=torch.bfloat16)
-    if q:
-        expert = quantize_expert(expert, QuantSpec.from_config(q))
+    if spec:
+        expert = quantize_expert(expert, spec)
     n_experts = c.num_hidden_layers * c.num_local_experts
     size = module_bytes(expert)
-    label = f"int{q['bits']}" if q else "bf16"
-    print(f"  offloading (--max-memory): {n_experts} experts of {format_bytes(size)} ({label}); "
-          f"half of them in memory takes {format_bytes(size * n_experts // 2)}")
+    label = (f"int{q['bits']}" if q.get("method") == "smoe" else q["format"]["name"]) if q else "bf16"
+    if not q or spec:  # a format this smoe does not have registered: its experts' size is not known here
+        print(f"  offloading (--max-memory): {n_experts} experts of {format_bytes(size)} ({label}); "
+              f"half of them in memory takes {format_bytes(size * n_experts // 2)}")
     for line in info.get("kernels", ()):
         print(f"  {line}")
     return 0
