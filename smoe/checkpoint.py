@@ -34,7 +34,7 @@ from smoe.fsutil import atomic_write, release_pages
 from smoe.kernels import in_inference_layout
 from smoe.options import DTYPE_NAMES, parse_dtype
 from smoe.quantize import STORED_FORMATS, legacy_int4_mins, legacy_int4_qweight, legacy_int4_scales
-from smoe.weights import WeightFormat, format_named
+from smoe.weights import WeightFormat, format_named, formats
 
 SAFETENSORS_DTYPES = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -286,9 +286,10 @@ def stored_format(config: ModelConfig, where: Path | str) -> tuple[WeightFormat,
     if q.get("method") != "smoe":  # another registered format, by name
         fmt, version = format_named(q["format"]["name"]), q["format"]["version"]
         if fmt is None or fmt.spec_from_config is None or not 0 < version <= fmt.version:
+            have = ", ".join(f"{f.name} v{f.version}" for f in formats() if f.spec_from_config)
             raise ConfigError(f"{where}: quantization.format is {q['format']!r}, a weight format this smoe does not "
-                              "have (or a newer version of it): register it before loading "
-                              "(smoe.weights.register_format), or upgrade smoe")
+                              f"have (it has {have}): register it before loading (smoe.weights.register_format), "
+                              "or upgrade smoe")
         return fmt, version
     known = STORED_FORMATS[q["bits"]]
     if "format" not in q:

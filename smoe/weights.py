@@ -80,13 +80,5 @@ def formats() -> list[WeightFormat]:
     return list(_BY_NAME.values())
 
 
-def stack_plain(rows: Rows) -> nn.Module | None:
-    """E experts' linears in their format's plain stacked kind, or None where they are of no one
-    registered format (LoRA-wrapped, NF4: such experts stay a list)."""
-    kinds = {type(lin) for row in rows for lin in row}
-    fmt = _BY_TYPE.get(kinds.pop()) if len(kinds) == 1 else None
-    return None if fmt is None else fmt.stack(rows)
-
-
 # full precision (fp32, bf16, fp16): nn.Linear; its stacked kind is experts.StackedLinear
 PLAIN = register_format(WeightFormat("plain", 1, nn.Linear, StackedLinear.stack))
