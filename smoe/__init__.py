@@ -18,6 +18,7 @@ from smoe.generate import Engine, GenerationResult, TextPiece, generate, stream_
 from smoe.loader import LoadOptions, load_model, model_path
 from smoe.options import DEFAULT_CACHE_POLICY, DEMO_MODEL, LoraSpec, OffloadSpec, QuantSpec, parse_dtype
 from smoe.sampling import SamplingParams
+from smoe.weights import parse_quant
 
 __all__ = [
     "load", "generate", "stream_generate", "Engine", "GenerationResult", "TextPiece", "SamplingParams",
@@ -83,7 +84,7 @@ def load(
         max_memory, policy=cache_policy, profile=expert_profile, prefetch=prefetch, max_cpu_memory=max_cpu_memory)
     options = LoadOptions(
         dtype=parse_dtype(dtype), device=str(device), allow_pickle=allow_pickle,
-        quant=QuantSpec.parse(quant) if isinstance(quant, str) else quant, offload=offload,
+        quant=parse_quant(quant) if isinstance(quant, str) else quant, offload=offload,
         adapter=None if adapter is None else Path(adapter), pack=True if pack is None else pack,
         tokenizer_backend=tokenizer_backend, progress=progress, compile=compile,
     )

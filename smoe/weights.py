@@ -25,7 +25,9 @@ from typing import Any
 
 from torch import nn
 
+from smoe.errors import SmoeError
 from smoe.experts import StackedLinear
+from smoe.options import QuantSpec
 
 Rows = list[list[nn.Module]]  # per expert, the linears whose outputs are concatenated (gate and up: [w1, w3])
 
@@ -42,7 +44,9 @@ class WeightFormat:
         when the linear is on `meta` (a checkpoint in this format is being loaded); None for the
         full-precision format itself.
     resolve: (spec, model config) -> the spec with what it left open chosen for that model.
-    spec_from_config: config.json's `quantization` entry -> the spec it records."""
+    spec_from_config: config.json's `quantization` entry -> the spec it records.
+    default_spec: () -> the spec a user gets by naming the format (smoe.load(quant=NAME), --quant
+        NAME); None where the format has names of its own (int8 / int4: options.QuantSpec.parse)."""
 
     name: str
     version: int
@@ -51,6 +55,7 @@ class WeightFormat:
     quantize: Callable[[nn.Module, Any], nn.Module] | None = None
     resolve: Callable[[Any, Any], Any] | None = None
     spec_from_config: Callable[[dict], Any] | None = None
+    default_spec: Callable[[], Any] | None = None
 
 
 _BY_TYPE: dict[type, WeightFormat] = {}
@@ -78,6 +83,21 @@ def format_named(name: str) -> WeightFormat | None:
 
 def formats() -> list[WeightFormat]:
     return list(_BY_NAME.values())
+
+
+def parse_quant(text: str) -> Any:
+    """A quantization named by a user: 'int8', 'int4', 'int4-g32+keephead', ... (QuantSpec.parse),
+    or the name of a registered weight format with a default spec."""
+    fmt = _BY_NAME.get(text)
+    if fmt is not None and fmt.default_spec is not None:
+        return fmt.default_spec()
+    try:
+        return QuantSpec.parse(text)
+    except SmoeError as error:
+        named = [f.name for f in _BY_NAME.values() if f.default_spec is not None]
+        if not named:
+            raise
+        raise SmoeError(f"{error}, or a registered weight format: {', '.join(named)}") from None
 
 
 # full precision (fp32, bf16, fp16): nn.Linear; its stacked kind is experts.StackedLinear

@@ -16,7 +16,7 @@ from toy_format import NAME, StackedToy, ToyLinear, ToySpec, quantize_rows
 import smoe
 from smoe.checkpoint import save_checkpoint
 from smoe.cli import main
-from smoe.errors import ConfigError
+from smoe.errors import ConfigError, SmoeError
 from smoe.experts import StackedExperts
 from smoe.loader import build_model
 from smoe.offload import OffloadedExperts
@@ -116,3 +116,21 @@ def test_a_registered_format_saves_and_loads(checkpoint_factory, tmp_path, capsy
     assert "in the format toy-never-registered v1" in capsys.readouterr().out
     assert main(["generate", "--model", str(tmp_path / "toy"), "--prompt-ids", "1,2", "--max-tokens", "2"]) == 2
     assert "register it before loading" in capsys.readouterr().err
+
+
+def test_a_registered_format_is_named_like_int8(checkpoint_factory, capsys):
+    """smoe.load(quant=NAME) and --quant NAME take a registered format by its name; an unknown name
+    is one error that lists the registered ones."""
+    path = checkpoint_factory(seed=11, **CONFIG)
+    model, _ = smoe.load(path, quant=NAME)
+    assert type(model.layers[0].attn.q_proj) is ToyLinear
+    assert main(["generate", "--model", str(path), "--quant", NAME, "--prompt-ids", "1,2", "--max-tokens", "3",
+                 "--ignore-eos", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == smoe.generate(
+        model, None, [1, 2], max_tokens=3, ignore_eos=True).token_ids
+    with pytest.raises(SmoeError, match=f"or a registered weight format: .*{NAME}"):
+        smoe.load(path, quant="int3")
+    assert main(["generate", "--model", str(path), "--quant", "int3", "--prompt-ids", "1,2"]) == 2
+    assert NAME in capsys.readouterr().err
+    assert main(["generate", "--model", str(path), "--quant", NAME, "--group-size", "32", "--prompt-ids", "1,2"]) == 2
+    assert "not --quant" in capsys.readouterr().err

@@ -100,4 +100,4 @@ class StackedToy(nn.Module):
 
 
 TOY = register_format(WeightFormat(NAME, 1, ToyLinear, StackedToy.stack, quantize=from_linear,
-                                   spec_from_config=ToySpec.from_config))
+                                   spec_from_config=ToySpec.from_config, default_spec=ToySpec))

@@ -21,6 +21,7 @@ from smoe.options import (
     QuantSpec,
     parse_dtype,
 )
+from smoe.weights import parse_quant
 
 EXIT_USAGE = 2
 LOADED: list = []  # models whose expert statistics --stats prints at the end
@@ -69,8 +70,9 @@ def model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
     p.add_argument("--compile", action="store_true",
                    help="compile each decode step whole with torch.compile (tens of seconds once; faster "
                         "decode where Python overhead dominates, e.g. small models in bf16/fp32)")
-    p.add_argument("--quant", choices=["int8", "int4"], default=None,
-                   help="quantize the weights at load: int8 per channel, or int4 in groups (see --group-size)")
+    p.add_argument("--quant", default=None, metavar="KIND",
+                   help="quantize the weights at load: int8 per channel, or int4 in groups (see --group-size); "
+                        "or the name of a registered weight format")
     quant_layout_args(p)
     p.add_argument("--parallel", default=None, metavar="HOW",
                    help="under torchrun: split the model over the processes by expert, tensor or expert,tensor "
@@ -117,8 +119,14 @@ def load(args):
     if args.quant is None and (args.quant_head is not None or args.group_size is not None):
         flag = "--group-size" if args.group_size is not None else "--quant-head / --no-quant-head"
         raise SmoeError(f"{flag} sets how --quant int8 or --quant int4 quantizes; add --quant")
-    quant = None if args.quant is None else QuantSpec(8 if args.quant == "int8" else 4, args.group_size,
-                                                      head=args.quant_head)
+    if args.quant in ("int8", "int4"):
+        quant = QuantSpec(8 if args.quant == "int8" else 4, args.group_size, head=args.quant_head)
+    elif args.quant is not None:
+        if args.quant_head is not None or args.group_size is not None:
+            raise SmoeError(f"--group-size and --quant-head set how int8 / int4 quantize, not --quant {args.quant}")
+        quant = parse_quant(args.quant)  # another registered weight format, or an error naming them
+    else:
+        quant = None
 
     spec = None
     if args.parallel is not None or parallel.launched():
