@@ -87,22 +87,20 @@ class ModelConfig:
             raise ConfigError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
         if self.quantization is not None:
             q = self.quantization
-            if isinstance(q, dict) and q.get("method") != "smoe" and isinstance(q.get("method"), str) \
-                    and isinstance(q.get("format"), dict):
-                q = q["format"]  # another registered weight format's own entry (smoe/weights.py): its name and version
-                if not isinstance(q.get("name"), str) or type(q.get("version")) is not int:
-                    raise ConfigError(f"quantization.format must be {{\"name\": ..., \"version\": N}}, got {q!r}")
-                return
-            if not isinstance(q, dict) or q.get("method") != "smoe" or q.get("bits") not in (4, 8):
+            # smoe's int8 / int4, or another registered weight format (smoe/weights.py) named by its
+            # `format`, whose own spec_from_config reads the rest of the entry
+            other = isinstance(q, dict) and isinstance(q.get("method"), str) and q.get("method") != "smoe" \
+                and isinstance(q.get("format"), dict)
+            if not other and (not isinstance(q, dict) or q.get("method") != "smoe" or q.get("bits") not in (4, 8)):
                 raise ConfigError(f"quantization must be {{\"method\": \"smoe\", \"bits\": 8 or 4, ...}}, "
                                   f"got {q!r}; smoe reads the quantized checkpoints that `smoe quantize` writes")
-            if q.get("head") not in (None, "int8"):
-                raise ConfigError(f"quantization.head must be \"int8\" or absent, got {q.get('head')!r}")
             fmt = q.get("format", {"name": "", "version": 0})
             if not isinstance(fmt, dict) or not isinstance(fmt.get("name"), str) or type(fmt.get("version")) is not int:
                 raise ConfigError(f"quantization.format must be {{\"name\": ..., \"version\": N}} or absent, "
                                   f"got {fmt!r}")
-            if q["bits"] == 4 and q.get("group_size") not in (32, 64, 128, 256):
+            if not other and q.get("head") not in (None, "int8"):
+                raise ConfigError(f"quantization.head must be \"int8\" or absent, got {q.get('head')!r}")
+            if not other and q["bits"] == 4 and q.get("group_size") not in (32, 64, 128, 256):
                 raise ConfigError(f"quantization.group_size must be 32, 64, 128 or 256 for 4 bits, "
                                   f"got {q.get('group_size')!r}")
 

@@ -145,6 +145,12 @@ class ExpertList(nn.ModuleList):
 
 # --------------------------------------------------------------------------- stacked experts
 
+def stack_rows(rows: list[list[nn.Module]], name: str) -> torch.Tensor:
+    """Tensor `name` of E experts' linears, each expert's row concatenated along the outputs (gate
+    and up: [w1, w3]), stacked: [E, sum of the row's outputs, ...]. Every stacked kind is made so."""
+    return torch.stack([torch.cat([getattr(lin, name).detach() for lin in row]) for row in rows])
+
+
 class StackedLinear(nn.Module):
     """E bias-free linears of one shape in one tensor: weight [E, out, in]."""
 
@@ -157,7 +163,7 @@ class StackedLinear(nn.Module):
     @staticmethod
     def stack(rows: list[list[nn.Linear]]) -> StackedLinear:
         """rows: per expert, the linears whose outputs are concatenated."""
-        stacked = StackedLinear(torch.stack([torch.cat([lin.weight.detach() for lin in row]) for row in rows]))
+        stacked = StackedLinear(stack_rows(rows, "weight"))
         release_module_pages(lin for row in rows for lin in row)  # the stacked copy replaces the file's pages
         return stacked
 

@@ -37,6 +37,7 @@ from torch import nn
 from tqdm import tqdm
 
 from smoe.errors import SmoeError
+from smoe.experts import stack_rows
 from smoe.fsutil import release_module_pages, release_pages
 from smoe.options import DEFAULT_INT4_GROUP_SIZE, FALLBACK_INT4_GROUP_SIZE, INT4_GROUP_SIZES, QuantSpec
 from smoe.weights import WeightFormat, format_named, register_format
@@ -245,8 +246,7 @@ class StackedInt8Linear(nn.Module):
 
     @staticmethod
     def stack(rows: list[list[Int8Linear]]) -> StackedInt8Linear:
-        stacked = StackedInt8Linear(torch.stack([torch.cat([lin.qweight for lin in row]) for row in rows]),
-                                    torch.stack([torch.cat([lin.scales for lin in row]) for row in rows]))
+        stacked = StackedInt8Linear(stack_rows(rows, "qweight"), stack_rows(rows, "scales"))
         release_module_pages(lin for row in rows for lin in row)  # the stacked copy replaces the file's pages
         return stacked
 
@@ -277,8 +277,8 @@ class StackedInt4Linear(nn.Module):
 
     @staticmethod
     def stack(rows: list[list[Int4Linear]]) -> StackedInt4Linear:
-        stacked = StackedInt4Linear(*(torch.stack([torch.cat([getattr(lin, name) for lin in row]) for row in rows])
-                                      for name in ("qweight", "scales", "mins")), rows[0][0].group_size)
+        stacked = StackedInt4Linear(*(stack_rows(rows, name) for name in ("qweight", "scales", "mins")),
+                                    rows[0][0].group_size)
         release_module_pages(lin for row in rows for lin in row)  # the stacked copy replaces the file's pages
         return stacked
 

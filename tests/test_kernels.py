@@ -36,7 +36,9 @@ def test_without_the_native_kernels_int4_goes_to_aten_and_the_report_says_why(ch
 def test_fp32_is_refused_by_the_native_kernels_and_packed_by_onednn(checkpoint_factory):
     model, _ = smoe.load(checkpoint_factory(seed=2, **CONFIG), dtype="fp32")
     report = "\n".join(model.kernels.report())
-    assert "native: not asked (" in report  # the kernels compute in bf16, or they do not run here
+    reason = native.unavailable_reason() or "the kernels compute in bf16; the model is float32"
+    assert f"native: not asked ({reason})" in report
+    assert model.decode_plan is None and model.kernels.ran["layers", "native", "decode steps"] == 0
     if torch.backends.mkldnn.is_available():
         assert model.kernels.ran["plain", "onednn", "expert stacks"] == 2 * len(model.layers)
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smoe.experts import stack_rows
 from smoe.weights import WeightFormat, register_format
 
 NAME = "toy-int8-offset"
@@ -81,8 +82,7 @@ class StackedToy(nn.Module):
 
     @staticmethod
     def stack(rows: list[list[ToyLinear]]) -> StackedToy:
-        return StackedToy(*(torch.stack([torch.cat([getattr(lin, name) for lin in row]) for row in rows])
-                            for name in ("qweight", "scales", "offsets")))
+        return StackedToy(*(stack_rows(rows, name) for name in ("qweight", "scales", "offsets")))
 
     @property
     def num_experts(self) -> int:

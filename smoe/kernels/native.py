@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smoe.experts import stack_rows
 from smoe.fsutil import huge_page_copy
 from smoe.kernels.decode import plan_decode
 from smoe.kernels.ops import MAX_ROWS, available, few_rows, note_fallback, unavailable_reason
@@ -159,7 +160,6 @@ class _Fused:
         return few_rows(x)
 
 
-
 class NativeStackedLinear(_Fused, nn.Module):
     """E bf16 linears [E, out, in] (as StackedLinear) with the native decode kernels."""
 
@@ -250,13 +250,11 @@ def native_stack(rows: list[list[nn.Module]]) -> nn.Module | None:
     if type(first) is nn.Linear:
         if first.weight.dtype != torch.bfloat16 or first.weight.device.type != "cpu":
             return None
-        return NativeStackedLinear(huge_page_copy(torch.stack([torch.cat([lin.weight.detach() for lin in row])
-                                                               for row in rows])))
+        return NativeStackedLinear(huge_page_copy(stack_rows(rows, "weight")))
     if first.scales.dtype != torch.bfloat16 or first.qweight.device.type != "cpu":
         return None
     if type(first) is Int8Linear:
-        return NativeStackedInt8(huge_page_copy(torch.stack([torch.cat([lin.qweight for lin in row]) for row in rows])),
-                                 torch.stack([torch.cat([lin.scales for lin in row]) for row in rows]))
+        return NativeStackedInt8(huge_page_copy(stack_rows(rows, "qweight")), stack_rows(rows, "scales"))
     layouts = [int4_native_layout(*concat_codes(row)) for row in rows]
     return NativeStackedInt4(huge_page_copy(torch.stack([codes for codes, _ in layouts])),
                              torch.stack([sm for _, sm in layouts]), first.group_size)

@@ -65,12 +65,11 @@ class Backend:
 _BACKENDS: list[Backend] = []
 
 
-def register_backend(backend: Backend, *, before: str | None = None) -> Backend:
-    """Add a backend, asked after those registered before it (or just before `before`)."""
-    names = [b.name for b in _BACKENDS]
-    if backend.name in names:
+def register_backend(backend: Backend) -> Backend:
+    """Add a backend, asked after those registered before it (smoe/kernels/__init__.py's order)."""
+    if any(b.name == backend.name for b in _BACKENDS):
         raise ValueError(f"a backend named {backend.name!r} is already registered")
-    _BACKENDS.insert(names.index(before) if before in names else len(_BACKENDS), backend)
+    _BACKENDS.append(backend)
     return backend
 
 
