@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NATIVE := smoe/csrc/.built
 
-.PHONY: install run test bench lint clean demo browser
+.PHONY: install run test bench lint clean demo browser cross selftest neon-selftest
 
 install: $(STAMP) $(NATIVE)
 
@@ -41,7 +41,24 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 \
 		|| echo "note: could not install chromium; the browser test will be skipped"; }
 
-test: install browser
+# the kernels' self-test builds for aarch64 and runs under qemu (Debian's packages); best effort,
+# tests/test_native.py skips it without them
+cross:
+	@command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 && command -v qemu-aarch64 >/dev/null 2>&1 || \
+		{ (apt-get update -qq && apt-get install -y -qq g++-aarch64-linux-gnu qemu-user) >/dev/null 2>&1 \
+		|| echo "note: could not install the aarch64 cross compiler and qemu; the NEON self-test will be skipped"; }
+
+# every kernel variant this CPU runs against the portable one, without torch (smoe/csrc/selftest.cpp)
+SELFTEST_FLAGS := -O2 -std=c++17 -ffp-contract=off -static -w
+selftest:
+	@mkdir -p build && g++ $(SELFTEST_FLAGS) smoe/csrc/selftest.cpp -o build/selftest && ./build/selftest
+
+# the same for aarch64 (the NEON variant), cross-compiled and run under qemu
+neon-selftest: cross
+	@mkdir -p build && aarch64-linux-gnu-g++ $(SELFTEST_FLAGS) smoe/csrc/selftest.cpp -o build/selftest-aarch64 && \
+		qemu-aarch64 -cpu max build/selftest-aarch64
+
+test: install browser cross
 	$(BIN)/python -m pytest
 
 # rebuild the bundled demo model from scratch (~70 min on 2 cores)

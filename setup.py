@@ -24,9 +24,10 @@ def native_extension():
     ext = CppExtension(
         "smoe._native",
         ["smoe/csrc/native.cpp"],  # one translation unit: it includes the files of each kernel family
-        # -O3; the AVX-512 kernels carry their own target pragma and run only where the CPU has them,
-        # so the library itself is built for plain x86-64 and loads on any CPU
-        extra_compile_args=["-O3", "-fopenmp", "-Wno-unused-parameter"],
+        # -O3; the AVX-512 and AVX2 kernels carry their own target pragmas and run only where the CPU has them,
+        # so the library itself is built for plain x86-64 and loads on any CPU; -ffp-contract=off:
+        # no multiply-add the code did not write, so scalar arithmetic is the same in every variant
+        extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off", "-Wno-unused-parameter"],
         extra_link_args=["-fopenmp"],  # libgomp.so.1: the one torch has loaded, so one thread pool
     )
     ext.optional = True  # a failed compile is a warning, not a failed install

@@ -3,8 +3,10 @@ bf16 products equal to F.linear up to the order of the fp32 sums; int8 / int4 pr
 to the same products computed in fp64 from the dequantized weights and the kernels' own 8-bit
 activations (themselves checked against a Python quantizer); the fused MoE op equal to the
 experts module it replaces; 1 and 2 threads; greedy tokens of the demo model identical with
-and without the kernels; the op inside torch.compile. Skipped where the kernels cannot run
-(not built, or a CPU without AVX-512 BF16/VNNI), which test_fallback covers."""
+and without the kernels and between the kernel variants; the op inside torch.compile. Every
+kernel test runs once per variant this CPU runs (`variant`: avx512, avx2-vnni, avx2, neon,
+portable — smoe/csrc/isa.h), and the self-test compares the variants without torch, here and
+for aarch64 under qemu. Skipped where the kernels are not built, which test_fallback covers."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import copy
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,12 +23,24 @@ import torch.nn.functional as F
 import smoe
 from smoe import kernels
 from smoe.experts import Expert, ExpertList, StackedExperts
-from smoe.kernels import decode, native
+from smoe.kernels import decode, native, ops
 from smoe.options import QuantSpec
 from smoe.quantize import quantize_expert, quantize_int4, quantize_int8
 
 needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable_reason()}")
 BF16_ULP = 2.0**-8  # relative spacing of bf16 numbers
+SELFTEST_FLAGS = ["-O2", "-std=c++17", "-ffp-contract=off", "-static", "-w"]  # as the Makefile builds it
+
+
+@pytest.fixture(params=ops.variants() or ["none"])
+def variant(request):
+    """Each kernel variant this CPU runs, selected for the test (the best one again after it)."""
+    if not native.available():
+        pytest.skip(f"native kernels: {native.unavailable_reason()}")
+    before = ops.variant()
+    ops.select(request.param)
+    yield request.param
+    ops.select(before)
 
 
 @pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
@@ -69,7 +84,7 @@ def sum_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 @needs_native
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8])
 @pytest.mark.parametrize("N,K", [(1, 1), (3, 31), (5, 33), (37, 100), (9, 1000), (130, 64)])
-def test_bf16_product(threads, M, N, K):
+def test_bf16_product(variant, threads, M, N, K):
     x, w = randn(M, K, seed=1), randn(N, K, seed=2)
     y = torch.ops.smoe.linear_bf16(x, w)
     exact = x.double() @ w.double().t()
@@ -78,7 +93,7 @@ def test_bf16_product(threads, M, N, K):
 
 @needs_native
 @pytest.mark.parametrize("M,K", [(1, 7), (3, 32), (2, 100), (8, 1000)])
-def test_activation_quantization_matches_python(M, K):
+def test_activation_quantization_matches_python(variant, M, K):
     x = randn(M, K, seed=3)
     x[0, :5] = 0  # a block with zeros, and below a block of zeros
     if K >= 64:
@@ -90,7 +105,7 @@ def test_activation_quantization_matches_python(M, K):
 @needs_native
 @pytest.mark.parametrize("M", [1, 2, 4, 5, 8])
 @pytest.mark.parametrize("N,K", [(1, 5), (3, 64), (7, 65), (37, 200), (9, 1000)])
-def test_int8_product(threads, M, N, K):
+def test_int8_product(variant, threads, M, N, K):
     x, w = randn(M, K, seed=4), randn(N, K, seed=5, scale=0.05)
     q, scale = quantize_int8(w)
     y = torch.ops.smoe.linear_q8(x, q, scale)
@@ -103,7 +118,7 @@ def test_int8_product(threads, M, N, K):
 @pytest.mark.parametrize("M", [1, 3, 4, 8])
 @pytest.mark.parametrize("N,K,G", [(1, 32, 32), (5, 96, 32), (37, 224, 32), (9, 192, 64), (4, 384, 128),
                                    (3, 768, 256), (6, 256, 256)])
-def test_int4_product(threads, M, N, K, G):
+def test_int4_product(variant, threads, M, N, K, G):
     x, w = randn(M, K, seed=6), randn(N, K, seed=7, scale=0.05)
     codes, scale, zero = quantize_int4(w.float(), G)
     packed, sm = native.int4_native_layout(codes, scale, zero)
@@ -160,7 +175,7 @@ def quantized(experts: ExpertList, quant: str | None) -> ExpertList:
 @pytest.mark.parametrize("quant", [None, "int8", "int4-g32", "int4-g64"])
 @pytest.mark.parametrize("num_experts,top_k", [(4, 1), (8, 2), (8, 3), (16, 4)])
 @pytest.mark.parametrize("tokens", [1, 2, 5, 8])
-def test_fused_moe_equals_the_experts_module(threads, quant, num_experts, top_k, tokens):
+def test_fused_moe_equals_the_experts_module(variant, threads, quant, num_experts, top_k, tokens):
     """The fused op against the same stacked experts run expert by expert (each expert's
     products through the same kernels, the rest in PyTorch): equal up to SiLU's last bit."""
     hidden, ffn = (192, 320) if quant == "int4-g64" else (H, FF)  # g64 needs multiples of 64 (not of 128)
@@ -181,7 +196,7 @@ def test_fused_moe_equals_the_experts_module(threads, quant, num_experts, top_k,
 
 @needs_native
 @pytest.mark.parametrize("quant,limit", [(None, 0.02), ("int8", 0.05), ("int4-g32", 0.05)])
-def test_fused_moe_close_to_the_pytorch_experts(quant, limit):
+def test_fused_moe_close_to_the_pytorch_experts(variant, quant, limit):
     """Against PyTorch's own kinds (bf16 products; int8/int4 with unquantized activations):
     the difference is the 8-bit activations' rounding, a few % of the output's scale."""
     experts = quantized(expert_list(8, seed=3), quant)
@@ -195,7 +210,7 @@ def test_fused_moe_close_to_the_pytorch_experts(quant, limit):
 
 
 @needs_native
-def test_fused_moe_reads_rows_that_are_not_multiples_of_the_tile():
+def test_fused_moe_reads_rows_that_are_not_multiples_of_the_tile(variant):
     """H and F that are neither multiples of 4 (the row tile) nor of 32 (bf16 only)."""
     experts = expert_list(5, hidden=37, ffn=23)
     reference = copy.deepcopy(experts)
@@ -269,7 +284,68 @@ def test_demo_greedy_tokens_identical_with_and_without_the_kernels(monkeypatch):
 
 
 @needs_native
-def test_quantized_demo_model_keeps_its_perplexity_through_the_kernels(monkeypatch):
+def test_demo_greedy_tokens_identical_between_the_variants():
+    """The demo model's greedy generations (bf16: prefill, then decode steps through
+    smoe::decode_layers) under every variant this CPU runs, against the best one's: the same
+    tokens up to the first step where some variant's top two logits are within one bf16 step
+    of each other (the head rounds logits to bf16, ~0.06 at 10: there the order of a sum picks
+    either token), and along the best variant's tokens the same argmax at every other step."""
+    prompts = ["The meaning of life is", "def fibonacci(n):", "Once upon a time", "Der Zug nach Berlin",
+               "import numpy as np", "El perro come"]
+    model, tokenizer = smoe.load(dtype="bf16")
+    assert model.decode_plan is not None
+    best = ops.variant()
+    runs, logits = {}, {}
+    try:
+        for name in ops.variants():
+            ops.select(name)
+            runs[name] = [smoe.generate(model, tokenizer, p, max_tokens=40, temperature=0).token_ids for p in prompts]
+        for name in ops.variants():
+            ops.select(name)
+            logits[name] = [generation_logits(model, tokenizer.encode(p), ids) for p, ids in zip(prompts, runs[best], strict=True)]
+    finally:
+        ops.select(best)
+    differing = 0
+    for i, prompt in enumerate(prompts):
+        near_tie = torch.zeros(len(runs[best][i]), dtype=torch.bool)
+        for rows in (v[i] for v in logits.values()):
+            top2 = rows.topk(2, dim=-1).values
+            near_tie |= top2[:, 0] - top2[:, 1] <= top2[:, 0].abs() * BF16_ULP
+        first = int(near_tie.nonzero()[0, 0]) if near_tie.any() else len(near_tie)
+        for name in ops.variants():
+            assert runs[name][i][:first] == runs[best][i][:first], (name, prompt)
+            assert torch.equal(logits[name][i].argmax(-1)[~near_tie], logits[best][i].argmax(-1)[~near_tie])
+        differing += any(runs[name][i] != runs[best][i] for name in runs)
+    assert differing <= 2  # near ties are rare: most generations are the same to the end in every variant
+
+
+@pytest.mark.parametrize("compiler,runner,variant_name", [
+    ("g++", None, None),  # this CPU's variants against the portable one
+    ("aarch64-linux-gnu-g++", ["qemu-aarch64", "-cpu", "max"], "neon"),  # ARM, emulated
+], ids=["this-cpu", "aarch64-qemu"])
+def test_kernel_selftest(tmp_path, compiler, runner, variant_name):
+    """smoe/csrc/selftest.cpp (no torch): each variant against the portable one at awkward
+    shapes; for aarch64 cross-compiled and run under qemu (`make neon-selftest` does the same)."""
+    import shutil
+
+    missing = [tool for tool in (compiler, *(runner or [])[:1]) if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"not installed: {', '.join(missing)} (`make test` installs them where it can)")
+    csrc = Path(smoe.__file__).parent / "csrc"
+    binary = tmp_path / "selftest"
+    subprocess.run([compiler, *SELFTEST_FLAGS, str(csrc / "selftest.cpp"), "-o", str(binary)], check=True,
+                   capture_output=True)
+    run = subprocess.run([*(runner or []), str(binary)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout
+    assert "0 failure(s)" in run.stdout
+    if variant_name is not None:
+        assert f"{variant_name:10s} ok" in run.stdout, run.stdout
+    else:
+        assert all(f"{name:10s} ok" in run.stdout for name in ops.variants() if name != "portable"), run.stdout
+
+
+@needs_native
+def test_quantized_demo_model_keeps_its_perplexity_through_the_kernels(variant, monkeypatch):
     """The quality bar of test_quant.py, every token row through the native kernels."""
     from smoe.data import read_jsonl
     from smoe.tokenizer import HFTokenizer
@@ -278,7 +354,7 @@ def test_quantized_demo_model_keeps_its_perplexity_through_the_kernels(monkeypat
     docs = read_jsonl(smoe.DEMO_MODEL / "eval_slice.jsonl")
     tokenizer = HFTokenizer(smoe.DEMO_MODEL / "tokenizer.json")
     reference = heldout_perplexity(smoe.load(dtype="fp32", pack=False)[0], tokenizer, docs, 256, 1024)
-    monkeypatch.setattr(native, "MAX_ROWS", 1 << 30)
+    monkeypatch.setattr(ops, "MAX_ROWS", 1 << 30)  # ops.few_rows reads it
     for quant, limit in (("int8", 0.01), ("int4-g32", 0.05)):
         model = smoe.load(dtype="bf16", quant=quant)[0]
         assert type(model.layers[0].moe.experts.gate_up).__name__.startswith("NativeStackedInt")
@@ -311,7 +387,7 @@ def test_fallback_is_pytorch_and_said_once():
 
 @needs_native
 @pytest.mark.parametrize("quant", [None, "int8", "int4"])
-def test_decode_layer_equals_the_block_it_replaces(checkpoint_factory, quant):
+def test_decode_layer_equals_the_block_it_replaces(variant, checkpoint_factory, quant):
     """smoe::decode_layer (a whole Block per call for decode steps) against the Block's modules
     (the same native linears; RMSNorm, RoPE, attention and router in PyTorch), step by step from
     the same cache, at awkward sizes (H 96, F 160, 6 query / 2 kv heads of 16, 5 experts), four

@@ -2,13 +2,16 @@
 // integer dot products (vpdpbusd): the matrix-vector products of every format, activation
 // quantization, SiLU·up and attention (kernels.h declares them). Compiled for those
 // instructions function by function (the target pragma) and called only where
-// cpu_supported() said the CPU has them.
+// supported() said the CPU has them.
 
-#include "kernels.h"
+#include "isa.h"
+
+#if defined(__x86_64__)
 
 #include <immintrin.h>
 
 namespace {
+namespace avx512 {
 
 // ------------------------------------------------------------------------------ AVX-512 kernels
 
@@ -392,4 +395,16 @@ void attend(const float* q, int64_t R, const uint16_t* keys, const uint16_t* val
 
 #pragma GCC pop_options
 
+bool supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni");
+}
+
+const Loops loops = {"avx512", supported, matvec, quantize_row, silu_mul, attend};
+
+}  // namespace avx512
 }  // namespace
+
+#endif  // __x86_64__

@@ -1,16 +1,9 @@
-// What the kernel families share: the CPU check, argument checks, weight matrices as the
+// What the kernel families share: argument checks, weight matrices as the
 // kernels read them, activation rows prepared once per call.
 
 #include "kernels.h"
 
 namespace {
-
-bool cpu_supported() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni");
-}
 
 // ------------------------------------------------------------------------------ checks
 

@@ -39,10 +39,29 @@ TORCH_LIBRARY_IMPL(smoe, CPU, m) {
 
 // ------------------------------------------------------------------------------ the Python module
 
-static PyObject* py_supported(PyObject*, PyObject*) { return PyBool_FromLong(cpu_supported()); }
+static PyObject* py_variants(PyObject*, PyObject*) {  // the variants this CPU runs, best first
+  PyObject* names = PyList_New(0);
+  for (const Loops* v : compiled_variants())
+    if (v->supported()) {
+      PyObject* name = PyUnicode_FromString(v->name);
+      PyList_Append(names, name);
+      Py_DECREF(name);
+    }
+  return names;
+}
+
+static PyObject* py_variant(PyObject*, PyObject*) { return PyUnicode_FromString(active_loops()->name); }
+
+static PyObject* py_select(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  return PyBool_FromLong(select_variant(name));
+}
 
 static PyMethodDef methods[] = {
-    {"supported", py_supported, METH_NOARGS, "Whether this CPU has AVX-512 BF16 and VNNI (the kernels' instructions)."},
+    {"variants", py_variants, METH_NOARGS, "The kernel variants this CPU runs, best first (isa.h)."},
+    {"variant", py_variant, METH_NOARGS, "The variant in use."},
+    {"select", py_select, METH_O, "Use the named variant; False where this CPU cannot run it."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -5,7 +5,10 @@ The kernels multiply a few token rows (decode) by bf16, int8 or int4 weights wit
 BF16 and VNNI dot products, reading each weight once; int8 and int4 quantize the activations
 to 8 bits in blocks of 32 once per call, shared by every expert of the layer. One op,
 `smoe::moe_*`, runs all chosen experts of a MoE layer (gate/up, SiLU·up, down, weighted sum).
-Many rows (prefill) go to PyTorch's GEMMs, which are faster there. Whole decoder layers of a
+Many rows (prefill) go to PyTorch's GEMMs, which are faster there: in bf16 where the kernels are
+AVX-512's (the CPU has AVX-512 BF16, which PyTorch's bf16 GEMMs use), else with each block of
+weight rows widened to fp32 (`prefill_linear`): without AVX-512 BF16 PyTorch's bf16 GEMM has no
+fast path and its fp32 GEMM is several times faster. Whole decoder layers of a
 decode step run as one call: smoe/kernels/decode.py. docs/KERNELS.md has the layouts, the
 arithmetic and the measurements.
 
@@ -25,18 +28,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smoe.errors import SmoeError
 from smoe.experts import stack_rows
 from smoe.fsutil import huge_page_copy
 from smoe.kernels.decode import plan_decode
-from smoe.kernels.ops import MAX_ROWS, available, few_rows, note_fallback, unavailable_reason
+from smoe.kernels.ops import (
+    MAX_ROWS,
+    available,
+    few_rows,
+    isa_problem,
+    note_fallback,
+    unavailable_reason,
+    variant,
+    variants,
+)
 from smoe.kernels.registry import Backend, Target
-from smoe.quantize import Int8Linear, blockwise_linear, concat_codes, int8_linear
+from smoe.quantize import Int8Linear, blockwise_linear, concat_codes, dequantize_int8
 
 __all__ = ["MAX_ROWS", "available", "unavailable_reason", "note_fallback", "few_rows", "BACKEND"]
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def prefill_linear(x: torch.Tensor, rows_of, out_features: int) -> torch.Tensor:
+    """x [M, K] · Wᵀ for many token rows, W rebuilt by `rows_of(dtype, start, stop)` a block of
+    output rows at a time: in x's dtype (bf16) where the kernels are AVX-512's, else in fp32 and
+    rounded once at the end (the variants without AVX-512 BF16, where PyTorch's bf16 GEMM is slow)."""
+    if variant() == "avx512":
+        return blockwise_linear(x, partial(rows_of, x.dtype), out_features)
+    return blockwise_linear(x.float(), partial(rows_of, torch.float32), out_features).to(x.dtype)
+
+
+def _weight_rows(weight: torch.Tensor, dtype: torch.dtype, start: int, stop: int) -> torch.Tensor:
+    return weight[start:stop].to(dtype)
 
 
 # --------------------------------------------------------------------------- int4 in the kernels' layout
@@ -82,7 +108,9 @@ class NativeLinear(nn.Module):
         rows = _rows(x)
         if few_rows(rows):
             return torch.ops.smoe.linear_bf16(rows, self.weight).view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight)
+        if variant() == "avx512":
+            return F.linear(x, self.weight)
+        return prefill_linear(rows, partial(_weight_rows, self.weight), self.out_features).view(*x.shape[:-1], -1)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, native"
@@ -104,8 +132,10 @@ class NativeInt8Linear(Int8Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = _rows(x)
         if few_rows(rows):
-            return torch.ops.smoe.linear_q8(rows, self.qweight, self.scales32).view(*x.shape[:-1], self.out_features)
-        return int8_linear(x, self.qweight, self.scales)
+            y = torch.ops.smoe.linear_q8(rows, self.qweight, self.scales32)
+        else:
+            y = prefill_linear(rows, partial(dequantize_int8, self.qweight, self.scales), self.out_features)
+        return y.view(*x.shape[:-1], self.out_features)
 
 
 class NativeInt4Linear(nn.Module):
@@ -128,8 +158,8 @@ class NativeInt4Linear(nn.Module):
         if few_rows(rows):
             y = torch.ops.smoe.linear_q4(rows, self.codes, self.sm, self.group_size)
         else:
-            y = blockwise_linear(rows, partial(dequantize_int4_native, self.codes, self.sm, self.group_size, x.dtype),
-                                 self.out_features)
+            y = prefill_linear(rows, partial(dequantize_int4_native, self.codes, self.sm, self.group_size),
+                               self.out_features)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -176,7 +206,9 @@ class NativeStackedLinear(_Fused, nn.Module):
     def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
         if few_rows(x):
             return torch.ops.smoe.linear_bf16(x.contiguous(), self.weight[e])
-        return F.linear(x, self.weight[e])
+        if variant() == "avx512":
+            return F.linear(x, self.weight[e])
+        return prefill_linear(x.contiguous(), partial(_weight_rows, self.weight[e]), self.weight.shape[1])
 
     def fused_moe(self, down: NativeStackedLinear, x, expert_indices, expert_weights) -> torch.Tensor:
         return torch.ops.smoe.moe_bf16(x.contiguous(), expert_indices.contiguous(), expert_weights.contiguous(),
@@ -205,7 +237,8 @@ class NativeStackedInt8(_Fused, nn.Module):
     def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
         if few_rows(x):
             return torch.ops.smoe.linear_q8(x.contiguous(), self.qweight[e], self.scales32[e])
-        return int8_linear(x, self.qweight[e], self.scales[e])
+        dequantize = partial(dequantize_int8, self.qweight[e], self.scales[e])
+        return prefill_linear(x.contiguous(), dequantize, self.qweight.shape[1])
 
     def fused_moe(self, down: NativeStackedInt8, x, expert_indices, expert_weights) -> torch.Tensor:
         return torch.ops.smoe.moe_q8(x.contiguous(), expert_indices.contiguous(), expert_weights.contiguous(),
@@ -231,8 +264,8 @@ class NativeStackedInt4(_Fused, nn.Module):
     def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
         if few_rows(x):
             return torch.ops.smoe.linear_q4(x.contiguous(), self.codes[e], self.sm[e], self.group_size)
-        dequantize = partial(dequantize_int4_native, self.codes[e], self.sm[e], self.group_size, x.dtype)
-        return blockwise_linear(x.contiguous(), dequantize, self.out_features)
+        dequantize = partial(dequantize_int4_native, self.codes[e], self.sm[e], self.group_size)
+        return prefill_linear(x.contiguous(), dequantize, self.out_features)
 
     def fused_moe(self, down: NativeStackedInt4, x, expert_indices, expert_weights) -> torch.Tensor:
         return torch.ops.smoe.moe_q4(x.contiguous(), expert_indices.contiguous(), expert_weights.contiguous(),
@@ -263,6 +296,8 @@ def native_stack(rows: list[list[nn.Module]]) -> nn.Module | None:
 def refuses(target: Target) -> str | None:
     if target.device != "cpu":
         return f"CPU kernels; the model is on {target.device}"
+    if isa_problem() is not None:  # the user asked for a variant: say it cannot be had, not run another
+        raise SmoeError(f"{isa_problem()}; unset SMOE_ISA for the best variant this CPU runs")
     reason = unavailable_reason()
     if reason is not None:
         return reason
@@ -271,6 +306,13 @@ def refuses(target: Target) -> str | None:
     return None
 
 
+def describe() -> str:
+    """The variant in use and the others this CPU runs (`smoe info --kernels`)."""
+    others = [name for name in variants() if name != variant()]
+    return (f"the {variant()} kernels" + (f" (this CPU also runs {', '.join(others)}: SMOE_ISA=NAME picks one)"
+                                          if others else ""))
+
+
 BACKEND = Backend("native", ("plain", "smoe-int8", "smoe-int4"), refuses, linear=native_linear, stack=native_stack,
                   kinds=(NativeLinear, NativeInt8Linear, NativeInt4Linear, NativeStackedLinear, NativeStackedInt8,
-                         NativeStackedInt4), decode=plan_decode)
+                         NativeStackedInt4), decode=plan_decode, detail=describe)

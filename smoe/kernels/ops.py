@@ -6,8 +6,12 @@ linear_bf16 / _q8 / _q4 (few rows by one weight), moe_bf16 / _q8 / _q4 (all chos
 a MoE layer), quantize_activations, rms_norm, decode_layer / decode_layers (whole decoder layers
 of a decode step). docs/KERNELS.md has their layouts, arithmetic and measurements.
 
-`available()` is true when the extension was built (`make install`), the CPU has the
-instructions and SMOE_NATIVE is not 0.
+The kernels come in one variant per instruction set (smoe/csrc/isa.h: avx512, avx2-vnni, avx2,
+neon, portable); the best this CPU runs is used unless SMOE_ISA names another it runs (to test
+a lower one, or to compare them). `available()` is true when the extension was built (`make
+install`), SMOE_NATIVE is not 0 and SMOE_ISA, if set, names a variant this CPU runs: the
+portable variant runs on every CPU, so the native kernels are never off for want of
+instructions.
 """
 
 from __future__ import annotations
@@ -28,6 +32,45 @@ else:
     _IMPORT_ERROR = None
 
 _noted = False
+_ISA_ENV = "SMOE_ISA"
+KNOWN_VARIANTS = ("avx512", "avx2-vnni", "avx2", "neon", "portable")
+
+
+def variants() -> list[str]:
+    """The kernel variants this CPU runs, best first (empty without the extension)."""
+    return list(_native.variants()) if _native is not None else []
+
+
+def variant() -> str | None:
+    """The variant the kernels run now, or None where they do not run."""
+    return _native.variant() if available() else None
+
+
+def select(name: str) -> None:
+    """Run the named variant from now on (tests compare every variant this CPU runs)."""
+    if _native is None or not _native.select(name):
+        runs = ", ".join(variants()) or "none"
+        raise ValueError(f"kernel variant {name!r} does not run here (this CPU runs: {runs})")
+
+
+def _select_from_env() -> str | None:
+    """Select the variant SMOE_ISA names (once, at import); why it cannot be, or None."""
+    name = os.environ.get(_ISA_ENV)
+    if not name or _native is None:
+        return None
+    if name not in KNOWN_VARIANTS:
+        return f"{_ISA_ENV}={name} is not a kernel variant (one of: {', '.join(KNOWN_VARIANTS)})"
+    if not _native.select(name):
+        return f"{_ISA_ENV}={name}: this CPU runs only {', '.join(variants())}"
+    return None
+
+
+_ISA_REASON = _select_from_env()
+
+
+def isa_problem() -> str | None:
+    """Why the variant SMOE_ISA names cannot run (not a variant, or not on this CPU), or None."""
+    return _ISA_REASON
 
 
 def unavailable_reason() -> str | None:
@@ -36,9 +79,7 @@ def unavailable_reason() -> str | None:
         return f"the native extension is not built ({_IMPORT_ERROR}); `make install` builds it"
     if os.environ.get("SMOE_NATIVE", "1") == "0":
         return "SMOE_NATIVE=0"
-    if not _native.supported():
-        return "this CPU lacks AVX-512 BF16 and VNNI"
-    return None
+    return _ISA_REASON
 
 
 def available() -> bool:

@@ -51,7 +51,8 @@ class Backend:
     linear: one linear of its formats -> the module that runs it here, or None (not this one).
     stack: rows of E experts' linears -> the stacked kind that runs them here, or None.
     kinds: the module types it makes (a model holding them is in the inference layout).
-    decode: a hook the loader calls last on the whole model (a decode-step plan), or None."""
+    decode: a hook the loader calls last on the whole model (a decode-step plan), or None.
+    detail: what the report adds of a backend it asked (the native kernels: their variant), or None."""
 
     name: str
     formats: tuple[str, ...]
@@ -60,6 +61,7 @@ class Backend:
     stack: Callable[[Rows], nn.Module | None] | None = None
     kinds: tuple[type, ...] = ()
     decode: Callable[[nn.Module], int] | None = None
+    detail: Callable[[], str] | None = None
 
 
 _BACKENDS: list[Backend] = []
@@ -163,6 +165,9 @@ class Kernels:
             + f": asked in order {', '.join(b.name for b in self.chosen) or '(none)'}, then {PYTORCH}"]
         for (fmt, backend, what), count in sorted(self.ran.items()):
             lines.append(f"  {fmt:10s} {count:5d} {what:13s} -> {backend}")
+        for backend in self.chosen:
+            if backend.detail is not None:
+                lines.append(f"  {backend.name}: {backend.detail()}")
         for name, reason in self.refused.items():
             lines.append(f"  {name}: not asked ({reason})")
         return lines

@@ -1,0 +1,230 @@
+// The AVX2 inner loops (isa.h declares what each computes), included twice by avx2.cpp: as
+// `avx2` (AVX2 + FMA + F16C) and as `avx2_vnni` (the same with AVX-VNNI), each under its own
+// target pragma. The one difference is the 8-bit product: `dot_u8s8(u, s)` sums each 4 bytes'
+// products u·s (u unsigned, s signed) into an int32 lane, by maddubs + madd or by vpdpbusd.
+//
+// bf16: weights widened to fp32 (a shift of the 16 bits), activation rows widened once per call;
+// 16 columns a step in two accumulators. int8: per block of 32 columns |w| times x with w's sign
+// (vpsignb: exact, also for w = -128, whose |w| = 128 fits the unsigned operand), the block's int32
+// sum times its scale d_b. int4: per 32 code bytes (two blocks: the low nibbles meet the blocks'
+// first 16 activations, the high nibbles their last 16, QRows' order) the codes times the
+// activations, lanes 0-3 of the sum for the first block and 4-7 for the second, times d_b and
+// the group's scale; the offsets' part once per row. Each weight row is read once per call, for
+// up to 4 token rows, and every row's sums run in the same order whatever shares its call.
+
+inline __m256 widen_bf16(const uint16_t* p) {  // 8 bf16 -> 8 fp32
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
+inline float hsum(__m256 v) {  // a fixed tree: halves, pairs, then the last two
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline __m256i dot2_u8s8(__m256i u1, __m256i s1, __m256i u2, __m256i s2) {  // dot_u8s8(u1, s1) + dot_u8s8(u2, s2)
+#if SMOE_AVX2_VNNI
+  return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u1, s1), u2, s2);
+#else  // pairs of int16 products: |codes·x| <= 2 * 2 * 15 * 127 for int4, so no saturation
+  const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(u1, s1), _mm256_maddubs_epi16(u2, s2));
+  return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+#endif
+}
+
+inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if SMOE_AVX2_VNNI
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else  // |w|·|x| <= 128 * 127, two of them fit an int16
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+struct Rows {  // the row kernels, for rows.h's matvec_rows (what each computes: rows.h)
+  // res[m] = weight row w times (fp32, zero padded to 16) token rows x[m]
+  template <int MR>
+  __attribute__((noinline)) static void bf16(const float* const* x, const uint16_t* w, int64_t K, float* res) {
+    __m256 a0[MR], a1[MR];
+    for (int m = 0; m < MR; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
+    auto step = [&](int64_t k, const uint16_t* wk) __attribute__((always_inline)) {
+      const __m256 w0 = widen_bf16(wk), w1 = widen_bf16(wk + 8);
+      for (int m = 0; m < MR; ++m) {
+        a0[m] = _mm256_fmadd_ps(_mm256_loadu_ps(x[m] + k), w0, a0[m]);
+        a1[m] = _mm256_fmadd_ps(_mm256_loadu_ps(x[m] + k + 8), w1, a1[m]);
+      }
+    };
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) step(k, w + k);
+    if (k < K) {  // the last columns from a zero-padded copy: no read past the row
+      uint16_t tail[16] = {};
+      std::memcpy(tail, w + k, (K - k) * sizeof(uint16_t));
+      step(k, tail);
+    }
+    for (int m = 0; m < MR; ++m) res[m] = hsum(_mm256_add_ps(a0[m], a1[m]));
+  }
+
+  // res[m] = sum_b d_b * sum_{k in b} qx[k] * qw[k] (the caller multiplies by the row's scale)
+  template <int MR>
+  __attribute__((noinline)) static void q8(const int8_t* const* xq, const float* const* sv, const int8_t* w, int64_t K,
+                                        float* res) {
+    __m256 a0[MR], a1[MR];
+    for (int m = 0; m < MR; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
+    auto step = [&](int64_t b, const int8_t* wb, __m256* a) __attribute__((always_inline)) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb));
+      const __m256i magnitude = _mm256_abs_epi8(wv);
+      for (int m = 0; m < MR; ++m) {
+        const __m256i xv = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[m] + b * kQBlock)), wv);
+        const __m256 d = _mm256_set1_ps(block_scale(sv[m], kQ8, b));
+        a[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(magnitude, xv)), d, a[m]);
+      }
+    };
+    const int64_t full = K / kQBlock;
+    int64_t b = 0;
+    for (; b + 2 <= full; b += 2) {
+      step(b, w + b * kQBlock, a0);
+      step(b + 1, w + (b + 1) * kQBlock, a1);
+    }
+    if (b < full) {
+      step(b, w + b * kQBlock, a0);
+      ++b;
+    }
+    if (K % kQBlock != 0) {  // the activations are zero padded; the weights from a zero-padded copy
+      int8_t tail[kQBlock] = {};
+      std::memcpy(tail, w + full * kQBlock, K % kQBlock);
+      step(full, tail, (full & 1) ? a1 : a0);
+    }
+    for (int m = 0; m < MR; ++m) res[m] = hsum(_mm256_add_ps(a0[m], a1[m]));
+  }
+
+  // res[m] = sum_b d_b * s_g(b) * sum_{k in b} qx[k] * code[k] + sum_g m_g * xs_g
+  template <int MR>
+  __attribute__((noinline)) static void q4(const int8_t* const* xq, const float* const* sv, const float* const* xs,
+                                        const uint8_t* codes, const uint16_t* sm, int64_t K, int64_t G, float* res) {
+    __m256 a0[MR], a1[MR];
+    for (int m = 0; m < MR; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    const int64_t nb = K / kQBlock, ng = K / G;
+    auto group_scale = [&](int64_t b) { return bf16_to_f32(sm[std::min(b * kQBlock / G, ng - 1)]); };
+    // pair p: blocks 2p and 2p + 1, code bytes 32p .. 32p + 31; in QRows, step p / 2, half p % 2
+    auto step = [&](int64_t p, const uint8_t* bytes, __m256* a) __attribute__((always_inline)) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes));
+      const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+      const __m256 ws = _mm256_set_m128(_mm_set1_ps(group_scale(2 * p + 1)), _mm_set1_ps(group_scale(2 * p)));
+      const int64_t at = (p / 2) * 128 + (p % 2) * 32;
+      for (int m = 0; m < MR; ++m) {
+        const __m256i xlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[m] + at));
+        const __m256i xhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[m] + at + 64));
+        const __m256 d = _mm256_loadu_ps(sv[m] + (p / 2) * 16 + (p % 2) * 8);
+        a[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot2_u8s8(lo, xlo, hi, xhi)), _mm256_mul_ps(d, ws), a[m]);
+      }
+    };
+    const int64_t pairs = nb / 2;
+    int64_t p = 0;
+    for (; p + 2 <= pairs; p += 2) {
+      step(p, codes + p * 32, a0);
+      step(p + 1, codes + (p + 1) * 32, a1);
+    }
+    if (p < pairs) {
+      step(p, codes + p * 32, a0);
+      ++p;
+    }
+    if (nb & 1) {  // a last lone block: its 16 bytes and zeros (the activations past K are zero)
+      uint8_t tail[32] = {};
+      std::memcpy(tail, codes + p * 32, 16);
+      step(p, tail, (p & 1) ? a1 : a0);
+    }
+    for (int m = 0; m < MR; ++m) {
+      float offsets = 0.f;
+      for (int64_t g = 0; g < ng; ++g) offsets += bf16_to_f32(sm[ng + g]) * xs[m][g];
+      res[m] = hsum(_mm256_add_ps(a0[m], a1[m])) + offsets;
+    }
+  }
+
+};
+
+void matvec(const Acts& a, const int64_t* rows, int64_t M, const Matrix& W, int64_t n0, int64_t n1, float* out,
+            int64_t ldo) {
+  matvec_rows<Rows>(a, rows, M, W, n0, n1, out, ldo);
+}
+
+// exp for 8 lanes (Cephes' expf polynomial, as avx512.cpp's exp16): n = round(x·log2 e),
+// r = x − n·ln 2, p(r)·2^n with n clamped so that 2^n is 0 below and inf above the range
+inline __m256 exp8(__m256 x) {
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256 clamped = _mm256_min_ps(_mm256_max_ps(n, _mm256_set1_ps(-127.f)), _mm256_set1_ps(128.f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(clamped), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));  // 2^-127 encodes as 0, 2^128 as inf
+}
+
+inline __m256 round8_bf16(__m256 x) {  // to bf16 and back, round to nearest even (x finite or inf)
+  const __m256i u = _mm256_castps_si256(x);
+  const __m256i bias = _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)));
+  return _mm256_castsi256_ps(_mm256_and_si256(_mm256_add_epi32(u, bias), _mm256_set1_epi32(int(0xffff0000u))));
+}
+
+void silu_mul(const float* g, const float* up, int64_t n, uint16_t* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 gv = round8_bf16(_mm256_loadu_ps(g + i)), uv = round8_bf16(_mm256_loadu_ps(up + i));
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+    const __m256 silu = round8_bf16(_mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.f), e)));
+    float y[8];
+    _mm256_storeu_ps(y, _mm256_mul_ps(silu, uv));
+    for (int l = 0; l < 8; ++l) out[i + l] = f32_to_bf16(y[l]);
+  }
+  if (i < n) portable::silu_mul(g + i, up + i, n - i, out + i);
+}
+
+// attention: portable's arithmetic, 8 lanes at a time (head dims that are multiples of 8; others: portable's)
+void attend(const float* q, int64_t R, const uint16_t* keys, const uint16_t* values, const bool* allowed, int64_t n,
+            int64_t D, float* scores, float* out) {
+  if (D % 8 != 0) return portable::attend(q, R, keys, values, allowed, n, D, scores, out);
+  const float scale = 1.f / std::sqrt(float(D));
+  for (int64_t s = 0; s < n; ++s) {
+    if (allowed != nullptr && !allowed[s]) {
+      for (int64_t r = 0; r < R; ++r) scores[r * n + s] = -INFINITY;
+      continue;
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * D + d), widen_bf16(keys + s * D + d), acc);
+      scores[r * n + s] = hsum(acc) * scale;
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {  // softmax (masked keys: -inf -> 0)
+    float* p = scores + r * n;
+    float top = -INFINITY, sum = 0.f;
+    for (int64_t s = 0; s < n; ++s) top = std::max(top, p[s]);
+    int64_t s = 0;
+    __m256 total = _mm256_setzero_ps();
+    for (; s + 8 <= n; s += 8) {
+      const __m256 v = _mm256_loadu_ps(p + s);
+      const __m256 live = _mm256_cmp_ps(v, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+      const __m256 e = _mm256_and_ps(live, exp8(_mm256_sub_ps(v, _mm256_set1_ps(top))));
+      _mm256_storeu_ps(p + s, e);
+      total = _mm256_add_ps(total, e);
+    }
+    sum = hsum(total);
+    for (; s < n; ++s) sum += p[s] = p[s] == -INFINITY ? 0.f : std::exp(p[s] - top);
+    const float inv = 1.f / sum;
+    for (int64_t t = 0; t < n; ++t) p[t] *= inv;
+  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t d = 0; d < D; d += 8) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t s = 0; s < n; ++s) {
+        if (allowed != nullptr && !allowed[s]) continue;
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[r * n + s]), widen_bf16(values + s * D + d), acc);
+      }
+      _mm256_storeu_ps(out + r * D + d, acc);
+    }
+}
