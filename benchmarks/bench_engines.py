@@ -320,9 +320,16 @@ def rooflines(model_dir: Path, threads: int) -> dict:
     words = src.view(torch.int64)
     read = words.nbytes / best(lambda: torch.bitwise_xor(words[::1], 0, out=dst.view(torch.int64)), 10) / 1e9 * 2
     a = torch.randn(512, 1024, dtype=torch.bfloat16)
-    w = torch.ops.mkldnn._reorder_linear_weight(torch.randn(3584, 1024, dtype=torch.bfloat16), 1)
-    t = best(lambda: torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], ""), 10)
-    return {"bandwidth_gbs": round(max(copy, read), 1), "gemm_bf16_gflops": round(2 * 512 * 1024 * 3584 / t / 1e9, 1)}
+    try:
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.randn(3584, 1024, dtype=torch.bfloat16), 1)
+        t = best(lambda: torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], ""), 10)
+        gemm = "bf16"
+    except RuntimeError:  # no bf16 packing without AVX-512 BW/VL/DQ or AVX-NE-CONVERT: fp32, what smoe uses there
+        a, w = a.float(), torch.randn(3584, 1024)
+        t = best(lambda: torch.nn.functional.linear(a, w), 10)
+        gemm = "fp32"
+    return {"bandwidth_gbs": round(max(copy, read), 1), "gemm_bf16_gflops": round(2 * 512 * 1024 * 3584 / t / 1e9, 1),
+            "gemm_dtype": gemm}
 
 
 def active_fraction(model_dir: Path, batch: int) -> float:
@@ -378,11 +385,11 @@ def cpu() -> str:
                 flags = set(value.split())
     except OSError:
         pass
-    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-              "amx_tile", "amx_int8", "amx_bf16")
-    from smoe import native
+    wanted = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+              "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16")
+    from smoe.kernels import ops
 
-    kernels = "native (AVX-512 BF16/VNNI)" if native.available() else f"PyTorch ({native.unavailable_reason()})"
+    kernels = f"native ({ops.variant()})" if ops.available() else f"PyTorch ({ops.unavailable_reason()})"
     return f"{model}; {' '.join(f for f in wanted if f in flags)}; smoe kernels: {kernels}"
 
 
@@ -509,7 +516,8 @@ def main() -> int:
                      "prefill_gemm": round(m["prefill_tok_s"] * flops / 1e9
                                            / roof["gemm_bf16_gflops"], 3)})
     lines = [f"model: {args.model}  commit: {commit()}  machine: {cpu()}, "
-             f"{args.threads} threads  bandwidth {roof['bandwidth_gbs']} GB/s  bf16 GEMM {roof['gemm_bf16_gflops']} "
+             f"{args.threads} threads  bandwidth {roof['bandwidth_gbs']} GB/s  "
+             f"{roof['gemm_dtype']} GEMM {roof['gemm_bf16_gflops']} "
              "GFLOP/s", "",
              "| precision | batch | engine | decode tok/s | of roofline | prefill tok/s | of GEMM | TTFT 512 (ms) | "
              "peak RSS (MiB) |", "|---|---|---|---|---|---|---|---|---|"]

@@ -39,6 +39,8 @@ inline __m256i dot_u8s8(__m256i u, __m256i s) {
 #endif
 }
 
+constexpr int64_t kQ4Prefetch = 2048;  // the int4 codes asked for ahead, as avx512.cpp does
+
 struct Rows {  // the row kernels, for rows.h's matvec_rows (what each computes: rows.h)
   // res[m] = weight row w times (fp32, zero padded to 16) token rows x[m]
   template <int MR>
@@ -103,12 +105,16 @@ struct Rows {  // the row kernels, for rows.h's matvec_rows (what each computes:
     for (int m = 0; m < MR; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
     const __m256i low = _mm256_set1_epi8(0x0F);
     const int64_t nb = K / kQBlock, ng = K / G;
-    auto group_scale = [&](int64_t b) { return bf16_to_f32(sm[std::min(b * kQBlock / G, ng - 1)]); };
+    const int gshift = __builtin_ctzll(uint64_t(G));  // G is a power of two (make_matrix): no division per step
+    // a pair's two blocks share a group unless G is 32; a lone last block's partner takes its group
+    auto group_scale = [&](int64_t b) { return bf16_to_f32(sm[std::min((b * kQBlock) >> gshift, ng - 1)]); };
     // pair p: blocks 2p and 2p + 1, code bytes 32p .. 32p + 31; in QRows, step p / 2, half p % 2
     auto step = [&](int64_t p, const uint8_t* bytes, __m256* a) __attribute__((always_inline)) {
+      _mm_prefetch(reinterpret_cast<const char*>(bytes) + kQ4Prefetch, _MM_HINT_NTA);
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes));
       const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-      const __m256 ws = _mm256_set_m128(_mm_set1_ps(group_scale(2 * p + 1)), _mm_set1_ps(group_scale(2 * p)));
+      const __m256 ws = G > kQBlock ? _mm256_set1_ps(group_scale(2 * p))
+                                    : _mm256_set_m128(_mm_set1_ps(group_scale(2 * p + 1)), _mm_set1_ps(group_scale(2 * p)));
       const int64_t at = (p / 2) * 128 + (p % 2) * 32;
       for (int m = 0; m < MR; ++m) {
         const __m256i xlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[m] + at));

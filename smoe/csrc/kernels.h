@@ -7,6 +7,7 @@
 //   linear.cpp        linear_bf16 / _q8 / _q4: few token rows times one weight
 //   moe.cpp           moe_bf16 / _q8 / _q4: all chosen experts of a MoE layer in one call
 //   decode_layer.cpp  decode_layer(s), rms_norm: whole decoder layers of a decode step
+//   prefill.cpp       linear_prefill: many rows, weights widened to fp32 a block at a time, fp32 GEMMs
 //   activations.cpp   activation quantization to int8 blocks, as the op tests read it
 //   common.cpp        argument checks, weight matrices, activation preparation
 //   module.cpp        the ops' registration (torch.library, namespace smoe) and the Python module
@@ -63,6 +64,10 @@ at::Tensor moe_q8(const at::Tensor& x, const at::Tensor& expert_indices, const a
 at::Tensor moe_q4(const at::Tensor& x, const at::Tensor& expert_indices, const at::Tensor& expert_weights,
                   const at::Tensor& gate_up, const at::Tensor& gate_up_sm, const at::Tensor& down,
                   const at::Tensor& down_sm, int64_t group_size);
+
+// prefill.cpp
+at::Tensor linear_prefill(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
+                          int64_t group_size);
 
 // activations.cpp
 at::Tensor quantize_activations(const at::Tensor& x, int64_t group_size);

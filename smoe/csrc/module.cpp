@@ -17,6 +17,7 @@ TORCH_LIBRARY_FRAGMENT(smoe, m) {
   m.def("moe_q4(Tensor x, Tensor expert_indices, Tensor expert_weights, Tensor gate_up, Tensor gate_up_sm, "
         "Tensor down, Tensor down_sm, int group_size) -> Tensor");
   m.def("quantize_activations(Tensor x, int group_size) -> Tensor");
+  m.def("linear_prefill(Tensor x, Tensor w, Tensor? scale, int group_size) -> Tensor");
   m.def("decode_layer(Tensor x, Tensor[] weights, int[] meta, float eps, Tensor(a!) k_all, Tensor(b!) v_all, "
         "Tensor slots, Tensor? mask, int kv_len, Tensor cos, Tensor sin) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
@@ -32,6 +33,7 @@ TORCH_LIBRARY_IMPL(smoe, CPU, m) {
   m.impl("moe_q8", &moe_q8);
   m.impl("moe_q4", &moe_q4);
   m.impl("quantize_activations", &quantize_activations);
+  m.impl("linear_prefill", &linear_prefill);
   m.impl("decode_layer", &decode_layer);
   m.impl("decode_layers", &decode_layers);
   m.impl("rms_norm", &rms_norm_op);

@@ -22,4 +22,5 @@
 #include "decode_layer.cpp"
 #include "linear.cpp"
 #include "moe.cpp"
+#include "prefill.cpp"
 #include "module.cpp"

@@ -96,10 +96,11 @@ struct Rows {  // the row kernels, for rows.h's matvec_rows (what each computes:
     for (int m = 0; m < MR; ++m) a0[m] = a1[m] = vdupq_n_f32(0.f);
     const uint8x16_t low = vdupq_n_u8(0x0F);
     const int64_t nb = K / kQBlock, ng = K / G;
+    const int gshift = __builtin_ctzll(uint64_t(G));  // G is a power of two (make_matrix): no division per step
     auto step = [&](int64_t b, float32x4_t* a) __attribute__((always_inline)) {
       const uint8x16_t v = vld1q_u8(codes + b * 16);
       const int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(v, low)), hi = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));
-      const float s = bf16_to_f32(sm[b * kQBlock / G]);
+      const float s = bf16_to_f32(sm[(b * kQBlock) >> gshift]);
       const int64_t at = (b / 4) * 128 + (b % 4) * 16;
       for (int m = 0; m < MR; ++m) {
         const int32x4_t d = vdotq_s32(vdotq_s32(vdupq_n_s32(0), lo, vld1q_s8(xq[m] + at)), hi, vld1q_s8(xq[m] + at + 64));

@@ -6,9 +6,10 @@ BF16 and VNNI dot products, reading each weight once; int8 and int4 quantize the
 to 8 bits in blocks of 32 once per call, shared by every expert of the layer. One op,
 `smoe::moe_*`, runs all chosen experts of a MoE layer (gate/up, SiLU·up, down, weighted sum).
 Many rows (prefill) go to PyTorch's GEMMs, which are faster there: in bf16 where the kernels are
-AVX-512's (the CPU has AVX-512 BF16, which PyTorch's bf16 GEMMs use), else with each block of
-weight rows widened to fp32 (`prefill_linear`): without AVX-512 BF16 PyTorch's bf16 GEMM has no
-fast path and its fp32 GEMM is several times faster. Whole decoder layers of a
+AVX-512's (the CPU has AVX-512 BF16, which PyTorch's bf16 GEMMs use), else through
+`smoe::linear_prefill`, each block of weight rows widened to fp32 for fp32 GEMMs (`many_rows`):
+without AVX-512 BF16 PyTorch's bf16 GEMM has no fast path and its fp32 GEMM is several times
+faster. Whole decoder layers of a
 decode step run as one call: smoe/kernels/decode.py. docs/KERNELS.md has the layouts, the
 arithmetic and the measurements.
 
@@ -52,17 +53,17 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).contiguous()
 
 
-def prefill_linear(x: torch.Tensor, rows_of, out_features: int) -> torch.Tensor:
-    """x [M, K] · Wᵀ for many token rows, W rebuilt by `rows_of(dtype, start, stop)` a block of
-    output rows at a time: in x's dtype (bf16) where the kernels are AVX-512's, else in fp32 and
-    rounded once at the end (the variants without AVX-512 BF16, where PyTorch's bf16 GEMM is slow)."""
-    if variant() == "avx512":
-        return blockwise_linear(x, partial(rows_of, x.dtype), out_features)
-    return blockwise_linear(x.float(), partial(rows_of, torch.float32), out_features).to(x.dtype)
-
-
-def _weight_rows(weight: torch.Tensor, dtype: torch.dtype, start: int, stop: int) -> torch.Tensor:
-    return weight[start:stop].to(dtype)
+def many_rows(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, group_size: int,
+              dequantize=None) -> torch.Tensor:
+    """x [M, K] · Wᵀ for many token rows (a prompt). Where the kernels are AVX-512's: PyTorch's bf16
+    GEMMs (the CPU has AVX-512 BF16), over W rebuilt by `dequantize(dtype, start, stop)` a block of
+    rows at a time (bf16 weights as they are). Elsewhere smoe::linear_prefill: the same blocks
+    widened to fp32, fp32 GEMMs, rounded once (PyTorch's bf16 GEMM has no fast path there)."""
+    if variant() != "avx512":
+        return torch.ops.smoe.linear_prefill(x, weight, scale, group_size)
+    if dequantize is None:
+        return F.linear(x, weight)
+    return blockwise_linear(x, partial(dequantize, x.dtype), weight.shape[0])
 
 
 # --------------------------------------------------------------------------- int4 in the kernels' layout
@@ -108,9 +109,7 @@ class NativeLinear(nn.Module):
         rows = _rows(x)
         if few_rows(rows):
             return torch.ops.smoe.linear_bf16(rows, self.weight).view(*x.shape[:-1], self.out_features)
-        if variant() == "avx512":
-            return F.linear(x, self.weight)
-        return prefill_linear(rows, partial(_weight_rows, self.weight), self.out_features).view(*x.shape[:-1], -1)
+        return many_rows(rows, self.weight, None, 0).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, native"
@@ -134,7 +133,7 @@ class NativeInt8Linear(Int8Linear):
         if few_rows(rows):
             y = torch.ops.smoe.linear_q8(rows, self.qweight, self.scales32)
         else:
-            y = prefill_linear(rows, partial(dequantize_int8, self.qweight, self.scales), self.out_features)
+            y = many_rows(rows, self.qweight, self.scales32, 0, partial(dequantize_int8, self.qweight, self.scales))
         return y.view(*x.shape[:-1], self.out_features)
 
 
@@ -158,8 +157,8 @@ class NativeInt4Linear(nn.Module):
         if few_rows(rows):
             y = torch.ops.smoe.linear_q4(rows, self.codes, self.sm, self.group_size)
         else:
-            y = prefill_linear(rows, partial(dequantize_int4_native, self.codes, self.sm, self.group_size),
-                               self.out_features)
+            y = many_rows(rows, self.codes, self.sm, self.group_size,
+                          partial(dequantize_int4_native, self.codes, self.sm, self.group_size))
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -206,9 +205,7 @@ class NativeStackedLinear(_Fused, nn.Module):
     def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
         if few_rows(x):
             return torch.ops.smoe.linear_bf16(x.contiguous(), self.weight[e])
-        if variant() == "avx512":
-            return F.linear(x, self.weight[e])
-        return prefill_linear(x.contiguous(), partial(_weight_rows, self.weight[e]), self.weight.shape[1])
+        return many_rows(x.contiguous(), self.weight[e], None, 0)
 
     def fused_moe(self, down: NativeStackedLinear, x, expert_indices, expert_weights) -> torch.Tensor:
         return torch.ops.smoe.moe_bf16(x.contiguous(), expert_indices.contiguous(), expert_weights.contiguous(),
@@ -238,7 +235,7 @@ class NativeStackedInt8(_Fused, nn.Module):
         if few_rows(x):
             return torch.ops.smoe.linear_q8(x.contiguous(), self.qweight[e], self.scales32[e])
         dequantize = partial(dequantize_int8, self.qweight[e], self.scales[e])
-        return prefill_linear(x.contiguous(), dequantize, self.qweight.shape[1])
+        return many_rows(x.contiguous(), self.qweight[e], self.scales32[e], 0, dequantize)
 
     def fused_moe(self, down: NativeStackedInt8, x, expert_indices, expert_weights) -> torch.Tensor:
         return torch.ops.smoe.moe_q8(x.contiguous(), expert_indices.contiguous(), expert_weights.contiguous(),
@@ -265,7 +262,7 @@ class NativeStackedInt4(_Fused, nn.Module):
         if few_rows(x):
             return torch.ops.smoe.linear_q4(x.contiguous(), self.codes[e], self.sm[e], self.group_size)
         dequantize = partial(dequantize_int4_native, self.codes[e], self.sm[e], self.group_size)
-        return prefill_linear(x.contiguous(), dequantize, self.out_features)
+        return many_rows(x.contiguous(), self.codes[e], self.sm[e], self.group_size, dequantize)
 
     def fused_moe(self, down: NativeStackedInt4, x, expert_indices, expert_weights) -> torch.Tensor:
         return torch.ops.smoe.moe_q4(x.contiguous(), expert_indices.contiguous(), expert_weights.contiguous(),

@@ -2,7 +2,8 @@
 whether they run here, and their fake implementations for torch.compile and meta tensors.
 
 The ops are `torch.library` ops in the `smoe` namespace, found by name (`torch.ops.smoe.*`):
-linear_bf16 / _q8 / _q4 (few rows by one weight), moe_bf16 / _q8 / _q4 (all chosen experts of
+linear_bf16 / _q8 / _q4 (few rows by one weight), linear_prefill (many rows: fp32 GEMMs over
+weight blocks widened to fp32), moe_bf16 / _q8 / _q4 (all chosen experts of
 a MoE layer), quantize_activations, rms_norm, decode_layer / decode_layers (whole decoder layers
 of a decode step). docs/KERNELS.md has their layouts, arithmetic and measurements.
 
@@ -112,5 +113,7 @@ if _native is not None:  # fake implementations: shapes only, for torch.compile 
     torch.library.register_fake("smoe::linear_q4")(lambda x, codes, sm, group_size: _rows_by(x, codes.shape[0]))
     for _op in ("moe_bf16", "moe_q8", "moe_q4", "rms_norm", "decode_layer", "decode_layers"):
         torch.library.register_fake(f"smoe::{_op}")(_like_x)
+    torch.library.register_fake("smoe::linear_prefill")(
+        lambda x, w, scale, group_size: _rows_by(x, w.shape[0]))
     torch.library.register_fake("smoe::quantize_activations")(
         lambda x, group_size: x.new_empty(x.shape, dtype=torch.float32))
