@@ -82,7 +82,7 @@ def sum_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 @needs_native
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 13, 16])
 @pytest.mark.parametrize("N,K", [(1, 1), (3, 31), (5, 33), (37, 100), (9, 1000), (130, 64)])
 def test_bf16_product(variant, threads, M, N, K):
     x, w = randn(M, K, seed=1), randn(N, K, seed=2)
@@ -103,7 +103,7 @@ def test_activation_quantization_matches_python(variant, M, K):
 
 
 @needs_native
-@pytest.mark.parametrize("M", [1, 2, 4, 5, 8])
+@pytest.mark.parametrize("M", [1, 2, 4, 5, 8, 16])
 @pytest.mark.parametrize("N,K", [(1, 5), (3, 64), (7, 65), (37, 200), (9, 1000)])
 def test_int8_product(variant, threads, M, N, K):
     x, w = randn(M, K, seed=4), randn(N, K, seed=5, scale=0.05)
@@ -115,7 +115,7 @@ def test_int8_product(variant, threads, M, N, K):
 
 
 @needs_native
-@pytest.mark.parametrize("M", [1, 3, 4, 8])
+@pytest.mark.parametrize("M", [1, 3, 4, 8, 16])
 @pytest.mark.parametrize("N,K,G", [(1, 32, 32), (5, 96, 32), (37, 224, 32), (9, 192, 64), (4, 384, 128),
                                    (3, 768, 256), (6, 256, 256)])
 def test_int4_product(variant, threads, M, N, K, G):
@@ -130,6 +130,27 @@ def test_int4_product(variant, threads, M, N, K, G):
     assert_close_to_exact(y, xq @ wq.t(), 4 * sum_bound(xq, wq))
     # and the dequantization prefill uses reads the same layout
     assert torch.equal(native.dequantize_int4_native(packed, sm, G, torch.float64), wq)
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("M,N,K", [(17, 37, 96), (64, 300, 224), (33, 5, 992), (40, 700, 64)])
+def test_prefill_product(variant, threads, kind, M, N, K):
+    """smoe::linear_prefill (prompts where the kernels are not AVX-512's: the weight widened or
+    dequantized to fp32 a block of rows at a time, fp32 GEMMs, one rounding to bf16) against fp64
+    products of the same weights; N = 700 spans several blocks."""
+    x, w = randn(M, K, seed=11), randn(N, K, seed=12, scale=0.05)
+    if kind == "bf16":
+        y, wq = torch.ops.smoe.linear_prefill(x, w, None, 0), w.double()
+    elif kind == "int8":
+        q, scale = quantize_int8(w)
+        y, wq = torch.ops.smoe.linear_prefill(x, q, scale, 0), q.double() * scale.double()[:, None]
+    else:
+        codes, scale, zero = quantize_int4(w.float(), 32)
+        packed, sm = native.int4_native_layout(codes, scale, zero)
+        y, wq = torch.ops.smoe.linear_prefill(x, packed, sm, 32), native.dequantize_int4_native(packed, sm, 32, torch.float64)
+    assert y.dtype == torch.bfloat16 and y.shape == (M, N)
+    assert_close_to_exact(y, x.double() @ wq.t(), sum_bound(x, wq))
 
 
 @needs_native
@@ -174,7 +195,7 @@ def quantized(experts: ExpertList, quant: str | None) -> ExpertList:
 @needs_native
 @pytest.mark.parametrize("quant", [None, "int8", "int4-g32", "int4-g64"])
 @pytest.mark.parametrize("num_experts,top_k", [(4, 1), (8, 2), (8, 3), (16, 4)])
-@pytest.mark.parametrize("tokens", [1, 2, 5, 8])
+@pytest.mark.parametrize("tokens", [1, 2, 5, 8, 16])
 def test_fused_moe_equals_the_experts_module(variant, threads, quant, num_experts, top_k, tokens):
     """The fused op against the same stacked experts run expert by expert (each expert's
     products through the same kernels, the rest in PyTorch): equal up to SiLU's last bit."""

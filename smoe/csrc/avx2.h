@@ -234,3 +234,40 @@ void attend(const float* q, int64_t R, const uint16_t* keys, const uint16_t* val
       _mm256_storeu_ps(out + r * D + d, acc);
     }
 }
+
+// weight rows [n0, n1) into fp32 for prefill's GEMMs: portable's arithmetic (a product, then a
+// sum: the same bits), 8 columns at a time
+void dequantize_rows(const Matrix& W, int64_t n0, int64_t n1, float* out) {
+  const int64_t K = W.K;
+  if (K % kQBlock != 0) return portable::dequantize_rows(W, n0, n1, out);
+  for (int64_t n = n0; n < n1; ++n) {
+    float* o = out + (n - n0) * K;
+    if (W.kind == kBf16) {
+      const uint16_t* w = static_cast<const uint16_t*>(W.w) + n * K;
+      for (int64_t k = 0; k < K; k += 8) _mm256_storeu_ps(o + k, widen_bf16(w + k));
+    } else if (W.kind == kQ8) {
+      const int8_t* w = static_cast<const int8_t*>(W.w) + n * K;
+      const __m256 s = _mm256_set1_ps(W.scale[n]);
+      for (int64_t k = 0; k < K; k += 8) {
+        const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k)));
+        _mm256_storeu_ps(o + k, _mm256_mul_ps(_mm256_cvtepi32_ps(q), s));
+      }
+    } else {  // per block of 32 columns, 16 bytes: column j in the low nibble, j + 16 in the high one
+      const uint8_t* codes = static_cast<const uint8_t*>(W.w) + n * (K / 2);
+      const uint16_t* sm = W.sm + n * 2 * (K / W.G);
+      const int64_t ng = K / W.G;
+      const int gshift = __builtin_ctzll(uint64_t(W.G));
+      for (int64_t b = 0; b < K / kQBlock; ++b) {
+        const int64_t g = (b * kQBlock) >> gshift;
+        const __m256 s = _mm256_set1_ps(bf16_to_f32(sm[g])), m = _mm256_set1_ps(bf16_to_f32(sm[ng + g]));
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + b * 16));
+        const __m128i lo = _mm_and_si128(v, _mm_set1_epi8(0x0F)), hi = _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(0x0F));
+        const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};  // columns 0-7, 8-15, 16-23, 24-31
+        for (int i = 0; i < 4; ++i) {
+          const __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i]));
+          _mm256_storeu_ps(o + b * kQBlock + 8 * i, _mm256_add_ps(_mm256_mul_ps(c, s), m));
+        }
+      }
+    }
+  }
+}

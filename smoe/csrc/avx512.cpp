@@ -402,7 +402,7 @@ bool supported() {
          __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni");
 }
 
-const Loops loops = {"avx512", supported, matvec, quantize_row, silu_mul, attend};
+const Loops loops = {"avx512", supported, matvec, quantize_row, silu_mul, attend, portable::dequantize_rows};
 
 }  // namespace avx512
 }  // namespace

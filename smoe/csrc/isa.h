@@ -3,7 +3,8 @@
 // in use. kernels.h (the torch side) includes it; selftest.cpp (built alone, also for aarch64 and
 // run under qemu) includes it without torch.
 //
-// Variants, best first; each is the same four loops (matvec, quantize_row, silu_mul, attend) for
+// Variants, best first; each is the same five loops (matvec, quantize_row, silu_mul, attend,
+// dequantize_rows) for
 // one instruction set, in a file of its own:
 //
 //   avx512     avx512.cpp   AVX-512 F/BW/VL/DQ with BF16 (vdpbf16ps) and VNNI (vpdpbusd) dot products
@@ -116,6 +117,8 @@ struct Acts {
 // silu_mul: out[i] = bf16(bf16(silu(bf16(g[i]))) * bf16(up[i])), F.silu(gate) * up on bf16 tensors.
 // attend: attention of R query rows (fp32, [R, D]) over n keys/values (bf16 rows of D, `allowed`
 //   or all), out [R, D] fp32; scores: scratch of R * n floats.
+// dequantize_rows: weight rows [n0, n1) into out [n1 - n0, K] fp32, bit for bit the same in every
+//   variant (code · s + m: a product, then a sum; prefill.cpp's GEMMs read them).
 
 struct Loops {
   const char* name;
@@ -126,6 +129,7 @@ struct Loops {
   void (*silu_mul)(const float* g, const float* up, int64_t n, uint16_t* out);
   void (*attend)(const float* q, int64_t R, const uint16_t* keys, const uint16_t* values, const bool* allowed,
                  int64_t n, int64_t D, float* scores, float* out);
+  void (*dequantize_rows)(const Matrix& W, int64_t n0, int64_t n1, float* out);
 };
 
 // the variants compiled into this library, best first (variants.cpp), and the one in use
@@ -143,6 +147,9 @@ inline void quantize_row(const uint16_t* x, int64_t K, Kind kind, int64_t G, int
 }
 inline void silu_mul(const float* g, const float* up, int64_t n, uint16_t* out) {
   active_loops()->silu_mul(g, up, n, out);
+}
+inline void dequantize_rows(const Matrix& W, int64_t n0, int64_t n1, float* out) {
+  active_loops()->dequantize_rows(W, n0, n1, out);
 }
 inline void attend(const float* q, int64_t R, const uint16_t* keys, const uint16_t* values, const bool* allowed,
                    int64_t n, int64_t D, float* scores, float* out) {

@@ -128,7 +128,8 @@ void matvec(const Acts& a, const int64_t* rows, int64_t M, const Matrix& W, int6
 
 bool supported() { return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0; }
 
-const Loops loops = {"neon", supported, matvec, portable::quantize_row, portable::silu_mul, portable::attend};
+const Loops loops = {"neon", supported, matvec, portable::quantize_row,
+                     portable::silu_mul, portable::attend, portable::dequantize_rows};
 
 }  // namespace neon
 #pragma GCC pop_options

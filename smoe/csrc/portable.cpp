@@ -177,9 +177,39 @@ void attend(const float* q, int64_t R, const uint16_t* keys, const uint16_t* val
   }
 }
 
+// rows [n0, n1) of W into out [n1 - n0, K] fp32 (w = bf16 value | q · scale | code · s + m)
+void dequantize_rows(const Matrix& W, int64_t n0, int64_t n1, float* out) {
+  const int64_t K = W.K;
+  for (int64_t n = n0; n < n1; ++n) {
+    float* o = out + (n - n0) * K;
+    if (W.kind == kBf16) {
+      const uint16_t* w = static_cast<const uint16_t*>(W.w) + n * K;
+      for (int64_t k = 0; k < K; ++k) o[k] = bf16_to_f32(w[k]);
+    } else if (W.kind == kQ8) {
+      const int8_t* w = static_cast<const int8_t*>(W.w) + n * K;
+      const float s = W.scale[n];
+      for (int64_t k = 0; k < K; ++k) o[k] = float(w[k]) * s;
+    } else {  // per block of 32 columns, 16 bytes: column j in the low nibble, j + 16 in the high one
+      const uint8_t* codes = static_cast<const uint8_t*>(W.w) + n * (K / 2);
+      const uint16_t* sm = W.sm + n * 2 * (K / W.G);
+      const int64_t ng = K / W.G;
+      for (int64_t b = 0; b < K / kQBlock; ++b) {
+        const int64_t g = b * kQBlock / W.G;
+        const float s = bf16_to_f32(sm[g]), m = bf16_to_f32(sm[ng + g]);
+        const uint8_t* c = codes + b * 16;
+        float* ob = o + b * kQBlock;
+        for (int j = 0; j < 16; ++j) {
+          ob[j] = float(c[j] & 0x0F) * s + m;
+          ob[j + 16] = float(c[j] >> 4) * s + m;
+        }
+      }
+    }
+  }
+}
+
 bool supported() { return true; }
 
-const Loops loops = {"portable", supported, matvec, quantize_row, silu_mul, attend};
+const Loops loops = {"portable", supported, matvec, quantize_row, silu_mul, attend, dequantize_rows};
 
 }  // namespace portable
 }  // namespace

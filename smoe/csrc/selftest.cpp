@@ -7,6 +7,7 @@
 //   quantize_row the same bytes, block scales and group sums
 //   silu_mul     within one bf16 step (the exp polynomial against std::exp)
 //   attend       within 1e-5 of the largest output
+//   dequantize_rows  the same fp32 bits
 //
 // Prints one line per variant and check; exits 1 on any failure, 0 otherwise.
 
@@ -97,6 +98,12 @@ void check_matvec(const Loops& v, Kind kind, int64_t M, int64_t N, int64_t K, in
   }
   static const char* names[] = {"matvec bf16", "matvec q8", "matvec q4"};
   expect(worst <= 1.0, v.name, names[kind], M, N, K, worst);
+  if (M == 1) {  // the rows prefill's GEMMs read: the same bits
+    std::vector<float> ref_rows(N * K), got_rows(N * K);
+    portable::dequantize_rows(W, 0, N, ref_rows.data());
+    v.dequantize_rows(W, 0, N, got_rows.data());
+    expect(ref_rows == got_rows, v.name, "dequantize", M, N, K, 0);
+  }
 }
 
 void check_silu(const Loops& v) {
