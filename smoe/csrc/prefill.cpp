@@ -2,7 +2,7 @@
 // are not AVX-512's: PyTorch's bf16 GEMM has no fast path without AVX-512 BF16 (or AMX), while its
 // fp32 GEMM runs at full speed. So W's rows are widened / dequantized to fp32 a block at a time
 // (a block of ~1 MiB, which stays in cache while the GEMM reads it), each block one fp32 GEMM
-// (at::mm_out into the rows of yᵀ it owns), and y is rounded to bf16 once. The arithmetic is the
+// (at::mm_out into the columns of y it owns), and y is rounded to bf16 once. The arithmetic is the
 // PyTorch twin's (smoe/kernels/native.py: dequantize in fp32, F.linear in fp32, round once).
 //
 //   bf16: w = bf16 value           q8: w = q · scale[n]           q4: w = code · s_g + m_g
@@ -21,18 +21,18 @@ at::Tensor linear_prefill(const at::Tensor& x, const at::Tensor& w, const c10::o
   const Matrix W = make_matrix(kind, w, kind == kBf16 ? c10::nullopt : scale, group_size);
   check_acts(x, W.K);
   const int64_t M = x.size(0), N = W.N, K = W.K;
-  const at::Tensor xt = x.to(at::kFloat).t();                  // [K, M], a view of x in fp32
-  at::Tensor yt = at::empty({N, M}, x.options().dtype(at::kFloat));  // yᵀ: each block's GEMM writes its own rows
+  const at::Tensor xf = x.to(at::kFloat);                           // [M, K]
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));  // each block's GEMM writes its columns
   const int64_t block = std::max<int64_t>(16, (int64_t(1) << 20) / (4 * std::max<int64_t>(K, 1)));
-  at::Tensor buffer = at::empty({std::min(block, N), K}, yt.options());
+  at::Tensor buffer = at::empty({std::min(block, N), K}, y.options());
   float* buf = buffer.data_ptr<float>();
   for (int64_t n0 = 0; n0 < N; n0 += block) {
     const int64_t n1 = std::min(N, n0 + block);
     at::parallel_for(n0, n1, 16, [&](int64_t a, int64_t b) { dequantize_rows(W, a, b, buf + (a - n0) * K); });
-    at::Tensor rows = yt.narrow(0, n0, n1 - n0);
-    at::mm_out(rows, buffer.narrow(0, 0, n1 - n0), xt);
+    at::Tensor columns = y.narrow(1, n0, n1 - n0);  // [M, n1 - n0] with row stride N: the GEMM's ldc
+    at::mm_out(columns, xf, buffer.narrow(0, 0, n1 - n0).t());
   }
-  return yt.t().to(at::kBFloat16).contiguous();
+  return y.to(at::kBFloat16);
 }
 
 }  // namespace
