@@ -103,20 +103,7 @@ void quantize_row(const uint16_t* x, int64_t K, Kind kind, int64_t G, int8_t* q,
     _mm_storeu_si128(reinterpret_cast<__m128i*>(first), _mm512_cvtepi32_epi8(q0));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(second), _mm512_cvtepi32_epi8(q1));
   }
-  for (int64_t c = 0; c < Kp / kChunk; ++c)
-    for (int lane = 0; lane < 16; ++lane) sv[c * 16 + lane] = kind == kQ4 ? d[4 * c + lane / 4] : d[2 * c + lane / 8];
-  if (kind == kQ8) {
-    double c = 0;
-    for (int64_t b = 0; b < nblocks; ++b) c += double(d[b]) * sum[b];
-    gs[0] = float(128.0 * c);
-  } else {
-    const int64_t per_group = G / kQBlock;
-    for (int64_t g = 0; g < K / G; ++g) {
-      float t = 0.f;
-      for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) t += d[b] * sum[b];
-      gs[g] = t;
-    }
-  }
+  row_scales_and_sums(kind, K, Kp, G, d, sum, sv, gs);
 }
 
 // The dot products below read ONE weight row at a time for up to 4 token rows (MR): each thread

@@ -89,6 +89,28 @@ inline float block_scale(const float* sv, Kind kind, int64_t b) {
   return kind == kQ4 ? sv[(b / 4) * 16 + (b % 4) * 4] : sv[(b / 2) * 16 + (b % 2) * 8];
 }
 
+// The end of every variant's quantize_row: a row's block scales d[b] and code sums sum[b] (b <
+// Kp / 32) -> its per-lane scales `sv` and its sums `gs` (q8: 128 · sum_b d_b · sum_b, the AVX-512
+// kernel's correction; q4: per group sum_{b in g} d_b · sum_b, what the group offsets multiply).
+inline void row_scales_and_sums(Kind kind, int64_t K, int64_t Kp, int64_t G, const float* d, const float* sum,
+                                float* sv, float* gs) {
+  const int64_t step = chunk_of(kind), nblocks = Kp / kQBlock;
+  for (int64_t c = 0; c < Kp / step; ++c)
+    for (int lane = 0; lane < 16; ++lane) sv[c * 16 + lane] = kind == kQ4 ? d[4 * c + lane / 4] : d[2 * c + lane / 8];
+  if (kind == kQ8) {
+    double c = 0;
+    for (int64_t b = 0; b < nblocks; ++b) c += double(d[b]) * sum[b];
+    gs[0] = float(128.0 * c);
+  } else {
+    const int64_t per_group = G / kQBlock;
+    for (int64_t g = 0; g < K / G; ++g) {
+      float t = 0.f;
+      for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) t += d[b] * sum[b];
+      gs[g] = t;
+    }
+  }
+}
+
 // One weight matrix of one expert (or a plain linear), as the kernels read it.
 struct Matrix {
   Kind kind;
