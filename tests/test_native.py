@@ -154,6 +154,26 @@ def test_prefill_product(variant, threads, kind, M, N, K):
 
 
 @needs_native
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("K", [256, 1024, 224])
+def test_a_rows_product_does_not_depend_on_its_batch(variant, kind, K):
+    """Batch invariance: a token row's product is the same bits alone (where AVX-512 takes 4 weight
+    rows a call) as among 2..8 rows (groups of up to 4 token rows), in every variant."""
+    x, w = randn(8, K, seed=21), randn(37, K, seed=22, scale=0.05)
+    if kind == "bf16":
+        product = lambda rows: torch.ops.smoe.linear_bf16(rows, w)  # noqa: E731
+    elif kind == "int8":
+        q, scale = quantize_int8(w)
+        product = lambda rows: torch.ops.smoe.linear_q8(rows, q, scale)  # noqa: E731
+    else:
+        packed, sm = native.int4_native_layout(*quantize_int4(w.float(), 32))
+        product = lambda rows: torch.ops.smoe.linear_q4(rows, packed, sm, 32)  # noqa: E731
+    alone = torch.cat([product(x[i:i + 1]) for i in range(8)])
+    for batch in (2, 3, 5, 8):
+        assert torch.equal(torch.cat([product(x[i:i + batch]) for i in range(0, 8, batch)])[:8], alone[:8]), batch
+
+
+@needs_native
 def test_bad_inputs_are_errors_not_crashes():
     x = randn(2, 64)
     with pytest.raises(RuntimeError, match="activations must be bf16"):
