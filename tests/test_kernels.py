@@ -5,6 +5,8 @@ others were not asked (`smoe info --kernels`)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ import smoe
 from smoe import kernels
 from smoe.cli import main
 from smoe.experts import StackedLinear
-from smoe.kernels import native
+from smoe.kernels import native, ops
 from smoe.kernels.aten import AtenInt4Linear, AtenStackedInt4
 from smoe.quantize import Int4Linear, StackedInt4Linear
 
@@ -75,20 +77,18 @@ def test_smoe_info_kernels(checkpoint_factory, capsys, monkeypatch):
 def test_smoe_isa_picks_the_variant_and_a_wrong_one_is_an_error(checkpoint_factory):
     """SMOE_ISA=NAME runs that variant (the report names it); a name that is no variant, or one
     this CPU cannot run, is one line and exit 2, not a silent fallback."""
-    import subprocess
-    import sys
-
-    from smoe.kernels import ops
-
     if not ops.available():
         pytest.skip(f"native kernels: {ops.unavailable_reason()}")
     path = str(checkpoint_factory(seed=2, **CONFIG))
+
+    def info(isa: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "smoe", "info", path, "--kernels", "--dtype", "bf16"],
+                              capture_output=True, text=True, env={**os.environ, "SMOE_ISA": isa})
+
     for name in ops.variants():
-        run = subprocess.run([sys.executable, "-m", "smoe", "info", path, "--kernels", "--dtype", "bf16"], capture_output=True, text=True,
-                             env={**os.environ, "SMOE_ISA": name})
+        run = info(name)
         assert run.returncode == 0 and f"native: the {name} kernels" in run.stdout, run.stderr
     cannot = next(n for n in ops.KNOWN_VARIANTS if n not in ops.variants())  # neon on x86, avx512 elsewhere
     for name, says in (("sse9", "is not a kernel variant"), (cannot, "this CPU runs only")):
-        run = subprocess.run([sys.executable, "-m", "smoe", "info", path, "--kernels", "--dtype", "bf16"], capture_output=True, text=True,
-                             env={**os.environ, "SMOE_ISA": name})
+        run = info(name)
         assert run.returncode == 2 and says in run.stderr and "Traceback" not in run.stderr, run.stderr

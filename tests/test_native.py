@@ -170,7 +170,7 @@ def test_a_rows_product_does_not_depend_on_its_batch(variant, kind, K):
         product = lambda rows: torch.ops.smoe.linear_q4(rows, packed, sm, 32)  # noqa: E731
     alone = torch.cat([product(x[i:i + 1]) for i in range(8)])
     for batch in (2, 3, 5, 8):
-        assert torch.equal(torch.cat([product(x[i:i + batch]) for i in range(0, 8, batch)])[:8], alone[:8]), batch
+        assert torch.equal(torch.cat([product(x[i:i + batch]) for i in range(0, 8, batch)]), alone), batch
 
 
 @needs_native

@@ -1,8 +1,9 @@
 """The native CPU kernels (smoe/csrc/, the ops in smoe/kernels/ops.py) as a backend: the weight
 kinds that call them, each format's repacking into their layout, and the registration.
 
-The kernels multiply a few token rows (decode) by bf16, int8 or int4 weights with AVX-512
-BF16 and VNNI dot products, reading each weight once; int8 and int4 quantize the activations
+The kernels multiply a few token rows (decode) by bf16, int8 or int4 weights with the CPU's
+dot-product instructions (one variant per instruction set: ops.py, smoe/csrc/isa.h), reading
+each weight once; int8 and int4 quantize the activations
 to 8 bits in blocks of 32 once per call, shared by every expert of the layer. One op,
 `smoe::moe_*`, runs all chosen experts of a MoE layer (gate/up, SiLU·up, down, weighted sum).
 Many rows (prefill) go to PyTorch's GEMMs, which are faster there: in bf16 where the kernels are
