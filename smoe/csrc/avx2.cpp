@@ -1,8 +1,8 @@
 // The AVX2 variants of the inner loops: avx2.h built twice, as `avx2` (AVX2 + FMA + F16C: Haswell
 // and later, Zen 1-4) and as `avx2_vnni` (with AVX-VNNI's 256-bit vpdpbusd: Alder Lake and later,
 // Zen 5), each under its own target pragma so the library itself stays plain x86-64 and either
-// runs only where cpu_supports said the CPU has its instructions. Activation quantization is
-// portable.cpp's (the same bytes in every variant).
+// runs only where cpu_supports said the CPU has its instructions. Activation quantization gives
+// portable.cpp's bytes (selftest.cpp compares them).
 
 #include "isa.h"
 #include "rows.h"
@@ -25,7 +25,7 @@ bool supported() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 
-const Loops loops = {"avx2", supported, matvec, portable::quantize_row, silu_mul, attend, dequantize_rows};
+const Loops loops = {"avx2", supported, matvec, quantize_row, silu_mul, attend, dequantize_rows};
 }  // namespace avx2
 #pragma GCC pop_options
 
@@ -38,7 +38,7 @@ namespace avx2_vnni {
 
 bool supported() { return avx2::supported() && __builtin_cpu_supports("avxvnni"); }
 
-const Loops loops = {"avx2-vnni", supported, matvec, portable::quantize_row, silu_mul, attend, dequantize_rows};
+const Loops loops = {"avx2-vnni", supported, matvec, quantize_row, silu_mul, attend, dequantize_rows};
 }  // namespace avx2_vnni
 #pragma GCC pop_options
 

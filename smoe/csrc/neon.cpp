@@ -31,10 +31,13 @@ inline void widen8_bf16(const uint16_t* p, float32x4_t& lo, float32x4_t& hi) {  
   hi = vreinterpretq_f32_u32(vshll_high_n_u16(v, 16));
 }
 
-struct Rows {  // the row kernels, for rows.h's matvec_rows (what each computes: rows.h)
+struct Rows {  // the row kernels, for rows.h's matvec_rows (what each computes: rows.h), one weight row a call
+  static constexpr int kWeightRows = 1;
+
   // 8 columns a step in two accumulators of 4 lanes (x zero padded to 16: full loads)
-  template <int MR>
-  __attribute__((noinline)) static void bf16(const float* const* x, const uint16_t* w, int64_t K, float* res) {
+  template <int MR, int NR>
+  __attribute__((noinline)) static void bf16(const float* const* x, const uint16_t* w, int64_t, int64_t K, float* res) {
+    static_assert(NR == 1, "one weight row a call");
     float32x4_t a0[MR], a1[MR];
     for (int m = 0; m < MR; ++m) a0[m] = a1[m] = vdupq_n_f32(0.f);
     auto step = [&](int64_t k, const uint16_t* wk) __attribute__((always_inline)) {
@@ -55,9 +58,10 @@ struct Rows {  // the row kernels, for rows.h's matvec_rows (what each computes:
     for (int m = 0; m < MR; ++m) res[m] = vaddvq_f32(vaddq_f32(a0[m], a1[m]));
   }
 
-  template <int MR>
-  __attribute__((noinline)) static void q8(const int8_t* const* xq, const float* const* sv, const int8_t* w, int64_t K,
-                                           float* res) {
+  template <int MR, int NR>
+  __attribute__((noinline)) static void q8(const int8_t* const* xq, const float* const* sv, const int8_t* w, int64_t,
+                                           int64_t K, float* res) {
+    static_assert(NR == 1, "one weight row a call");
     float32x4_t a0[MR], a1[MR];
     for (int m = 0; m < MR; ++m) a0[m] = a1[m] = vdupq_n_f32(0.f);
     auto step = [&](int64_t b, const int8_t* wb, float32x4_t* a) __attribute__((always_inline)) {
@@ -88,10 +92,11 @@ struct Rows {  // the row kernels, for rows.h's matvec_rows (what each computes:
 
   // per block of 32 columns (16 code bytes): low nibbles with the block's first 16 activations,
   // high nibbles with its last 16 (QRows' order: step b / 4, at 16 (b % 4) and 64 + 16 (b % 4))
-  template <int MR>
+  template <int MR, int NR>
   __attribute__((noinline)) static void q4(const int8_t* const* xq, const float* const* sv, const float* const* xs,
-                                           const uint8_t* codes, const uint16_t* sm, int64_t K, int64_t G,
-                                           float* res) {
+                                           const uint8_t* codes, int64_t, const uint16_t* sm, int64_t, int64_t K,
+                                           int64_t G, float* res) {
+    static_assert(NR == 1, "one weight row a call");
     float32x4_t a0[MR], a1[MR];
     for (int m = 0; m < MR; ++m) a0[m] = a1[m] = vdupq_n_f32(0.f);
     const uint8x16_t low = vdupq_n_u8(0x0F);

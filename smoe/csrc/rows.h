@@ -1,14 +1,16 @@
 // matvec for the variants whose row kernels take one weight row and up to 4 token rows (AVX2,
 // NEON): the token rows in groups of up to 4, each group's pointers set up once per call (bf16
 // rows widened to fp32 and zero padded to 16 columns, so the kernels' loads never need a mask),
-// then every weight row of [n0, n1) once per group. `Rows` is the variant's namespace-level
-// struct of row kernels:
+// then every weight row of [n0, n1) once per group; with one token row, Rows::kWeightRows
+// weight rows a call (the activations loaded once for all of them). `Rows` is the variant's
+// namespace-level struct of row kernels, for MR token rows and NR consecutive weight rows (ldw
+// apart), res[m * NR + r]:
 //
-//   Rows::bf16<MR>(x, w, K, res)                 res[m] = fp32 rows x[m] · bf16 weight row w
-//   Rows::q8<MR>(xq, sv, w, K, res)              res[m] = sum_b d_b · (int8 block products)
-//   Rows::q4<MR>(xq, sv, xs, codes, sm, K, G, res)  the int4 row with its offsets
+//   Rows::bf16<MR, NR>(x, w, ldw, K, res)           fp32 rows x[m] · bf16 weight row r
+//   Rows::q8<MR, NR>(xq, sv, w, ldw, K, res)        sum_b d_b · (int8 block products)
+//   Rows::q4<MR, NR>(xq, sv, xs, codes, ldw, sm, lds, K, G, res)  the int4 row with its offsets
 //
-// A row's sums run in the same order whatever shares its group (batch invariance).
+// A row's sums run in the same order whatever shares its call (batch invariance).
 
 #pragma once
 
@@ -26,16 +28,19 @@ struct RowGroup {  // one group of up to 4 activation rows, as the row kernels r
   const float* xs[kMaxRows] = {};
 };
 
-template <class Rows, int MR>
-void dot_row(const RowGroup& g, const Matrix& W, int64_t n, float* res) {
+// res[m * NR + r] = token row m of the group times weight row n + r
+template <class Rows, int MR, int NR>
+void dot_rows(const RowGroup& g, const Matrix& W, int64_t n, float* res) {
   if (W.kind == kBf16) {
-    Rows::template bf16<MR>(g.x, static_cast<const uint16_t*>(W.w) + n * W.K, W.K, res);
+    Rows::template bf16<MR, NR>(g.x, static_cast<const uint16_t*>(W.w) + n * W.K, W.K, W.K, res);
   } else if (W.kind == kQ8) {
-    Rows::template q8<MR>(g.xq, g.sv, static_cast<const int8_t*>(W.w) + n * W.K, W.K, res);
-    for (int m = 0; m < MR; ++m) res[m] *= W.scale[n];
+    Rows::template q8<MR, NR>(g.xq, g.sv, static_cast<const int8_t*>(W.w) + n * W.K, W.K, W.K, res);
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < NR; ++r) res[m * NR + r] *= W.scale[n + r];
   } else {
-    Rows::template q4<MR>(g.xq, g.sv, g.xs, static_cast<const uint8_t*>(W.w) + n * (W.K / 2),
-                          W.sm + n * 2 * (W.K / W.G), W.K, W.G, res);
+    const int64_t lds = 2 * (W.K / W.G);
+    Rows::template q4<MR, NR>(g.xq, g.sv, g.xs, static_cast<const uint8_t*>(W.w) + n * (W.K / 2), W.K / 2,
+                              W.sm + n * lds, lds, W.K, W.G, res);
   }
 }
 
@@ -60,15 +65,23 @@ void matvec_rows(const Acts& a, const int64_t* rows, int64_t M, const Matrix& W,
     g.sv[m] = q.sv.data() + r * (q.Kp / chunk_of(W.kind)) * 16;
     g.xs[m] = q.gs.data() + r * q.ng;
   }
-  float res[kMaxRows];
-  for (int64_t n = n0; n < n1; ++n)
+  constexpr int NR = Rows::kWeightRows;
+  float res[kMaxRows * (NR > 1 ? NR : 1)];
+  int64_t n = n0;
+  if (NR > 1 && M == 1) {  // one token row: NR weight rows a call (each row's sums as in a call of its own)
+    for (; n + NR <= n1; n += NR) {
+      dot_rows<Rows, 1, NR>(groups[0], W, n, res);
+      for (int r = 0; r < NR; ++r) out[n + r - n0] = res[r];
+    }
+  }
+  for (; n < n1; ++n)
     for (int64_t i = 0; i < ngroups; ++i) {
       const RowGroup& g = groups[i];
       switch (g.mr) {
-        case 1: dot_row<Rows, 1>(g, W, n, res); break;
-        case 2: dot_row<Rows, 2>(g, W, n, res); break;
-        case 3: dot_row<Rows, 3>(g, W, n, res); break;
-        default: dot_row<Rows, 4>(g, W, n, res);
+        case 1: dot_rows<Rows, 1, 1>(g, W, n, res); break;
+        case 2: dot_rows<Rows, 2, 1>(g, W, n, res); break;
+        case 3: dot_rows<Rows, 3, 1>(g, W, n, res); break;
+        default: dot_rows<Rows, 4, 1>(g, W, n, res);
       }
       for (int64_t m = 0; m < g.mr; ++m) out[(kMaxRows * i + m) * ldo + (n - n0)] = res[m];
     }

@@ -157,7 +157,8 @@ int main() {
             if (K % G == 0) check_matvec(*v, kQ4, M, N, K, G);
         }
     check_silu(*v);
-    for (int64_t D : {8, 64, 100, 128}) check_attend(*v, 4, 37, D);
+    for (int64_t R : {1, 4, 9})
+      for (int64_t D : {8, 64, 100, 128, 256, 264}) check_attend(*v, R, 37, D);
     std::printf("%-10s %s\n", v->name, failures == before ? "ok" : "FAILED");
   }
   std::printf("%d variant(s) besides portable checked, %d failure(s)\n", variants, failures);
