@@ -269,3 +269,18 @@ def test_extreme_valid_sampling_values_sample_a_token(kw):
         assert token == int(logits.argmax())
     if penalized < 1e-100:  # the strongest "reward": one of the seen tokens with a positive logit (all at the top)
         assert token in [t for t in context if logits[t] > 0]
+
+
+def test_draw_follows_the_probabilities_and_never_picks_an_impossible_token():
+    """sampling.draw (one uniform draw against the running sum): 40 000 draws land on each token
+    within 5 standard deviations of its probability, never on a token of probability 0 — also
+    where the zeros sit at the ends and where one token holds all of it."""
+    from smoe.sampling import draw
+
+    g = torch.Generator().manual_seed(3)
+    probs = torch.tensor([0.0, 0.1, 0.0, 0.55, 0.05, 0.3, 0.0])
+    n = 40_000
+    counts = torch.bincount(torch.tensor([draw(probs, g) for _ in range(n)]), minlength=7).double()
+    sigma = (n * probs.double() * (1 - probs.double())).sqrt()
+    assert ((counts - n * probs.double()).abs() <= 5 * sigma).all() and counts[probs == 0].sum() == 0
+    assert {draw(torch.tensor([0.0, 0.0, 1.0, 0.0]), g) for _ in range(200)} == {2}
