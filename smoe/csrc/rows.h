@@ -1,8 +1,8 @@
 // matvec for the variants whose row kernels take one weight row and up to 4 token rows (AVX2,
 // NEON): the token rows in groups of up to 4, each group's pointers set up once per call (bf16
 // rows widened to fp32 and zero padded to 16 columns, so the kernels' loads never need a mask),
-// then every weight row of [n0, n1) once per group; with one token row, Rows::kWeightRows
-// weight rows a call (the activations loaded once for all of them). `Rows` is the variant's
+// then every weight row of [n0, n1) once per group; with one token row of int8/int4,
+// Rows::kWeightRows weight rows a call (the activations loaded once for all of them). `Rows` is the variant's
 // namespace-level struct of row kernels, for MR token rows and NR consecutive weight rows (ldw
 // apart), res[m * NR + r]:
 //
@@ -68,7 +68,10 @@ void matvec_rows(const Acts& a, const int64_t* rows, int64_t M, const Matrix& W,
   constexpr int NR = Rows::kWeightRows;
   float res[kMaxRows * (NR > 1 ? NR : 1)];
   int64_t n = n0;
-  if (NR > 1 && M == 1) {  // one token row: NR weight rows a call (each row's sums as in a call of its own)
+  // one token row of int8/int4: NR weight rows a call (each row's sums as in a call of its own);
+  // bf16 stays one row a call: 4 interleaved bf16 streams read the benchmark checkpoint at 25
+  // tok/s against 33 one row at a time (AVX2, Xeon), where the quantized kernels gained
+  if (NR > 1 && M == 1 && W.kind != kBf16) {
     for (; n + NR <= n1; n += NR) {
       dot_rows<Rows, 1, NR>(groups[0], W, n, res);
       for (int r = 0; r < NR; ++r) out[n + r - n0] = res[r];
