@@ -87,6 +87,7 @@ class KVCache:
         self.slot_pos = torch.full((batch_size, self.num_slots), -1, dtype=torch.long, device=device)
         self.rows = slice(0, batch_size)
         self.plan: AttentionPlan | None = None
+        self._slot_ids: dict[int, torch.Tensor] = {}  # slot -> [[slot]], the write index of a batch-1 step
         # Static one-token steps: plan without reading positions on the host — attend over all
         # S slots under a mask, write with scatter — so a decode step has one shape whatever
         # the context length, and can be compiled whole (generate.py, compile=True).
@@ -113,6 +114,8 @@ class KVCache:
         B, T = positions.shape
         if B != self.rows.stop - self.rows.start:
             raise ValueError(f"batch of {B} rows does not match the cache view of rows {self.rows}")
+        if B == 1 and T == 1 and not self.static:
+            return self._begin_one(positions)
         slot_pos = self.slot_pos[self.rows]  # [B, S] view
         if self.static and T == 1:
             write_slots = positions % self.num_slots  # [B, 1]
@@ -150,6 +153,21 @@ class KVCache:
         if concat:
             slot_pos.scatter_(1, write_slots, write_pos)
         self.plan = AttentionPlan(self.rows, write_slots, concat, kv_len, mask, is_causal)
+        return self.plan
+
+    def _begin_one(self, positions: torch.Tensor) -> AttentionPlan:
+        """One sequence, one token (a batch-1 decode step), planned in Python numbers: the new key
+        goes to slot p % S, and the step attends the first min(p + 1, S) slots without a mask —
+        before a rolling buffer wraps, slots 0..p hold positions 0..p of this sequence (its later
+        slots are empty or a previous sequence's, and are not read); after, every slot is in the
+        window. The same keys the masked plan lets through, in two ops instead of a dozen."""
+        pos = int(positions)
+        slot = pos % self.num_slots
+        self.slot_pos[self.rows.start, slot] = pos
+        write_slots = self._slot_ids.get(slot)
+        if write_slots is None:
+            write_slots = self._slot_ids[slot] = torch.tensor([[slot]], device=self.slot_pos.device)
+        self.plan = AttentionPlan(self.rows, write_slots, False, min(pos + 1, self.num_slots), None)
         return self.plan
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

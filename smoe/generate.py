@@ -275,7 +275,9 @@ class Engine:
         out = []
         greedy = all(s.params.greedy and s.params.repetition_penalty == 1.0 for s in live)
         if greedy:
-            best = logits.float().argmax(-1).tolist()  # fp32: PyTorch's bf16 argmax is ~4x slower (same index)
+            # fp32 (PyTorch's bf16 argmax is ~4x slower), and max's indices: the same first index of
+            # the largest value as argmax, in half its time here
+            best = logits.float().max(-1).indices.tolist()
         for seq in live:
             # [V]; a greedy step without logprobs does not need its row (indexing is a dispatcher call)
             row_logits = logits[seq.row - lo] if not greedy or seq.params.logprobs is not None else None

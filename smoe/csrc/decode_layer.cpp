@@ -101,12 +101,12 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList w, at::IntArrayRef m
   }
   // attention in fp32 (model.one_token_attention's arithmetic; its sums in another order), one
   // task per (row, kv head) with its Q/G query heads; on one thread where all of it is less
-  // than ~256k multiply-adds (a parallel region costs more than it saves there)
+  // than ~16k multiply-adds (a parallel region costs more than it saves there)
   const int64_t R = Q / G;  // query heads per kv head
   at::Tensor att = at::empty({B, Q * D}, x.options());
   uint16_t* attp = static_cast<uint16_t*>(att.data_ptr());
   const int64_t per_task = 2 * R * D * kv_len;
-  at::parallel_for(0, B * G, B * G * per_task < 262144 ? B * G : 1, [&](int64_t p0, int64_t p1) {
+  at::parallel_for(0, B * G, B * G * per_task < 16384 ? B * G : 1, [&](int64_t p0, int64_t p1) {
     std::vector<float> qf(R * D), scores(R * kv_len), out(R * D);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t b = p / G, g = p % G;
