@@ -284,3 +284,30 @@ def test_draw_follows_the_probabilities_and_never_picks_an_impossible_token():
     sigma = (n * probs.double() * (1 - probs.double())).sqrt()
     assert ((counts - n * probs.double()).abs() <= 5 * sigma).all() and counts[probs == 0].sum() == 0
     assert {draw(torch.tensor([0.0, 0.0, 1.0, 0.0]), g) for _ in range(200)} == {2}
+
+
+@pytest.mark.parametrize("window", [None, 4])
+@pytest.mark.parametrize("stale", [False, True])
+def test_batch_one_decode_plan_attends_exactly_the_keys_the_mask_allows(window, stale):
+    """KVCache._begin_one (a batch-1 decode step planned without a mask) attends the first
+    min(p + 1, S) slots: exactly the slots attention_mask lets a query at p see, before a rolling
+    buffer wraps and after, also in a row whose later slots still hold a previous, longer
+    sequence's positions (`stale`: the row is not reset in between)."""
+    from smoe.cache import KVCache, attention_mask
+    from smoe.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, num_local_experts=2,
+                      num_experts_per_tok=1, sliding_window=window)
+    cache = KVCache(cfg, 2, 10, dtype=torch.bfloat16)
+    row = cache.view(1, 2)
+    if stale:
+        for p in range(9):  # a previous sequence, 9 positions (wrapping the rolling buffer)
+            row.begin(torch.tensor([[p]]))
+    else:
+        row.reset()
+    for p in range(9):
+        plan = row.begin(torch.tensor([[p]]))
+        allowed = attention_mask(torch.tensor(p), cache.slot_pos[1], window)
+        assert plan.mask is None and int(plan.write_slots) == p % cache.num_slots
+        assert allowed.tolist() == [s < plan.kv_len for s in range(cache.num_slots)]
