@@ -100,17 +100,26 @@ struct Rows {  // the row kernels, for rows.h's matvec_rows (what each computes:
     __m256 a0[MR][NR], a1[MR][NR];
     for (int m = 0; m < MR; ++m)
       for (int r = 0; r < NR; ++r) a0[m][r] = a1[m][r] = _mm256_setzero_ps();
+    // (the same products and sums in either order of the loops; the order keeps the 16 registers
+    // enough: one token row's codes and scale held across the weight rows, or one weight row's
+    // across the token rows)
     auto step = [&](int64_t b, const int8_t* const* wb, __m256 (*a)[NR]) __attribute__((always_inline)) {
-      __m256i wv[NR], magnitude[NR];
-      for (int r = 0; r < NR; ++r) {
-        wv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb[r]));
-        magnitude[r] = _mm256_abs_epi8(wv[r]);
-      }
-      for (int m = 0; m < MR; ++m) {
-        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[m] + b * kQBlock));
-        const __m256 d = _mm256_set1_ps(block_scale(sv[m], kQ8, b));
-        for (int r = 0; r < NR; ++r)
-          a[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(magnitude[r], _mm256_sign_epi8(x, wv[r]))), d, a[m][r]);
+      if constexpr (NR > 1) {
+        static_assert(MR == 1, "several weight rows for one token row");
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[0] + b * kQBlock));
+        const __m256 d = _mm256_set1_ps(block_scale(sv[0], kQ8, b));
+        for (int r = 0; r < NR; ++r) {
+          const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb[r]));
+          a[0][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(_mm256_abs_epi8(wv), _mm256_sign_epi8(x, wv))), d, a[0][r]);
+        }
+      } else {
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb[0]));
+        const __m256i magnitude = _mm256_abs_epi8(wv);
+        for (int m = 0; m < MR; ++m) {
+          const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[m] + b * kQBlock));
+          const __m256 d = _mm256_set1_ps(block_scale(sv[m], kQ8, b));
+          a[m][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(magnitude, _mm256_sign_epi8(x, wv))), d, a[m][0]);
+        }
       }
     };
     const int8_t* wb[NR];
@@ -160,24 +169,39 @@ struct Rows {  // the row kernels, for rows.h's matvec_rows (what each computes:
       return bf16_to_f32(sm[r * lds + std::min((b * kQBlock) >> gshift, ng - 1)]);
     };
     // pair p: blocks 2p and 2p + 1, code bytes 32p .. 32p + 31; in QRows, step p / 2, half p % 2
+    // (as q8: one token row's codes held across the weight rows, or one weight row's across the
+    // token rows; the same products and sums either way)
     auto step = [&](int64_t p, const uint8_t* const* bytes, __m256 (*a)[NR]) __attribute__((always_inline)) {
-      __m256i lo[NR], hi[NR];
-      __m256 ws[NR];
-      for (int r = 0; r < NR; ++r) {
+      const int64_t at = (p / 2) * 128 + (p % 2) * 32;
+      auto codes_of = [&](int r, __m256i& lo, __m256i& hi, __m256& ws) __attribute__((always_inline)) {
         _mm_prefetch(reinterpret_cast<const char*>(bytes[r]) + kPrefetch, _MM_HINT_T0);
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes[r]));
-        lo[r] = _mm256_and_si256(v, low);
-        hi[r] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-        ws[r] = G > kQBlock ? _mm256_set1_ps(group_scale(r, 2 * p))
-                            : _mm256_set_m128(_mm_set1_ps(group_scale(r, 2 * p + 1)), _mm_set1_ps(group_scale(r, 2 * p)));
-      }
-      const int64_t at = (p / 2) * 128 + (p % 2) * 32;
-      for (int m = 0; m < MR; ++m) {
-        const __m256i xlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[m] + at));
-        const __m256i xhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[m] + at + 64));
-        const __m256 d = _mm256_loadu_ps(sv[m] + (p / 2) * 16 + (p % 2) * 8);
-        for (int r = 0; r < NR; ++r)
-          a[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot2_u8s8(lo[r], xlo, hi[r], xhi)), _mm256_mul_ps(d, ws[r]), a[m][r]);
+        lo = _mm256_and_si256(v, low);
+        hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        ws = G > kQBlock ? _mm256_set1_ps(group_scale(r, 2 * p))
+                         : _mm256_set_m128(_mm_set1_ps(group_scale(r, 2 * p + 1)), _mm_set1_ps(group_scale(r, 2 * p)));
+      };
+      if constexpr (NR > 1) {
+        static_assert(MR == 1, "several weight rows for one token row");
+        const __m256i xlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[0] + at));
+        const __m256i xhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[0] + at + 64));
+        const __m256 d = _mm256_loadu_ps(sv[0] + (p / 2) * 16 + (p % 2) * 8);
+        for (int r = 0; r < NR; ++r) {
+          __m256i lo, hi;
+          __m256 ws;
+          codes_of(r, lo, hi, ws);
+          a[0][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot2_u8s8(lo, xlo, hi, xhi)), _mm256_mul_ps(d, ws), a[0][r]);
+        }
+      } else {
+        __m256i lo, hi;
+        __m256 ws;
+        codes_of(0, lo, hi, ws);
+        for (int m = 0; m < MR; ++m) {
+          const __m256i xlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[m] + at));
+          const __m256i xhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[m] + at + 64));
+          const __m256 d = _mm256_loadu_ps(sv[m] + (p / 2) * 16 + (p % 2) * 8);
+          a[m][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot2_u8s8(lo, xlo, hi, xhi)), _mm256_mul_ps(d, ws), a[m][0]);
+        }
       }
     };
     const uint8_t* bytes[NR];
