@@ -104,11 +104,11 @@ def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     k = min(V, 64)
     while True:
         top, order = torch.topk(probs, k)  # descending
-        before = top.cumsum(-1) - top
-        if k == V or float(before[-1] + top[-1]) >= top_p:  # every token past these is dropped
+        reached = top.cumsum(-1)
+        if k == V or float(reached[-1]) >= top_p:  # what every token past these has before it: all dropped
             break
         k = min(V, 4 * k)
-    drop = before >= top_p
+    drop = reached - top >= top_p
     drop[0] = False  # explicitly: a top_p below fp32's smallest number compares as 0
     keep = order[~drop]
     out = torch.full_like(logits, float("-inf"))

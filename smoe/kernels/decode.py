@@ -152,7 +152,6 @@ class DecodePlan:
     def __init__(self, layers: int) -> None:
         self._args: list[_LayerArgs | None] = [None] * layers
         self.layers = layers
-        self._whole: tuple | None = None  # ((every layer's args, row0), weights, meta, eps) of the last whole step
 
     def layer_args(self, i: int, block: nn.Module) -> tuple[list, list, float] | None:
         """(weights, [Q, G, top-k, layer], eps) for smoe::decode_layer, or None where a part was
@@ -177,11 +176,9 @@ class DecodePlan:
         row0 = plan.rows.start
         every = [self.layer_args(i, layer) for i, layer in enumerate(layers)]
         if all(args is not None for args in every):  # the whole step in one call
-            key = (*self._args, row0)  # a layer's args object is new whenever one of its parts was swapped
-            if self._whole is None or self._whole[0] != key:
-                self._whole = (key, [t for args in every for t in args[0]],
-                               [m for args in every for m in (*args[1], row0)], [args[2] for args in every])
-            _, weights, meta, eps = self._whole
+            weights = [t for args in every for t in args[0]]
+            meta = [m for args in every for m in (*args[1], row0)]
+            eps = [args[2] for args in every]
             y = torch.ops.smoe.decode_layers(x.view(B, H), weights, meta, eps, cache.k, cache.v, slots, mask, kv_len,
                                              cos, sin)
             return y.view(B, 1, H)
