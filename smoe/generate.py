@@ -264,17 +264,26 @@ class Engine:
         device = self.model.device
         slot_pos = self.cache.slot_pos
         kept = [(row, slot_pos[row].clone()) for row in half_filled]
+        view = self.cache.view(lo, hi)
         with torch.inference_mode():
-            logits = self.decode_model(
-                torch.tensor(tokens, device=device)[:, None],  # [b, 1]
-                torch.tensor(positions, device=device)[:, None],  # [b, 1]
-                self.cache.view(lo, hi),
-            )[:, -1]  # [b, V]
+            # the whole step in one native call where the model's decode plan takes it (Transformer.decode_step)
+            native = None if self.cache.static else getattr(self.decode_model, "decode_step", None)
+            stepped = native(tokens, positions, view) if native is not None else None
+            if stepped is None:
+                logits = self.decode_model(
+                    torch.tensor(tokens, device=device)[:, None],  # [b, 1]
+                    torch.tensor(positions, device=device)[:, None],  # [b, 1]
+                    view,
+                )[:, -1]  # [b, V]
+            else:
+                logits, greedy_tokens = stepped
         for row, saved in kept:
             slot_pos[row] = saved
         out = []
         greedy = all(s.params.greedy and s.params.repetition_penalty == 1.0 for s in live)
-        if greedy:
+        if greedy and stepped is not None:
+            best = greedy_tokens.tolist()  # the first index of each row's largest logit, as below
+        elif greedy:
             # fp32 (PyTorch's bf16 argmax is ~4x slower), and max's indices: the same first index of
             # the largest value as argmax, in half its time here
             best = logits.float().max(-1).indices.tolist()

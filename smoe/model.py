@@ -67,14 +67,26 @@ class RotaryEmbedding(nn.Module):
         # tensors are inference tensors) and on the CPU (reading the position would sync a GPU).
         if (not torch.compiler.is_compiling()  # first: dynamo cannot trace is_inference_mode_enabled
                 and positions.numel() == 1 and positions.device.type == "cpu" and torch.is_inference_mode_enabled()):
-            key = (int(positions), tuple(positions.shape), dtype, self.inv_freq.dtype, self.inv_freq.device)
-            tables = self._memo.get(key)
-            if tables is None:
-                if len(self._memo) >= 8192:
-                    self._memo.clear()
-                tables = self._memo[key] = self._tables(positions, dtype)
-            return tables
+            return self.at(int(positions), dtype, tuple(positions.shape))
         return self._tables(positions, dtype)
+
+    def at(self, position: int, dtype: torch.dtype, shape: tuple[int, ...] = (1, 1)) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables of one position (positions of `shape`, one element), kept: a one-row decode
+        step's (on the CPU, under inference mode). Made 64 positions at a time — the next steps'
+        — so that a generation pays for its tables once every 64 tokens, not every token."""
+        inv_freq = self._buffers["inv_freq"]
+        key = (position, shape, dtype, inv_freq.dtype, inv_freq.device)
+        tables = self._memo.get(key)
+        if tables is None:
+            if len(self._memo) >= 8192:
+                self._memo.clear()
+            block = 64
+            positions = torch.arange(position, position + block, device=inv_freq.device).view(block, *shape[1:])
+            cos, sin = self._tables(positions, dtype)
+            for i in range(block):
+                self._memo[(position + i, *key[1:])] = cos[i : i + 1], sin[i : i + 1]
+            tables = self._memo[key]
+        return tables
 
     def _tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[..., None].float() * self.inv_freq  # [B, T, D/2]
@@ -281,6 +293,15 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))  # [B, T, V]
+
+    def decode_step(self, tokens: list[int], positions: list[int], cache: KVCache
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A decode step (token ids `tokens` at `positions`, one per row of the cache view) as the
+        decode plan's one native call, from Python numbers: (logits [B, V], each row's greedy
+        token [B]) — forward's logits to the bit — or None where the plan does not take this step
+        (no plan, something hooked or swapped, a compiled or static cache); then call forward."""
+        plan = self.decode_plan
+        return None if plan is None else plan.step(self, tokens, positions, cache)
 
     def run_layers(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """The decoder layers in order, x [B, T, H] -> [B, T, H]. A decode-step plan the loader

@@ -289,7 +289,7 @@ def test_draw_follows_the_probabilities_and_never_picks_an_impossible_token():
 @pytest.mark.parametrize("window", [None, 4])
 @pytest.mark.parametrize("stale", [False, True])
 def test_batch_one_decode_plan_attends_exactly_the_keys_the_mask_allows(window, stale):
-    """KVCache._begin_one (a batch-1 decode step planned without a mask) attends the first
+    """KVCache.begin_one (a batch-1 decode step planned without a mask) attends the first
     min(p + 1, S) slots: exactly the slots attention_mask lets a query at p see, before a rolling
     buffer wraps and after, also in a row whose later slots still hold a previous, longer
     sequence's positions (`stale`: the row is not reset in between)."""

@@ -489,10 +489,116 @@ def test_decode_layer_equals_the_block_it_replaces(variant, checkpoint_factory, 
 
 
 @needs_native
+@pytest.mark.parametrize("quant", [None, "int8", "int4"])
+@pytest.mark.parametrize("lengths", [[3], [3, 7, 12, 20]], ids=["1-row", "4-rows"])
+def test_decode_step_equals_the_models_forward(variant, checkpoint_factory, quant, lengths):
+    """smoe::decode_step (a whole decode step from token ids: embedding, every layer, final norm,
+    head, greedy tokens), through Transformer.decode_step, against the model's forward from the same
+    cache: the same logits bit for bit, the same keys, values and slot positions written, and each
+    row's greedy token max(-1).indices of its logits. Awkward sizes, a rolling buffer (window 8):
+    one row through positions 3..14 (before, at and after it wraps: the plan in Python numbers),
+    or four rows of different lengths, wrapped for some and not for others."""
+    from smoe.cache import KVCache
+    path = checkpoint_factory(seed=3, hidden_size=96, intermediate_size=160, num_attention_heads=6,
+                              num_key_value_heads=2, num_local_experts=5, sliding_window=8)
+    model = smoe.load(path, dtype="bf16", quant=quant)[0]
+    B = len(lengths)
+    cache = KVCache(model.config, B, 64, dtype=model.dtype)
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for b, n in enumerate(lengths):
+            model(torch.randint(0, 128, (1, n), generator=gen), torch.arange(n)[None], cache.view(b, b + 1))
+        positions = list(lengths)
+        for _ in range(12):
+            tokens = torch.randint(0, 128, (B,), generator=gen).tolist()
+            saved = [t.clone() for t in (cache.k, cache.v, cache.slot_pos)]
+            with torch.profiler.profile() as prof:
+                logits, best = model.decode_step(tokens, positions, cache)
+            assert [e.name for e in prof.events() if e.name.startswith("smoe::")] == ["smoe::decode_step"]
+            written = [t.clone() for t in (cache.k, cache.v, cache.slot_pos)]
+            for t, s in zip((cache.k, cache.v, cache.slot_pos), saved, strict=True):
+                t.copy_(s)
+            theirs = model(torch.tensor(tokens)[:, None], torch.tensor(positions)[:, None], cache)[:, -1]
+            assert logits.dtype == theirs.dtype and torch.equal(logits, theirs)
+            assert torch.equal(best, theirs.float().max(-1).indices)
+            for ours_t, theirs_t in zip(written, (cache.k, cache.v, cache.slot_pos), strict=True):
+                assert torch.equal(ours_t, theirs_t)
+            positions = [p + 1 for p in positions]
+
+
+@needs_native
+def test_decode_steps_greedy_token_is_the_first_largest_logit(checkpoint_factory):
+    """decode_step's greedy token where logits tie or are NaN, as max(-1).indices picks it: every
+    logit 0 (the first), two equal largest rows (the first of them), a NaN row (the NaN)."""
+    from smoe.cache import KVCache
+    path = checkpoint_factory(seed=4, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                              num_key_value_heads=2, num_local_experts=4)
+    model = smoe.load(path, dtype="bf16")[0]
+    head = model.lm_head.weight
+    assert type(model.lm_head).__name__ == "NativeLinear"
+    cache = KVCache(model.config, 1, 32, dtype=model.dtype)
+    with torch.inference_mode():
+        model(torch.tensor([[5, 6, 7]]), torch.arange(3)[None], cache)
+        for make in ("zeros", "ties", "nan"):
+            head.zero_()
+            if make == "ties":  # rows 3 and 9 the same, row 4 their opposite: one of those wins, tied or alone
+                head[3] = head[9] = 0.5
+                head[4] = -0.5
+            if make == "nan":
+                head[7] = float("nan")
+            saved = [t.clone() for t in (cache.k, cache.v, cache.slot_pos)]
+            logits, best = model.decode_step([11], [3], cache)
+            for t, s in zip((cache.k, cache.v, cache.slot_pos), saved, strict=True):
+                t.copy_(s)
+            assert torch.equal(best, logits.float().max(-1).indices), make
+            assert int(best) == {"zeros": 0, "nan": 7}.get(make, int(best))
+            if make == "ties":
+                assert int(best) in (3, 4) and logits[0, 3] == logits[0, 9]
+
+
+@needs_native
+def test_decode_step_reads_the_model_again_after_a_part_is_swapped(checkpoint_factory):
+    """decode_step keeps its arguments between steps; assigning a module anywhere makes it read
+    the model again: a new head (another NativeLinear) is the one the next step multiplies by, a
+    layer's part the op does not compute (a plain nn.Linear) sends the step to forward (None),
+    and putting the native part back brings the one call back."""
+    from smoe.cache import KVCache
+    path = checkpoint_factory(seed=4, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                              num_key_value_heads=2, num_local_experts=4)
+    model = smoe.load(path, dtype="bf16")[0]
+    cache = KVCache(model.config, 1, 32, dtype=model.dtype)
+
+    def step(position):
+        saved = [t.clone() for t in (cache.k, cache.v, cache.slot_pos)]
+        stepped = model.decode_step([9], [position], cache)
+        for t, s in zip((cache.k, cache.v, cache.slot_pos), saved, strict=True):
+            t.copy_(s)
+        theirs = model(torch.tensor([[9]]), torch.tensor([[position]]), cache)[:, -1]
+        return stepped, theirs
+
+    with torch.inference_mode():
+        model(torch.tensor([[5, 6, 7]]), torch.arange(3)[None], cache)
+        (before, _), theirs = step(3)
+        assert torch.equal(before, theirs)
+        model.lm_head = native.NativeLinear(torch.nn.Linear(64, model.config.vocab_size, bias=False).bfloat16())
+        (logits, _), theirs = step(3)
+        assert torch.equal(logits, theirs) and not torch.equal(logits, before)
+        q_proj = model.layers[1].attn.q_proj
+        model.layers[1].attn.q_proj = torch.nn.Linear(64, q_proj.out_features, bias=False).bfloat16()
+        stepped, _ = step(5)
+        assert stepped is None
+        model.layers[1].attn.q_proj = q_proj
+        (logits, _), theirs = step(6)
+        assert torch.equal(logits, theirs)
+
+
+@needs_native
 def test_decode_steps_run_hooked_layers_as_modules(checkpoint_factory):
-    """A decode step runs every layer in one smoe::decode_layers call, unless something hooks a
-    layer or one of its parts: then the layers go one by one, the hooked one through its modules
-    (its hook fires) and the others through smoe::decode_layer; without the hook, one call again."""
+    """A decode step of the Engine is one smoe::decode_step call (embedding to greedy tokens),
+    unless something hooks a layer or one of its parts: then the layers go one by one, the hooked
+    one through its modules (its hook fires) and the others through smoe::decode_layer; a hook on
+    the embedding, the final norm, the head or the model: the model's forward (it fires), its
+    layers in one smoe::decode_layers call; without the hook, one call again."""
     path = checkpoint_factory(seed=4, hidden_size=64, intermediate_size=96, num_attention_heads=4,
                               num_key_value_heads=2, num_local_experts=4)
     model = smoe.load(path, dtype="bf16")[0]
@@ -504,19 +610,21 @@ def test_decode_steps_run_hooked_layers_as_modules(checkpoint_factory):
         with torch.profiler.profile() as prof:
             engine.step()
         names = [e.name for e in prof.events()]
-        return names.count("smoe::decode_layers"), names.count("smoe::decode_layer")
+        return tuple(names.count(f"smoe::{op}") for op in ("decode_step", "decode_layers", "decode_layer"))
 
     L = len(model.layers)
-    assert counts() == (1, 0)
-    for hooked in (model.layers[1], model.layers[1].moe.router):
+    assert counts() == (1, 0, 0)
+    for hooked, expected in [(model.layers[1], (0, 0, L - 1)), (model.layers[1].moe.router, (0, 0, L - 1)),
+                             (model.embed_tokens, (0, 1, 0)), (model.norm, (0, 1, 0)), (model.lm_head, (0, 1, 0)),
+                             (model, (0, 1, 0))]:
         calls = []
         handle = hooked.register_forward_hook(lambda *args, calls=calls: calls.append(1))
         try:
-            assert counts() == (0, L - 1)
+            assert counts() == expected
             assert calls == [1]
         finally:
             handle.remove()
-        assert counts() == (1, 0)
+        assert counts() == (1, 0, 0)
 
 
 @needs_native

@@ -1,5 +1,6 @@
-// decode_layer / decode_layers / rms_norm: whole decoder layers of a decode step in one call
-// (the PyTorch twin: smoe/model.py's Block and RMSNorm).
+// decode_layer / decode_layers / decode_step / rms_norm: whole decoder layers of a decode step in
+// one call, or the whole step from token ids to logits (the PyTorch twin: smoe/model.py's Block,
+// RMSNorm and Transformer.forward).
 
 #include "kernels.h"
 
@@ -184,6 +185,59 @@ at::Tensor decode_layers(const at::Tensor& x, at::TensorList w, at::IntArrayRef 
   for (int64_t l = 0; l < L; ++l)
     y = decode_layer(y, w.slice(15 * l, 15), meta.slice(5 * l, 5), eps[l], k_all, v_all, slots, mask, kv_len, cos, sin);
   return y;
+}
+
+// Each row's greedy token: the first index of its largest logit, as torch's max(-1).indices gives
+// it (-0 and +0 equal; a NaN is the largest, the first one wins). bf16 bits compared as integers
+// ordered like the values (negatives' magnitudes negated), a loop the compiler vectorizes.
+void greedy_tokens(const uint16_t* logits, int64_t B, int64_t V, int64_t* best) {
+  auto key = [](uint16_t b) { return (b & 0x8000) ? -int32_t(b & 0x7fff) : int32_t(b); };
+  for (int64_t r = 0; r < B; ++r) {
+    const uint16_t* l = logits + r * V;
+    int32_t top = INT32_MIN, nan = 0;
+    for (int64_t i = 0; i < V; ++i) {
+      top = std::max(top, key(l[i]));
+      nan |= (l[i] & 0x7fff) > 0x7f80;
+    }
+    int64_t at = 0;
+    if (nan)
+      while ((l[at] & 0x7fff) <= 0x7f80) ++at;
+    else
+      while (key(l[at]) != top) ++at;
+    best[r] = at;
+  }
+}
+
+// A whole decode step after the cache's plan: the tokens' embedding rows, every layer (as
+// decode_layers), the final RMSNorm (as rms_norm) and the head (as the head's linear op), each
+// rounded where the modules round; returns the logits [B, V] bf16 and each row's greedy token [B].
+// embed [V, H] bf16; norm [H] bf16; head: (weight, scale) of a bf16 / int8 / int4 linear.
+std::tuple<at::Tensor, at::Tensor> decode_step(at::IntArrayRef tokens, const at::Tensor& embed, at::TensorList w,
+                                               at::IntArrayRef meta, at::ArrayRef<double> eps,
+                                               const at::Tensor& k_all, const at::Tensor& v_all,
+                                               const at::Tensor& slots, const c10::optional<at::Tensor>& mask,
+                                               int64_t kv_len, const at::Tensor& cos, const at::Tensor& sin,
+                                               const at::Tensor& norm, double norm_eps, const at::Tensor& head,
+                                               const at::Tensor& head_scale) {
+  const int64_t B = int64_t(tokens.size());
+  check(B >= 1 && embed.dim() == 2 && embed.scalar_type() == at::kBFloat16 && embed.is_contiguous() &&
+            embed.device().is_cpu(), "the embedding must be contiguous bf16 [V, H] on the CPU");
+  const int64_t V = embed.size(0), H = embed.size(1);
+  at::Tensor x = at::empty({B, H}, embed.options());
+  const uint16_t* table = static_cast<const uint16_t*>(embed.data_ptr());
+  for (int64_t b = 0; b < B; ++b) {
+    check(tokens[b] >= 0 && tokens[b] < V, "token id outside the embedding");
+    std::memcpy(static_cast<uint16_t*>(x.data_ptr()) + b * H, table + tokens[b] * H, H * 2);
+  }
+  const at::Tensor y = decode_layers(x, w, meta, eps, k_all, v_all, slots, mask, kv_len, cos, sin);
+  const at::Tensor h = rms_norm_op(y, norm, norm_eps);
+  const Matrix Wh = weight_matrix(head, head_scale);
+  check(Wh.K == H, "the head's input size must be the hidden size");
+  at::Tensor logits = at::empty({B, Wh.N}, embed.options());
+  linears_into(static_cast<const uint16_t*>(h.data_ptr()), B, {Wh}, {static_cast<uint16_t*>(logits.data_ptr())});
+  at::Tensor best = at::empty({B}, embed.options().dtype(at::kLong));
+  greedy_tokens(static_cast<const uint16_t*>(logits.data_ptr()), B, Wh.N, best.data_ptr<int64_t>());
+  return {logits, best};
 }
 
 }  // namespace

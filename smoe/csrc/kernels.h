@@ -6,7 +6,7 @@
 //
 //   linear.cpp        linear_bf16 / _q8 / _q4: few token rows times one weight
 //   moe.cpp           moe_bf16 / _q8 / _q4: all chosen experts of a MoE layer in one call
-//   decode_layer.cpp  decode_layer(s), rms_norm: whole decoder layers of a decode step
+//   decode_layer.cpp  decode_layer(s), decode_step, rms_norm: whole decoder layers / a whole decode step
 //   prefill.cpp       linear_prefill: many rows, weights widened to fp32 a block at a time, fp32 GEMMs
 //   activations.cpp   activation quantization to int8 blocks, as the op tests read it
 //   common.cpp        argument checks, weight matrices, activation preparation
@@ -82,5 +82,12 @@ at::Tensor decode_layers(const at::Tensor& x, at::TensorList w, at::IntArrayRef 
                          const at::Tensor& k_all, const at::Tensor& v_all, const at::Tensor& slots,
                          const c10::optional<at::Tensor>& mask, int64_t kv_len, const at::Tensor& cos,
                          const at::Tensor& sin);
+std::tuple<at::Tensor, at::Tensor> decode_step(at::IntArrayRef tokens, const at::Tensor& embed, at::TensorList w,
+                                               at::IntArrayRef meta, at::ArrayRef<double> eps,
+                                               const at::Tensor& k_all, const at::Tensor& v_all,
+                                               const at::Tensor& slots, const c10::optional<at::Tensor>& mask,
+                                               int64_t kv_len, const at::Tensor& cos, const at::Tensor& sin,
+                                               const at::Tensor& norm, double norm_eps, const at::Tensor& head,
+                                               const at::Tensor& head_scale);
 
 }  // namespace

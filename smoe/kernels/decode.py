@@ -5,7 +5,10 @@ Block whose parts the kernels all read — the attention norm, q/k/v/o, the expe
 router and the stacked experts in the native kinds (smoe/kernels/native.py) — is one call of
 `smoe::decode_layer`: norms, q/k/v, RoPE, cache write, attention, o, router, the fused
 experts, both residuals. When every layer would take it, the step's layers are one call of
-`smoe::decode_layers`.
+`smoe::decode_layers`; and when the embedding, the final norm and the head are ones the kernels
+read too, the whole step — token ids to logits and greedy tokens — is one call of
+`smoe::decode_step` (`DecodePlan.step`, through `Transformer.decode_step`, which the Engine calls
+with Python numbers before it builds any tensor).
 
 `DecodePlan` is an object the model calls (`Transformer.decode_plan`, asked by `run_layers`),
 not a class swapped into live modules: the Blocks stay Blocks. A layer that something hooks
@@ -19,9 +22,12 @@ The model's final RMSNorm becomes a NativeRMSNorm (smoe::rms_norm for a decode s
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
+from torch.utils.hooks import RemovableHandle
 
 from smoe.experts import StackedExperts
 from smoe.fsutil import huge_page_gather
@@ -152,6 +158,7 @@ class DecodePlan:
     def __init__(self, layers: int) -> None:
         self._args: list[_LayerArgs | None] = [None] * layers
         self.layers = layers
+        self._program: _StepProgram | None = None  # what step() passes, while nothing changes
 
     def layer_args(self, i: int, block: nn.Module) -> tuple[list, list, float] | None:
         """(weights, [Q, G, top-k, layer], eps) for smoe::decode_layer, or None where a part was
@@ -190,6 +197,93 @@ class DecodePlan:
             x = torch.ops.smoe.decode_layer(x.view(B, H), weights, meta + [row0], eps, cache.k, cache.v, slots, mask,
                                             kv_len, cos, sin).view(B, 1, H)
         return x
+
+    def step(self, model: nn.Module, tokens: list[int], positions: list[int], cache
+             ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A whole decode step as one smoe::decode_step (Transformer.decode_step): the embedding,
+        every layer, the final norm and the head, or None where some part must run its module —
+        a layer as layer_args refuses it, an embedding, norm or head of another kind, anything
+        hooked (the model's forward hooks included: they would not see this step), a static
+        cache, gradients, more than MAX_ROWS rows."""
+        B = len(tokens)
+        if B > MAX_ROWS or cache.static or torch.is_grad_enabled():
+            return None
+        program = self._program
+        if program is None or program.stamp != _stamp() or program.model() is not model:
+            program = self._program = _StepProgram.of(self, model)
+            if program is None:
+                return None
+        row0 = cache.rows.start
+        if B == 1:  # planned in Python numbers (KVCache.begin_one, RotaryEmbedding.at)
+            plan = cache.begin_one(positions[0])
+            cos, sin = program.rope.at(positions[0], program.dtype)
+        else:
+            where = torch.tensor(positions)[:, None]  # [B, 1]
+            plan = cache.begin(where)
+            cos, sin = program.rope(where, program.dtype)
+        meta = program.meta.get(row0)
+        if meta is None:
+            meta = program.meta[row0] = [m for layer in program.layer_meta for m in (*layer, row0)]
+        mask = None if plan.mask is None else _dense(plan.mask)
+        return torch.ops.smoe.decode_step(tokens, program.table, program.weights, meta, program.eps, cache.k, cache.v,
+                                          _dense(plan.write_slots), mask, plan.kv_len, _dense(cos), _dense(sin),
+                                          program.norm, program.norm_eps, *program.head)
+
+
+# What a kept step program depends on beyond its tensors: every hook registered since (each gets
+# the next RemovableHandle id, forward hooks and global ones alike) and every module, parameter
+# or buffer assigned since (Module.__setattr__, register_*, ModuleList items: counted by global
+# registration hooks). Either one moving reads the model again.
+_registrations = [0]
+
+
+def _count_registration(*args) -> None:
+    _registrations[0] += 1
+
+
+for _register in (torch_module.register_module_module_registration_hook,
+                  torch_module.register_module_parameter_registration_hook,
+                  torch_module.register_module_buffer_registration_hook):
+    _register(_count_registration)
+
+
+def _stamp() -> tuple[int, int]:
+    return RemovableHandle.next_id, _registrations[0]
+
+
+class _StepProgram:
+    """smoe::decode_step's arguments for one model, read once and kept while nothing is hooked or
+    assigned anywhere (`_stamp`): a step then reads a few Python numbers instead of walking ~70
+    modules and ~150 hook dicts, whose interpreter work runs with caches the weights have just
+    flushed (~50 us a step on the demo model)."""
+
+    __slots__ = ("stamp", "model", "table", "weights", "layer_meta", "eps", "norm", "norm_eps", "head", "rope",
+                 "dtype", "meta")
+
+    @classmethod
+    def of(cls, plan: DecodePlan, model: nn.Module) -> _StepProgram | None:
+        stamp = _stamp()
+        mods = model._modules
+        embed, norm, head, rope = mods["embed_tokens"], mods["norm"], mods["lm_head"], mods["rope"]
+        if (type(embed) is not nn.Embedding or type(norm) is not NativeRMSNorm
+                or any(_hook_dicts((model, embed, norm, head, rope)))):
+            return None
+        table, head_weights = embed.weight, _kernel_weights(head)
+        if (head_weights is None or table.dtype != torch.bfloat16 or not table.is_contiguous()
+                or table.device.type != "cpu" or embed.max_norm is not None):
+            return None
+        every = [plan.layer_args(i, layer) for i, layer in enumerate(mods["layers"])]
+        if len(every) != plan.layers or any(args is None for args in every):
+            return None
+        program = object.__new__(cls)
+        program.stamp, program.model = stamp, weakref.ref(model)  # (the model holds the plan that holds this)
+        program.table, program.head, program.rope = table, head_weights, rope
+        program.weights = [t for args in every for t in args[0]]
+        program.layer_meta = [args[1] for args in every]
+        program.eps = [args[2] for args in every]
+        program.norm, program.norm_eps, program.dtype = norm.weight, norm.eps, table.dtype
+        program.meta = {}  # first cache row -> meta, as decode_layers takes it
+        return program
 
 
 def plan_decode(model: nn.Module) -> int:

@@ -5,7 +5,7 @@ The ops are `torch.library` ops in the `smoe` namespace, found by name (`torch.o
 linear_bf16 / _q8 / _q4 (few rows by one weight), linear_prefill (many rows: fp32 GEMMs over
 weight blocks widened to fp32), moe_bf16 / _q8 / _q4 (all chosen experts of
 a MoE layer), quantize_activations, rms_norm, decode_layer / decode_layers (whole decoder layers
-of a decode step). docs/KERNELS.md has their layouts, arithmetic and measurements.
+of a decode step), decode_step (a whole decode step: token ids to logits and greedy tokens). docs/KERNELS.md has their layouts, arithmetic and measurements.
 
 The kernels come in one variant per instruction set (smoe/csrc/isa.h: avx512, avx2-vnni, avx2,
 neon, portable); the best this CPU runs is used unless SMOE_ISA names another it runs (to test
@@ -117,3 +117,9 @@ if _native is not None:  # fake implementations: shapes only, for torch.compile 
         lambda x, w, scale, group_size: _rows_by(x, w.shape[0]))
     torch.library.register_fake("smoe::quantize_activations")(
         lambda x, group_size: x.new_empty(x.shape, dtype=torch.float32))
+
+    def _step(tokens, embed, *args):  # (logits [B, V], greedy tokens [B]); V is the head's rows
+        head = args[-2]
+        return embed.new_empty(len(tokens), head.shape[0]), embed.new_empty(len(tokens), dtype=torch.long)
+
+    torch.library.register_fake("smoe::decode_step")(_step)
