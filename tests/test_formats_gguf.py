@@ -40,8 +40,8 @@ def random_blocks(qtype, n: int, rng) -> np.ndarray:
     _, nbytes = GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(n, nbytes), dtype=np.uint8)
     T = GGMLQuantizationType
-    halves = {T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208], T.Q8_0: [0], T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0],
-              T.Q5_1: [0, 2]}[qtype]
+    halves = {T.Q2_K: [80, 82], T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208], T.Q8_0: [0],
+              T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2]}[qtype]
     for at in halves:
         raw[:, at : at + 2] = (rng.standard_normal((n, 1)) * 0.05).astype(np.float16).view(np.uint8)
     return raw
@@ -263,6 +263,51 @@ def test_cli_convert_and_model_gguf(original, tmp_path):
     assert out.returncode == 2 and "bad.gguf" in out.stderr and "Traceback" not in out.stderr
     out = smoe_cli("convert", "--from", str(tmp_path / "none.gguf"), "--out", str(tmp_path / "x"))
     assert out.returncode == 2 and "none.gguf" in out.stderr
+
+
+def test_broken_files_are_one_line_naming_the_tensor(original, tmp_path):
+    """A file cut short, a tensor in a type smoe cannot read (IQ4_NL) and a tensor whose rows are
+    not whole blocks: convert raises a CheckpointError naming the file and the tensor and saying
+    what to do, leaves no partial directory, and the CLI exits 2 with that one line."""
+    from smoe.errors import CheckpointError
+    from smoe.formats.gguf import convert
+
+    good = write_gguf(original, tmp_path / "good.gguf", "Q8_0")
+    data = good.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: len(data) - 1000])
+    odd = tmp_path / "odd.gguf"
+    writer = gguf.GGUFWriter(str(odd), "llama")
+    writer.add_tensor("blk.0.attn_q.weight", np.zeros((4, 48), dtype=np.uint8), raw_shape=(4, 48),
+                      raw_dtype=GGMLQuantizationType.I8)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    raw = bytearray(odd.read_bytes())  # the tensor's type id I8 (24) -> Q8_0 (8): 48 values, not blocks of 32
+    at = raw.index(b"blk.0.attn_q.weight") + len("blk.0.attn_q.weight") + 4 + 2 * 8
+    assert raw[at : at + 4] == (24).to_bytes(4, "little")
+    raw[at : at + 4] = (8).to_bytes(4, "little")
+    odd.write_bytes(bytes(raw))
+    iq = tmp_path / "iq.gguf"
+    writer = gguf.GGUFWriter(str(iq), "llama")
+    writer.add_tensor("output.weight", np.zeros((4, 2 * 18), dtype=np.uint8), raw_dtype=GGMLQuantizationType.IQ4_NL)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    cases = {cut: ("blk.1.ffn_down_exps.weight", "truncated"), odd: ("blk.0.attn_q.weight", "whole number"),
+             iq: ("output.weight", "IQ4_NL")}
+    for file, (tensor, what) in cases.items():
+        with pytest.raises(CheckpointError) as err:
+            convert(file, tmp_path / f"{file.stem}-out", progress=False)
+        message = str(err.value)
+        assert str(file) in message and tensor in message and what in message, message
+        assert "\n" not in message
+        assert not (tmp_path / f"{file.stem}-out").exists() and not (tmp_path / f"{file.stem}-out.partial").exists()
+        out = subprocess.run([sys.executable, "-m", "smoe", "convert", "--from", str(file), "--out",
+                              str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2 and tensor in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
 def test_byte_level_bpe_tokenizer_rebuilt_from_a_gguf(tmp_path):

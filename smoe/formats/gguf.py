@@ -17,11 +17,13 @@ Block formats (ggml's, little-endian; d/dmin fp16; values in each block in order
     Q4_1    32     20    d, m, q[16]                                  d·q + m
     Q5_0    32     22    d, qh (32 bits: the fifth bit of each), q[16] d·(q + 16·h − 16)
     Q5_1    32     24    d, m, qh, q[16]                              d·(q + 16·h) + m
+    Q2_K   256     84    scales[16], q[64], d, dmin                   d·sc_j·q − dmin·m_j (4-bit sc, m)
+    Q3_K   256    110    hmask[32], q[64], scales[12], d              d·(sc_j − 32)·(q + 4·h − 4)
     Q4_K   256    144    d, dmin, scales[12], q[128]                  d·sc_j·q − dmin·m_j
     Q5_K   256    176    d, dmin, scales[12], qh[32], q[128]          d·sc_j·(q + 16·h) − dmin·m_j
     Q6_K   256    210    ql[128], qh[64], int8 sc[16], d              d·sc_j·(q − 32)
 
-K-quants split 256 values into sub-blocks (8 of 32 for Q4_K/Q5_K, 16 of 16 for Q6_K), each with
+K-quants split 256 values into sub-blocks (8 of 32 for Q4_K/Q5_K, 16 of 16 for Q2_K/Q3_K/Q6_K), each with
 its own 6- or 8-bit scale (and min). Q4_K/Q5_K pack eight 6-bit scales and mins into 12 bytes:
 sub-block j < 4 keeps them in the low 6 bits of bytes j and j+4; j ≥ 4 splits them between the
 low/high nibble of byte j+4 and the top 2 bits of bytes j−4 / j. Their values come 64 at a time:
@@ -147,6 +149,37 @@ def dequantize_q6_k(raw: np.ndarray) -> np.ndarray:
     return (d[..., None] * scales * codes).reshape(-1)
 
 
+def _k_crumbs(q: np.ndarray) -> np.ndarray:
+    """Q2_K/Q3_K: [n, 64] bytes -> [n, 16, 16] 2-bit codes: the values come 128 at a time from 32
+    bytes; bits 2j..2j+1 of bytes 0..15 are sub-block 2j, of bytes 16..31 sub-block 2j + 1."""
+    halves = q.reshape(-1, 2, 1, 2, 16)  # [n, half, 1, bytes 0..15 | 16..31, 16]
+    shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1, 1)
+    return ((halves >> shifts) & 3).reshape(-1, 16, 16)
+
+
+def dequantize_q2_k(raw: np.ndarray) -> np.ndarray:
+    b = _blocks(raw, 84)
+    sc = b[:, 0:16]  # [n, 16]: per sub-block of 16, a 4-bit scale (low) and a 4-bit min (high)
+    d, dmin = _f16(b, 80), _f16(b, 82)
+    codes = _k_crumbs(b[:, 16:80]).astype(np.float32)
+    return ((d * (sc & 0x0F))[..., None] * codes - (dmin * (sc >> 4))[..., None]).reshape(-1)
+
+
+def dequantize_q3_k(raw: np.ndarray) -> np.ndarray:
+    b = _blocks(raw, 110)
+    hmask, packed = b[:, 0:32], b[:, 96:108]
+    # sixteen 6-bit scales: the low 4 bits are the low (sub-blocks 0..7) then high (8..15)
+    # nibbles of bytes 0..7, the top 2 bits bits 2i..2i+1 of byte 8 + k % 4 for sub-blocks 4i..4i+3
+    low = np.concatenate([packed[:, 0:8] & 0x0F, packed[:, 0:8] >> 4], axis=1)
+    top = (packed[:, 8:12][:, None, :] >> np.array([0, 2, 4, 6], dtype=np.uint8)[None, :, None]) & 3  # [n, 4, 4]
+    scales = (low | (top.reshape(-1, 16) << 4)).astype(np.float32) - 32
+    # the third bit of value l of sub-block pair (half h, step j) is bit 4h + j of hmask byte l;
+    # a clear bit subtracts 4
+    bits = (hmask[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1  # [n, 8, 32]
+    codes = _k_crumbs(b[:, 32:96]).astype(np.float32) - 4 * (1 - bits.reshape(-1, 16, 16)).astype(np.float32)
+    return ((_f16(b, 108) * scales)[..., None] * codes).reshape(-1)
+
+
 def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> np.ndarray:
     """A tensor's raw data in GGUF type `type_name` -> fp32 array of `shape` (numpy order)."""
     plain = {"F32": np.float32, "F16": F16}
@@ -163,17 +196,50 @@ def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> np.nd
 
 
 DEQUANTIZERS = {"Q8_0": dequantize_q8_0, "Q4_0": dequantize_q4_0, "Q4_1": dequantize_q4_1, "Q5_0": dequantize_q5_0,
-                "Q5_1": dequantize_q5_1, "Q4_K": dequantize_q4_k, "Q5_K": dequantize_q5_k, "Q6_K": dequantize_q6_k}
+                "Q5_1": dequantize_q5_1, "Q2_K": dequantize_q2_k, "Q3_K": dequantize_q3_k, "Q4_K": dequantize_q4_k,
+                "Q5_K": dequantize_q5_k, "Q6_K": dequantize_q6_k}
 
 
 # ------------------------------------------------------------------------- reading a file
 
 
+def _check_tensors(path: Path, file_bytes: int, start: int, infos) -> None:
+    """Each tensor of the file's table (gguf's reader fields: name, dims, type, offset) against the
+    file: a type gguf knows, whole blocks along its rows, data inside the file — one line naming
+    the first tensor that is not, instead of a reshape error from deep inside the reader."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    for info in infos:
+        _, name_data, _, dims, raw_type, offset = info.parts
+        name = bytes(name_data).decode("utf-8", "replace")
+        try:
+            kind = GGMLQuantizationType(int(raw_type[0]))
+        except ValueError:
+            raise CheckpointError(
+                f"{path}: tensor {name} has GGML type id {int(raw_type[0])}, which this version of the gguf "
+                "package does not know (a newer llama.cpp format?); requantize the file to one of "
+                f"{', '.join(['F32', 'F16', 'BF16', *DEQUANTIZERS])} with llama.cpp's llama-quantize") from None
+        block, block_bytes = GGML_QUANT_SIZES[kind]
+        dims = [int(d) for d in dims]
+        if not dims or dims[0] % block:
+            raise CheckpointError(f"{path}: tensor {name} ({kind.name}, shape {list(reversed(dims))}) is not a "
+                                  f"whole number of {block}-value blocks along its rows: the file is damaged")
+        end = start + int(offset[0]) + int(np.prod(dims)) // block * block_bytes
+        if end > file_bytes:
+            raise CheckpointError(f"{path}: tensor {name}'s data ends at byte {end} but the file has {file_bytes} "
+                                  "bytes: the file is truncated (an interrupted download or copy?); fetch it again")
+
+
 def _open(path: Path):
     from gguf import GGUFReader
 
+    class CheckedReader(GGUFReader):
+        def _build_tensors(self, start_offs, fields):
+            _check_tensors(path, len(self.data), start_offs, fields)
+            return super()._build_tensors(start_offs, fields)
+
     try:
-        return GGUFReader(path)
+        return CheckedReader(path)
     except (ValueError, OSError, IndexError, KeyError) as e:
         raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
 
@@ -238,6 +304,19 @@ LAYER_NAMES = {"attn_norm.weight": "input_layernorm.weight", "attn_q.weight": "s
                "attn_output.weight": "self_attn.o_proj.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
                "ffn_gate_inp.weight": "block_sparse_moe.gate.weight"}
 EXPERT_NAMES = {"ffn_gate": "w1", "ffn_down": "w2", "ffn_up": "w3"}
+
+
+def check_types(reader, path: Path) -> None:
+    """Every tensor in a type smoe reads, before anything is written: one line naming the first
+    that is not."""
+    for t in reader.tensors:
+        kind = t.tensor_type.name
+        if kind not in NATURAL and kind not in DEQUANTIZERS:
+            raise CheckpointError(
+                f"{path}: tensor {t.name} is {kind}, which smoe cannot read (it reads "
+                f"{', '.join([*NATURAL, *DEQUANTIZERS])}; the IQ types need their lattice tables and are not "
+                "supported yet); requantize the file to one of those with llama.cpp's llama-quantize, e.g. "
+                "Q4_K_M or Q3_K_M")
 
 
 def hf_tensors(reader, config: dict, dtype: torch.dtype | None, done=lambda: None):
@@ -356,15 +435,29 @@ def convert(path: Path, out: Path, *, dtype: torch.dtype | None = None, progress
     (config.json, model*.safetensors, tokenizer files), atomically. dtype None keeps each
     tensor's own float type (F32 norms and routers stay fp32) and writes quantized ones in bf16;
     the config's dtype is that of the bulk weights (natural_dtype)."""
-    from safetensors.torch import save_file
-    from tqdm import tqdm
-
     path, out = Path(path), Path(out)
     reader = _open(path)
+    check_types(reader, path)
     config = read_config(reader, path)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        _write_checkpoint(reader, path, config, tmp, dtype, progress, shard_bytes)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _write_checkpoint(reader, path: Path, config: dict, tmp: Path, dtype: torch.dtype | None, progress: bool,
+                      shard_bytes: int) -> None:
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     bar = tqdm(total=len(reader.tensors), desc=f"reading {path.name}", unit="tensor", disable=not progress,
@@ -393,10 +486,6 @@ def convert(path: Path, out: Path, *, dtype: torch.dtype | None = None, progress
         (tmp / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
     write_tokenizer(reader, tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
 
 
 NATURAL = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
