@@ -310,6 +310,29 @@ def test_broken_files_are_one_line_naming_the_tensor(original, tmp_path):
         assert out.returncode == 2 and tensor in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
+def test_conversion_that_the_disk_cannot_hold_is_refused_up_front(original, tmp_path, monkeypatch):
+    """A conversion larger than the free space (Mixtral-8x7B's Q3_K file would become 93 GB of
+    bf16) is one line saying how much it needs and where, before anything is written."""
+    import collections
+
+    from smoe.errors import CheckpointError
+    from smoe.formats import gguf as gguf_format
+
+    file = write_gguf(original, tmp_path / "m.gguf", "Q8_0")
+    reader = gguf_format._open(file)
+    need = gguf_format.converted_bytes(reader, None)
+    assert need == sum(int(t.n_elements) * (4 if t.tensor_type.name == "F32" else 2) for t in reader.tensors)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(gguf_format.shutil, "disk_usage", lambda p: usage(need, 0, need - 1))
+    with pytest.raises(CheckpointError, match=r"converting it needs .* GB .* are free .*SMOE_CACHE"):
+        gguf_format.convert(file, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    monkeypatch.setattr(gguf_format.shutil, "disk_usage", lambda p: usage(need, 0, need))
+    gguf_format.convert(file, tmp_path / "out", progress=False)
+    written = sum(f.stat().st_size for f in (tmp_path / "out").glob("*.safetensors"))
+    assert need <= written <= need + 64 * 1024  # the tensors, and safetensors' header
+
+
 def test_byte_level_bpe_tokenizer_rebuilt_from_a_gguf(tmp_path):
     """`tokenizer.ggml.model = gpt2` (tokens + merges), as llama.cpp stores a byte-level BPE such as
     the demo model's: rebuilt, it gives the demo tokenizer's ids."""

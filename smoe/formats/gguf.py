@@ -442,6 +442,18 @@ def convert(path: Path, out: Path, *, dtype: torch.dtype | None = None, progress
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    need = converted_bytes(reader, dtype)
+    if config["tie_word_embeddings"]:  # the head is written as a tensor of its own
+        embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
+        need += int(embed.n_elements) * (dtype or NATURAL.get(embed.tensor_type.name, torch.bfloat16)).itemsize
+    free = shutil.disk_usage(tmp).free
+    if need > free:
+        tmp.rmdir()
+        kind = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype or natural_dtype(reader)]
+        raise CheckpointError(
+            f"{path}: converting it needs {need / 1e9:.1f} GB in {out.parent} and {free / 1e9:.1f} GB are free "
+            f"(smoe converts a GGUF file's quantized tensors to {kind}; it does not run them in place yet): free "
+            "some space, or point SMOE_CACHE / --out at a larger disk")
     try:
         _write_checkpoint(reader, path, config, tmp, dtype, progress, shard_bytes)
     except BaseException:
@@ -489,6 +501,16 @@ def _write_checkpoint(reader, path: Path, config: dict, tmp: Path, dtype: torch.
 
 
 NATURAL = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def converted_bytes(reader, dtype: torch.dtype | None) -> int:
+    """The bytes `convert` writes for this file (its tensors in the dtypes hf_tensors gives them)."""
+    total = 0
+    for t in reader.tensors:
+        kind = t.tensor_type.name
+        out = dtype or NATURAL.get(kind, torch.bfloat16)
+        total += int(t.n_elements) * out.itemsize
+    return total
 
 
 def natural_dtype(reader) -> torch.dtype:
