@@ -333,6 +333,88 @@ def test_conversion_that_the_disk_cannot_hold_is_refused_up_front(original, tmp_
     assert need <= written <= need + 64 * 1024  # the tensors, and safetensors' header
 
 
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_0"])
+def test_our_quantizers_equal_ggufs_reference(name):
+    """smoe's Q8_0 / Q4_0 quantizers (smoe quantize --type) against `gguf`'s reference quantizer, bit
+    for bit: random rows, an all-zero block, values on the rounding halves, a block whose largest
+    magnitude is negative and one where it appears twice with opposite signs."""
+    from smoe.formats.gguf_write import QUANTIZERS
+
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((6, 256)).astype(np.float32) * np.float32(0.05)
+    w[0, :32] = 0
+    w[1, :32] = (np.arange(32, dtype=np.float32) - 16) / 2 * np.float32(127 / 8)  # halves after scaling
+    w[2, :32] = -np.abs(w[2, :32])
+    w[3, 5], w[3, 9] = -0.3, 0.3
+    ours = QUANTIZERS[name](w)
+    assert ours.dtype == np.uint8 and np.array_equal(ours, reference_quantize(w, GGMLQuantizationType[name]))
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_smoe_quantize_writes_a_gguf_that_reads_back(original, tmp_path, qtype):
+    """`smoe quantize --type Q8_0|Q4_0 --out m.gguf`: the file llama.cpp's converter would write —
+    its names and metadata read back by `gguf`'s reader, q/k rows interleaved per head, every matrix
+    the reference quantizer's blocks of the checkpoint's weights (the output head Q8_0 in a Q4_0
+    file, norms and routers F32) — and smoe loading it gives those blocks' dequantized weights."""
+    from safetensors.numpy import load_file
+
+    from smoe.formats.gguf import dequantize
+
+    out = tmp_path / "m.gguf"
+    run = subprocess.run([sys.executable, "-m", "smoe", "quantize", "--model", str(original), "--type", qtype,
+                          "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "wrote" in run.stdout and f"{qtype} " in run.stdout
+    cfg = json.loads((original / "config.json").read_text())
+    state = load_file(str(original / "model.safetensors"))
+    reader = gguf.GGUFReader(out)
+    assert reader.fields["general.architecture"].contents() == "llama"
+    assert reader.fields["llama.expert_count"].contents() == cfg["num_local_experts"]
+    assert reader.fields["llama.attention.head_count_kv"].contents() == cfg["num_key_value_heads"]
+    tensors = {t.name: t for t in reader.tensors}
+    Q, G = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    p = "model.layers.1."
+    expected = {
+        "output.weight": (state["lm_head.weight"], "Q8_0"),
+        "blk.1.attn_q.weight": (llama_permute(state[p + "self_attn.q_proj.weight"], Q), qtype),
+        "blk.1.attn_k.weight": (llama_permute(state[p + "self_attn.k_proj.weight"], G), qtype),
+        "blk.1.ffn_down_exps.weight": (np.stack([state[f"{p}block_sparse_moe.experts.{e}.w2.weight"]
+                                                 for e in range(cfg["num_local_experts"])]), qtype),
+        "blk.1.ffn_gate_inp.weight": (state[p + "block_sparse_moe.gate.weight"], "F32"),
+    }
+    for name, (w, kind) in expected.items():
+        t = tensors[name]
+        assert t.tensor_type.name == kind, name
+        data = np.asarray(t.data)
+        if kind == "F32":
+            assert np.array_equal(data.reshape(w.shape), w.astype(np.float32)), name
+        else:
+            assert np.array_equal(data.reshape(-1), reference_quantize(w.astype(np.float32),
+                                                                        GGMLQuantizationType[kind]).reshape(-1)), name
+    from smoe.formats.gguf import convert
+
+    model, _ = smoe.load(str(convert(out, tmp_path / "back", dtype=torch.float32, progress=False)), pack=False)
+    head = dequantize(np.asarray(tensors["output.weight"].data), "Q8_0", state["lm_head.weight"].shape)
+    assert torch.equal(model.lm_head.weight, torch.from_numpy(head))
+    down = dequantize(np.asarray(tensors["blk.1.ffn_down_exps.weight"].data), qtype,
+                      expected["blk.1.ffn_down_exps.weight"][0].shape)
+    assert torch.equal(model.layers[1].moe.experts[3].w2.weight, torch.from_numpy(down[3]))
+
+
+def test_smoe_quantize_to_gguf_refuses_what_it_cannot_write(original, tmp_path):
+    def smoe_cli(*args):
+        return subprocess.run([sys.executable, "-m", "smoe", "quantize", "--model", str(original), *args],
+                              capture_output=True, text=True, timeout=300)
+
+    for args, words in [(["--type", "Q4_0", "--bits", "4", "--out", str(tmp_path / "a.gguf")], "--bits"),
+                        (["--type", "Q4_0", "--out", str(tmp_path / "a.bin")], ".gguf"),
+                        (["--type", "Q4_K_M", "--out", str(tmp_path / "a.gguf")], "Q4_K_M"),
+                        (["--out", str(tmp_path / "a.gguf")], "--type")]:
+        out = smoe_cli(*args)
+        assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
+        assert not (tmp_path / "a.gguf").exists() and not (tmp_path / "a.gguf.partial").exists()
+
+
 def test_byte_level_bpe_tokenizer_rebuilt_from_a_gguf(tmp_path):
     """`tokenizer.ggml.model = gpt2` (tokens + merges), as llama.cpp stores a byte-level BPE such as
     the demo model's: rebuilt, it gives the demo tokenizer's ids."""

@@ -35,18 +35,23 @@ def register(sub) -> None:
                    help="with --kernels: the compute dtype (default: the checkpoint's own)")
     i.set_defaults(run=cmd_info)
 
-    q = sub.add_parser("quantize", help="write an int8 or int4 weight-only quantized checkpoint",
+    q = sub.add_parser("quantize", help="write an int8 or int4 weight-only quantized checkpoint, or a GGUF file",
                        description="Quantize the attention and expert weights (int8 per output channel, or int4 "
                                    "with a scale and zero per group of input columns); the router, norms, "
                                    "embeddings stay in high precision, the output head too where it is tied to them "
                                    "(otherwise it is int8 per channel unless --no-quant-head). "
-                                   "Every verb loads the result directly.")
+                                   "Every verb loads the result directly. "
+                                   "With --type Q8_0|Q4_0 instead of --bits: a GGUF file for llama.cpp "
+                                   "(smoe quantize --type Q4_0 --out model.gguf), written tensor by tensor.")
     q.add_argument("--model", metavar="DIR", default=None, help="checkpoint directory (default: the demo model)")
-    q.add_argument("--bits", type=int, choices=[8, 4], required=True, help="8 or 4")
+    q.add_argument("--bits", type=int, choices=[8, 4], default=None, help="8 or 4 (smoe's int8 / int4)")
+    q.add_argument("--type", dest="gguf_type", choices=["Q8_0", "Q4_0"], default=None,
+                   help="write a GGUF file of this llama.cpp type instead (--out FILE.gguf)")
     quant_layout_args(q)
     q.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="dtype of the unquantized weights and scales (default: the checkpoint's)")
-    q.add_argument("--out", required=True, type=Path, metavar="DIR", help="where to write the quantized checkpoint")
+    q.add_argument("--out", required=True, type=Path, metavar="DIR",
+                   help="where to write the quantized checkpoint (with --type: the .gguf file)")
     q.set_defaults(run=cmd_quantize)
 
     c = sub.add_parser("convert", help="convert a GGUF file (llama.cpp) into a checkpoint directory",
@@ -149,6 +154,10 @@ def cmd_info(args) -> int:
 def cmd_quantize(args) -> int:
     import time
 
+    if (args.bits is None) == (args.gguf_type is None):
+        raise SmoeError("smoe quantize: give --bits 8|4 (a smoe checkpoint) or --type Q8_0|Q4_0 (a GGUF file)")
+    if args.gguf_type is not None:
+        return quantize_to_gguf(args)
     check_new_dir(args.out)
     spec = QuantSpec(args.bits, args.group_size, head=args.quant_head)
 
@@ -167,6 +176,23 @@ def cmd_quantize(args) -> int:
         ", head int8" if done.head else "")
     print(f"quantized {count} linears ({kind}): {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB "
           f"in {time.perf_counter() - start:.1f} s; wrote {args.out}")
+    return 0
+
+
+def quantize_to_gguf(args) -> int:
+    import time
+
+    from smoe.formats.gguf_write import check_writable, write_gguf
+
+    if args.group_size is not None or args.quant_head is not None or args.dtype is not None:
+        raise SmoeError("smoe quantize --type: --group-size, --quant-head and --dtype are for --bits")
+    check_writable(args.out)
+    source = model_path(args.model)
+    start = time.perf_counter()
+    counts = write_gguf(source, args.out, args.gguf_type)
+    kinds = ", ".join(f"{kind} {n}" for kind, n in counts.items())
+    print(f"wrote {args.out} ({args.out.stat().st_size / 2**20:.1f} MiB; tensors {kinds}) "
+          f"in {time.perf_counter() - start:.1f} s")
     return 0
 
 
