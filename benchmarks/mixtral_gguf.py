@@ -181,7 +181,7 @@ def write(path: Path, preset: str, layers: int) -> None:
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     rng = np.random.default_rng(0)
-    for name, shape, kind in tqdm(plan, desc=f"writing {path.name}", unit="tensor", file=sys.stderr):
+    for _, shape, kind in tqdm(plan, desc=f"writing {path.name}", unit="tensor", file=sys.stderr):
         writer.write_tensor_data(random_tensor(shape, kind, scales.get(kind, 0.0), rng))
     writer.close()
     tmp.rename(path)

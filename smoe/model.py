@@ -70,7 +70,8 @@ class RotaryEmbedding(nn.Module):
             return self.at(int(positions), dtype, tuple(positions.shape))
         return self._tables(positions, dtype)
 
-    def at(self, position: int, dtype: torch.dtype, shape: tuple[int, ...] = (1, 1)) -> tuple[torch.Tensor, torch.Tensor]:
+    def at(self, position: int, dtype: torch.dtype,
+           shape: tuple[int, ...] = (1, 1)) -> tuple[torch.Tensor, torch.Tensor]:
         """The tables of one position (positions of `shape`, one element), kept: a one-row decode
         step's (on the CPU, under inference mode). Made 64 positions at a time — the next steps'
         — so that a generation pays for its tables once every 64 tokens, not every token."""

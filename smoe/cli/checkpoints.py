@@ -13,11 +13,13 @@ from smoe.config import ModelConfig
 from smoe.errors import SmoeError
 from smoe.experts import Expert
 from smoe.formats.gguf import convert
+from smoe.formats.gguf_write import check_type, check_writable, write_gguf
 from smoe.loader import LoadOptions, build_model, load_model, model_path
 from smoe.lora import load_adapter, merge_lora
 from smoe.offload import format_bytes, module_bytes
 from smoe.options import QuantSpec, parse_dtype
 from smoe.quantize import quantize_expert, quantize_model
+from smoe.tokenizer import load_tokenizer
 from smoe.weights import format_named
 
 
@@ -182,14 +184,16 @@ def cmd_quantize(args) -> int:
 def quantize_to_gguf(args) -> int:
     import time
 
-    from smoe.formats.gguf_write import check_writable, write_gguf
-
     if args.group_size is not None or args.quant_head is not None or args.dtype is not None:
         raise SmoeError("smoe quantize --type: --group-size, --quant-head and --dtype are for --bits")
+    check_type(args.gguf_type)
     check_writable(args.out)
     source = model_path(args.model)
     start = time.perf_counter()
-    counts = write_gguf(source, args.out, args.gguf_type)
+    model = build_model(source)  # memory-mapped: each weight is read when its tensor is written
+    tokenizer = load_tokenizer(source)  # BOS / EOS as smoe reads them (tokenizer_config.json, else <s> / </s>)
+    counts = write_gguf(model, source, args.out, args.gguf_type, bos_id=getattr(tokenizer, "bos_id", None),
+                        eos_id=getattr(tokenizer, "eos_id", None))
     kinds = ", ".join(f"{kind} {n}" for kind, n in counts.items())
     print(f"wrote {args.out} ({args.out.stat().st_size / 2**20:.1f} MiB; tensors {kinds}) "
           f"in {time.perf_counter() - start:.1f} s")

@@ -132,9 +132,9 @@ def _shape(model, role: str) -> tuple[int, ...]:
 # ------------------------------------------------------------------------------ tokenizer
 
 
-def _add_tokenizer(writer, source: Path) -> str | None:
-    """The checkpoint's tokenizer as the file's vocabulary; -> its GGUF model name, or None."""
-    bos = eos = None
+def _add_tokenizer(writer, source: Path, bos: int | None, eos: int | None) -> str | None:
+    """The checkpoint's tokenizer as the file's vocabulary (bos, eos: as smoe's tokenizer reads
+    them, for a tokenizer.json); -> its GGUF model name, or None."""
     if (source / "tokenizer.model").exists():
         from sentencepiece import SentencePieceProcessor
 
@@ -169,10 +169,7 @@ def _add_tokenizer(writer, source: Path) -> str | None:
         writer.add_token_list(tokens)
         writer.add_token_types([3 if t in special else 1 for t in tokens])
         writer.add_token_merges(merges)
-        from smoe.tokenizer import load_tokenizer
-
-        ours = load_tokenizer(source)  # BOS / EOS as smoe reads them (tokenizer_config.json, else <s> / </s>)
-        bos, eos, kind = ours.bos_id, ours.eos_id, "gpt2"
+        kind = "gpt2"
     else:
         return None
     if bos is not None and bos >= 0:  # smoe starts every prompt with it: so should llama.cpp
@@ -186,18 +183,22 @@ def _add_tokenizer(writer, source: Path) -> str | None:
 # ------------------------------------------------------------------------------ the file
 
 
-def write_gguf(source: Path, out: Path, preset: str, *, progress: bool = True) -> dict[str, int]:
-    """Write the checkpoint directory `source` as a GGUF file `out` of `preset` (TYPES); returns
-    how many tensors went in each type. Written to `out.partial` and renamed when complete."""
-    import gguf
-    from tqdm import tqdm
-
-    from smoe.loader import build_model
-
+def check_type(preset: str) -> None:
     if preset not in TYPES:
         raise SmoeError(f"--type {preset}: smoe writes GGUF files in {', '.join(TYPES)} so far "
                         "(the K-quant presets Q4_K_M / Q3_K_M / Q2_K come with their quantizers)")
-    model = build_model(source)  # memory-mapped: each weight is read when its tensor is written
+
+
+def write_gguf(model, source: Path, out: Path, preset: str, *, bos_id: int | None = None, eos_id: int | None = None,
+               progress: bool = True) -> dict[str, int]:
+    """Write `model` (built from the checkpoint directory `source`, its weights memory-mapped: each
+    is read when its tensor is written; the tokenizer files are read from `source`, with BOS / EOS
+    as smoe's tokenizer reads them) as a GGUF file `out` of `preset` (TYPES); returns how many
+    tensors went in each type. Written to `out.partial` and renamed when complete."""
+    import gguf
+    from tqdm import tqdm
+
+    check_type(preset)
     cfg = model.config
     if cfg.quantization:
         raise SmoeError(f"{source}: is quantized ({cfg.quantization.get('bits')} bits); write a GGUF file from the "
@@ -222,7 +223,7 @@ def write_gguf(source: Path, out: Path, preset: str, *, progress: bool = True) -
     writer.add_expert_used_count(cfg.num_experts_per_tok)
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_file_type(FILE_TYPES[preset])
-    _add_tokenizer(writer, source)
+    _add_tokenizer(writer, source, bos_id, eos_id)
     plan = list(_plan(model, preset))
     counts: dict[str, int] = {}
     kinds = []
@@ -242,7 +243,7 @@ def write_gguf(source: Path, out: Path, preset: str, *, progress: bool = True) -
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for (name, _, values), kind in tqdm(list(zip(plan, kinds, strict=True)), desc=f"writing {out.name}",
+        for (_, _, values), kind in tqdm(list(zip(plan, kinds, strict=True)), desc=f"writing {out.name}",
                                             unit="tensor", disable=not progress, file=sys.stderr, delay=1.0):
             w = values()
             data = QUANTIZERS[kind](w) if kind in QUANTIZERS else w.astype(np.float32 if kind == "F32" else np.float16)
