@@ -44,6 +44,7 @@ def load(
     prefetch: bool = True,
     max_cpu_memory: int | str = 0,
     compile: bool = False,
+    gguf_in_place: bool = False,
 ):
     """Load a checkpoint directory -> (model, tokenizer).
 
@@ -75,6 +76,10 @@ def load(
     compile: the inference layout that torch.compile sees through (stacked, unpacked experts;
     plain linears), for generate(..., compile=True), which compiles the decode step whole.
 
+    gguf_in_place: a `.gguf` file's quantized tensors used as the file holds them (memory-mapped,
+    nothing converted; smoe/ggml.py), instead of converting the file once to bf16. So far through
+    the reference path only (each product dequantizes its weight): correct, and slow.
+
     The order in which these transforms apply is documented in smoe/loader.py.
     """
 
@@ -86,6 +91,6 @@ def load(
         dtype=parse_dtype(dtype), device=str(device), allow_pickle=allow_pickle,
         quant=parse_quant(quant) if isinstance(quant, str) else quant, offload=offload,
         adapter=None if adapter is None else Path(adapter), pack=True if pack is None else pack,
-        tokenizer_backend=tokenizer_backend, progress=progress, compile=compile,
+        tokenizer_backend=tokenizer_backend, progress=progress, compile=compile, gguf_in_place=gguf_in_place,
     )
-    return load_model(model_path(path), options)
+    return load_model(model_path(path, gguf_in_place), options)

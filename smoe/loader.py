@@ -40,9 +40,12 @@ from tqdm import tqdm
 
 from smoe import kernels, parallel
 from smoe.checkpoint import is_expert_weight, load_state, read_checkpoint, stored_dtype, stored_format
+from smoe.config import ModelConfig
 from smoe.errors import CheckpointError, SmoeError
-from smoe.formats import locate
+from smoe.experts import StackedExperts
+from smoe.formats import gguf, locate
 from smoe.fsutil import trim_heap
+from smoe.ggml import DEQUANTIZERS, GGMLLinear, StackedGGML, row_bytes
 from smoe.kernels.ops import note_fallback
 from smoe.lora import load_adapter
 from smoe.model import Transformer
@@ -65,13 +68,15 @@ class LoadOptions:
     tokenizer_backend: str | None = None
     progress: bool = False
     parallel: object = None  # a parallel.ParallelSpec: this process's share of the model (under torchrun)
+    gguf_in_place: bool = False  # a .gguf file's quantized tensors used as they are (the reference path so far)
 
 
-def model_path(path: str | Path | None) -> Path:
+def model_path(path: str | Path | None, gguf_in_place: bool = False) -> Path:
     """The checkpoint directory to load: `path` (a directory, a hub id `org/name[@revision]` or a
-    `.gguf` file: smoe/formats), or the bundled demo model when None."""
+    `.gguf` file: smoe/formats — converted, or the file itself with gguf_in_place), or the bundled
+    demo model when None."""
     if path is not None:
-        return locate(path)
+        return locate(path, convert_gguf=not gguf_in_place)
     if not (DEMO_MODEL / "config.json").exists():
         raise CheckpointError("no model given and the bundled demo model is not installed yet; "
                               "pass a checkpoint directory (smoe.load('path/to/model'), or --model DIR)")
@@ -107,8 +112,59 @@ def build_model(path: str | Path, *, dtype: torch.dtype | str | None = None, dev
     return model
 
 
+def build_gguf_model(path: Path, *, dtype: torch.dtype | str | None = None) -> Transformer:
+    """The model of a GGUF file with its quantized tensors used in place: built on `meta` with each
+    quantized matrix a GGMLLinear of the file's type and each layer's experts stacked as the file
+    stacks them (StackedGGML: gate and up as two parts, down), then the file's tensors assigned —
+    the blocks as views of its memory map, nothing dequantized but the embedding, norms and routers
+    (to `dtype`, default bf16). The reference path (smoe/ggml.py): dequantizes a weight per product."""
+    reader, hf = gguf.open_in_place(path)
+    config = ModelConfig.from_hf_dict(hf, source=str(path))
+    dtype = parse_dtype(dtype) or torch.bfloat16
+    kinds = gguf.tensor_kinds(reader)
+
+    def quantized(name: str) -> str | None:
+        kind = kinds.get(name)
+        return kind if kind in DEQUANTIZERS else None
+
+    with torch.device("meta"):
+        model = Transformer(config).to(dtype)
+        for i, layer in enumerate(model.layers):
+            for gguf_name, attr in (("attn_q", "q_proj"), ("attn_k", "k_proj"), ("attn_v", "v_proj"),
+                                    ("attn_output", "o_proj")):
+                kind = quantized(f"blk.{i}.{gguf_name}.weight")
+                if kind:
+                    old = getattr(layer.attn, attr)
+                    setattr(layer.attn, attr, GGMLLinear(old.in_features, old.out_features, kind))
+            E, H, F_ = config.num_local_experts, config.hidden_size, config.intermediate_size
+            part = {n: kinds[f"blk.{i}.{n}_exps.weight"] for n in ("ffn_gate", "ffn_up", "ffn_down")}
+            if not all(k in DEQUANTIZERS for k in part.values()):
+                raise CheckpointError(f"{path}: layer {i}'s experts are not all in block formats "
+                                      f"({part}); convert the file instead (smoe convert)")
+            gate_up = StackedGGML([(torch.empty(E, F_, row_bytes(part["ffn_gate"], H), dtype=torch.uint8),
+                                    part["ffn_gate"]),
+                                   (torch.empty(E, F_, row_bytes(part["ffn_up"], H), dtype=torch.uint8),
+                                    part["ffn_up"])], H)
+            down = StackedGGML([(torch.empty(E, H, row_bytes(part["ffn_down"], F_), dtype=torch.uint8),
+                                 part["ffn_down"])], F_)
+            layer.moe.experts = StackedExperts(gate_up, down, F_)
+        head = quantized("output.weight")
+        if head and not config.tie_word_embeddings:
+            model.lm_head = GGMLLinear(config.hidden_size, config.vocab_size, head)
+    model.to_empty(device="cpu")
+    gguf.assign_in_place(model, reader, path, dtype)
+    model.rope.reset_parameters(device="cpu")
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
 def load_model(path: Path, options: LoadOptions) -> tuple[nn.Module, object]:
     """(model, tokenizer) from a checkpoint directory, transformed as `options` ask."""
+    if Path(path).suffix == ".gguf" and Path(path).is_file():
+        return load_gguf_in_place(Path(path), options)
     offload = options.offload
     if offload is not None and options.adapter is not None:
         raise SmoeError("a LoRA adapter cannot be applied to offloaded experts yet; merge it first "
@@ -144,10 +200,33 @@ def load_model(path: Path, options: LoadOptions) -> tuple[nn.Module, object]:
     return model, tokenizer
 
 
-def inference_layout(model: nn.Module, target: kernels.Target, progress: bool = False) -> kernels.Kernels:
+def load_gguf_in_place(path: Path, options: LoadOptions) -> tuple[nn.Module, object]:
+    """(model, tokenizer) of a GGUF file used in place (build_gguf_model): the inference layout
+    asks the backends for its formats (none runs GGML blocks yet: the PyTorch reference does);
+    offloading, quantizing, adapters, compiling and parallelism are not offered on it yet."""
+    asked = [name for name, on in (("--max-memory", options.offload is not None), ("--quant", options.quant),
+                                   ("--adapter", options.adapter), ("--compile", options.compile),
+                                   ("--parallel", options.parallel)) if on]
+    if asked:
+        raise SmoeError(f"{path}: {asked[0]} does not combine with a GGUF file used in place yet; drop it, or "
+                        "let smoe convert the file (without --gguf-in-place)")
+    if options.device != "cpu":
+        raise SmoeError(f"{path}: a GGUF file is used in place on the CPU only so far; load it without "
+                        f"--gguf-in-place to convert it for {options.device}")
+    model = build_gguf_model(path, dtype=options.dtype)
+    if options.pack:
+        inference_layout(model, kernels.Target(options.device, model.dtype, False), options.progress, release=False)
+    tokens = gguf.tokenizer_dir(path, gguf.open_in_place(path)[0])
+    tokenizer = load_tokenizer(tokens, backend=options.tokenizer_backend) if tokens is not None else None
+    return model, tokenizer
+
+
+def inference_layout(model: nn.Module, target: kernels.Target, progress: bool = False,
+                     release: bool = True) -> kernels.Kernels:
     """Step 5: the backend list for `target`, built once; the experts stacked and the linears
     repacked by the first backend that takes each; a decode-step plan; the checkpoint's pages
-    let go. The list, with what ran where, is kept as `model.kernels` (smoe info --kernels)."""
+    let go (not with release=False: a GGUF file used in place is the weights' memory). The list,
+    with what ran where, is kept as `model.kernels` (smoe info --kernels)."""
     chosen = kernels.for_load(target)
     if target.device == "cpu" and target.dtype == torch.bfloat16:
         note_fallback()  # one line when the native kernels do not run here, and why
@@ -157,7 +236,8 @@ def inference_layout(model: nn.Module, target: kernels.Target, progress: bool = 
         layer.moe.experts = layer.moe.experts.for_inference(chosen)
     chosen.repack_linears(model)
     chosen.plan_decode(model)
-    release_mmap(model)
+    if release:
+        release_mmap(model)
     trim_heap()  # the stacking's freed temporaries
     model.kernels = chosen
     return chosen

@@ -11,6 +11,7 @@ head, experts stacked as `ffn_*_exps`) from random checkpoints, read back by smo
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,7 @@ TEXTS = ["Hello, world!", "The capital of France is Paris.", "  leading spaces",
          "URL: https://example.com/a?b=c&d=e", "x" * 50, "The end."]
 
 
-def random_blocks(qtype, n: int, rng) -> np.ndarray:
+def random_blocks(qtype, n: int, rng, scale: float = 0.05) -> np.ndarray:
     """n blocks of random bytes, with finite fp16 scales where the format keeps them."""
     _, nbytes = GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(n, nbytes), dtype=np.uint8)
@@ -43,7 +44,7 @@ def random_blocks(qtype, n: int, rng) -> np.ndarray:
     halves = {T.Q2_K: [80, 82], T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208], T.Q8_0: [0],
               T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2]}[qtype]
     for at in halves:
-        raw[:, at : at + 2] = (rng.standard_normal((n, 1)) * 0.05).astype(np.float16).view(np.uint8)
+        raw[:, at : at + 2] = (rng.standard_normal((n, 1)) * scale).astype(np.float16).view(np.uint8)
     return raw
 
 
@@ -110,8 +111,17 @@ def write_gguf(checkpoint: Path, out: Path, qtype: str = "F16", experts_qtype: s
         writer.add_bos_token_id(sp.bos_id())
         writer.add_eos_token_id(sp.eos_id())
 
+    rng = np.random.default_rng(7)
+
     def add(name, w, kind):
         t = GGMLQuantizationType[kind]
+        if kind.endswith("_K"):  # gguf has no K-quant quantizer: random blocks of the tensor's shape
+            elems, nbytes = GGML_QUANT_SIZES[t]
+            rows = int(np.prod(w.shape[:-1]))
+            data = random_blocks(t, rows * w.shape[-1] // elems, rng, scale=0.002).reshape(
+                *w.shape[:-1], w.shape[-1] // elems * nbytes)
+            writer.add_tensor(name, data, raw_dtype=t)
+            return
         data = w.astype(np.float32) if kind == "F32" else reference_quantize(w.astype(np.float32), t)
         writer.add_tensor(name, data, raw_dtype=None if kind == "F32" else t)
 
@@ -220,6 +230,77 @@ def test_quantized_files_give_their_dequantized_weights(original, prompt, tmp_pa
     # the F16 case above showed the layout gives the model's logits; these weights run too
     logits = logits_of(out, prompt)
     assert logits.isfinite().all()
+
+
+def _mapped_from(path: Path, tensor: torch.Tensor) -> bool:
+    """Whether tensor's memory lies in a mapping of the file `path` (/proc/self/maps): a view, no copy."""
+    at = tensor.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[5] == str(path):
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= at < hi:
+                return True
+    return False
+
+
+@pytest.mark.parametrize("qtype,experts_qtype", [("Q8_0", "Q4_0"), ("Q4_0", "Q4_K"), ("Q5_0", "Q3_K"),
+                                                 ("Q4_1", "Q2_K"), ("Q5_1", "Q6_K"), ("Q8_0", "Q5_K")])
+def test_gguf_in_place_uses_the_files_blocks(original, prompt, tmp_path, monkeypatch, qtype, experts_qtype):
+    """smoe.load(file, gguf_in_place=True): every quantized matrix is a view of the file's blocks
+    (no copy; q/k reordered from llama.cpp's rotary pairs, the one copy), its dequantized weight
+    gguf's dequantization bit for bit in the Hugging Face layout, and the model's logits those of
+    the same file converted to fp32 (the same weights; products shaped otherwise: fp32 rounding)."""
+    from smoe.formats.gguf import convert
+    from smoe.ggml import GGMLLinear, StackedGGML
+
+    monkeypatch.setenv("SMOE_CACHE", str(tmp_path / "cache"))
+    file = write_gguf(original, tmp_path / "m.gguf", qtype, experts_qtype, tokenizer=False)
+    model, tokenizer = smoe.load(file, gguf_in_place=True, dtype="fp32")
+    assert tokenizer is None  # (the file has none)
+    assert not any((d / "config.json").exists() for d in (tmp_path / "cache" / "gguf").glob("*"))  # nothing converted
+    reader = gguf.GGUFReader(str(file))
+    tensors = {t.name: t for t in reader.tensors}
+    cfg = json.loads((original / "config.json").read_text())
+
+    def reference(name):
+        t = tensors[name]
+        return torch.from_numpy(reference_dequantize(t.data, t.tensor_type).reshape(
+            [int(n) for n in reversed(t.shape.tolist())]).astype(np.float32))
+
+    layer = model.layers[1]
+    q = reference("blk.1.attn_q.weight")
+    heads = cfg["num_attention_heads"]
+    q = q.view(heads, q.shape[0] // heads // 2, 2, -1).transpose(1, 2).reshape(q.shape)
+    assert isinstance(layer.attn.q_proj, GGMLLinear) and layer.attn.q_proj.kind == qtype
+    assert torch.equal(layer.attn.q_proj.weight_in(torch.float32), q)
+    assert torch.equal(layer.attn.v_proj.weight_in(torch.float32), reference("blk.1.attn_v.weight"))
+    assert _mapped_from(file, layer.attn.v_proj.blocks) and not _mapped_from(file, layer.attn.q_proj.blocks)
+    experts = layer.moe.experts
+    assert isinstance(experts.gate_up, StackedGGML) and experts.gate_up.kinds == [experts_qtype] * 2
+    for e in (0, cfg["num_local_experts"] - 1):
+        gate_up = torch.cat([reference("blk.1.ffn_gate_exps.weight")[e], reference("blk.1.ffn_up_exps.weight")[e]])
+        assert torch.equal(experts.gate_up.weight_in(e, torch.float32), gate_up)
+        assert torch.equal(experts.down.weight_in(e, torch.float32), reference("blk.1.ffn_down_exps.weight")[e])
+    assert all(_mapped_from(file, getattr(stacked, f"blocks{i}"))
+               for stacked, parts in ((experts.gate_up, 2), (experts.down, 1)) for i in range(parts))
+    assert torch.equal(model.lm_head.weight_in(torch.float32), reference("output.weight"))
+    converted = smoe.load(str(convert(file, tmp_path / "converted", dtype=torch.float32, progress=False)))[0]
+    with torch.inference_mode():
+        ours, theirs = model(prompt).float(), converted(prompt).float()
+    assert ours.isfinite().all()
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max().item())
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+
+
+def test_gguf_in_place_says_what_it_does_not_combine_with(original, tmp_path):
+    file = write_gguf(original, tmp_path / "m.gguf", "Q8_0", tokenizer=False)
+    env = {**os.environ, "SMOE_CACHE": str(tmp_path / "cache")}
+    for extra, words in [(["--quant", "int4"], "--quant"), (["--max-memory", "1MiB"], "--max-memory")]:
+        out = subprocess.run([sys.executable, "-m", "smoe", "generate", "--model", str(file), "--gguf-in-place",
+                              "-p", "1 2 3", *extra], capture_output=True, text=True, env=env, timeout=300)
+        assert out.returncode == 2 and words in out.stderr and "in place" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
 
 
 def test_tokenizer_rebuilt_from_the_file_gives_the_same_ids(original, tmp_path):

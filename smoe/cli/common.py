@@ -67,6 +67,9 @@ def model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="read pickle weights (.bin/.pt/.pth) with torch.load(weights_only=True)")
     p.add_argument("--adapter", metavar="DIR", default=None, help="apply a LoRA adapter (PEFT format)")
+    p.add_argument("--gguf-in-place", action="store_true",
+                   help="a .gguf model's quantized tensors used as the file holds them, memory-mapped, instead "
+                        "of converting the file once to bf16 (so far the plain reference: correct and slow)")
     p.add_argument("--compile", action="store_true",
                    help="compile each decode step whole with torch.compile (tens of seconds once; faster "
                         "decode where Python overhead dominates, e.g. small models in bf16/fp32)")
@@ -136,8 +139,8 @@ def load(args):
         spec = parallel.ParallelSpec.parse(args.parallel or "expert")
     options = LoadOptions(dtype=parse_dtype(args.dtype), device=args.device, allow_pickle=args.allow_pickle,
                           quant=quant, offload=offload, adapter=args.adapter and Path(args.adapter), progress=True,
-                          compile=args.compile, parallel=spec)
-    model, tokenizer = load_model(model_path(args.model), options)
+                          compile=args.compile, parallel=spec, gguf_in_place=args.gguf_in_place)
+    model, tokenizer = load_model(model_path(args.model, args.gguf_in_place), options)
     if spec is not None:
         if hasattr(args, "seed"):  # every rank must draw the same tokens
             args.seed = parallel.broadcast_seed(args.seed)

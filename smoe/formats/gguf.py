@@ -9,25 +9,8 @@ the metadata, and the tokenizer rebuilt from the vocabulary the file carries.
     smoe convert --from model.Q4_K_M.gguf --out Mixtral-from-gguf/      # once
     smoe generate --model model.Q4_K_M.gguf --prompt "..."             # converted on the fly, cached
 
-Block formats (ggml's, little-endian; d/dmin fp16; values in each block in order):
-
-    type   elems  bytes  layout                                       value
-    Q8_0    32     34    d, int8 q[32]                                d·q
-    Q4_0    32     18    d, q[16]: low nibbles 0..15, high 16..31     d·(q − 8)
-    Q4_1    32     20    d, m, q[16]                                  d·q + m
-    Q5_0    32     22    d, qh (32 bits: the fifth bit of each), q[16] d·(q + 16·h − 16)
-    Q5_1    32     24    d, m, qh, q[16]                              d·(q + 16·h) + m
-    Q2_K   256     84    scales[16], q[64], d, dmin                   d·sc_j·q − dmin·m_j (4-bit sc, m)
-    Q3_K   256    110    hmask[32], q[64], scales[12], d              d·(sc_j − 32)·(q + 4·h − 4)
-    Q4_K   256    144    d, dmin, scales[12], q[128]                  d·sc_j·q − dmin·m_j
-    Q5_K   256    176    d, dmin, scales[12], qh[32], q[128]          d·sc_j·(q + 16·h) − dmin·m_j
-    Q6_K   256    210    ql[128], qh[64], int8 sc[16], d              d·sc_j·(q − 32)
-
-K-quants split 256 values into sub-blocks (8 of 32 for Q4_K/Q5_K, 16 of 16 for Q2_K/Q3_K/Q6_K), each with
-its own 6- or 8-bit scale (and min). Q4_K/Q5_K pack eight 6-bit scales and mins into 12 bytes:
-sub-block j < 4 keeps them in the low 6 bits of bytes j and j+4; j ≥ 4 splits them between the
-low/high nibble of byte j+4 and the top 2 bits of bytes j−4 / j. Their values come 64 at a time:
-32 low nibbles (sub-block 2i) then 32 high nibbles (2i+1) of the same 32 bytes.
+The block formats themselves (their layouts and dequantization) are smoe/ggml.py's, in the
+weights layer; `dequantize` and `DEQUANTIZERS` are re-exported here.
 """
 
 from __future__ import annotations
@@ -43,162 +26,7 @@ import numpy as np
 import torch
 
 from smoe.errors import CheckpointError
-
-F16 = np.dtype("<f2")
-
-
-# ------------------------------------------------------------------------ dequantization
-
-
-def _blocks(raw: np.ndarray, nbytes: int) -> np.ndarray:
-    raw = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
-    if raw.size % nbytes:
-        raise CheckpointError(f"GGUF tensor data of {raw.size} bytes is not a whole number of {nbytes}-byte blocks")
-    return raw.reshape(-1, nbytes)
-
-
-def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
-    """The fp16 at byte offset `at` of each block, as fp32 [n, 1]."""
-    return blocks[:, at : at + 2].copy().view(F16).astype(np.float32)
-
-
-def dequantize_q8_0(raw: np.ndarray) -> np.ndarray:
-    b = _blocks(raw, 34)
-    return (_f16(b, 0) * b[:, 2:].view(np.int8).astype(np.float32)).reshape(-1)
-
-
-def dequantize_q4_0(raw: np.ndarray) -> np.ndarray:
-    b = _blocks(raw, 18)
-    q = b[:, 2:]  # [n, 16]
-    codes = np.concatenate([q & 0x0F, q >> 4], axis=1).astype(np.float32)  # [n, 32]
-    return (_f16(b, 0) * (codes - 8)).reshape(-1)
-
-
-def dequantize_q4_1(raw: np.ndarray) -> np.ndarray:
-    b = _blocks(raw, 20)
-    q = b[:, 4:]
-    codes = np.concatenate([q & 0x0F, q >> 4], axis=1).astype(np.float32)
-    return (_f16(b, 0) * codes + _f16(b, 2)).reshape(-1)
-
-
-def _q5_codes(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
-    """Q5_0/Q5_1: 4 bytes qh (bit j = fifth bit of value j) and 16 bytes of nibbles -> 32 codes 0..31."""
-    bits = qh.copy().view("<u4")  # [n, 1]
-    high = ((bits >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)  # [n, 32]
-    low = np.concatenate([qs & 0x0F, qs >> 4], axis=1)  # [n, 32]
-    return (low | (high << 4)).astype(np.float32)
-
-
-def dequantize_q5_0(raw: np.ndarray) -> np.ndarray:
-    b = _blocks(raw, 22)
-    return (_f16(b, 0) * (_q5_codes(b[:, 2:6], b[:, 6:22]) - 16)).reshape(-1)
-
-
-def dequantize_q5_1(raw: np.ndarray) -> np.ndarray:
-    b = _blocks(raw, 24)
-    return (_f16(b, 0) * _q5_codes(b[:, 4:8], b[:, 8:24]) + _f16(b, 2)).reshape(-1)
-
-
-def _k_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """12 bytes per block [n, 12] -> eight 6-bit scales and eight 6-bit mins, each [n, 8]."""
-    s = packed.astype(np.uint8)
-    low_sc, low_m = s[:, 0:4] & 63, s[:, 4:8] & 63  # sub-blocks 0..3
-    high_sc = (s[:, 8:12] & 0x0F) | ((s[:, 0:4] >> 6) << 4)  # sub-blocks 4..7
-    high_m = (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)
-    return (np.concatenate([low_sc, high_sc], 1).astype(np.float32),
-            np.concatenate([low_m, high_m], 1).astype(np.float32))
-
-
-def _k_nibbles(q: np.ndarray) -> np.ndarray:
-    """[n, 128] bytes -> [n, 8, 32] 4-bit codes: for each 32-byte chunk i, its low nibbles
-    (sub-block 2i), then its high nibbles (sub-block 2i+1)."""
-    chunks = q.reshape(-1, 4, 32)
-    return np.stack([chunks & 0x0F, chunks >> 4], axis=2).reshape(-1, 8, 32)
-
-
-def dequantize_q4_k(raw: np.ndarray) -> np.ndarray:
-    b = _blocks(raw, 144)
-    d, dmin = _f16(b, 0), _f16(b, 2)  # [n, 1]
-    sc, m = _k_scales_mins(b[:, 4:16])  # [n, 8]
-    codes = _k_nibbles(b[:, 16:144]).astype(np.float32)  # [n, 8, 32]
-    return ((d * sc)[..., None] * codes - (dmin * m)[..., None]).reshape(-1)
-
-
-def dequantize_q5_k(raw: np.ndarray) -> np.ndarray:
-    b = _blocks(raw, 176)
-    d, dmin = _f16(b, 0), _f16(b, 2)
-    sc, m = _k_scales_mins(b[:, 4:16])
-    qh = b[:, 16:48]  # [n, 32]: bit j of byte l is the fifth bit of value l of sub-block j
-    high = ((qh[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1).astype(np.float32)  # [n, 8, 32]
-    codes = _k_nibbles(b[:, 48:176]).astype(np.float32) + 16 * high
-    return ((d * sc)[..., None] * codes - (dmin * m)[..., None]).reshape(-1)
-
-
-def dequantize_q6_k(raw: np.ndarray) -> np.ndarray:
-    b = _blocks(raw, 210)
-    ql, qh = b[:, 0:128].reshape(-1, 2, 64), b[:, 128:192].reshape(-1, 2, 32)  # two halves of 128 values
-    sc = b[:, 192:208].view(np.int8).astype(np.float32).reshape(-1, 2, 8)
-    d = _f16(b, 208)[:, :, None]  # [n, 1, 1]
-    # each half: 4 groups of 32 values; group g takes the low (g even) or high nibble of ql
-    # bytes 0..31 (g = 0, 2) or 32..63 (g = 1, 3), and bits 2g..2g+1 of qh
-    lo = np.stack([ql[:, :, 0:32] & 0x0F, ql[:, :, 32:64] & 0x0F, ql[:, :, 0:32] >> 4, ql[:, :, 32:64] >> 4], 2)
-    hi = np.stack([(qh >> (2 * g)) & 3 for g in range(4)], 2)  # [n, 2, 4, 32]
-    codes = (lo | (hi << 4)).astype(np.float32) - 32  # [n, 2, 4, 32]
-    # sub-blocks of 16: value l of group g uses scale 2g + l // 16 of its half
-    scales = sc.reshape(-1, 2, 4, 2)[..., None].repeat(16, axis=-1).reshape(-1, 2, 4, 32)
-    return (d[..., None] * scales * codes).reshape(-1)
-
-
-def _k_crumbs(q: np.ndarray) -> np.ndarray:
-    """Q2_K/Q3_K: [n, 64] bytes -> [n, 16, 16] 2-bit codes: the values come 128 at a time from 32
-    bytes; bits 2j..2j+1 of bytes 0..15 are sub-block 2j, of bytes 16..31 sub-block 2j + 1."""
-    halves = q.reshape(-1, 2, 1, 2, 16)  # [n, half, 1, bytes 0..15 | 16..31, 16]
-    shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1, 1)
-    return ((halves >> shifts) & 3).reshape(-1, 16, 16)
-
-
-def dequantize_q2_k(raw: np.ndarray) -> np.ndarray:
-    b = _blocks(raw, 84)
-    sc = b[:, 0:16]  # [n, 16]: per sub-block of 16, a 4-bit scale (low) and a 4-bit min (high)
-    d, dmin = _f16(b, 80), _f16(b, 82)
-    codes = _k_crumbs(b[:, 16:80]).astype(np.float32)
-    return ((d * (sc & 0x0F))[..., None] * codes - (dmin * (sc >> 4))[..., None]).reshape(-1)
-
-
-def dequantize_q3_k(raw: np.ndarray) -> np.ndarray:
-    b = _blocks(raw, 110)
-    hmask, packed = b[:, 0:32], b[:, 96:108]
-    # sixteen 6-bit scales: the low 4 bits are the low (sub-blocks 0..7) then high (8..15)
-    # nibbles of bytes 0..7, the top 2 bits bits 2i..2i+1 of byte 8 + k % 4 for sub-blocks 4i..4i+3
-    low = np.concatenate([packed[:, 0:8] & 0x0F, packed[:, 0:8] >> 4], axis=1)
-    top = (packed[:, 8:12][:, None, :] >> np.array([0, 2, 4, 6], dtype=np.uint8)[None, :, None]) & 3  # [n, 4, 4]
-    scales = (low | (top.reshape(-1, 16) << 4)).astype(np.float32) - 32
-    # the third bit of value l of sub-block pair (half h, step j) is bit 4h + j of hmask byte l;
-    # a clear bit subtracts 4
-    bits = (hmask[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1  # [n, 8, 32]
-    codes = _k_crumbs(b[:, 32:96]).astype(np.float32) - 4 * (1 - bits.reshape(-1, 16, 16)).astype(np.float32)
-    return ((_f16(b, 108) * scales)[..., None] * codes).reshape(-1)
-
-
-def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A tensor's raw data in GGUF type `type_name` -> fp32 array of `shape` (numpy order)."""
-    plain = {"F32": np.float32, "F16": F16}
-    if type_name in plain:
-        values = np.asarray(raw).view(plain[type_name]).astype(np.float32)
-    elif type_name == "BF16":
-        values = (np.asarray(raw).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    elif type_name in DEQUANTIZERS:
-        values = DEQUANTIZERS[type_name](raw)
-    else:
-        raise CheckpointError(f"GGUF tensor type {type_name} is not supported; smoe reads "
-                              f"{', '.join(['F32', 'F16', 'BF16', *DEQUANTIZERS])} (convert with llama-quantize)")
-    return values.reshape(shape)
-
-
-DEQUANTIZERS = {"Q8_0": dequantize_q8_0, "Q4_0": dequantize_q4_0, "Q4_1": dequantize_q4_1, "Q5_0": dequantize_q5_0,
-                "Q5_1": dequantize_q5_1, "Q2_K": dequantize_q2_k, "Q3_K": dequantize_q3_k, "Q4_K": dequantize_q4_k,
-                "Q5_K": dequantize_q5_k, "Q6_K": dequantize_q6_k}
-
+from smoe.ggml import DEQUANTIZERS, GGMLLinear, dequantize
 
 # ------------------------------------------------------------------------- reading a file
 
@@ -230,7 +58,9 @@ def _check_tensors(path: Path, file_bytes: int, start: int, infos) -> None:
                                   "bytes: the file is truncated (an interrupted download or copy?); fetch it again")
 
 
-def _open(path: Path):
+def _open(path: Path, mode: str = "r"):
+    """gguf's reader over the file (mode "c": the map copy-on-write, so that tensors viewing it
+    are writable in name — nothing is ever written — and torch takes them without a copy)."""
     from gguf import GGUFReader
 
     class CheckedReader(GGUFReader):
@@ -239,7 +69,7 @@ def _open(path: Path):
             return super()._build_tensors(start_offs, fields)
 
     try:
-        return CheckedReader(path)
+        return CheckedReader(path, mode=mode)
     except (ValueError, OSError, IndexError, KeyError) as e:
         raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
 
@@ -357,6 +187,117 @@ def _hf_names(name: str, value: torch.Tensor, heads: dict[str, int], dense: bool
             yield f"{prefix}block_sparse_moe.gate.weight", torch.zeros(1, value.shape[1], dtype=value.dtype)
     else:
         raise CheckpointError(f"GGUF tensor {name!r} has no place in a Mixtral checkpoint")
+
+
+# ------------------------------------------------------------------------------ in place
+
+
+def open_in_place(path: Path) -> tuple[object, dict]:
+    """(reader, Hugging Face config dict) of a GGUF file whose tensors a model will use in place
+    (loader.build_gguf_model): checked as convert checks it, and of the layout in-place loading
+    reads — stacked experts (`ffn_*_exps`) of one block format each."""
+    reader = _open(path, mode="c")
+    check_types(reader, path)
+    config = read_config(reader, path)
+    names = {t.name for t in reader.tensors}
+    for i in range(config["num_hidden_layers"]):
+        missing = [f"blk.{i}.{n}_exps.weight" for n in EXPERT_NAMES if f"blk.{i}.{n}_exps.weight" not in names]
+        if missing:
+            raise CheckpointError(f"{path}: tensor {missing[0]} is missing: in-place loading reads experts stacked "
+                                  "as llama.cpp's converter writes them now; convert the file instead (smoe convert)")
+    return reader, config
+
+
+def tensor_kinds(reader) -> dict[str, str]:
+    """GGUF tensor name -> its type name."""
+    return {t.name: t.tensor_type.name for t in reader.tensors}
+
+
+def _float(t, dtype: torch.dtype) -> torch.Tensor:
+    shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+    return torch.from_numpy(dequantize(t.data, t.tensor_type.name, shape)).to(dtype)
+
+
+def _blocks(t) -> torch.Tensor:
+    """A quantized tensor's bytes [.., rows, row bytes] as a view of the file's map (no copy)."""
+    return torch.from_numpy(np.asarray(t.data))
+
+
+def _interleaved_rows_to_halves(rows: torch.Tensor, heads: int) -> torch.Tensor:
+    """unpermute on whole rows (of values or of blocks): llama.cpp's rotary pairs back to halves."""
+    n, width = rows.shape
+    D = n // heads
+    return rows.reshape(heads, D // 2, 2, width).transpose(1, 2).reshape(n, width).contiguous()
+
+
+def assign_in_place(model: torch.nn.Module, reader, path: Path, dtype: torch.dtype) -> None:
+    """Every tensor of the file into the model loader.build_gguf_model built for it: a quantized
+    matrix's blocks as a view of the file (q/k rows reordered from llama.cpp's rotary pairs: a copy
+    of those two), float tensors (norms, routers) and the embedding dequantized to `dtype`."""
+    config = model.config
+    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
+    attention = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_output": "o_proj"}
+    seen = set()
+
+    def put(module, name, t) -> None:
+        target = getattr(module, name)
+        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+        if tuple(target.shape) != shape:
+            raise CheckpointError(f"{path}: tensor {t.name} has shape {list(shape)}, the model expects "
+                                  f"{list(target.shape)} (its metadata and tensors disagree)")
+        value = _float(t, dtype)
+        if name in module._parameters:
+            module._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
+        else:
+            module._buffers[name] = value
+
+    for t in reader.tensors:
+        name = t.name
+        seen.add(name)
+        if name == "token_embd.weight":
+            put(model.embed_tokens, "weight", t)
+        elif name == "output_norm.weight":
+            put(model.norm, "weight", t)
+        elif name == "output.weight":
+            linear = model.lm_head
+            if isinstance(linear, GGMLLinear):
+                linear.blocks = _blocks(t)
+            else:
+                put(linear, "weight", t)
+        elif name.startswith("blk."):
+            i, rest = int(name.split(".")[1]), name.split(".", 2)[2].removesuffix(".weight")
+            layer = model.layers[i]
+            if rest == "attn_norm":
+                put(layer.attn_norm, "weight", t)
+            elif rest == "ffn_norm":
+                put(layer.ffn_norm, "weight", t)
+            elif rest == "ffn_gate_inp":
+                put(layer.moe.router, "weight", t)
+            elif rest in attention:
+                linear = getattr(layer.attn, attention[rest])
+                if isinstance(linear, GGMLLinear):
+                    blocks = _blocks(t)
+                    linear.blocks = _interleaved_rows_to_halves(blocks, heads[rest]) if rest in heads else blocks
+                else:
+                    put(linear, "weight", t)
+                    if rest in heads:
+                        linear.weight = torch.nn.Parameter(_interleaved_rows_to_halves(linear.weight.data, heads[rest]),
+                                                           requires_grad=False)
+            elif rest.endswith("_exps") and rest.removesuffix("_exps") in EXPERT_NAMES:
+                experts = layer.moe.experts
+                stacked = experts.down if rest == "ffn_down_exps" else experts.gate_up
+                part = 1 if rest == "ffn_up_exps" else 0
+                blocks = _blocks(t)
+                if tuple(blocks.shape) != tuple(getattr(stacked, f"blocks{part}").shape):
+                    raise CheckpointError(f"{path}: tensor {name} has {tuple(blocks.shape)} bytes of blocks, the "
+                                          f"model expects {tuple(getattr(stacked, f'blocks{part}').shape)}")
+                setattr(stacked, f"blocks{part}", blocks)
+            else:
+                raise CheckpointError(f"{path}: tensor {name!r} has no place in a Mixtral model")
+        else:
+            raise CheckpointError(f"{path}: tensor {name!r} is not part of a Llama/Mixtral model")
+    if "token_embd.weight" not in seen:
+        raise CheckpointError(f"{path}: the file has no token_embd.weight")
 
 
 # ------------------------------------------------------------------------------ tokenizer
@@ -524,12 +465,31 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SMOE_CACHE", Path.home() / ".cache" / "smoe")) / "gguf"
 
 
+def _cache_key(path: Path) -> str:
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def tokenizer_dir(path: Path, reader) -> Path | None:
+    """The tokenizer a GGUF file carries, rebuilt once into smoe's cache (as conversion writes
+    it) for a model that uses the file in place; None where the file has none."""
+    out = cache_dir() / f"{path.stem}-{_cache_key(path)}-tokenizer"
+    if not (out / "tokenizer_config.json").exists():
+        tmp = out.with_name(out.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        if not write_tokenizer(reader, tmp):
+            shutil.rmtree(tmp)
+            return None
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    return out
+
+
 def cached_conversion(path: Path) -> Path:
     """`--model file.gguf`: the file converted once (natural_dtype) into smoe's cache, keyed by
     its path, size and modification time; later runs reuse it."""
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    out = cache_dir() / f"{path.stem}-{key}"
+    out = cache_dir() / f"{path.stem}-{_cache_key(path)}"
     if (out / "config.json").exists():
         return out
     print(f"smoe: converting {path} for smoe (once; cached in {out})", file=sys.stderr)
