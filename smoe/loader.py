@@ -151,11 +151,14 @@ def build_gguf_model(path: Path, *, dtype: torch.dtype | str | None = None) -> T
         head = quantized("output.weight")
         if head and not config.tie_word_embeddings:
             model.lm_head = GGMLLinear(config.hidden_size, config.vocab_size, head)
-    model.to_empty(device="cpu")
-    gguf.assign_in_place(model, reader, path, dtype)
+    gguf.assign_in_place(model, reader, path, dtype)  # every tensor replaced: nothing is allocated for meta's
     model.rope.reset_parameters(device="cpu")
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
+    unread = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if unread:
+        raise CheckpointError(f"{path}: the file has no tensor for {unread[0]} (and {len(unread) - 1} more); "
+                              "it is not a complete Llama/Mixtral model")
     model.requires_grad_(False)
     model.eval()
     return model
