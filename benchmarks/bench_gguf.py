@@ -1,10 +1,12 @@
 """smoe reading GGUF files that llama.cpp itself made: a checkpoint through llama.cpp's
-`convert_hf_to_gguf.py` (F16, Q8_0) and its quantizer (Q4_0, Q4_K_M from the F16 file), each
-file then read by smoe (`smoe.load("file.gguf")`) and by llama.cpp (llama-cpp-python, built from
+`convert_hf_to_gguf.py` (F16, Q8_0) and its quantizer (Q4_0, Q4_K_M, Q3_K_M, Q2_K from the F16
+file), each file then read by smoe (`smoe.load("file.gguf")`, converted; with --in-place its
+blocks used in place, `gguf_in_place=True`) and by llama.cpp (llama-cpp-python, built from
 source); the two engines' logits on the same prompt and their greedy tokens compared.
 
     python benchmarks/bench_gguf.py                                # the benchmark checkpoint
     python benchmarks/bench_gguf.py --model smoe/assets/demo --types F16,Q8_0
+    python benchmarks/bench_gguf.py --model smoe/assets/demo --types F16,Q4_K_M,Q3_K_M,Q2_K --in-place
 
 Needs `pip install -e '.[bench]'` (llama-cpp-python). Results: docs/FORMATS.md.
 """
@@ -26,7 +28,8 @@ sys.path.insert(0, str(HERE))
 
 from bench_engines import commit, cpu, llama_source, stage_for_converter  # noqa: E402
 
-QUANTIZE = {"Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
+QUANTIZE = {"Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+            "Q3_K_M": "LLAMA_FTYPE_MOSTLY_Q3_K_M", "Q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K"}
 
 
 def make_files(model_dir: Path, work: Path, types: list[str]) -> dict[str, Path]:
@@ -79,13 +82,14 @@ def llama_run(path: Path, prompt: list[int], new: int, threads: int) -> tuple[np
     return logits, tokens
 
 
-def smoe_run(path: Path, prompt: list[int], new: int, dtype: str) -> tuple[np.ndarray, list[int], float]:
+def smoe_run(path: Path, prompt: list[int], new: int, dtype: str, in_place: bool = False
+             ) -> tuple[np.ndarray, list[int], float]:
     import torch
 
     import smoe
 
     t0 = time.perf_counter()
-    model, _ = smoe.load(path, dtype=dtype)
+    model, _ = smoe.load(path, dtype=dtype, gguf_in_place=in_place and path.name != "model-F16.gguf")
     load_s = time.perf_counter() - t0
     with torch.inference_mode():
         logits = model(torch.tensor([prompt]))[0].float().numpy()
@@ -101,6 +105,7 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--out", type=Path, default=HERE / "out" / "gguf-bench")
+    p.add_argument("--in-place", action="store_true", help="smoe uses the quantized files' blocks in place")
     args = p.parse_args()
     if not (args.model / "config.json").exists():
         print(f"{args.model}: no checkpoint (make one: python benchmarks/random_checkpoint.py --preset bench "
@@ -117,7 +122,7 @@ def main() -> int:
     for t in types:
         ref_logits, ref_tokens = llama_run(files[t], prompt, args.new_tokens, args.threads)
         # smoe in fp32, so that the comparison shows the file's weights, not smoe's rounding
-        logits, tokens, load_s = smoe_run(files[t], prompt, args.new_tokens, "fp32")
+        logits, tokens, load_s = smoe_run(files[t], prompt, args.new_tokens, "fp32", args.in_place)
         diff = np.abs(logits - ref_logits)
         scale = np.abs(ref_logits).max()
         agree = float((logits.argmax(-1) == ref_logits.argmax(-1)).mean())
@@ -133,7 +138,7 @@ def main() -> int:
                else None}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    meta = {"cpu": cpu(), "commit": commit(), "model": str(args.model),
+    meta = {"cpu": cpu(), "commit": commit(), "model": str(args.model), "in_place": args.in_place,
             "command": " ".join(["bench_gguf.py", *sys.argv[1:]]), "prompt_tokens": args.prompt_tokens}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

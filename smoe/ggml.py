@@ -10,6 +10,7 @@ Block formats (ggml's, little-endian; d/dmin fp16; values in each block in order
     Q4_1    32     20    d, m, q[16]                                  d·q + m
     Q5_0    32     22    d, qh (32 bits: the fifth bit of each), q[16] d·(q + 16·h − 16)
     Q5_1    32     24    d, m, qh, q[16]                              d·(q + 16·h) + m
+    IQ4_NL  32     18    d, q[16] as Q4_0                             d·table[q] (16 fixed values)
     Q2_K   256     84    scales[16], q[64], d, dmin                   d·sc_j·q − dmin·m_j (4-bit sc, m)
     Q3_K   256    110    hmask[32], q[64], scales[12], d              d·(sc_j − 32)·(q + 4·h − 4)
     Q4_K   256    144    d, dmin, scales[12], q[128]                  d·sc_j·q − dmin·m_j
@@ -68,6 +69,18 @@ def dequantize_q4_1(raw: np.ndarray) -> np.ndarray:
     q = b[:, 4:]
     codes = np.concatenate([q & 0x0F, q >> 4], axis=1).astype(np.float32)
     return (_f16(b, 0) * codes + _f16(b, 2)).reshape(-1)
+
+
+IQ4_NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
+
+
+def dequantize_iq4_nl(raw: np.ndarray) -> np.ndarray:
+    """IQ4_NL: Q4_0's layout, each nibble an index into a fixed non-uniform table (llama.cpp's
+    kvalues_iq4nl) — what llama.cpp writes for K-quant rows that are not whole 256-value blocks."""
+    b = _blocks(raw, 18)
+    q = b[:, 2:]
+    codes = np.concatenate([q & 0x0F, q >> 4], axis=1)  # [n, 32]
+    return (_f16(b, 0) * IQ4_NL_VALUES[codes]).reshape(-1)
 
 
 def _q5_codes(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
@@ -186,13 +199,14 @@ def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> np.nd
 
 DEQUANTIZERS = {"Q8_0": dequantize_q8_0, "Q4_0": dequantize_q4_0, "Q4_1": dequantize_q4_1, "Q5_0": dequantize_q5_0,
                 "Q5_1": dequantize_q5_1, "Q2_K": dequantize_q2_k, "Q3_K": dequantize_q3_k, "Q4_K": dequantize_q4_k,
-                "Q5_K": dequantize_q5_k, "Q6_K": dequantize_q6_k}
+                "Q5_K": dequantize_q5_k, "Q6_K": dequantize_q6_k, "IQ4_NL": dequantize_iq4_nl}
 
 
 
 
 BLOCKS = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
-          "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
+          "IQ4_NL": (32, 18), "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176),
+          "Q6_K": (256, 210)}
 """type -> (values per block, bytes per block)"""
 
 

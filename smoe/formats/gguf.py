@@ -144,7 +144,7 @@ def check_types(reader, path: Path) -> None:
         if kind not in NATURAL and kind not in DEQUANTIZERS:
             raise CheckpointError(
                 f"{path}: tensor {t.name} is {kind}, which smoe cannot read (it reads "
-                f"{', '.join([*NATURAL, *DEQUANTIZERS])}; the IQ types need their lattice tables and are not "
+                f"{', '.join([*NATURAL, *DEQUANTIZERS])}; the other IQ types need their lattice tables and are not "
                 "supported yet); requantize the file to one of those with llama.cpp's llama-quantize, e.g. "
                 "Q4_K_M or Q3_K_M")
 
