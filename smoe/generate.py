@@ -267,7 +267,7 @@ class Engine:
         view = self.cache.view(lo, hi)
         with torch.inference_mode():
             # the whole step in one native call where the model's decode plan takes it (Transformer.decode_step)
-            native = None if self.cache.static else getattr(self.decode_model, "decode_step", None)
+            native = getattr(self.decode_model, "decode_step", None)  # (None for a static cache: compiled steps)
             stepped = native(tokens, positions, view) if native is not None else None
             if stepped is None:
                 logits = self.decode_model(

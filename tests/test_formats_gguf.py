@@ -424,7 +424,8 @@ def test_our_quantizers_equal_ggufs_reference(name):
     rng = np.random.default_rng(5)
     w = rng.standard_normal((6, 256)).astype(np.float32) * np.float32(0.05)
     w[0, :32] = 0
-    w[1, :32] = (np.arange(32, dtype=np.float32) - 16) / 2 * np.float32(127 / 8)  # halves after scaling
+    w[1, :32] = np.arange(32, dtype=np.float32) - 16 + np.float32(0.5)  # Q8_0: d = 1, every value a half
+    w[1, 0] = 127
     w[2, :32] = -np.abs(w[2, :32])
     w[3, 5], w[3, 9] = -0.3, 0.3
     ours = QUANTIZERS[name](w)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from smoe.checkpoint import interleaved_to_half
 from smoe.errors import CheckpointError
 from smoe.ggml import DEQUANTIZERS, GGMLLinear, dequantize
 
@@ -118,15 +119,6 @@ def read_config(reader, path: Path) -> dict:
     }
 
 
-def unpermute(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """llama.cpp's converter stores each head's q/k rows as interleaved rotary pairs
-    (rows 0,1 = pair 0); Hugging Face keeps the halves apart (rows i and D/2+i = pair i).
-    weight [heads·D, H] interleaved -> [heads·D, H] in halves."""
-    rows, cols = weight.shape
-    D = rows // heads
-    return weight.view(heads, D // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
 FIXED_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                "output.weight": "lm_head.weight"}
 LAYER_NAMES = {"attn_norm.weight": "input_layernorm.weight", "attn_q.weight": "self_attn.q_proj.weight",
@@ -172,7 +164,7 @@ def _hf_names(name: str, value: torch.Tensor, heads: dict[str, int], dense: bool
         raise CheckpointError(f"GGUF tensor {name!r} is not part of a Llama/Mixtral model")
     prefix, rest = f"model.layers.{int(parts[1])}.", ".".join(parts[2:])
     if rest in heads:
-        value = unpermute(value, heads[rest])
+        value = interleaved_to_half(value, heads[rest])  # llama.cpp's rotary pairs back to halves
     if rest in LAYER_NAMES:
         yield prefix + LAYER_NAMES[rest], value
     elif rest.endswith("_exps.weight") and rest.removesuffix("_exps.weight") in EXPERT_NAMES:  # [E, out, in]
@@ -223,13 +215,6 @@ def _blocks(t) -> torch.Tensor:
     return torch.from_numpy(np.asarray(t.data))
 
 
-def _interleaved_rows_to_halves(rows: torch.Tensor, heads: int) -> torch.Tensor:
-    """unpermute on whole rows (of values or of blocks): llama.cpp's rotary pairs back to halves."""
-    n, width = rows.shape
-    D = n // heads
-    return rows.reshape(heads, D // 2, 2, width).transpose(1, 2).reshape(n, width).contiguous()
-
-
 def assign_in_place(model: torch.nn.Module, reader, path: Path, dtype: torch.dtype) -> None:
     """Every tensor of the file into the model loader.build_gguf_model built for it: a quantized
     matrix's blocks as a view of the file (q/k rows reordered from llama.cpp's rotary pairs: a copy
@@ -239,13 +224,15 @@ def assign_in_place(model: torch.nn.Module, reader, path: Path, dtype: torch.dty
     attention = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_output": "o_proj"}
     seen = set()
 
-    def put(module, name, t) -> None:
+    def put(module, name, t, heads: int | None = None) -> None:
         target = getattr(module, name)
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))
         if tuple(target.shape) != shape:
             raise CheckpointError(f"{path}: tensor {t.name} has shape {list(shape)}, the model expects "
                                   f"{list(target.shape)} (its metadata and tensors disagree)")
         value = _float(t, dtype)
+        if heads is not None:  # q/k: llama.cpp's rotary pairs back to halves
+            value = interleaved_to_half(value, heads)
         if name in module._parameters:
             module._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
         else:
@@ -275,14 +262,12 @@ def assign_in_place(model: torch.nn.Module, reader, path: Path, dtype: torch.dty
                 put(layer.moe.router, "weight", t)
             elif rest in attention:
                 linear = getattr(layer.attn, attention[rest])
-                if isinstance(linear, GGMLLinear):
-                    blocks = _blocks(t)
-                    linear.blocks = _interleaved_rows_to_halves(blocks, heads[rest]) if rest in heads else blocks
+                if not isinstance(linear, GGMLLinear):
+                    put(linear, "weight", t, heads.get(rest))
+                elif rest in heads:  # whole rows of blocks reordered: the one copy
+                    linear.blocks = interleaved_to_half(_blocks(t), heads[rest]).contiguous()
                 else:
-                    put(linear, "weight", t)
-                    if rest in heads:
-                        linear.weight = torch.nn.Parameter(_interleaved_rows_to_halves(linear.weight.data, heads[rest]),
-                                                           requires_grad=False)
+                    linear.blocks = _blocks(t)
             elif rest.endswith("_exps") and rest.removesuffix("_exps") in EXPERT_NAMES:
                 experts = layer.moe.experts
                 stacked = experts.down if rest == "ffn_down_exps" else experts.gate_up

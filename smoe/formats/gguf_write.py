@@ -26,7 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
+from smoe.checkpoint import half_to_interleaved
 from smoe.errors import CheckpointError, SmoeError
 
 TYPES = ("Q8_0", "Q4_0")
@@ -76,14 +78,6 @@ BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18}
 # ------------------------------------------------------------------------------ layout
 
 
-def interleave(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """q/k rows from Hugging Face's halves (rows i and D/2 + i = rotary pair i) to llama.cpp's
-    interleaved pairs (rows 2i, 2i + 1): the inverse of gguf.unpermute."""
-    rows, cols = weight.shape
-    D = rows // heads
-    return weight.reshape(heads, 2, D // 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
 def tensor_type(preset: str, role: str, columns: int) -> str:
     if role in ("attn_norm", "ffn_norm", "output_norm", "ffn_gate_inp"):
         return "F32"
@@ -92,41 +86,34 @@ def tensor_type(preset: str, role: str, columns: int) -> str:
     return "Q8_0" if role == "output" else preset
 
 
-def _plan(model, preset: str):
-    """(GGUF name, role, a function giving the tensor as fp32 numpy [.., out, in]) in the converter's order."""
+def _plan(model):
+    """(GGUF name, role, shape [.., out, in], a function reading the tensor as fp32 numpy) in the
+    converter's order; nothing is read until its function is called (q/k rows interleaved then)."""
     cfg = model.config
 
-    def of(t: torch.Tensor):
-        return lambda: t.detach().float().numpy()
+    def of(t: torch.Tensor, heads: int | None = None):
+        def values() -> np.ndarray:
+            w = t.detach()
+            return (half_to_interleaved(w, heads) if heads else w).float().numpy()
+        return tuple(t.shape), values
 
-    yield "token_embd.weight", "token_embd", of(model.embed_tokens.weight)
+    def stacked(linears: list[nn.Linear]):
+        return (len(linears), *linears[0].weight.shape), lambda: np.stack([of(lin.weight)[1]() for lin in linears])
+
+    yield "token_embd.weight", "token_embd", *of(model.embed_tokens.weight)
     for i, layer in enumerate(model.layers):
         attn, moe = layer.attn, layer.moe
-        experts = moe.experts
-        yield f"blk.{i}.attn_norm.weight", "attn_norm", of(layer.attn_norm.weight)
-        yield f"blk.{i}.attn_q.weight", "attn_q", of(interleave(attn.q_proj.weight.detach(), cfg.num_attention_heads))
-        yield f"blk.{i}.attn_k.weight", "attn_k", of(interleave(attn.k_proj.weight.detach(), cfg.num_key_value_heads))
-        yield f"blk.{i}.attn_v.weight", "attn_v", of(attn.v_proj.weight)
-        yield f"blk.{i}.attn_output.weight", "attn_output", of(attn.o_proj.weight)
-        yield f"blk.{i}.ffn_norm.weight", "ffn_norm", of(layer.ffn_norm.weight)
-        yield f"blk.{i}.ffn_gate_inp.weight", "ffn_gate_inp", of(moe.router.weight)
+        yield f"blk.{i}.attn_norm.weight", "attn_norm", *of(layer.attn_norm.weight)
+        yield f"blk.{i}.attn_q.weight", "attn_q", *of(attn.q_proj.weight, cfg.num_attention_heads)
+        yield f"blk.{i}.attn_k.weight", "attn_k", *of(attn.k_proj.weight, cfg.num_key_value_heads)
+        yield f"blk.{i}.attn_v.weight", "attn_v", *of(attn.v_proj.weight)
+        yield f"blk.{i}.attn_output.weight", "attn_output", *of(attn.o_proj.weight)
+        yield f"blk.{i}.ffn_norm.weight", "ffn_norm", *of(layer.ffn_norm.weight)
+        yield f"blk.{i}.ffn_gate_inp.weight", "ffn_gate_inp", *of(moe.router.weight)
         for name, attr in (("ffn_gate_exps", "w1"), ("ffn_up_exps", "w3"), ("ffn_down_exps", "w2")):
-            yield (f"blk.{i}.{name}.weight", name,
-                   lambda attr=attr, experts=experts: np.stack([getattr(e, attr).weight.detach().float().numpy()
-                                                                for e in experts]))
-    yield "output_norm.weight", "output_norm", of(model.norm.weight)
-    yield "output.weight", "output", of(model.lm_head.weight)
-
-
-def _shape(model, role: str) -> tuple[int, ...]:
-    cfg = model.config
-    H, F, E, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.vocab_size
-    D = cfg.head_dim
-    return {"token_embd": (V, H), "attn_norm": (H,), "attn_q": (cfg.num_attention_heads * D, H),
-            "attn_k": (cfg.num_key_value_heads * D, H), "attn_v": (cfg.num_key_value_heads * D, H),
-            "attn_output": (H, cfg.num_attention_heads * D), "ffn_norm": (H,), "ffn_gate_inp": (E, H),
-            "ffn_gate_exps": (E, F, H), "ffn_up_exps": (E, F, H), "ffn_down_exps": (E, H, F),
-            "output_norm": (H,), "output": (V, H)}[role]
+            yield f"blk.{i}.{name}.weight", name, *stacked([getattr(e, attr) for e in moe.experts])
+    yield "output_norm.weight", "output_norm", *of(model.norm.weight)
+    yield "output.weight", "output", *of(model.lm_head.weight)
 
 
 # ------------------------------------------------------------------------------ tokenizer
@@ -224,11 +211,10 @@ def write_gguf(model, source: Path, out: Path, preset: str, *, bos_id: int | Non
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_file_type(FILE_TYPES[preset])
     _add_tokenizer(writer, source, bos_id, eos_id)
-    plan = list(_plan(model, preset))
+    plan = list(_plan(model))
     counts: dict[str, int] = {}
     kinds = []
-    for name, role, _ in plan:
-        shape = _shape(model, role)
+    for name, role, shape, _ in plan:
         kind = tensor_type(preset, role, shape[-1])
         kinds.append(kind)
         counts[kind] = counts.get(kind, 0) + 1
@@ -243,7 +229,7 @@ def write_gguf(model, source: Path, out: Path, preset: str, *, bos_id: int | Non
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for (_, _, values), kind in tqdm(list(zip(plan, kinds, strict=True)), desc=f"writing {out.name}",
+        for (_, _, _, values), kind in tqdm(list(zip(plan, kinds, strict=True)), desc=f"writing {out.name}",
                                             unit="tensor", disable=not progress, file=sys.stderr, delay=1.0):
             w = values()
             data = QUANTIZERS[kind](w) if kind in QUANTIZERS else w.astype(np.float32 if kind == "F32" else np.float16)

@@ -183,11 +183,9 @@ class DecodePlan:
         row0 = plan.rows.start
         every = [self.layer_args(i, layer) for i, layer in enumerate(layers)]
         if all(args is not None for args in every):  # the whole step in one call
-            weights = [t for args in every for t in args[0]]
-            meta = [m for args in every for m in (*args[1], row0)]
-            eps = [args[2] for args in every]
-            y = torch.ops.smoe.decode_layers(x.view(B, H), weights, meta, eps, cache.k, cache.v, slots, mask, kv_len,
-                                             cos, sin)
+            weights, layer_meta, eps = _flat(every)
+            y = torch.ops.smoe.decode_layers(x.view(B, H), weights, _meta(layer_meta, row0), eps, cache.k, cache.v,
+                                             slots, mask, kv_len, cos, sin)
             return y.view(B, 1, H)
         for layer, args in zip(layers, every, strict=True):
             if args is None:  # hooked, or a part the op does not compute: its modules
@@ -223,7 +221,7 @@ class DecodePlan:
             cos, sin = program.rope(where, program.dtype)
         meta = program.meta.get(row0)
         if meta is None:
-            meta = program.meta[row0] = [m for layer in program.layer_meta for m in (*layer, row0)]
+            meta = program.meta[row0] = _meta(program.layer_meta, row0)
         mask = None if plan.mask is None else _dense(plan.mask)
         return torch.ops.smoe.decode_step(tokens, program.table, program.weights, meta, program.eps, cache.k, cache.v,
                                           _dense(plan.write_slots), mask, plan.kv_len, _dense(cos), _dense(sin),
@@ -278,12 +276,21 @@ class _StepProgram:
         program = object.__new__(cls)
         program.stamp, program.model = stamp, weakref.ref(model)  # (the model holds the plan that holds this)
         program.table, program.head, program.rope = table, head_weights, rope
-        program.weights = [t for args in every for t in args[0]]
-        program.layer_meta = [args[1] for args in every]
-        program.eps = [args[2] for args in every]
+        program.weights, program.layer_meta, program.eps = _flat(every)
         program.norm, program.norm_eps, program.dtype = norm.weight, norm.eps, table.dtype
         program.meta = {}  # first cache row -> meta, as decode_layers takes it
         return program
+
+
+def _flat(every: list[tuple[list, list, float]]) -> tuple[list[torch.Tensor], list[list[int]], list[float]]:
+    """Each layer's layer_args as decode_layers takes them: all weights in one list, the layers'
+    sizes, their epsilons."""
+    return [t for args in every for t in args[0]], [args[1] for args in every], [args[2] for args in every]
+
+
+def _meta(layer_meta: list[list[int]], row0: int) -> list[int]:
+    """decode_layers' sizes: each layer's [Q, G, top-k, layer] and the step's first cache row."""
+    return [m for layer in layer_meta for m in (*layer, row0)]
 
 
 def plan_decode(model: nn.Module) -> int:
