@@ -70,7 +70,8 @@ def run_smoe(model_dir: str, precision: str, threads: int, cfg: dict) -> dict:
     import smoe
 
     torch.set_num_threads(threads)
-    model, _ = smoe.load(model_dir, dtype="bf16")  # int8 / int4: a checkpoint written by `smoe quantize`
+    # int8 / int4: a checkpoint written by `smoe quantize`; a .gguf file: its blocks used in place
+    model, _ = smoe.load(model_dir, dtype="bf16", gguf_in_place=str(model_dir).endswith(".gguf"))
     vocab = model.config.vocab_size
     out = {}
     with torch.inference_mode():

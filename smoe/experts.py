@@ -263,7 +263,14 @@ class StackedExperts(nn.Module):
         raise TypeError("stacked experts are the last expert transform: quantize before for_inference")
 
     def for_inference(self, kernels) -> StackedExperts:
-        return self
+        """Stacked already (a GGUF file's experts, stacked as the file stacks them): the backends
+        may take the stacked kinds as they are (Kernels.restack)."""
+        gate_up, down = kernels.restack(self.gate_up), kernels.restack(self.down)
+        if gate_up is self.gate_up and down is self.down:
+            return self
+        restacked = StackedExperts(gate_up, down, self.intermediate_size)
+        restacked.path = self.path
+        return restacked
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, intermediate_size={self.intermediate_size}"

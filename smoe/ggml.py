@@ -210,6 +210,11 @@ BLOCKS = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22)
 """type -> (values per block, bytes per block)"""
 
 
+TYPE_IDS = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13,
+            "Q6_K": 14, "IQ4_NL": 20}
+"""type -> GGML's type id (ggml.h's enum ggml_type), what the native kernels are told (smoe/csrc/ggml.h)"""
+
+
 def row_bytes(kind: str, columns: int) -> int:
     """The bytes of one row of `columns` values in block format `kind` (whole blocks only)."""
     elems, nbytes = BLOCKS[kind]
@@ -247,7 +252,10 @@ class GGMLLinear(nn.Module):
 class StackedGGML(nn.Module):
     """E experts' linears in GGML block formats: parts [E, N_i, row bytes] whose outputs are
     concatenated (a GGUF file stores the experts' gate and up as two stacked tensors, each in its
-    own type: `blocks0` and `blocks1`, kinds[i]); the plain stacked kind smoe/experts.py calls."""
+    own type: `blocks0` and `blocks1`, kinds[i]); the plain stacked kind smoe/experts.py calls.
+    Stacked by the loader as the file stacks them, a backend takes it whole (Backend.restack)."""
+
+    format_name = "gguf-blocks"
 
     def __init__(self, parts: list[tuple[torch.Tensor, str]], in_features: int) -> None:
         super().__init__()

@@ -22,6 +22,11 @@ Matrix make_matrix(Kind kind, const at::Tensor& w, const c10::optional<at::Tenso
   const int64_t N = w.size(-2);
   Matrix m{kind, N, 0, nullptr, nullptr, nullptr, G};
   const int64_t per_expert = stacked ? w.stride(0) : 0;
+  if (kind == kGgml) {  // scale: the GGML type ids (int32; the first is this matrix's)
+    check(w.scalar_type() == at::kByte && scale.has_value() && scale->scalar_type() == at::kInt &&
+              scale->numel() >= 1 && scale->is_contiguous(), "GGML blocks (uint8) with their int32 type expected");
+    return ggml_matrix(w, scale->data_ptr<int32_t>()[0], e);
+  }
   if (kind == kBf16) {
     check(w.scalar_type() == at::kBFloat16, "bf16 weights expected");
     m.K = w.size(-1);
@@ -44,6 +49,22 @@ Matrix make_matrix(Kind kind, const at::Tensor& w, const c10::optional<at::Tenso
   return m;
 }
 
+// GGML blocks [N, row bytes] (or [E, N, row bytes] with expert e) of GGML type `type`
+Matrix ggml_matrix(const at::Tensor& blocks, int type, int64_t e) {
+  const bool stacked = e >= 0;
+  check(blocks.scalar_type() == at::kByte && blocks.is_contiguous() && blocks.device().is_cpu() &&
+            blocks.dim() == (stacked ? 3 : 2), "GGML blocks must be contiguous uint8 [(E,) N, row bytes] on the CPU");
+  const BlockFormat f = block_format(type);
+  check(f.elems > 0, "a GGML type the kernels do not read");
+  const int64_t row_bytes = blocks.size(-1);
+  check(row_bytes % f.bytes == 0, "GGML rows must be whole blocks");
+  Matrix m{kGgml, blocks.size(-2), row_bytes / f.bytes * f.elems, nullptr, nullptr, nullptr, 0};
+  m.gtype = type;
+  m.row_bytes = row_bytes;
+  m.w = static_cast<const uint8_t*>(blocks.data_ptr()) + (stacked ? e * blocks.stride(0) : 0);
+  return m;
+}
+
 Acts prepare(Kind kind, const uint16_t* x, int64_t M, int64_t K, int64_t G, QRows& storage) {
   Acts a{kind, {}, nullptr};
   if (kind == kBf16) {
@@ -62,19 +83,20 @@ int64_t tiles_grain(int64_t rows_per_tile_work) {
 
 // A linear's weight as the kernels read it: bf16 [N, K] (no scale), int8 [N, K] with fp32 scales,
 // or int4 bytes [N, K/2] with sm [N, 2, K/G]; stacked [E, ...] with expert e.
-Kind kind_of(const at::Tensor& w) {
+// GGML blocks are uint8 with int32 type ids where int4 codes have bf16 scales and offsets.
+Kind kind_of(const at::Tensor& w, const at::Tensor& scale) {
   if (w.scalar_type() == at::kBFloat16) return kBf16;
   if (w.scalar_type() == at::kChar) return kQ8;
-  check(w.scalar_type() == at::kByte, "weights must be bf16, int8 or int4 bytes");
-  return kQ4;
+  check(w.scalar_type() == at::kByte, "weights must be bf16, int8, int4 bytes or GGML blocks");
+  return scale.defined() && scale.scalar_type() == at::kInt ? kGgml : kQ4;
 }
 
 int64_t group_of(const at::Tensor& w, const at::Tensor& scale) {
-  return kind_of(w) == kQ4 ? 2 * w.size(-1) / scale.size(-1) : 0;
+  return kind_of(w, scale) == kQ4 ? 2 * w.size(-1) / scale.size(-1) : 0;
 }
 
 Matrix weight_matrix(const at::Tensor& w, const at::Tensor& scale) {
-  const Kind kind = kind_of(w);
+  const Kind kind = kind_of(w, scale);
   return make_matrix(kind, w, kind == kBf16 ? c10::nullopt : c10::optional<at::Tensor>(scale), group_of(w, scale));
 }
 

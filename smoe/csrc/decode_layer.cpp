@@ -49,14 +49,14 @@ void rope(uint16_t* x, int64_t heads, int64_t D, const uint16_t* cos, const uint
 }
 
 // weights: attn_norm, ffn_norm, router, then (weight, scale) for q, k, v, o, gate_up, down (scale
-// empty for bf16); meta: query heads, kv heads, experts per token, layer, first cache row. k_all,
+// empty for bf16; GGML blocks: int32 type ids), then GGML's separate up blocks (else empty); meta: query heads, kv heads, experts per token, layer, first cache row. k_all,
 // v_all: the whole cache [L, rows, G, S, D] (this step's rows are row0..row0+B-1 of the layer);
 // slots [B] the slot each row's new key goes to; mask [B, kv_len] (True = may attend) or none.
 at::Tensor decode_layer(const at::Tensor& x, at::TensorList w, at::IntArrayRef meta, double eps,
                         const at::Tensor& k_all, const at::Tensor& v_all, const at::Tensor& slots,
                         const c10::optional<at::Tensor>& mask, int64_t kv_len, const at::Tensor& cos,
                         const at::Tensor& sin) {
-  check(w.size() == 15 && meta.size() == 5, "decode_layer takes 15 weights and 5 sizes");
+  check(w.size() == 16 && meta.size() == 5, "decode_layer takes 16 weights and 5 sizes");
   const int64_t B = x.size(0), H = x.size(1), Q = meta[0], G = meta[1], topk = meta[2], layer = meta[3],
                 row0 = meta[4];
   check_acts(x, H);
@@ -149,10 +149,11 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList w, at::IntArrayRef m
       wts.data_ptr<float>()[b * topk + j] = probs[order[j]] / total;
     }
   }
-  const Kind kind = kind_of(w[11]);
-  check(kind_of(w[13]) == kind, "gate_up and down must be of one kind");
+  const Kind kind = kind_of(w[11], w[12]);
+  check(kind_of(w[13], w[14]) == kind, "gate_up and down must be of one kind");
   auto scale = [&](int i) { return kind == kBf16 ? c10::optional<at::Tensor>() : c10::optional<at::Tensor>(w[i]); };
-  const at::Tensor y = moe(kind, hn, idx, wts, w[11], scale(12), w[13], scale(14), group_of(w[11], w[12]));
+  const at::Tensor y = moe(kind, hn, idx, wts, w[11], scale(12), w[13], scale(14), group_of(w[11], w[12]),
+                           w[15].numel() > 0 ? w[15] : at::Tensor());
   const uint16_t* yp = bf(y);
   for (int64_t i = 0; i < B * H; ++i) x1p[i] = f32_to_bf16(bf16_to_f32(x1p[i]) + bf16_to_f32(yp[i]));
   return x1;
@@ -172,7 +173,7 @@ at::Tensor rms_norm_op(const at::Tensor& x, const at::Tensor& weight, double eps
   return y;
 }
 
-// A decode step's layers one after another (weights: 15 per layer, meta: 5 per layer, as
+// A decode step's layers one after another (weights: 16 per layer, meta: 5 per layer, as
 // decode_layer takes them; eps: one per layer): one call from Python per step instead of one per
 // layer, whose interpreter work between layers runs with caches the weights have just flushed.
 at::Tensor decode_layers(const at::Tensor& x, at::TensorList w, at::IntArrayRef meta, at::ArrayRef<double> eps,
@@ -180,10 +181,10 @@ at::Tensor decode_layers(const at::Tensor& x, at::TensorList w, at::IntArrayRef 
                          const c10::optional<at::Tensor>& mask, int64_t kv_len, const at::Tensor& cos,
                          const at::Tensor& sin) {
   const int64_t L = int64_t(eps.size());
-  check(int64_t(w.size()) == 15 * L && int64_t(meta.size()) == 5 * L, "decode_layers takes 15 weights and 5 sizes per layer");
+  check(int64_t(w.size()) == 16 * L && int64_t(meta.size()) == 5 * L, "decode_layers takes 16 weights and 5 sizes per layer");
   at::Tensor y = x;
   for (int64_t l = 0; l < L; ++l)
-    y = decode_layer(y, w.slice(15 * l, 15), meta.slice(5 * l, 5), eps[l], k_all, v_all, slots, mask, kv_len, cos, sin);
+    y = decode_layer(y, w.slice(16 * l, 16), meta.slice(5 * l, 5), eps[l], k_all, v_all, slots, mask, kv_len, cos, sin);
   return y;
 }
 

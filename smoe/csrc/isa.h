@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -50,6 +51,12 @@ inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch round
 }
 
 inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+}  // namespace
+
+#include "ggml.h"  // GGML's block formats (kind kGgml): their activations and unpacking
+
+namespace {
 
 // ------------------------------------------------------------------------------ formats
 //
@@ -74,7 +81,7 @@ constexpr int kQBlock = 32;  // activation quantization block
 
 inline int64_t chunk_of(int kind) { return kind == 2 ? 128 : 64; }  // columns per step: q4 128, q8 64
 
-enum Kind { kBf16 = 0, kQ8 = 1, kQ4 = 2 };
+enum Kind { kBf16 = 0, kQ8 = 1, kQ4 = 2, kGgml = 3 };  // kGgml: a GGML block format (ggml.h)
 
 struct QRows {  // R rows of K activations quantized to int8 in blocks of 32
   int64_t K = 0, Kp = 0, G = 0, ng = 0;  // Kp: K rounded up to a step; ng: floats of `gs` per row
@@ -82,6 +89,7 @@ struct QRows {  // R rows of K activations quantized to int8 in blocks of 32
   std::vector<float> sv;                 // [R, Kp/step, 16]: each 32-bit lane's block scale
   std::vector<float> gs;                 // q8: [R, 1] 128 * sum_b d_b * sum(q_b); q4: [R, K/G] per group
                                          // sum_{b in g} d_b * sum(q_b), what the group offsets multiply
+  ActRows blocks;                        // kGgml: the rows as llama.cpp quantizes them (ggml.h)
 };
 
 // block b's scale d_b in a row's `sv` (q8: lane 8 (b % 2) of step b / 2; q4: lane 4 (b % 4) of step b / 4)
@@ -119,6 +127,8 @@ struct Matrix {
   const float* scale;        // q8: [N]
   const uint16_t* sm;        // q4: [N, 2, K/G] bf16 (s, then m)
   int64_t G;                 // q4 group
+  int gtype = 0;             // kGgml: the GGML type (ggml.h), w its blocks, rows row_bytes apart
+  int64_t row_bytes = 0;
 };
 
 // Activation rows as the kernels read them: bf16 rows, or quantized rows.
@@ -152,6 +162,8 @@ struct Loops {
   void (*attend)(const float* q, int64_t R, const uint16_t* keys, const uint16_t* values, const bool* allowed,
                  int64_t n, int64_t D, float* scores, float* out);
   void (*dequantize_rows)(const Matrix& W, int64_t n0, int64_t n1, float* out);
+  void (*ggml_matvec)(const Acts& a, const int64_t* rows, int64_t M, const Matrix& W, int64_t n0, int64_t n1,
+                      float* out, int64_t ldo);  // matvec for kGgml (ggml_rows.h)
 };
 
 // the variants compiled into this library, best first (variants.cpp), and the one in use
@@ -162,7 +174,10 @@ bool select_variant(const char* name);  // false: unknown here, or this CPU cann
 // The families call the active variant's loops by these names.
 inline void matvec(const Acts& a, const int64_t* rows, int64_t M, const Matrix& W, int64_t n0, int64_t n1,
                    float* out, int64_t ldo) {
-  active_loops()->matvec(a, rows, M, W, n0, n1, out, ldo);
+  if (W.kind == kGgml)
+    active_loops()->ggml_matvec(a, rows, M, W, n0, n1, out, ldo);
+  else
+    active_loops()->matvec(a, rows, M, W, n0, n1, out, ldo);
 }
 inline void quantize_row(const uint16_t* x, int64_t K, Kind kind, int64_t G, int8_t* q, float* sv, float* gs) {
   active_loops()->quantize_row(x, K, kind, G, q, sv, gs);
@@ -171,7 +186,10 @@ inline void silu_mul(const float* g, const float* up, int64_t n, uint16_t* out) 
   active_loops()->silu_mul(g, up, n, out);
 }
 inline void dequantize_rows(const Matrix& W, int64_t n0, int64_t n1, float* out) {
-  active_loops()->dequantize_rows(W, n0, n1, out);
+  if (W.kind == kGgml)
+    ggml_dequantize_rows(W.gtype, static_cast<const uint8_t*>(W.w), W.row_bytes, W.K, n0, n1, out);
+  else
+    active_loops()->dequantize_rows(W, n0, n1, out);
 }
 inline void attend(const float* q, int64_t R, const uint16_t* keys, const uint16_t* values, const bool* allowed,
                    int64_t n, int64_t D, float* scores, float* out) {

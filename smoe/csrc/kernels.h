@@ -40,7 +40,8 @@ void check_acts(const at::Tensor& x, int64_t K);
 Matrix make_matrix(Kind kind, const at::Tensor& w, const c10::optional<at::Tensor>& scale, int64_t G, int64_t e = -1);
 Acts prepare(Kind kind, const uint16_t* x, int64_t M, int64_t K, int64_t G, QRows& storage);
 int64_t tiles_grain(int64_t rows_per_tile_work);
-Kind kind_of(const at::Tensor& w);
+Matrix ggml_matrix(const at::Tensor& blocks, int type, int64_t e = -1);
+Kind kind_of(const at::Tensor& w, const at::Tensor& scale);
 int64_t group_of(const at::Tensor& w, const at::Tensor& scale);
 Matrix weight_matrix(const at::Tensor& w, const at::Tensor& scale);
 
@@ -52,10 +53,15 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w);
 at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale);
 at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& sm, int64_t group_size);
 
+at::Tensor linear_ggml(const at::Tensor& x, const at::Tensor& blocks, const at::Tensor& info);
+
 // moe.cpp
 at::Tensor moe(Kind kind, const at::Tensor& x, const at::Tensor& expert_indices, const at::Tensor& expert_weights,
                const at::Tensor& gate_up, const c10::optional<at::Tensor>& gate_up_scale, const at::Tensor& down,
-               const c10::optional<at::Tensor>& down_scale, int64_t G);
+               const c10::optional<at::Tensor>& down_scale, int64_t G, const at::Tensor& up = at::Tensor());
+at::Tensor moe_ggml(const at::Tensor& x, const at::Tensor& expert_indices, const at::Tensor& expert_weights,
+                    const at::Tensor& gate, const at::Tensor& up, const at::Tensor& gate_up_info,
+                    const at::Tensor& down, const at::Tensor& down_info);
 at::Tensor moe_bf16(const at::Tensor& x, const at::Tensor& expert_indices, const at::Tensor& expert_weights,
                     const at::Tensor& gate_up, const at::Tensor& down);
 at::Tensor moe_q8(const at::Tensor& x, const at::Tensor& expert_indices, const at::Tensor& expert_weights,

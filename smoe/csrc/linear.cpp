@@ -12,9 +12,9 @@ namespace {
 // and one split of all the matrices' row tiles across the threads.
 void linears_into(const uint16_t* x, int64_t M, const std::vector<Matrix>& Ws, const std::vector<uint16_t*>& ys) {
   const int64_t K = Ws[0].K;
-  QRows storage[3];
-  Acts acts[3];
-  bool ready[3] = {false, false, false};
+  QRows storage[4];
+  Acts acts[4];
+  bool ready[4] = {false, false, false, false};
   for (const Matrix& W : Ws) {
     check(W.K == K, "matrices of one call must share their input size");
     // int4 activations carry per-group sums: every int4 matrix of the call must share its group
@@ -60,6 +60,11 @@ at::Tensor linear_q8(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
 
 at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& sm, int64_t group_size) {
   return linear(kQ4, x, codes, sm, group_size);
+}
+
+// blocks [N, row bytes] in the GGML type info[0] (ggml.h): activations quantized as llama.cpp does
+at::Tensor linear_ggml(const at::Tensor& x, const at::Tensor& blocks, const at::Tensor& info) {
+  return linear(kGgml, x, blocks, info, 0);
 }
 
 }  // namespace

@@ -16,6 +16,9 @@ TORCH_LIBRARY_FRAGMENT(smoe, m) {
         "Tensor down, Tensor down_scale) -> Tensor");
   m.def("moe_q4(Tensor x, Tensor expert_indices, Tensor expert_weights, Tensor gate_up, Tensor gate_up_sm, "
         "Tensor down, Tensor down_sm, int group_size) -> Tensor");
+  m.def("linear_ggml(Tensor x, Tensor blocks, Tensor info) -> Tensor");
+  m.def("moe_ggml(Tensor x, Tensor expert_indices, Tensor expert_weights, Tensor gate, Tensor up, Tensor gate_up_info, "
+        "Tensor down, Tensor down_info) -> Tensor");
   m.def("quantize_activations(Tensor x, int group_size) -> Tensor");
   m.def("linear_prefill(Tensor x, Tensor w, Tensor? scale, int group_size) -> Tensor");
   m.def("decode_layer(Tensor x, Tensor[] weights, int[] meta, float eps, Tensor(a!) k_all, Tensor(b!) v_all, "
@@ -35,6 +38,8 @@ TORCH_LIBRARY_IMPL(smoe, CPU, m) {
   m.impl("moe_bf16", &moe_bf16);
   m.impl("moe_q8", &moe_q8);
   m.impl("moe_q4", &moe_q4);
+  m.impl("linear_ggml", &linear_ggml);
+  m.impl("moe_ggml", &moe_ggml);
   m.impl("quantize_activations", &quantize_activations);
   m.impl("linear_prefill", &linear_prefill);
   m.impl("decode_layer", &decode_layer);

@@ -17,15 +17,21 @@ namespace {
 
 at::Tensor moe(Kind kind, const at::Tensor& x, const at::Tensor& expert_indices, const at::Tensor& expert_weights,
                const at::Tensor& gate_up, const c10::optional<at::Tensor>& gate_up_scale, const at::Tensor& down,
-               const c10::optional<at::Tensor>& down_scale, int64_t G) {
+               const c10::optional<at::Tensor>& down_scale, int64_t G, const at::Tensor& up) {
   check(expert_indices.scalar_type() == at::kLong && expert_weights.scalar_type() == at::kFloat,
         "expert_indices int64 and expert_weights fp32 expected");
   check(gate_up.dim() == 3 && down.dim() == 3 && gate_up.size(0) == down.size(0), "stacked [E, out, in] weights expected");
   const int64_t T = x.size(0), topk = expert_indices.size(1), E = gate_up.size(0);
+  // gate and up: one stacked tensor [E, 2F, H] (gate rows, then up rows), or GGML's two [E, F, H]
+  // (`up` given: its type is gate_up_scale's second id)
+  const bool split = up.defined();
+  check(!split || (kind == kGgml && gate_up_scale->numel() >= 2 && up.size(0) == E), "a separate up needs GGML blocks");
+  auto up_matrix = [&](int64_t e) { return ggml_matrix(up, gate_up_scale->data_ptr<int32_t>()[1], e); };
   const Matrix gu0 = make_matrix(kind, gate_up, gate_up_scale, G, 0);
   const Matrix dn0 = make_matrix(kind, down, down_scale, G, 0);
-  const int64_t H = gu0.K, F2 = gu0.N, F = F2 / 2;
-  check(dn0.N == H && dn0.K == F && F2 % 2 == 0, "gate_up [E, 2F, H] and down [E, H, F] expected");
+  const int64_t H = gu0.K, F = split ? gu0.N : gu0.N / 2, up_row0 = split ? 0 : F;
+  check(dn0.N == H && dn0.K == F && (split ? up_matrix(0).N == F && up_matrix(0).K == H : gu0.N % 2 == 0),
+        "gate_up [E, 2F, H] (or gate and up [E, F, H]) and down [E, H, F] expected");
   check_acts(x, H);
   check(expert_indices.is_contiguous() && expert_weights.is_contiguous() && expert_indices.size(0) == T &&
             expert_weights.sizes() == expert_indices.sizes(), "routing must be contiguous [T, K]");
@@ -50,9 +56,10 @@ at::Tensor moe(Kind kind, const at::Tensor& x, const at::Tensor& expert_indices,
       offset.push_back(R);
       R += int64_t(routed[e].size());
     }
-  std::vector<Matrix> gu, dn;
+  std::vector<Matrix> gu, ups, dn;
   for (int64_t e : chosen) {
     gu.push_back(make_matrix(kind, gate_up, gate_up_scale, G, e));
+    ups.push_back(split ? up_matrix(e) : gu.back());
     dn.push_back(make_matrix(kind, down, down_scale, G, e));
   }
   std::vector<int64_t> token_rows(R);  // activation row r -> token
@@ -66,15 +73,15 @@ at::Tensor moe(Kind kind, const at::Tensor& x, const at::Tensor& expert_indices,
   const int64_t f_tiles = (F + 3) / 4;
   at::parallel_for(0, f_tiles, tiles_grain(H * R / 2), [&](int64_t t0, int64_t t1) {
     const int64_t f0 = t0 * 4, f1 = std::min(F, t1 * 4), nf = f1 - f0;
-    std::vector<float> g, up;
+    std::vector<float> g, upv;
     for (size_t u = 0; u < chosen.size(); ++u) {
       const int64_t n = int64_t(routed[chosen[u]].size());
       const int64_t* rows = token_rows.data() + offset[u];
       g.resize(n * nf);
-      up.resize(n * nf);
+      upv.resize(n * nf);
       matvec(xa, rows, n, gu[u], f0, f1, g.data(), nf);
-      matvec(xa, rows, n, gu[u], F + f0, F + f1, up.data(), nf);
-      for (int64_t j = 0; j < n; ++j) silu_mul(g.data() + j * nf, up.data() + j * nf, nf, act.data() + (offset[u] + j) * F + f0);
+      matvec(xa, rows, n, ups[u], up_row0 + f0, up_row0 + f1, upv.data(), nf);
+      for (int64_t j = 0; j < n; ++j) silu_mul(g.data() + j * nf, upv.data() + j * nf, nf, act.data() + (offset[u] + j) * F + f0);
     }
   });
 
@@ -120,6 +127,15 @@ at::Tensor moe_q4(const at::Tensor& x, const at::Tensor& expert_indices, const a
                   const at::Tensor& gate_up, const at::Tensor& gate_up_sm, const at::Tensor& down,
                   const at::Tensor& down_sm, int64_t group_size) {
   return moe(kQ4, x, expert_indices, expert_weights, gate_up, gate_up_sm, down, down_sm, group_size);
+}
+
+// GGML blocks: gate and up [E, F, row bytes] as the file stacks them (types gate_up_info[0], [1]),
+// down [E, H, row bytes] (down_info[0]); activations quantized as llama.cpp does (ggml.h)
+at::Tensor moe_ggml(const at::Tensor& x, const at::Tensor& expert_indices, const at::Tensor& expert_weights,
+                    const at::Tensor& gate, const at::Tensor& up, const at::Tensor& gate_up_info,
+                    const at::Tensor& down, const at::Tensor& down_info) {
+  return moe(kGgml, x, expert_indices, expert_weights, gate, gate_up_info, down, down_info, 0,
+             up.numel() > 0 ? up : at::Tensor());
 }
 
 }  // namespace

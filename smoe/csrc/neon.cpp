@@ -131,10 +131,16 @@ void matvec(const Acts& a, const int64_t* rows, int64_t M, const Matrix& W, int6
   matvec_rows<Rows>(a, rows, M, W, n0, n1, out, ldo);
 }
 
+// GGML blocks: portable's integer sums, compiled here for NEON with the dot-product extension
+using portable::kdot;
+using portable::ldot;
+using portable::mdot;
+#include "ggml_rows.h"
+
 bool supported() { return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0; }
 
 const Loops loops = {"neon", supported, matvec, portable::quantize_row,
-                     portable::silu_mul, portable::attend, portable::dequantize_rows};
+                     portable::silu_mul, portable::attend, portable::dequantize_rows, ggml_matvec};
 
 }  // namespace neon
 #pragma GCC pop_options

@@ -17,7 +17,7 @@ namespace {
 
 at::Tensor linear_prefill(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
                           int64_t group_size) {
-  const Kind kind = kind_of(w);
+  const Kind kind = kind_of(w, scale.has_value() ? *scale : at::Tensor());
   const Matrix W = make_matrix(kind, w, kind == kBf16 ? c10::nullopt : scale, group_size);
   check_acts(x, W.K);
   const int64_t M = x.size(0), N = W.N, K = W.K;

@@ -37,6 +37,10 @@ bool select_variant(const char* name) {
 }
 
 void quantize_rows(const uint16_t* x, int64_t R, int64_t K, Kind kind, int64_t G, QRows& out) {
+  if (kind == kGgml) {  // as llama.cpp quantizes them (ggml.h)
+    quantize_act_rows(x, R, K, out.blocks);
+    return;
+  }
   const int64_t step = chunk_of(kind);
   out.K = K;
   out.Kp = (K + step - 1) / step * step;

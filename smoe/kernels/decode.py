@@ -71,7 +71,8 @@ def decode_weights(block: nn.Module) -> list[torch.Tensor] | None:
                                           moe.experts.gate_up, moe.experts.down)]
     if any(p is None for p in pairs):
         return None
-    return [t.detach() for t in small] + [t for pair in pairs for t in pair]
+    up = getattr(moe.experts.gate_up, "decode_up", None)  # GGUF's experts keep up apart from gate
+    return [t.detach() for t in small] + [t for pair in pairs for t in pair] + [_NO_SCALE if up is None else up]
 
 
 def _hook_dicts(modules: tuple[nn.Module, ...]) -> tuple[dict, ...]:
@@ -303,7 +304,8 @@ def plan_decode(model: nn.Module) -> int:
     count = 0
     for layer in layers:
         if decode_weights(layer) is not None:
-            _gather_in_huge_pages(layer)
+            if not any(getattr(module, "in_place", False) for module, _ in decode_tensor_owners(layer)):
+                _gather_in_huge_pages(layer)  # (a GGUF file's blocks stay the file's: no copy)
             count += 1
     if count:
         model.decode_plan = DecodePlan(len(layers))

@@ -33,6 +33,7 @@ from torch import nn
 from smoe.errors import SmoeError
 from smoe.experts import stack_rows
 from smoe.fsutil import huge_page_copy
+from smoe.ggml import TYPE_IDS, GGMLLinear, StackedGGML
 from smoe.kernels.decode import plan_decode
 from smoe.kernels.ops import (
     MAX_ROWS,
@@ -170,6 +171,8 @@ class NativeInt4Linear(nn.Module):
 def native_linear(linear: nn.Module) -> nn.Module | None:
     """A frozen bias-free bf16 nn.Linear, or an Int8Linear / Int4Linear with bf16 scales, on the
     CPU, as the native kernels' module; None for anything else."""
+    if type(linear) is GGMLLinear:
+        return NativeGGMLLinear(linear) if linear.blocks.device.type == "cpu" else None
     if type(linear) is nn.Linear:
         if linear.bias is None and linear.weight.dtype == torch.bfloat16 and linear.weight.device.type == "cpu":
             return NativeLinear(linear)
@@ -291,6 +294,92 @@ def native_stack(rows: list[list[nn.Module]]) -> nn.Module | None:
                              torch.stack([sm for _, sm in layouts]), first.group_size)
 
 
+# --------------------------------------------------------------------------- GGML blocks (GGUF files, in place)
+
+
+def _type_ids(kinds: list[str]) -> torch.Tensor:
+    """The int32 GGML type ids the kernels are told a weight's blocks are in (smoe/csrc/ggml.h)."""
+    return torch.tensor([TYPE_IDS[kind] for kind in kinds], dtype=torch.int32)
+
+
+def _ggml_product(x: torch.Tensor, blocks: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
+    """x [M, K] · Wᵀ for W in GGML blocks: few rows by smoe::linear_ggml (activations quantized as
+    llama.cpp does), many by smoe::linear_prefill (a block of rows dequantized to fp32 at a time)."""
+    if few_rows(x):
+        return torch.ops.smoe.linear_ggml(x, blocks, info)
+    return torch.ops.smoe.linear_prefill(x, blocks, info, 0)
+
+
+class NativeGGMLLinear(nn.Module):
+    """A GGMLLinear the native kernels run: its blocks as they are (on the CPU a view of the GGUF
+    file's memory map: nothing copied, nothing repacked) and their type id."""
+
+    decode_tensors = ("blocks", "info")
+    in_place = True  # its tensors view the file: the decode plan gathers nothing into huge pages
+
+    def __init__(self, linear: GGMLLinear) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.kind = linear.in_features, linear.out_features, linear.kind
+        self.register_buffer("blocks", linear.blocks)
+        self.register_buffer("info", _type_ids([linear.kind]), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ggml_product(_rows(x), self.blocks, self.info).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}, native"
+
+
+class NativeStackedGGML(_Fused, nn.Module):
+    """A StackedGGML the native kernels run, its blocks as they are: `blocks0` (and `blocks1`: a
+    GGUF file's experts keep gate and up in two tensors, each of its own type) and their type ids;
+    `fused_moe` is smoe::moe_ggml."""
+
+    decode_tensors = ("blocks0", "info")
+    in_place = True
+
+    def __init__(self, stacked: StackedGGML) -> None:
+        super().__init__()
+        self.in_features, self.kinds, self.outs = stacked.in_features, list(stacked.kinds), list(stacked.outs)
+        for i in range(len(self.kinds)):
+            self.register_buffer(f"blocks{i}", getattr(stacked, f"blocks{i}"))
+        self.register_buffer("info", _type_ids(self.kinds), persistent=False)
+
+    @property
+    def num_experts(self) -> int:
+        return self.blocks0.shape[0]
+
+    @property
+    def decode_up(self) -> torch.Tensor | None:
+        """The second part's blocks (GGUF's up), which smoe::decode_layer takes after the others."""
+        return self.blocks1 if len(self.kinds) == 2 else None
+
+    def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        ys = [_ggml_product(x, getattr(self, f"blocks{i}")[e], self.info[i : i + 1]) for i in range(len(self.kinds))]
+        return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+
+    def fused_moe(self, down: NativeStackedGGML, x, expert_indices, expert_weights) -> torch.Tensor:
+        up = self.decode_up
+        return torch.ops.smoe.moe_ggml(x.contiguous(), expert_indices.contiguous(), expert_weights.contiguous(),
+                                       self.blocks0, up if up is not None else _NO_UP, self.info, down.blocks0,
+                                       down.info)
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}, in_features={self.in_features}, "
+                f"parts={list(zip(self.kinds, self.outs, strict=True))}, native")
+
+
+_NO_UP = torch.empty(0, dtype=torch.uint8)
+
+
+def native_restack(stacked: nn.Module) -> nn.Module | None:
+    """GGUF's stacked experts (StackedGGML on the CPU) as the native kind, blocks as they are."""
+    if type(stacked) is StackedGGML and stacked.blocks0.device.type == "cpu":
+        return NativeStackedGGML(stacked)
+    return None
+
+
 def refuses(target: Target) -> str | None:
     if target.device != "cpu":
         return f"CPU kernels; the model is on {target.device}"
@@ -311,6 +400,7 @@ def describe() -> str:
                                           if others else ""))
 
 
-BACKEND = Backend("native", ("plain", "smoe-int8", "smoe-int4"), refuses, linear=native_linear, stack=native_stack,
+BACKEND = Backend("native", ("plain", "smoe-int8", "smoe-int4", "gguf-blocks"), refuses, linear=native_linear,
+                  stack=native_stack, restack=native_restack,
                   kinds=(NativeLinear, NativeInt8Linear, NativeInt4Linear, NativeStackedLinear, NativeStackedInt8,
-                         NativeStackedInt4), decode=plan_decode, detail=describe)
+                         NativeStackedInt4, NativeGGMLLinear, NativeStackedGGML), decode=plan_decode, detail=describe)

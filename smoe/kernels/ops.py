@@ -2,9 +2,9 @@
 whether they run here, and their fake implementations for torch.compile and meta tensors.
 
 The ops are `torch.library` ops in the `smoe` namespace, found by name (`torch.ops.smoe.*`):
-linear_bf16 / _q8 / _q4 (few rows by one weight), linear_prefill (many rows: fp32 GEMMs over
-weight blocks widened to fp32), moe_bf16 / _q8 / _q4 (all chosen experts of
-a MoE layer), quantize_activations, rms_norm, decode_layer / decode_layers (whole decoder layers
+linear_bf16 / _q8 / _q4 / _ggml (few rows by one weight; _ggml: GGUF's block formats), linear_prefill (many rows: fp32 GEMMs over
+weight blocks widened to fp32), moe_bf16 / _q8 / _q4 / _ggml (all chosen experts
+of a MoE layer), quantize_activations, rms_norm, decode_layer / decode_layers (whole decoder layers
 of a decode step), decode_step (a whole decode step: token ids to logits and greedy
 tokens). docs/KERNELS.md has their layouts, arithmetic and measurements.
 
@@ -112,7 +112,8 @@ if _native is not None:  # fake implementations: shapes only, for torch.compile 
     torch.library.register_fake("smoe::linear_bf16")(lambda x, w: _rows_by(x, w.shape[0]))
     torch.library.register_fake("smoe::linear_q8")(lambda x, w, scale: _rows_by(x, w.shape[0]))
     torch.library.register_fake("smoe::linear_q4")(lambda x, codes, sm, group_size: _rows_by(x, codes.shape[0]))
-    for _op in ("moe_bf16", "moe_q8", "moe_q4", "rms_norm", "decode_layer", "decode_layers"):
+    torch.library.register_fake("smoe::linear_ggml")(lambda x, blocks, info: _rows_by(x, blocks.shape[0]))
+    for _op in ("moe_bf16", "moe_q8", "moe_q4", "moe_ggml", "rms_norm", "decode_layer", "decode_layers"):
         torch.library.register_fake(f"smoe::{_op}")(_like_x)
     torch.library.register_fake("smoe::linear_prefill")(
         lambda x, w, scale, group_size: _rows_by(x, w.shape[0]))

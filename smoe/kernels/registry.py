@@ -51,6 +51,8 @@ class Backend:
     linear: one linear of its formats -> the module that runs it here, or None (not this one).
     stack: rows of E experts' linears -> the stacked kind that runs them here, or None.
     kinds: the module types it makes (a model holding them is in the inference layout).
+    restack: a format's plain stacked kind, as a loader stacked it (GGUF files stack their experts)
+        -> the stacked kind that runs it here, or None.
     decode: a hook the loader calls last on the whole model (a decode-step plan), or None.
     detail: what the report adds of a backend it asked (the native kernels: their variant), or None."""
 
@@ -59,6 +61,7 @@ class Backend:
     refuses: Callable[[Target], str | None]
     linear: Callable[[nn.Module], nn.Module | None] | None = None
     stack: Callable[[Rows], nn.Module | None] | None = None
+    restack: Callable[[nn.Module], nn.Module | None] | None = None
     kinds: tuple[type, ...] = ()
     decode: Callable[[nn.Module], int] | None = None
     detail: Callable[[], str] | None = None
@@ -122,6 +125,19 @@ class Kernels:
                 return stacked
         self.ran[fmt.name, PYTORCH, "expert stacks"] += 1
         return fmt.stack(rows)
+
+    def restack(self, stacked: nn.Module) -> nn.Module:
+        """A format's plain stacked kind (`format_name`) in the first backend's kind that takes
+        it (its tensors as they are: GGUF blocks stay views of the file), else itself."""
+        name = getattr(stacked, "format_name", None)
+        for backend in self._asked(name, "restack") if name is not None else ():
+            restacked = backend.restack(stacked)
+            if restacked is not None:
+                self.ran[name, backend.name, "expert stacks"] += 1
+                return restacked
+        if name is not None:
+            self.ran[name, PYTORCH, "expert stacks"] += 1
+        return stacked
 
     def repack_linears(self, model: nn.Module) -> int:
         """Swap every linear of a registered format (attention, the output head, adapters' A and

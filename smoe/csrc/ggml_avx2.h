@@ -1,0 +1,154 @@
+// GGML blocks unpacked with AVX2 (ggml.h's common form; ggml_rows.h's scalar loops compute the same
+// bytes): included by the AVX2 variants (avx2.h) and the AVX-512 one (avx512.cpp) before
+// ggml_rows.h, whose products then take these overloads. 32 bytes a step, aligned stores.
+
+inline __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+inline __m256i low_nibbles(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
+inline __m256i high_nibbles(__m256i v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F)); }
+
+// bits (shift, shift + width) of every byte, as 0 .. 2^width - 1
+template <int shift, int width>
+inline __m256i bit_field(__m256i v) {
+  return _mm256_and_si256(_mm256_srli_epi16(v, shift), _mm256_set1_epi8(char((1 << width) - 1)));
+}
+
+inline void store32(uint8_t* p, __m256i v) { _mm256_store_si256(reinterpret_cast<__m256i*>(p), v); }
+
+// 16 bytes of nibbles -> 32 bytes: the low nibbles (values 0..15), then the high ones (16..31)
+inline __m256i nibble_pairs(const uint8_t* q) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+  const __m128i lo = _mm_and_si128(v, _mm_set1_epi8(0x0F)), hi = _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(0x0F));
+  return _mm256_set_m128i(hi, lo);
+}
+
+// 32 bits -> 32 bytes, byte j = 16 where bit j is set (the fifth bit of Q5_0 / Q5_1)
+inline __m256i fifth_bit_bytes(const uint8_t* qh4) {
+  uint32_t bits;
+  std::memcpy(&bits, qh4, 4);
+  const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(int(bits)),
+                                             _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                                              2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+  const __m256i mask = _mm256_set1_epi64x(int64_t(0x8040201008040201ull));
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, mask), mask), _mm256_set1_epi8(16));
+}
+
+inline void unpack(const uint8_t* b, LBlock& o, std::integral_constant<int, kQ4_0>) {
+  store32(reinterpret_cast<uint8_t*>(o.w), _mm256_sub_epi8(nibble_pairs(b + 2), _mm256_set1_epi8(8)));
+  o.D = half_at(b), o.M = 0.f;
+}
+inline void unpack(const uint8_t* b, LBlock& o, std::integral_constant<int, kQ4_1>) {
+  store32(reinterpret_cast<uint8_t*>(o.w), nibble_pairs(b + 4));
+  o.D = half_at(b), o.M = half_at(b + 2);
+}
+inline void unpack(const uint8_t* b, LBlock& o, std::integral_constant<int, kQ5_0>) {
+  const __m256i codes = _mm256_or_si256(nibble_pairs(b + 6), fifth_bit_bytes(b + 2));
+  store32(reinterpret_cast<uint8_t*>(o.w), _mm256_sub_epi8(codes, _mm256_set1_epi8(16)));
+  o.D = half_at(b), o.M = 0.f;
+}
+inline void unpack(const uint8_t* b, LBlock& o, std::integral_constant<int, kQ5_1>) {
+  store32(reinterpret_cast<uint8_t*>(o.w), _mm256_or_si256(nibble_pairs(b + 8), fifth_bit_bytes(b + 4)));
+  o.D = half_at(b), o.M = half_at(b + 2);
+}
+inline void unpack(const uint8_t* b, LBlock& o, std::integral_constant<int, kQ8_0>) {
+  store32(reinterpret_cast<uint8_t*>(o.w), load32(b + 2));
+  o.D = half_at(b), o.M = 0.f;
+}
+inline void unpack(const uint8_t* b, LBlock& o, std::integral_constant<int, kIQ4_NL>) {
+  const __m256i table = _mm256_setr_epi8(-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+                                         -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113);
+  store32(reinterpret_cast<uint8_t*>(o.w), _mm256_shuffle_epi8(table, nibble_pairs(b + 2)));
+  o.D = half_at(b), o.M = 0.f;
+}
+
+inline void unpack(const uint8_t* b, KBlock& o, std::integral_constant<int, kQ2_K>) {
+  const __m256i sc = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(o.sc), _mm256_and_si256(sc, _mm256_set1_epi16(15)));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(o.m), _mm256_srli_epi16(sc, 4));
+  for (int h = 0; h < 2; ++h) {
+    const __m256i q = load32(b + 16 + 32 * h);
+    store32(o.u + 128 * h, bit_field<0, 2>(q));
+    store32(o.u + 128 * h + 32, bit_field<2, 2>(q));
+    store32(o.u + 128 * h + 64, bit_field<4, 2>(q));
+    store32(o.u + 128 * h + 96, bit_field<6, 2>(q));
+  }
+  o.D = half_at(b + 80), o.Dm = half_at(b + 82), o.off = 0;
+}
+
+// Q3_K's sixteen 6-bit scales (12 bytes p): low 4 bits the low (j < 8) / high (j >= 8) nibbles of
+// p[0..7]; top 2 bits bits 2(j / 4) of byte p[8 + j % 4] — as int16 minus 32, and m = 4·sc
+inline void q3_k_scales(const uint8_t* p, KBlock& o) {
+  const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  const __m128i low = _mm_unpacklo_epi64(_mm_and_si128(v, _mm_set1_epi8(15)),
+                                         _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(15)));
+  uint32_t t;
+  std::memcpy(&t, p + 8, 4);
+  const __m128i top = _mm_and_si128(_mm_setr_epi32(int(t), int(t >> 2), int(t >> 4), int(t >> 6)), _mm_set1_epi8(3));
+  const __m256i sc = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_or_si128(low, _mm_slli_epi16(top, 4))),
+                                      _mm256_set1_epi16(32));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(o.sc), sc);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(o.m), _mm256_slli_epi16(sc, 2));
+}
+
+// Q4_K / Q5_K: the 8 scales and 8 mins, each over its two 16-value halves
+inline void k_scales_mins_simd(const uint8_t* s, KBlock& o) {
+  alignas(16) uint8_t b[16];
+  k_scales_mins_bytes(s, b);
+  const __m128i v = _mm_load_si128(reinterpret_cast<const __m128i*>(b));
+  const __m128i twice = _mm_unpacklo_epi8(v, v), twice_m = _mm_unpackhi_epi8(v, v);  // each byte twice
+  _mm256_store_si256(reinterpret_cast<__m256i*>(o.sc), _mm256_cvtepu8_epi16(twice));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(o.m), _mm256_cvtepu8_epi16(twice_m));
+}
+
+inline void unpack(const uint8_t* b, KBlock& o, std::integral_constant<int, kQ3_K>) {
+  q3_k_scales(b + 96, o);
+  const __m256i hm = load32(b);
+  for (int h = 0; h < 2; ++h) {
+    const __m256i q = load32(b + 32 + 32 * h);
+    // the third bit of value l of 32-value step h·4 + s: bit h·4 + s of hmask byte l, at bit 2
+    const __m256i hb = h == 0 ? hm : _mm256_srli_epi16(hm, 4);
+    store32(o.u + 128 * h, _mm256_or_si256(bit_field<0, 2>(q), _mm256_slli_epi16(bit_field<0, 1>(hb), 2)));
+    store32(o.u + 128 * h + 32, _mm256_or_si256(bit_field<2, 2>(q), _mm256_slli_epi16(bit_field<1, 1>(hb), 2)));
+    store32(o.u + 128 * h + 64, _mm256_or_si256(bit_field<4, 2>(q), _mm256_slli_epi16(bit_field<2, 1>(hb), 2)));
+    store32(o.u + 128 * h + 96, _mm256_or_si256(bit_field<6, 2>(q), _mm256_slli_epi16(bit_field<3, 1>(hb), 2)));
+  }
+  o.D = o.Dm = half_at(b + 108), o.off = 4;
+}
+
+inline void unpack(const uint8_t* b, KBlock& o, std::integral_constant<int, kQ4_K>) {
+  k_scales_mins_simd(b + 4, o);
+  for (int i = 0; i < 4; ++i) {
+    const __m256i q = load32(b + 16 + 32 * i);
+    store32(o.u + 64 * i, low_nibbles(q));
+    store32(o.u + 64 * i + 32, high_nibbles(q));
+  }
+  o.D = half_at(b), o.Dm = half_at(b + 2), o.off = 0;
+}
+
+inline void unpack(const uint8_t* b, KBlock& o, std::integral_constant<int, kQ5_K>) {
+  k_scales_mins_simd(b + 4, o);
+  const __m256i qh = load32(b + 16);
+  for (int i = 0; i < 4; ++i) {
+    const __m256i q = load32(b + 48 + 32 * i);
+    const __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * i), _mm256_set1_epi8(1));
+    const __m256i h1 = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * i + 1), _mm256_set1_epi8(1));
+    store32(o.u + 64 * i, _mm256_or_si256(low_nibbles(q), _mm256_slli_epi16(h0, 4)));
+    store32(o.u + 64 * i + 32, _mm256_or_si256(high_nibbles(q), _mm256_slli_epi16(h1, 4)));
+  }
+  o.D = half_at(b), o.Dm = half_at(b + 2), o.off = 0;
+}
+
+inline void unpack(const uint8_t* b, KBlock& o, std::integral_constant<int, kQ6_K>) {
+  const __m256i sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192)));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(o.sc), sc);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(o.m), _mm256_slli_epi16(sc, 5));
+  const __m256i top = _mm256_set1_epi8(0x30);
+  for (int h = 0; h < 2; ++h) {
+    const __m256i lo = load32(b + 64 * h), hi = load32(b + 64 * h + 32), bits = load32(b + 128 + 32 * h);
+    store32(o.u + 128 * h, _mm256_or_si256(low_nibbles(lo), _mm256_and_si256(_mm256_slli_epi16(bits, 4), top)));
+    store32(o.u + 128 * h + 32, _mm256_or_si256(low_nibbles(hi), _mm256_and_si256(_mm256_slli_epi16(bits, 2), top)));
+    store32(o.u + 128 * h + 64, _mm256_or_si256(high_nibbles(lo), _mm256_and_si256(bits, top)));
+    store32(o.u + 128 * h + 96, _mm256_or_si256(high_nibbles(hi), _mm256_and_si256(_mm256_srli_epi16(bits, 2), top)));
+  }
+  o.D = o.Dm = half_at(b + 208), o.off = 32;
+}

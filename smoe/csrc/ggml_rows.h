@@ -1,0 +1,203 @@
+// The GGML row products (ggml.h has the formats and the arithmetic), included by every variant
+// inside its own namespace and target pragma, after it has defined its three integer sums (and,
+// optionally, `unpack` overloads of its own for some types: ggml_avx2.h):
+//
+//   int32_t kdot(const uint8_t* u, const int8_t* q, const int16_t* sc)  Σ_j sc_j · Σ_{i<16} u_{16j+i} q_{16j+i}, 256 values
+//   int32_t mdot(const int16_t* m, const int16_t* bsums)               Σ_{j<16} m_j · bsums_j
+//   int32_t ldot(const int8_t* w, const int8_t* q)                     Σ_{i<32} w_i q_i
+//
+// Each weight block is unpacked once (the loops below, which the compiler vectorizes for the
+// variant's instructions) and multiplied by every token row of the call; each row's fp32 sums
+// run block by block in two alternating accumulators, the same order in every variant, so every
+// variant gives the same bits.
+
+inline void unpack_scalar(const uint8_t* b, KBlock& o, std::integral_constant<int, kQ2_K>) {
+  const uint8_t* q = b + 16;
+  for (int j = 0; j < 16; ++j) o.sc[j] = b[j] & 15, o.m[j] = b[j] >> 4;
+  for (int h = 0; h < 2; ++h)
+    for (int s = 0; s < 4; ++s)
+      for (int l = 0; l < 32; ++l) o.u[h * 128 + s * 32 + l] = (q[h * 32 + l] >> (2 * s)) & 3;
+  o.D = half_at(b + 80), o.Dm = half_at(b + 82), o.off = 0;
+}
+
+inline void unpack_scalar(const uint8_t* b, KBlock& o, std::integral_constant<int, kQ3_K>) {
+  const uint8_t *hm = b, *q = b + 32, *p = b + 96;
+  for (int j = 0; j < 16; ++j) {
+    const int low = j < 8 ? p[j] & 15 : p[j - 8] >> 4, top = (p[8 + j % 4] >> (2 * (j / 4))) & 3;
+    o.sc[j] = int16_t((low | top << 4) - 32);
+    o.m[j] = int16_t(4 * o.sc[j]);
+  }
+  for (int h = 0; h < 2; ++h)
+    for (int s = 0; s < 4; ++s)
+      for (int l = 0; l < 32; ++l)
+        o.u[h * 128 + s * 32 + l] = ((q[h * 32 + l] >> (2 * s)) & 3) | (((hm[l] >> (h * 4 + s)) & 1) << 2);
+  o.D = o.Dm = half_at(b + 108), o.off = 4;
+}
+
+inline void unpack_scalar(const uint8_t* b, KBlock& o, std::integral_constant<int, kQ4_K>) {
+  k_scales_mins(b + 4, o);
+  const uint8_t* q = b + 16;
+  for (int i = 0; i < 4; ++i)
+    for (int l = 0; l < 32; ++l) o.u[64 * i + l] = q[32 * i + l] & 15, o.u[64 * i + 32 + l] = q[32 * i + l] >> 4;
+  o.D = half_at(b), o.Dm = half_at(b + 2), o.off = 0;
+}
+
+inline void unpack_scalar(const uint8_t* b, KBlock& o, std::integral_constant<int, kQ5_K>) {
+  k_scales_mins(b + 4, o);
+  const uint8_t *qh = b + 16, *q = b + 48;
+  for (int i = 0; i < 4; ++i)
+    for (int l = 0; l < 32; ++l) {
+      o.u[64 * i + l] = (q[32 * i + l] & 15) | (((qh[l] >> (2 * i)) & 1) << 4);
+      o.u[64 * i + 32 + l] = (q[32 * i + l] >> 4) | (((qh[l] >> (2 * i + 1)) & 1) << 4);
+    }
+  o.D = half_at(b), o.Dm = half_at(b + 2), o.off = 0;
+}
+
+inline void unpack_scalar(const uint8_t* b, KBlock& o, std::integral_constant<int, kQ6_K>) {
+  const uint8_t *ql = b, *qh = b + 128;
+  for (int j = 0; j < 16; ++j) o.sc[j] = int8_t(b[192 + j]), o.m[j] = int16_t(32 * o.sc[j]);
+  for (int h = 0; h < 2; ++h)
+    for (int l = 0; l < 32; ++l) {
+      const uint8_t lo = ql[64 * h + l], hi = ql[64 * h + 32 + l], bits = qh[32 * h + l];
+      o.u[128 * h + l] = (lo & 15) | ((bits & 3) << 4);
+      o.u[128 * h + 32 + l] = (hi & 15) | (((bits >> 2) & 3) << 4);
+      o.u[128 * h + 64 + l] = (lo >> 4) | (((bits >> 4) & 3) << 4);
+      o.u[128 * h + 96 + l] = (hi >> 4) | (((bits >> 6) & 3) << 4);
+    }
+  o.D = o.Dm = half_at(b + 208), o.off = 32;
+}
+
+inline void nibbles(const uint8_t* q, int bias, int8_t* w) {
+  for (int l = 0; l < 16; ++l) w[l] = int8_t((q[l] & 15) - bias), w[l + 16] = int8_t((q[l] >> 4) - bias);
+}
+
+inline void fifth_bits(const uint8_t* qh4, const uint8_t* q, int bias, int8_t* w) {
+  uint32_t qh;
+  std::memcpy(&qh, qh4, 4);
+  for (int l = 0; l < 16; ++l) {
+    w[l] = int8_t(((q[l] & 15) | ((qh >> l) & 1) << 4) - bias);
+    w[l + 16] = int8_t(((q[l] >> 4) | ((qh >> (l + 16)) & 1) << 4) - bias);
+  }
+}
+
+inline void unpack_scalar(const uint8_t* b, LBlock& o, std::integral_constant<int, kQ4_0>) {
+  nibbles(b + 2, 8, o.w), o.D = half_at(b), o.M = 0.f;
+}
+inline void unpack_scalar(const uint8_t* b, LBlock& o, std::integral_constant<int, kQ4_1>) {
+  nibbles(b + 4, 0, o.w), o.D = half_at(b), o.M = half_at(b + 2);
+}
+inline void unpack_scalar(const uint8_t* b, LBlock& o, std::integral_constant<int, kQ5_0>) {
+  fifth_bits(b + 2, b + 6, 16, o.w), o.D = half_at(b), o.M = 0.f;
+}
+inline void unpack_scalar(const uint8_t* b, LBlock& o, std::integral_constant<int, kQ5_1>) {
+  fifth_bits(b + 4, b + 8, 0, o.w), o.D = half_at(b), o.M = half_at(b + 2);
+}
+inline void unpack_scalar(const uint8_t* b, LBlock& o, std::integral_constant<int, kQ8_0>) {
+  std::memcpy(o.w, b + 2, 32), o.D = half_at(b), o.M = 0.f;
+}
+inline void unpack_scalar(const uint8_t* b, LBlock& o, std::integral_constant<int, kIQ4_NL>) {
+  static const int8_t table[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+  for (int l = 0; l < 16; ++l) o.w[l] = table[b[2 + l] & 15], o.w[l + 16] = table[b[2 + l] >> 4];
+  o.D = half_at(b), o.M = 0.f;
+}
+
+// a block unpacked by the scalar loops above, unless the variant has its own unpack for that
+// type (declared before it includes this file: a non-template overload is preferred)
+template <int T, class Block>
+inline void unpack(const uint8_t* b, Block& o, std::integral_constant<int, T> t) {
+  unpack_scalar(b, o, t);
+}
+
+constexpr int kGgmlMaxRows = 16;  // token rows one call takes (MAX_ROWS, smoe/kernels/ops.py)
+constexpr int64_t kGgmlPrefetch = 2048;
+
+inline void prefetch_span(const uint8_t* p, int64_t bytes) {
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + kGgmlPrefetch + o, 0, 3);
+}
+
+// One weight row of a K-quant times M token rows: out[i * ldo]. The blocks are unpacked one ahead
+// of the products (two buffers): a product read right after the unpacking's stores would wait on
+// them (loads wider than the stores that wrote them are not forwarded: measured 2-5x slower).
+template <int T>
+void row_k(const uint8_t* w, int64_t K, const ActRows& a, const int64_t* rows, int64_t M, float* out, int64_t ldo) {
+  constexpr int64_t bytes = block_format(T).bytes;
+  float acc[kGgmlMaxRows][2] = {};
+  KBlock blk[2];
+  const int64_t nb = K / 256;
+  unpack(w, blk[0], std::integral_constant<int, T>());
+  for (int64_t sb = 0; sb < nb; ++sb) {
+    if (sb + 1 < nb) {
+      const uint8_t* next = w + (sb + 1) * bytes;
+      prefetch_span(next, bytes);
+      unpack(next, blk[(sb + 1) & 1], std::integral_constant<int, T>());
+    }
+    const KBlock& k = blk[sb & 1];
+    for (int64_t i = 0; i < M; ++i) {
+      const int64_t r = rows[i];
+      const int32_t isum = kdot(k.u, a.qk.data() + r * K + sb * 256, k.sc);
+      const int32_t msum = mdot(k.m, a.bs.data() + r * (K / 16) + sb * 16);
+      const float dx = a.dk[r * nb + sb];
+      acc[i][sb & 1] += k.off ? (dx * k.D) * float(isum - msum) : (dx * k.D) * float(isum) - (dx * k.Dm) * float(msum);
+    }
+  }
+  for (int64_t i = 0; i < M; ++i) out[i * ldo] = acc[i][0] + acc[i][1];
+}
+
+constexpr int64_t kGroup = 8;  // 32-value blocks unpacked together, a group ahead of their products
+
+// one weight row of a 32-value type times M token rows (the blocks unpacked a group ahead, as row_k)
+template <int T>
+void row_l(const uint8_t* w, int64_t K, const ActRows& a, const int64_t* rows, int64_t M, float* out, int64_t ldo) {
+  constexpr int64_t bytes = block_format(T).bytes;
+  float acc[kGgmlMaxRows][2] = {};
+  LBlock blk[2][kGroup];
+  const int64_t nb = K / 32, ng = (nb + kGroup - 1) / kGroup;
+  auto unpack_group = [&](int64_t g) __attribute__((always_inline)) {
+    const int64_t first = g * kGroup, count = std::min(kGroup, nb - first);
+    prefetch_span(w + first * bytes, count * bytes);
+    for (int64_t j = 0; j < count; ++j) unpack(w + (first + j) * bytes, blk[g & 1][j], std::integral_constant<int, T>());
+  };
+  unpack_group(0);
+  for (int64_t g = 0; g < ng; ++g) {
+    if (g + 1 < ng) unpack_group(g + 1);
+    const int64_t first = g * kGroup, count = std::min(kGroup, nb - first);
+    for (int64_t i = 0; i < M; ++i) {
+      const int64_t r = rows[i];
+      for (int64_t j = 0; j < count; ++j) {
+        const int64_t bi = first + j, at = r * nb + bi;
+        const LBlock& l = blk[g & 1][j];
+        float v = (a.d0[at] * l.D) * float(ldot(l.w, a.q0.data() + r * K + bi * 32));
+        if (T == kQ4_1 || T == kQ5_1) v += l.M * a.s0[at];
+        acc[i][bi & 1] += v;
+      }
+    }
+  }
+  for (int64_t i = 0; i < M; ++i) out[i * ldo] = acc[i][0] + acc[i][1];
+}
+
+// out[i * ldo + (n - n0)] = token row rows[i] times weight row n, n in [n0, n1) (isa.h's matvec)
+void ggml_matvec(const Acts& a, const int64_t* rows, int64_t M, const Matrix& W, int64_t n0, int64_t n1, float* out,
+                 int64_t ldo) {
+  const ActRows& g = a.q->blocks;
+  const uint8_t* base = static_cast<const uint8_t*>(W.w);
+  for (int64_t m0 = 0; m0 < M; m0 += kGgmlMaxRows) {
+    const int64_t mm = std::min<int64_t>(kGgmlMaxRows, M - m0);
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* w = base + n * W.row_bytes;
+      float* o = out + m0 * ldo + (n - n0);
+      switch (W.gtype) {
+        case kQ2_K: row_k<kQ2_K>(w, W.K, g, rows + m0, mm, o, ldo); break;
+        case kQ3_K: row_k<kQ3_K>(w, W.K, g, rows + m0, mm, o, ldo); break;
+        case kQ4_K: row_k<kQ4_K>(w, W.K, g, rows + m0, mm, o, ldo); break;
+        case kQ5_K: row_k<kQ5_K>(w, W.K, g, rows + m0, mm, o, ldo); break;
+        case kQ6_K: row_k<kQ6_K>(w, W.K, g, rows + m0, mm, o, ldo); break;
+        case kQ4_0: row_l<kQ4_0>(w, W.K, g, rows + m0, mm, o, ldo); break;
+        case kQ4_1: row_l<kQ4_1>(w, W.K, g, rows + m0, mm, o, ldo); break;
+        case kQ5_0: row_l<kQ5_0>(w, W.K, g, rows + m0, mm, o, ldo); break;
+        case kQ5_1: row_l<kQ5_1>(w, W.K, g, rows + m0, mm, o, ldo); break;
+        case kQ8_0: row_l<kQ8_0>(w, W.K, g, rows + m0, mm, o, ldo); break;
+        default: row_l<kIQ4_NL>(w, W.K, g, rows + m0, mm, o, ldo);
+      }
+    }
+  }
+}
