@@ -1,0 +1,199 @@
+"""GGUF's block formats in the native kernels (smoe/csrc/ggml.h, ggml_rows.h, ggml_avx2.h), against
+references written here from llama.cpp's arithmetic:
+
+- a row product equals, to fp32 rounding, the product of `gguf`'s dequantized weight (bit for bit
+  smoe/ggml.py's) with the activations quantized as llama.cpp quantizes them (Q8_K for K-quants:
+  d = max / -127 per 256 values, round half to even; Q8_0 for the 32-value types: d = max|x| / 127
+  rounded to fp16, round half away from zero) — every type, every variant this CPU runs, 1..16 token
+  rows, scales that are fp16 subnormals (real Q6_K files have them);
+- every variant gives the same bits (the integer sums are exact, the fp32 operations after them
+  run in one order);
+- prefill's dequantization (linear_prefill) is gguf's dequantization bit for bit;
+- the fused MoE op over GGUF's two stacked parts (gate, up) equals the experts one by one;
+- a GGUF file loaded in place runs these kernels on views of the file (nothing copied), its decode
+  step (smoe::decode_step) gives the modules' logits bit for bit, and its logits agree with the
+  fp32 reference path's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import smoe
+import smoe.kernels.native as native
+from smoe.ggml import BLOCKS, TYPE_IDS, dequantize
+from smoe.kernels import ops
+
+gguf = pytest.importorskip("gguf")
+from test_formats_gguf import _mapped_from, write_gguf  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable_reason()}")
+
+TYPES = list(TYPE_IDS)
+SCALES = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "IQ4_NL": [0], "Q2_K": [80, 82],
+          "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}  # byte offsets of each block's fp16 scales
+
+
+def random_rows(kind: str, N: int, K: int, rng, scale: float = 0.01) -> np.ndarray:
+    """N rows of K values in `kind`: random bytes, finite fp16 scales (some of them subnormal)."""
+    elems, nbytes = BLOCKS[kind]
+    raw = rng.integers(0, 256, size=(N, K // elems, nbytes), dtype=np.uint8)
+    for at in SCALES[kind]:
+        d = rng.standard_normal((N, K // elems, 1)) * scale
+        d[..., ::3, :] *= 1e-3  # every third block's scales below fp16's smallest normal (6.1e-5)
+        raw[..., at : at + 2] = d.astype("<f2").view(np.uint8)
+    return raw.reshape(N, -1)
+
+
+def q8_k(x: np.ndarray) -> np.ndarray:
+    """llama.cpp's quantize_row_q8_K, dequantized: per 256 values q = min(127, round(-127 / max · x))."""
+    out = np.zeros_like(x)
+    for i, v in enumerate(x.reshape(-1, 256)):
+        top = v[np.argmax(np.abs(v))]
+        if top != 0:
+            iscale = np.float32(-127.0) / np.float32(top)
+            out.reshape(-1, 256)[i] = np.minimum(127, np.rint(iscale * v)) * (np.float32(1) / iscale)
+    return out
+
+
+def q8_0(x: np.ndarray) -> np.ndarray:
+    """llama.cpp's quantize_row_q8_0, dequantized: d = max|x| / 127 (stored fp16), q = round(x / d)."""
+    b = x.reshape(-1, 32)
+    d = np.abs(b).max(1, keepdims=True) / np.float32(127)
+    inv = np.where(d != 0, np.float32(1) / np.where(d == 0, 1, d), 0).astype(np.float32)
+    q = np.sign(b * inv) * np.floor(np.abs(b * inv) + 0.5)
+    return (q * d.astype(np.float16).astype(np.float32)).reshape(x.shape)
+
+
+def product(kind: str, blocks: np.ndarray, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(llama.cpp's product in float64, the sum of |terms| per output) for bf16 rows x."""
+    N, K = blocks.shape[0], x.shape[1]
+    W = dequantize(blocks, kind, (N, K)).astype(np.float64)
+    quantize = q8_k if BLOCKS[kind][0] == 256 else q8_0
+    xq = np.stack([quantize(row) for row in x.float().numpy()]).astype(np.float64)
+    return xq @ W.T, np.abs(xq) @ np.abs(W).T
+
+
+@pytest.fixture(params=ops.variants() or ["none"])
+def variant(request):
+    before = ops.variant()
+    ops.select(request.param)
+    yield request.param
+    ops.select(before)
+
+
+def info(kind: str) -> torch.Tensor:
+    return torch.tensor([TYPE_IDS[kind]], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("kind", TYPES)
+@pytest.mark.parametrize("M,N,K", [(1, 5, 512), (3, 7, 768), (16, 4, 1024)])
+def test_row_products_are_llama_cpps(variant, kind, M, N, K):
+    rng = np.random.default_rng(M * 1000 + N)
+    if BLOCKS[kind][0] == 32:
+        K -= 32 * (M % 3)  # rows of whole 32-value blocks that are not whole 256s too
+    blocks = random_rows(kind, N, K, rng)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(N)).bfloat16()
+    ours = torch.ops.smoe.linear_ggml(x, torch.from_numpy(blocks), info(kind)).float().numpy()
+    reference, magnitude = product(kind, blocks, x)
+    # the op rounds to bf16 (half a step: 2^-8 relative); its fp32 sums add a few ulp of the terms' magnitude
+    assert np.all(np.abs(ours - reference) <= 2.0**-8 * np.abs(reference) + 1e-5 * magnitude + 1e-30)
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_every_variant_gives_the_same_bits(kind):
+    rng = np.random.default_rng(5)
+    blocks = torch.from_numpy(random_rows(kind, 9, 1280, rng))
+    x = torch.randn(5, 1280, generator=torch.Generator().manual_seed(1)).bfloat16()
+    before, outs = ops.variant(), []
+    try:
+        for name in ops.variants():
+            ops.select(name)
+            outs.append(torch.ops.smoe.linear_ggml(x, blocks, info(kind)))
+    finally:
+        ops.select(before)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_prefill_dequantizes_as_gguf(kind):
+    """linear_prefill over GGML blocks: fp32 GEMMs over gguf's dequantized values, bit for bit."""
+    rng = np.random.default_rng(2)
+    blocks = random_rows(kind, 37, 512, rng)
+    x = torch.randn(40, 512, generator=torch.Generator().manual_seed(3)).bfloat16()
+    ours = torch.ops.smoe.linear_prefill(x, torch.from_numpy(blocks), info(kind), 0)
+    weight = torch.from_numpy(dequantize(blocks, kind, (37, 512)))
+    assert torch.equal(ours, (x.float() @ weight.T).bfloat16())
+
+
+@pytest.mark.parametrize("gate,up,down", [("Q4_K", "Q4_K", "Q6_K"), ("Q3_K", "Q2_K", "Q4_0"), ("Q5_0", "Q8_0", "Q5_K")])
+def test_fused_moe_over_the_files_two_parts_equals_each_expert(variant, gate, up, down):
+    """smoe::moe_ggml (gate and up as the file stacks them, each of its type) against the sorted
+    path (each chosen expert's products by linear_ggml, SiLU·up and the weighted sum in PyTorch)."""
+    from smoe.experts import StackedExperts
+    from smoe.ggml import StackedGGML
+
+    E, H, F = 5, 512, 256
+    rng = np.random.default_rng(9)
+    parts = [(torch.from_numpy(random_rows(k, E * F, H, rng).reshape(E, F, -1)), k) for k in (gate, up)]
+    experts = StackedExperts(native.NativeStackedGGML(StackedGGML(parts, H)),
+                             native.NativeStackedGGML(StackedGGML(
+                                 [(torch.from_numpy(random_rows(down, E * H, F, rng).reshape(E, H, -1)), down)], F)),
+                             F)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(6, H, generator=gen).bfloat16()
+    idx = torch.stack([torch.randperm(E, generator=gen)[:2] for _ in range(6)])
+    weights = torch.softmax(torch.randn(6, 2, generator=gen), -1)
+    experts.path = "fused"
+    fused = experts(x, idx, weights)
+    experts.path = "sorted"
+    sorted_ = experts(x, idx, weights)
+    torch.testing.assert_close(fused.float(), sorted_.float(), rtol=2.0**-7, atol=1e-3 * sorted_.abs().max().item())
+
+
+@pytest.fixture(scope="module")
+def original(checkpoint_factory):
+    return checkpoint_factory(seed=3, vocab_size=32000, hidden_size=256, intermediate_size=512,
+                              num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=2)
+
+
+@pytest.mark.parametrize("qtype,experts_qtype", [("Q8_0", "Q4_0"), ("Q4_0", "Q4_K"), ("Q5_1", "Q3_K"),
+                                                 ("Q4_1", "Q2_K"), ("Q5_0", "Q6_K")])
+def test_gguf_in_place_runs_the_native_kernels_on_the_files_blocks(original, tmp_path, qtype, experts_qtype):
+    """smoe.load(file, gguf_in_place=True) in bf16: every quantized matrix in the native kinds, its
+    blocks still views of the file; a decode step (one smoe::decode_step) gives the modules'
+    logits bit for bit; against the fp32 reference path (weights dequantized, activations not
+    quantized) its logits are within 3x the distance of the bf16 PyTorch path (the same weights, bf16
+    activations): the activations quantized to 8 bits with one scale per 256 values (Q8_K, llama.cpp's
+    for K-quants) measured 2.0-2.7x that distance here, per 32 values (Q8_0) 0.9x."""
+    from smoe.cache import KVCache
+
+    file = write_gguf(original, tmp_path / "m.gguf", qtype, experts_qtype, tokenizer=False)
+    model = smoe.load(file, gguf_in_place=True)[0]
+    reference = smoe.load(file, gguf_in_place=True, dtype="fp32")[0]
+    plain = smoe.load(file, gguf_in_place=True, pack=False)[0]  # bf16, PyTorch's products of the dequantized weights
+    layer = model.layers[1]
+    assert isinstance(layer.attn.v_proj, native.NativeGGMLLinear)
+    assert isinstance(layer.moe.experts.gate_up, native.NativeStackedGGML)
+    assert _mapped_from(file, layer.attn.v_proj.blocks) and _mapped_from(file, layer.moe.experts.gate_up.blocks1)
+    assert _mapped_from(file, layer.moe.experts.down.blocks0)
+    assert model.kernels.ran["layers", "native", "decode steps"] == len(model.layers)
+    ids = torch.randint(0, 32000, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ours, theirs, bf16 = model(ids).float(), reference(ids).float(), plain(ids).float()
+    assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() >= 0.9
+    assert (ours - theirs).abs().mean() <= 3 * (bf16 - theirs).abs().mean()
+    cache = KVCache(model.config, 1, 64, dtype=model.dtype)
+    with torch.inference_mode():
+        model(ids[:, :5], torch.arange(5)[None], cache)
+        for position in range(5, 12):
+            token = int(ids[0, position])
+            saved = [t.clone() for t in (cache.k, cache.v, cache.slot_pos)]
+            with torch.profiler.profile() as prof:
+                logits, best = model.decode_step([token], [position], cache)
+            assert [e.name for e in prof.events() if e.name.startswith("smoe::")] == ["smoe::decode_step"]
+            for t, s in zip((cache.k, cache.v, cache.slot_pos), saved, strict=True):
+                t.copy_(s)
+            modules = model(torch.tensor([[token]]), torch.tensor([[position]]), cache)[:, -1]
+            assert torch.equal(logits, modules) and torch.equal(best, modules.float().max(-1).indices)
