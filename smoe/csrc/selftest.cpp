@@ -8,6 +8,7 @@
 //   silu_mul     within one bf16 step (the exp polynomial against std::exp)
 //   attend       within 1e-5 of the largest output
 //   dequantize_rows  the same fp32 bits
+//   ggml_matvec  the same fp32 bits (GGML blocks: exact integer sums, one order of fp32 operations)
 //
 // Prints one line per variant and check; exits 1 on any failure, 0 otherwise.
 
@@ -140,6 +141,46 @@ void check_attend(const Loops& v, int64_t R, int64_t n, int64_t D) {
   expect(worst <= 1.0, v.name, "attend", R, n, D, worst);
 }
 
+// GGML blocks (ggml_rows.h): random blocks with finite fp16 scales (some subnormal), M rows; the
+// variant's products the same bits as portable's (exact integer sums, one order of fp32 operations)
+void check_ggml(const Loops& v, int type, int64_t M, int64_t N, int64_t K) {
+  const BlockFormat f = block_format(type);
+  const int64_t row_bytes = K / f.elems * f.bytes;
+  std::vector<uint8_t> w = random_bytes<uint8_t>(N * row_bytes, 0, 255);
+  int scales[2] = {-1, -1};
+  switch (type) {
+    case kQ2_K: scales[0] = 80, scales[1] = 82; break;
+    case kQ3_K: scales[0] = 108; break;
+    case kQ6_K: scales[0] = 208; break;
+    case kQ4_1: case kQ5_1: case kQ4_K: case kQ5_K: scales[0] = 0, scales[1] = 2; break;
+    default: scales[0] = 0;
+  }
+  std::uniform_int_distribution<int> exponent(1, 18);  // fp16 bits: subnormals (exponent 0) to ~0.06
+  std::uniform_int_distribution<int> mantissa(0, 1023);
+  for (int64_t b = 0; b < N * K / f.elems; ++b)
+    for (int at : scales) {
+      if (at < 0) continue;
+      const int e = exponent(rng) - 4;  // a quarter of them subnormal
+      const uint16_t h = uint16_t((b & 1) << 15 | (e > 0 ? e : 0) << 10 | mantissa(rng));
+      std::memcpy(w.data() + b * f.bytes + at, &h, 2);
+    }
+  const std::vector<uint16_t> x = random_bf16(M * K, 1.f);
+  Matrix W{kGgml, N, K, w.data(), nullptr, nullptr, 0};
+  W.gtype = type;
+  W.row_bytes = row_bytes;
+  QRows q;
+  quantize_rows(x.data(), M, K, kGgml, 0, q);
+  Acts a{kGgml, {}, &q};
+  std::vector<int64_t> rows(M);
+  for (int64_t i = 0; i < M; ++i) rows[i] = M - 1 - i;
+  std::vector<float> ref(M * N), got(M * N);
+  portable::loops.ggml_matvec(a, rows.data(), M, W, 0, N, ref.data(), N);
+  v.ggml_matvec(a, rows.data(), M, W, 0, N, got.data(), N);
+  bool same = true;
+  for (int64_t i = 0; i < M * N; ++i) same &= std::memcmp(&ref[i], &got[i], 4) == 0;
+  expect(same, v.name, "ggml matvec", M, N, K, double(type));
+}
+
 }  // namespace
 
 int main() {
@@ -156,6 +197,9 @@ int main() {
           for (int64_t G : {32, 64, 128, 256})
             if (K % G == 0) check_matvec(*v, kQ4, M, N, K, G);
         }
+    for (int type : {kQ4_0, kQ4_1, kQ5_0, kQ5_1, kQ8_0, kIQ4_NL, kQ2_K, kQ3_K, kQ4_K, kQ5_K, kQ6_K})
+      for (int64_t M : {1, 3, 16})
+        for (int64_t K : {256, 768}) check_ggml(*v, type, M, 5, is_k_quant(type) ? K : K - 32);
     check_silu(*v);
     for (int64_t R : {1, 4, 9})
       for (int64_t D : {8, 64, 100, 128, 256, 264}) check_attend(*v, R, 37, D);
