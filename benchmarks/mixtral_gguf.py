@@ -18,9 +18,9 @@ GB; checked before writing).
 
 Measured, each in its own process, best of --repeats: llama.cpp (llama-cpp-python, its C API as
 benchmarks/bench_engines.py drives it) — prefill tokens/s of a --prefill-token prompt and decode
-tokens/s of --decode greedy tokens, 2 threads, the file memory-mapped — and its peak RSS. smoe
-does not run GGUF files in place yet: `--model file.gguf` converts to bf16 (93 GB for this
-shape), which `smoe` now refuses up front when the disk cannot hold it.
+tokens/s of --decode greedy tokens, 2 threads, the file memory-mapped — and its peak RSS; and
+smoe on the same file in place (`smoe.load(file, gguf_in_place=True)`: its blocks are the weights,
+nothing converted), driven as benchmarks/bench_engines.py drives it. The engines interleaved.
 """
 
 from __future__ import annotations
@@ -188,10 +188,11 @@ def write(path: Path, preset: str, layers: int) -> None:
 
 
 def child(args) -> int:
-    from benchmarks.bench_engines import peak_rss_mib, run_llama
+    from benchmarks.bench_engines import peak_rss_mib, run_llama, run_smoe
 
     cfg = {"batches": [1], "prefill": args.prefill, "prompt": 16, "decode": args.decode}
-    out = run_llama(str(args.file), "gguf", args.threads, cfg)[1]
+    run = run_smoe if args.engine == "smoe" else run_llama  # smoe: the file's blocks in place
+    out = run(str(args.file), "gguf", args.threads, cfg)[1]
     out["peak_rss_mib"] = peak_rss_mib()
     print(json.dumps(out))
     return 0
@@ -207,6 +208,8 @@ def main() -> int:
     parser.add_argument("--decode", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--engines", default="smoe,llama.cpp", help="smoe (the file in place), llama.cpp")
+    parser.add_argument("--engine", default="llama.cpp", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -222,21 +225,25 @@ def main() -> int:
         print(f"using {path} ({path.stat().st_size / 2**30:.2f} GiB)")
     if args.write_only:
         return 0
-    runs = []
-    for r in range(args.repeats):
-        cmd = [sys.executable, __file__, "--child", "--file", str(path), "--prefill", str(args.prefill),
-               "--decode", str(args.decode), "--threads", str(args.threads)]
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent,
-                             env={**os.environ, "PYTHONPATH": str(HERE.parent)})
-        if out.returncode != 0:
-            print(out.stderr[-3000:], file=sys.stderr)
-            return 1
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"run {r + 1}/{args.repeats}  llama.cpp  decode {runs[-1]['decode_tok_s']:.2f} tok/s  "
-              f"prefill {runs[-1]['prefill_tok_s']:.2f} tok/s  peak RSS {runs[-1]['peak_rss_mib']:.0f} MiB")
-    best = {k: max(r[k] for r in runs) for k in ("decode_tok_s", "prefill_tok_s")}
-    result = {"file": str(path), "type": args.type, "layers": args.layers, "file_gib": path.stat().st_size / 2**30,
-              "llama.cpp": {**best, "peak_rss_mib": min(r["peak_rss_mib"] for r in runs)}}
+    engines = args.engines.split(",")
+    runs: dict[str, list[dict]] = {engine: [] for engine in engines}
+    for r in range(args.repeats):  # the engines interleaved, each in its own process
+        for engine in engines:
+            cmd = [sys.executable, __file__, "--child", "--engine", engine, "--file", str(path), "--prefill",
+                   str(args.prefill), "--decode", str(args.decode), "--threads", str(args.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent,
+                                 env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+            if out.returncode != 0:
+                print(out.stderr[-3000:], file=sys.stderr)
+                return 1
+            runs[engine].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            last = runs[engine][-1]
+            print(f"run {r + 1}/{args.repeats}  {engine:<9}  decode {last['decode_tok_s']:.2f} tok/s  "
+                  f"prefill {last['prefill_tok_s']:.2f} tok/s  peak RSS {last['peak_rss_mib']:.0f} MiB", flush=True)
+    result = {"file": str(path), "type": args.type, "layers": args.layers, "file_gib": path.stat().st_size / 2**30}
+    for engine, done in runs.items():
+        result[engine] = {**{k: max(r[k] for r in done) for k in ("decode_tok_s", "prefill_tok_s")},
+                          "peak_rss_mib": min(r["peak_rss_mib"] for r in done)}
     print(json.dumps(result, indent=1))
     (args.out / f"results-{args.type}-{args.layers}l.json").write_text(json.dumps(result, indent=1))
     return 0

@@ -458,4 +458,20 @@ inline int32_t ldot(const int8_t* w, const int8_t* q) {  // |w| times q with w's
 }
 
 #include "ggml_avx2.h"
+
+// kdot over a block's codes as Chunks computes them (one token row: no stores)
+template <class C>
+inline int32_t kdot_chunks(const C& chunks, const int8_t* q, const int16_t* sc) {
+  const __m256i scales = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc));
+  const __m256i spread = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
+                                          2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3);
+  __m256i acc = _mm256_setzero_si256();
+  for (int c = 0; c < 8; ++c) {
+    const __m256i qq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * c));
+    const __m256i s = _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(scales, _mm256_set1_epi32(c)), spread);
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(chunks.at(c), qq), s));
+  }
+  return hsum_i32(acc);
+}
+
 #include "ggml_rows.h"

@@ -342,6 +342,24 @@ inline int32_t ldot(const int8_t* w, const int8_t* q) {  // |w| times q with w's
 }
 
 #include "ggml_avx2.h"
+
+// kdot over a block's codes as Chunks computes them, two 32-value steps a 512-bit step
+template <class C>
+inline int32_t kdot_chunks(const C& chunks, const int8_t* q, const int16_t* sc) {
+  alignas(64) static const int16_t sub_block[32] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                                    2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3};
+  const __m512i scales = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
+  const __m512i base = _mm512_load_si512(sub_block);
+  __m512i acc = _mm512_setzero_si512();
+  for (int c = 0; c < 4; ++c) {
+    const __m512i uu = _mm512_inserti64x4(_mm512_castsi256_si512(chunks.at(2 * c)), chunks.at(2 * c + 1), 1);
+    const __m512i qq = _mm512_loadu_si512(q + 64 * c);
+    const __m512i s = _mm512_permutexvar_epi16(_mm512_add_epi16(base, _mm512_set1_epi16(int16_t(4 * c))), scales);
+    acc = _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(uu, qq), s));
+  }
+  return _mm512_reduce_add_epi32(acc);
+}
+
 #include "ggml_rows.h"
 
 #pragma GCC pop_options

@@ -61,20 +61,6 @@ inline void unpack(const uint8_t* b, LBlock& o, std::integral_constant<int, kIQ4
   o.D = half_at(b), o.M = 0.f;
 }
 
-inline void unpack(const uint8_t* b, KBlock& o, std::integral_constant<int, kQ2_K>) {
-  const __m256i sc = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
-  _mm256_store_si256(reinterpret_cast<__m256i*>(o.sc), _mm256_and_si256(sc, _mm256_set1_epi16(15)));
-  _mm256_store_si256(reinterpret_cast<__m256i*>(o.m), _mm256_srli_epi16(sc, 4));
-  for (int h = 0; h < 2; ++h) {
-    const __m256i q = load32(b + 16 + 32 * h);
-    store32(o.u + 128 * h, bit_field<0, 2>(q));
-    store32(o.u + 128 * h + 32, bit_field<2, 2>(q));
-    store32(o.u + 128 * h + 64, bit_field<4, 2>(q));
-    store32(o.u + 128 * h + 96, bit_field<6, 2>(q));
-  }
-  o.D = half_at(b + 80), o.Dm = half_at(b + 82), o.off = 0;
-}
-
 // Q3_K's sixteen 6-bit scales (12 bytes p): low 4 bits the low (j < 8) / high (j >= 8) nibbles of
 // p[0..7]; top 2 bits bits 2(j / 4) of byte p[8 + j % 4] — as int16 minus 32, and m = 4·sc
 inline void q3_k_scales(const uint8_t* p, KBlock& o) {
@@ -100,55 +86,100 @@ inline void k_scales_mins_simd(const uint8_t* s, KBlock& o) {
   _mm256_store_si256(reinterpret_cast<__m256i*>(o.m), _mm256_cvtepu8_epi16(twice_m));
 }
 
-inline void unpack(const uint8_t* b, KBlock& o, std::integral_constant<int, kQ3_K>) {
-  q3_k_scales(b + 96, o);
-  const __m256i hm = load32(b);
-  for (int h = 0; h < 2; ++h) {
-    const __m256i q = load32(b + 32 + 32 * h);
-    // the third bit of value l of 32-value step h·4 + s: bit h·4 + s of hmask byte l, at bit 2
-    const __m256i hb = h == 0 ? hm : _mm256_srli_epi16(hm, 4);
-    store32(o.u + 128 * h, _mm256_or_si256(bit_field<0, 2>(q), _mm256_slli_epi16(bit_field<0, 1>(hb), 2)));
-    store32(o.u + 128 * h + 32, _mm256_or_si256(bit_field<2, 2>(q), _mm256_slli_epi16(bit_field<1, 1>(hb), 2)));
-    store32(o.u + 128 * h + 64, _mm256_or_si256(bit_field<4, 2>(q), _mm256_slli_epi16(bit_field<2, 1>(hb), 2)));
-    store32(o.u + 128 * h + 96, _mm256_or_si256(bit_field<6, 2>(q), _mm256_slli_epi16(bit_field<3, 1>(hb), 2)));
+// A K-quant superblock as 8 steps of 32 unsigned codes (`Chunks<T>::at(c)`: values 32c..32c+31,
+// computed in registers from the block's bytes) and its scales, mins and D / Dm / off (`scales`,
+// into a KBlock's sc, m, D, Dm, off). `unpack` stores the 8 steps into u (the rows of a call share
+// them); one token row multiplies them as they come (ggml_rows.h's row_k_one: no stores at all).
+template <int T>
+struct Chunks;
+
+template <>
+struct Chunks<kQ2_K> {
+  const uint8_t* b;
+  static void scales(const uint8_t* b, KBlock& o) {
+    const __m256i sc = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(o.sc), _mm256_and_si256(sc, _mm256_set1_epi16(15)));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(o.m), _mm256_srli_epi16(sc, 4));
+    o.D = half_at(b + 80), o.Dm = half_at(b + 82), o.off = 0;
   }
-  o.D = o.Dm = half_at(b + 108), o.off = 4;
+  __m256i at(int c) const {  // bits 2(c % 4) of q's half c / 4
+    const __m256i q = load32(b + 16 + 32 * (c / 4));
+    return _mm256_and_si256(_mm256_srli_epi16(q, 2 * (c % 4)), _mm256_set1_epi8(3));
+  }
+};
+
+template <>
+struct Chunks<kQ3_K> {
+  const uint8_t* b;
+  static void scales(const uint8_t* b, KBlock& o) {
+    q3_k_scales(b + 96, o);
+    o.D = o.Dm = half_at(b + 108), o.off = 4;
+  }
+  __m256i at(int c) const {  // 2 bits of q's half c / 4, and bit c of hmask at bit 2
+    const __m256i q = load32(b + 32 + 32 * (c / 4)), hm = load32(b);
+    const __m256i crumb = _mm256_and_si256(_mm256_srli_epi16(q, 2 * (c % 4)), _mm256_set1_epi8(3));
+    const __m256i high = _mm256_and_si256(_mm256_srli_epi16(hm, c), _mm256_set1_epi8(1));
+    return _mm256_or_si256(crumb, _mm256_slli_epi16(high, 2));
+  }
+};
+
+template <>
+struct Chunks<kQ4_K> {
+  const uint8_t* b;
+  static void scales(const uint8_t* b, KBlock& o) {
+    k_scales_mins_simd(b + 4, o);
+    o.D = half_at(b), o.Dm = half_at(b + 2), o.off = 0;
+  }
+  __m256i at(int c) const {  // the low (c even) or high nibbles of 32 bytes c / 2
+    const __m256i q = load32(b + 16 + 32 * (c / 2));
+    return c % 2 == 0 ? low_nibbles(q) : high_nibbles(q);
+  }
+};
+
+template <>
+struct Chunks<kQ5_K> {
+  const uint8_t* b;
+  static void scales(const uint8_t* b, KBlock& o) {
+    k_scales_mins_simd(b + 4, o);
+    o.D = half_at(b), o.Dm = half_at(b + 2), o.off = 0;
+  }
+  __m256i at(int c) const {  // Q4_K's nibbles with bit c of qh at bit 4
+    const __m256i q = load32(b + 48 + 32 * (c / 2)), qh = load32(b + 16);
+    const __m256i high = _mm256_and_si256(_mm256_srli_epi16(qh, c), _mm256_set1_epi8(1));
+    return _mm256_or_si256(c % 2 == 0 ? low_nibbles(q) : high_nibbles(q), _mm256_slli_epi16(high, 4));
+  }
+};
+
+template <>
+struct Chunks<kQ6_K> {
+  const uint8_t* b;
+  static void scales(const uint8_t* b, KBlock& o) {
+    const __m256i sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192)));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(o.sc), sc);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(o.m), _mm256_slli_epi16(sc, 5));
+    o.D = o.Dm = half_at(b + 208), o.off = 32;
+  }
+  __m256i at(int c) const {  // half h = c / 4, group g = c % 4: a nibble of ql, 2 bits of qh at bits 4-5
+    const int h = c / 4, g = c % 4;
+    const __m256i ql = load32(b + 64 * h + 32 * (g % 2)), bits = load32(b + 128 + 32 * h);
+    const __m256i low = g < 2 ? low_nibbles(ql) : high_nibbles(ql);
+    const __m256i top = g == 0 ? _mm256_slli_epi16(bits, 4) : g == 1 ? _mm256_slli_epi16(bits, 2)
+                        : g == 2 ? bits : _mm256_srli_epi16(bits, 2);
+    return _mm256_or_si256(low, _mm256_and_si256(top, _mm256_set1_epi8(0x30)));
+  }
+};
+
+template <int T>
+inline void unpack_chunks(const uint8_t* b, KBlock& o) {
+  Chunks<T>::scales(b, o);
+  const Chunks<T> chunks{b};
+  for (int c = 0; c < 8; ++c) store32(o.u + 32 * c, chunks.at(c));
 }
 
-inline void unpack(const uint8_t* b, KBlock& o, std::integral_constant<int, kQ4_K>) {
-  k_scales_mins_simd(b + 4, o);
-  for (int i = 0; i < 4; ++i) {
-    const __m256i q = load32(b + 16 + 32 * i);
-    store32(o.u + 64 * i, low_nibbles(q));
-    store32(o.u + 64 * i + 32, high_nibbles(q));
-  }
-  o.D = half_at(b), o.Dm = half_at(b + 2), o.off = 0;
-}
+inline void unpack(const uint8_t* b, KBlock& o, std::integral_constant<int, kQ2_K>) { unpack_chunks<kQ2_K>(b, o); }
+inline void unpack(const uint8_t* b, KBlock& o, std::integral_constant<int, kQ3_K>) { unpack_chunks<kQ3_K>(b, o); }
+inline void unpack(const uint8_t* b, KBlock& o, std::integral_constant<int, kQ4_K>) { unpack_chunks<kQ4_K>(b, o); }
+inline void unpack(const uint8_t* b, KBlock& o, std::integral_constant<int, kQ5_K>) { unpack_chunks<kQ5_K>(b, o); }
+inline void unpack(const uint8_t* b, KBlock& o, std::integral_constant<int, kQ6_K>) { unpack_chunks<kQ6_K>(b, o); }
 
-inline void unpack(const uint8_t* b, KBlock& o, std::integral_constant<int, kQ5_K>) {
-  k_scales_mins_simd(b + 4, o);
-  const __m256i qh = load32(b + 16);
-  for (int i = 0; i < 4; ++i) {
-    const __m256i q = load32(b + 48 + 32 * i);
-    const __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * i), _mm256_set1_epi8(1));
-    const __m256i h1 = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * i + 1), _mm256_set1_epi8(1));
-    store32(o.u + 64 * i, _mm256_or_si256(low_nibbles(q), _mm256_slli_epi16(h0, 4)));
-    store32(o.u + 64 * i + 32, _mm256_or_si256(high_nibbles(q), _mm256_slli_epi16(h1, 4)));
-  }
-  o.D = half_at(b), o.Dm = half_at(b + 2), o.off = 0;
-}
-
-inline void unpack(const uint8_t* b, KBlock& o, std::integral_constant<int, kQ6_K>) {
-  const __m256i sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192)));
-  _mm256_store_si256(reinterpret_cast<__m256i*>(o.sc), sc);
-  _mm256_store_si256(reinterpret_cast<__m256i*>(o.m), _mm256_slli_epi16(sc, 5));
-  const __m256i top = _mm256_set1_epi8(0x30);
-  for (int h = 0; h < 2; ++h) {
-    const __m256i lo = load32(b + 64 * h), hi = load32(b + 64 * h + 32), bits = load32(b + 128 + 32 * h);
-    store32(o.u + 128 * h, _mm256_or_si256(low_nibbles(lo), _mm256_and_si256(_mm256_slli_epi16(bits, 4), top)));
-    store32(o.u + 128 * h + 32, _mm256_or_si256(low_nibbles(hi), _mm256_and_si256(_mm256_slli_epi16(bits, 2), top)));
-    store32(o.u + 128 * h + 64, _mm256_or_si256(high_nibbles(lo), _mm256_and_si256(bits, top)));
-    store32(o.u + 128 * h + 96, _mm256_or_si256(high_nibbles(hi), _mm256_and_si256(_mm256_srli_epi16(bits, 2), top)));
-  }
-  o.D = o.Dm = half_at(b + 208), o.off = 32;
-}
+#define SMOE_GGML_FUSED 1  // ggml_rows.h: one token row multiplies Chunks as they come (the variant's kdot_chunks)

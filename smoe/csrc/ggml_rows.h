@@ -115,11 +115,38 @@ inline void prefetch_span(const uint8_t* p, int64_t bytes) {
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + kGgmlPrefetch + o, 0, 3);
 }
 
+#ifdef SMOE_GGML_FUSED
+// One weight row of a K-quant times one token row, each block's codes multiplied as they are
+// computed (ggml_avx2.h's Chunks, the variant's kdot_chunks): row_k's arithmetic, the same bits.
+template <int T>
+void row_k_one(const uint8_t* w, int64_t K, const ActRows& a, int64_t r, float* out) {
+  constexpr int64_t bytes = block_format(T).bytes;
+  float acc[2] = {0.f, 0.f};
+  KBlock k;  // its scales only
+  const int64_t nb = K / 256;
+  const int8_t* q = a.qk.data() + r * K;
+  const int16_t* bsums = a.bs.data() + r * (K / 16);
+  for (int64_t sb = 0; sb < nb; ++sb) {
+    const uint8_t* b = w + sb * bytes;
+    prefetch_span(b, bytes);
+    Chunks<T>::scales(b, k);
+    const int32_t isum = kdot_chunks(Chunks<T>{b}, q + sb * 256, k.sc);
+    const int32_t msum = mdot(k.m, bsums + sb * 16);
+    const float dx = a.dk[r * nb + sb];
+    acc[sb & 1] += k.off ? (dx * k.D) * float(isum - msum) : (dx * k.D) * float(isum) - (dx * k.Dm) * float(msum);
+  }
+  out[0] = acc[0] + acc[1];
+}
+#endif
+
 // One weight row of a K-quant times M token rows: out[i * ldo]. The blocks are unpacked one ahead
 // of the products (two buffers): a product read right after the unpacking's stores would wait on
 // them (loads wider than the stores that wrote them are not forwarded: measured 2-5x slower).
 template <int T>
 void row_k(const uint8_t* w, int64_t K, const ActRows& a, const int64_t* rows, int64_t M, float* out, int64_t ldo) {
+#ifdef SMOE_GGML_FUSED
+  if (M == 1) return row_k_one<T>(w, K, a, rows[0], out);
+#endif
   constexpr int64_t bytes = block_format(T).bytes;
   float acc[kGgmlMaxRows][2] = {};
   KBlock blk[2];
@@ -201,3 +228,5 @@ void ggml_matvec(const Acts& a, const int64_t* rows, int64_t M, const Matrix& W,
     }
   }
 }
+
+#undef SMOE_GGML_FUSED
