@@ -15,7 +15,7 @@ import torch
 from smoe.config import ModelConfig
 from smoe.errors import SmoeError
 from smoe.generate import Engine, GenerationResult, TextPiece, generate, stream_generate
-from smoe.loader import LoadOptions, load_model, model_path
+from smoe.loader import LoadOptions, gguf_in_place_for, load_model, model_path
 from smoe.options import DEFAULT_CACHE_POLICY, DEMO_MODEL, LoraSpec, OffloadSpec, QuantSpec, parse_dtype
 from smoe.sampling import SamplingParams
 from smoe.weights import parse_quant
@@ -44,7 +44,7 @@ def load(
     prefetch: bool = True,
     max_cpu_memory: int | str = 0,
     compile: bool = False,
-    gguf_in_place: bool = False,
+    gguf_in_place: bool | None = None,
 ):
     """Load a checkpoint directory -> (model, tokenizer).
 
@@ -77,8 +77,10 @@ def load(
     plain linears), for generate(..., compile=True), which compiles the decode step whole.
 
     gguf_in_place: a `.gguf` file's quantized tensors used as the file holds them (memory-mapped,
-    nothing converted; smoe/ggml.py), instead of converting the file once to bf16. So far through
-    the reference path only (each product dequantizes its weight): correct, and slow.
+    nothing converted; smoe/ggml.py; the native kernels multiply the blocks as they are). None
+    (default): in place whenever the file's experts are in block formats and nothing asked for
+    needs a converted checkpoint (quant, max_memory, adapter, compile, a device other than the
+    CPU); False: convert the file once to a bf16 checkpoint (cached); True: in place or an error.
 
     The order in which these transforms apply is documented in smoe/loader.py.
     """
@@ -93,4 +95,4 @@ def load(
         adapter=None if adapter is None else Path(adapter), pack=True if pack is None else pack,
         tokenizer_backend=tokenizer_backend, progress=progress, compile=compile, gguf_in_place=gguf_in_place,
     )
-    return load_model(model_path(path, gguf_in_place), options)
+    return load_model(model_path(path, gguf_in_place_for(path, options)), options)

@@ -68,7 +68,24 @@ class LoadOptions:
     tokenizer_backend: str | None = None
     progress: bool = False
     parallel: object = None  # a parallel.ParallelSpec: this process's share of the model (under torchrun)
-    gguf_in_place: bool = False  # a .gguf file's quantized tensors used as they are (the reference path so far)
+    gguf_in_place: bool | None = None  # a .gguf file's blocks used as they are; None: whenever it can be (gguf_in_place_for)
+
+
+def gguf_in_place_for(path: str | Path | None, options: LoadOptions) -> bool:
+    """Whether a `.gguf` file is used in place: as options.gguf_in_place says, else (None) whenever
+    the load asks nothing that needs a converted checkpoint (--quant, offloading, an adapter,
+    --compile, --parallel, a device other than the CPU) and the file's experts are in block formats
+    (llama.cpp's quantized files; an F16 / BF16 file converts as before)."""
+    if options.gguf_in_place is not None:
+        return options.gguf_in_place
+    if path is None or Path(path).suffix != ".gguf" or not Path(path).is_file():
+        return False
+    if (options.quant or options.offload is not None or options.adapter is not None or options.compile
+            or options.parallel is not None or options.device != "cpu"):
+        return False
+    kinds = gguf.tensor_kinds(gguf.open_in_place(Path(path))[0])
+    experts = [kind for name, kind in kinds.items() if name.endswith("_exps.weight")]
+    return bool(experts) and all(kind in DEQUANTIZERS for kind in experts)
 
 
 def model_path(path: str | Path | None, gguf_in_place: bool = False) -> Path:

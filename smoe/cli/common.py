@@ -10,7 +10,7 @@ from pathlib import Path
 
 from smoe import parallel
 from smoe.errors import SmoeError
-from smoe.loader import LoadOptions, load_model, model_path
+from smoe.loader import LoadOptions, gguf_in_place_for, load_model, model_path
 from smoe.offload import format_bytes
 from smoe.options import (
     DEFAULT_CACHE_POLICY,
@@ -67,9 +67,10 @@ def model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="read pickle weights (.bin/.pt/.pth) with torch.load(weights_only=True)")
     p.add_argument("--adapter", metavar="DIR", default=None, help="apply a LoRA adapter (PEFT format)")
-    p.add_argument("--gguf-in-place", action="store_true",
-                   help="a .gguf model's quantized tensors used as the file holds them, memory-mapped, instead "
-                        "of converting the file once to bf16 (so far the plain reference: correct and slow)")
+    p.add_argument("--gguf-in-place", action=argparse.BooleanOptionalAction, default=None,
+                   help="a .gguf model's quantized tensors used as the file holds them, memory-mapped (the "
+                        "default whenever the file's experts are quantized and no option needs a converted "
+                        "checkpoint); --no-gguf-in-place converts the file once to bf16 instead")
     p.add_argument("--compile", action="store_true",
                    help="compile each decode step whole with torch.compile (tens of seconds once; faster "
                         "decode where Python overhead dominates, e.g. small models in bf16/fp32)")
@@ -140,7 +141,7 @@ def load(args):
     options = LoadOptions(dtype=parse_dtype(args.dtype), device=args.device, allow_pickle=args.allow_pickle,
                           quant=quant, offload=offload, adapter=args.adapter and Path(args.adapter), progress=True,
                           compile=args.compile, parallel=spec, gguf_in_place=args.gguf_in_place)
-    model, tokenizer = load_model(model_path(args.model, args.gguf_in_place), options)
+    model, tokenizer = load_model(model_path(args.model, gguf_in_place_for(args.model, options)), options)
     if spec is not None:
         if hasattr(args, "seed"):  # every rank must draw the same tokens
             args.seed = parallel.broadcast_seed(args.seed)

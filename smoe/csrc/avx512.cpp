@@ -16,7 +16,7 @@ namespace avx512 {
 // ------------------------------------------------------------------------------ AVX-512 kernels
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,fma")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,fma,f16c")
 
 // Horizontal sums of accumulators, several at once: each vector is summed by the same tree
 // (halves, then pairs of pairs) whether it is reduced alone or with 3 or 7 others, so a row's
@@ -343,6 +343,11 @@ inline int32_t ldot(const int8_t* w, const int8_t* q) {  // |w| times q with w's
 
 #include "ggml_avx2.h"
 
+// a 32-value block's signed values times 32 activation codes: 8 int32 lanes summing to Σ w·q
+inline __m256i block_dot(__m256i w, __m256i q) {
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(q, w));
+}
+
 // kdot over a block's codes as Chunks computes them, two 32-value steps a 512-bit step
 template <class C>
 inline int32_t kdot_chunks(const C& chunks, const int8_t* q, const int16_t* sc) {
@@ -365,7 +370,7 @@ inline int32_t kdot_chunks(const C& chunks, const int8_t* q, const int16_t* sc) 
 #pragma GCC pop_options
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,fma")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,fma,f16c")
 
 inline __m512 load_bf16_as_f32(const uint16_t* p, __mmask16 mask) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
@@ -446,7 +451,8 @@ bool supported() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni");
+         __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni") &&
+         __builtin_cpu_supports("f16c");
 }
 
 const Loops loops = {"avx512", supported, matvec, quantize_row, silu_mul, attend, portable::dequantize_rows, ggml_matvec};

@@ -182,4 +182,53 @@ inline void unpack(const uint8_t* b, KBlock& o, std::integral_constant<int, kQ4_
 inline void unpack(const uint8_t* b, KBlock& o, std::integral_constant<int, kQ5_K>) { unpack_chunks<kQ5_K>(b, o); }
 inline void unpack(const uint8_t* b, KBlock& o, std::integral_constant<int, kQ6_K>) { unpack_chunks<kQ6_K>(b, o); }
 
+// A 32-value block's signed values in registers (the LBlock unpack above, without its store), and
+// where its scale D and min M are: one token row multiplies 8 blocks a step (ggml_rows.h's row_l_one)
+template <int T>
+struct LValues;
+template <>
+struct LValues<kQ4_0> {
+  static __m256i at(const uint8_t* b) { return _mm256_sub_epi8(nibble_pairs(b + 2), _mm256_set1_epi8(8)); }
+};
+template <>
+struct LValues<kQ4_1> {
+  static __m256i at(const uint8_t* b) { return nibble_pairs(b + 4); }
+};
+template <>
+struct LValues<kQ5_0> {
+  static __m256i at(const uint8_t* b) {
+    return _mm256_sub_epi8(_mm256_or_si256(nibble_pairs(b + 6), fifth_bit_bytes(b + 2)), _mm256_set1_epi8(16));
+  }
+};
+template <>
+struct LValues<kQ5_1> {
+  static __m256i at(const uint8_t* b) { return _mm256_or_si256(nibble_pairs(b + 8), fifth_bit_bytes(b + 4)); }
+};
+template <>
+struct LValues<kQ8_0> {
+  static __m256i at(const uint8_t* b) { return load32(b + 2); }
+};
+template <>
+struct LValues<kIQ4_NL> {
+  static __m256i at(const uint8_t* b) {
+    const __m256i table = _mm256_setr_epi8(-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+                                           -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113);
+    return _mm256_shuffle_epi8(table, nibble_pairs(b + 2));
+  }
+};
+
+// 8 vectors of 8 int32 lanes -> their 8 sums, in order (a tree of hadds; exact)
+inline __m256i sums8(const __m256i* p) {
+  const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+  const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+// 8 fp16 at p, p + stride, ... -> fp32 (F16C: exact)
+inline __m256 halves8(const uint8_t* p, int64_t stride) {
+  uint16_t h[8];
+  for (int j = 0; j < 8; ++j) std::memcpy(h + j, p + j * stride, 2);
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h)));
+}
+
 #define SMOE_GGML_FUSED 1  // ggml_rows.h: one token row multiplies Chunks as they come (the variant's kdot_chunks)

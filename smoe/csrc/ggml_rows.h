@@ -172,9 +172,51 @@ void row_k(const uint8_t* w, int64_t K, const ActRows& a, const int64_t* rows, i
 
 constexpr int64_t kGroup = 8;  // 32-value blocks unpacked together, a group ahead of their products
 
+#ifdef SMOE_GGML_FUSED
+// One weight row of a 32-value type times one token row, 8 blocks a step: their values in registers
+// (LValues), 8 integer block sums at once (block_dot, sums8), each block's term (d_x · D) · sum (+ M ·
+// s_x) computed 8 lanes at a time (the same IEEE operations as row_l's) and added in row_l's order.
+template <int T>
+void row_l_one(const uint8_t* w, int64_t K, const ActRows& a, int64_t r, float* out) {
+  constexpr int64_t bytes = block_format(T).bytes;
+  constexpr bool with_min = T == kQ4_1 || T == kQ5_1;
+  float acc[2] = {0.f, 0.f};
+  const int64_t nb = K / 32;
+  const int8_t* q = a.q0.data() + r * K;
+  const float *d0 = a.d0.data() + r * nb, *s0 = a.s0.data() + r * nb;
+  int64_t bi = 0;
+  alignas(32) float terms[8];
+  for (; bi + 8 <= nb; bi += 8) {
+    const uint8_t* b = w + bi * bytes;
+    prefetch_span(b, 8 * bytes);
+    __m256i p[8];
+    for (int j = 0; j < 8; ++j)
+      p[j] = block_dot(LValues<T>::at(b + j * bytes), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + (bi + j) * 32)));
+    __m256 t = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(d0 + bi), halves8(b, bytes)), _mm256_cvtepi32_ps(sums8(p)));
+    if (with_min) t = _mm256_add_ps(t, _mm256_mul_ps(halves8(b + 2, bytes), _mm256_loadu_ps(s0 + bi)));
+    _mm256_store_ps(terms, t);
+    for (int j = 0; j < 8; ++j) acc[(bi + j) & 1] += terms[j];
+  }
+  for (; bi < nb; ++bi) {  // the last blocks, one at a time
+    const uint8_t* b = w + bi * bytes;
+    const __m256i s = block_dot(LValues<T>::at(b), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + bi * 32)));
+    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+    const int32_t isum = _mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1)));
+    float v = (d0[bi] * half_at(b)) * float(isum);
+    if (with_min) v += half_at(b + 2) * s0[bi];
+    acc[bi & 1] += v;
+  }
+  out[0] = acc[0] + acc[1];
+}
+#endif
+
 // one weight row of a 32-value type times M token rows (the blocks unpacked a group ahead, as row_k)
 template <int T>
 void row_l(const uint8_t* w, int64_t K, const ActRows& a, const int64_t* rows, int64_t M, float* out, int64_t ldo) {
+#ifdef SMOE_GGML_FUSED
+  if (M == 1) return row_l_one<T>(w, K, a, rows[0], out);
+#endif
   constexpr int64_t bytes = block_format(T).bytes;
   float acc[kGgmlMaxRows][2] = {};
   LBlock blk[2][kGroup];
