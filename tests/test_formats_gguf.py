@@ -332,11 +332,14 @@ def test_cli_convert_and_model_gguf(original, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "2 layers, 4 experts" in out.stdout and "tokenizer" in out.stdout
     a = smoe_cli("generate", "--model", str(tmp_path / "conv"), "-p", "Hello", "-n", "5", "--ignore-eos", "--json")
-    b = smoe_cli("generate", "--model", str(file), "-p", "Hello", "-n", "5", "--ignore-eos", "--json")
-    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
-    assert json.loads(a.stdout)["token_ids"] == json.loads(b.stdout)["token_ids"]
-    assert "converting" in b.stderr
-    again = smoe_cli("generate", "--model", str(file), "-p", "Hello", "-n", "5", "--ignore-eos", "--json")
+    b = smoe_cli("generate", "--model", str(file), "-p", "Hello", "-n", "5", "--ignore-eos", "--json")  # in place
+    c = smoe_cli("generate", "--model", str(file), "--no-gguf-in-place", "-p", "Hello", "-n", "5", "--ignore-eos",
+                 "--json")
+    assert a.returncode == 0 and b.returncode == 0 and c.returncode == 0, a.stderr + b.stderr + c.stderr
+    assert json.loads(a.stdout)["token_ids"] == json.loads(c.stdout)["token_ids"]
+    assert "converting" not in b.stderr and "converting" in c.stderr
+    again = smoe_cli("generate", "--model", str(file), "--no-gguf-in-place", "-p", "Hello", "-n", "5", "--ignore-eos",
+                     "--json")
     assert "converting" not in again.stderr  # cached
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF\x03\x00\x00\x00garbage")
