@@ -530,3 +530,20 @@ def test_byte_level_bpe_tokenizer_rebuilt_from_a_gguf(tmp_path):
     for text in TEXTS:
         assert rebuilt.encode(text) == reference.encode(text), text
         assert rebuilt.decode(reference.encode(text)) == reference.decode(reference.encode(text))
+
+
+def test_a_quantized_file_runs_in_place_unless_the_load_needs_a_checkpoint(original, tmp_path):
+    """gguf_in_place=None (the default): in place for a file whose experts are in block formats;
+    converted for F16 experts, or when the load asks for what needs a checkpoint directory."""
+    from smoe.loader import LoadOptions, gguf_in_place_for
+    from smoe.options import QuantSpec
+
+    quantized = write_gguf(original, tmp_path / "q.gguf", "Q8_0", "Q4_K", tokenizer=False)
+    f16 = write_gguf(original, tmp_path / "f.gguf", "F16", tokenizer=False)
+    assert gguf_in_place_for(quantized, LoadOptions())
+    assert not gguf_in_place_for(f16, LoadOptions())
+    assert not gguf_in_place_for(quantized, LoadOptions(quant=QuantSpec(8)))
+    assert not gguf_in_place_for(quantized, LoadOptions(device="cuda"))
+    assert not gguf_in_place_for(quantized, LoadOptions(gguf_in_place=False))
+    assert gguf_in_place_for(f16, LoadOptions(gguf_in_place=True))  # asked: load_gguf_in_place says what it can
+    assert not gguf_in_place_for(original, LoadOptions())  # a directory

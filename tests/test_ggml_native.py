@@ -117,7 +117,7 @@ def test_every_variant_gives_the_same_bits(kind):
 
 
 @pytest.mark.parametrize("kind", TYPES)
-def test_prefill_dequantizes_as_gguf(kind):
+def test_prefill_dequantizes_as_gguf(variant, kind):
     """linear_prefill over GGML blocks: fp32 GEMMs over gguf's dequantized values, bit for bit."""
     rng = np.random.default_rng(2)
     blocks = random_rows(kind, 37, 512, rng)

@@ -25,7 +25,7 @@ bool supported() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 
-const Loops loops = {"avx2", supported, matvec, quantize_row, silu_mul, attend, dequantize_rows, ggml_matvec};
+const Loops loops = {"avx2", supported, matvec, quantize_row, silu_mul, attend, dequantize_rows, ggml_matvec, ggml_dequantize};
 }  // namespace avx2
 #pragma GCC pop_options
 
@@ -38,7 +38,7 @@ namespace avx2_vnni {
 
 bool supported() { return avx2::supported() && __builtin_cpu_supports("avxvnni"); }
 
-const Loops loops = {"avx2-vnni", supported, matvec, quantize_row, silu_mul, attend, dequantize_rows, ggml_matvec};
+const Loops loops = {"avx2-vnni", supported, matvec, quantize_row, silu_mul, attend, dequantize_rows, ggml_matvec, ggml_dequantize};
 }  // namespace avx2_vnni
 #pragma GCC pop_options
 

@@ -460,7 +460,8 @@ inline int32_t ldot(const int8_t* w, const int8_t* q) {  // |w| times q with w's
 #include "ggml_avx2.h"
 
 // a 32-value block's signed values times 32 activation codes: 8 int32 lanes summing to Σ w·q
-inline __m256i block_dot(__m256i w, __m256i q) { return dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(q, w)); }
+inline __m256i signed_dot(__m256i mag, __m256i w, __m256i q) { return dot_u8s8(mag, _mm256_sign_epi8(q, w)); }
+inline __m256i block_dot(__m256i w, __m256i q) { return signed_dot(_mm256_sign_epi8(w, w), w, q); }
 
 // kdot over a block's codes as Chunks computes them (one token row: no stores)
 template <class C>

@@ -344,9 +344,10 @@ inline int32_t ldot(const int8_t* w, const int8_t* q) {  // |w| times q with w's
 #include "ggml_avx2.h"
 
 // a 32-value block's signed values times 32 activation codes: 8 int32 lanes summing to Σ w·q
-inline __m256i block_dot(__m256i w, __m256i q) {
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(q, w));
+inline __m256i signed_dot(__m256i mag, __m256i w, __m256i q) {  // mag = |w|
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), mag, _mm256_sign_epi8(q, w));
 }
+inline __m256i block_dot(__m256i w, __m256i q) { return signed_dot(_mm256_sign_epi8(w, w), w, q); }
 
 // kdot over a block's codes as Chunks computes them, two 32-value steps a 512-bit step
 template <class C>
@@ -455,7 +456,8 @@ bool supported() {
          __builtin_cpu_supports("f16c");
 }
 
-const Loops loops = {"avx512", supported, matvec, quantize_row, silu_mul, attend, portable::dequantize_rows, ggml_matvec};
+const Loops loops = {"avx512", supported, matvec, quantize_row, silu_mul, attend, portable::dequantize_rows, ggml_matvec,
+                     ggml_dequantize};
 
 }  // namespace avx512
 }  // namespace

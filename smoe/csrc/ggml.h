@@ -121,19 +121,32 @@ struct ActRows {  // R rows of K activations, quantized both ways (Q8_K where K 
   std::vector<float> s0;    // [R, K / 32] fp16(d · sum q)
 };
 
+// Rounding without a library call (the library is built for plain x86-64: std::nearbyint and
+// std::round are calls there, ~7 ns a value): adding and subtracting 1.5 · 2^23 rounds a float of
+// magnitude below 2^22 to an integer, ties to even (llama.cpp's nearest_int does the same)
+inline float round_even(float v) { return (v + 12582912.f) - 12582912.f; }
+
+inline float round_away(float v) {  // roundf: ties away from zero; no branch (the signs are random)
+  const float a = std::fabs(v);
+  const float r = round_even(a);
+  return std::copysign(r + float(a - r == 0.5f), v);  // + 1 where the even rounding took a tie down
+}
+
 inline void quantize_q8_k(const float* x, int64_t K, int8_t* q, float* d, int16_t* bsums) {
   for (int64_t b = 0; b < K / 256; ++b) {
     const float* v = x + b * 256;
-    float amax = 0.f, max = 0.f;
-    for (int j = 0; j < 256; ++j)
-      if (std::fabs(v[j]) > amax) amax = std::fabs(v[j]), max = v[j];
+    float amax = 0.f;  // the largest magnitude, then the first value that has it (llama.cpp's `max`)
+    for (int j = 0; j < 256; ++j) amax = std::max(amax, std::fabs(v[j]));
+    int at = 0;
+    while (at < 255 && std::fabs(v[at]) != amax) ++at;
+    const float max = v[at];
     int8_t* c = q + b * 256;
     if (amax == 0.f) {
       d[b] = 0.f;
       std::memset(c, 0, 256);
     } else {
       const float iscale = -127.f / max;
-      for (int j = 0; j < 256; ++j) c[j] = int8_t(std::min(127.f, std::nearbyint(iscale * v[j])));
+      for (int j = 0; j < 256; ++j) c[j] = int8_t(std::min(127.f, round_even(iscale * v[j])));
       d[b] = 1.f / iscale;
     }
     for (int j = 0; j < 16; ++j) {
@@ -151,7 +164,7 @@ inline void quantize_q8_0(const float* x, int64_t K, int8_t* q, float* d, float*
     for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(v[j]));
     const float dd = amax / 127.f, id = dd != 0.f ? 1.f / dd : 0.f;
     int sum = 0;
-    for (int j = 0; j < 32; ++j) sum += q[b * 32 + j] = int8_t(std::round(v[j] * id));
+    for (int j = 0; j < 32; ++j) sum += q[b * 32 + j] = int8_t(round_away(v[j] * id));
     d[b] = round_fp16(dd);
     s[b] = round_fp16(float(sum) * dd);
   }
@@ -210,12 +223,5 @@ inline void k_scales_mins(const uint8_t* s, KBlock& o) {
   k_scales_mins_bytes(s, b);
   for (int j = 0; j < 16; ++j) o.sc[j] = b[j / 2], o.m[j] = b[8 + j / 2];
 }
-
-// ------------------------------------------------------------------------------ dequantization (prefill)
-
-// rows [n0, n1) of a GGML matrix (row_bytes apart) into out [n1 - n0, K] fp32: the values gguf's
-// dequantization gives (smoe/ggml.py), bit for bit — each product in its order there
-void ggml_dequantize_rows(int type, const uint8_t* w, int64_t row_bytes, int64_t K, int64_t n0, int64_t n1,
-                          float* out);
 
 }  // namespace

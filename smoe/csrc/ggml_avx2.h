@@ -15,6 +15,9 @@ inline __m256i bit_field(__m256i v) {
 
 inline void store32(uint8_t* p, __m256i v) { _mm256_store_si256(reinterpret_cast<__m256i*>(p), v); }
 
+// 16 int16 into a block's scales or mins
+inline void store16(int16_t* p, __m256i v) { std::memcpy(p, &v, 32); }
+
 // 16 bytes of nibbles -> 32 bytes: the low nibbles (values 0..15), then the high ones (16..31)
 inline __m256i nibble_pairs(const uint8_t* q) {
   const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
@@ -72,8 +75,8 @@ inline void q3_k_scales(const uint8_t* p, KBlock& o) {
   const __m128i top = _mm_and_si128(_mm_setr_epi32(int(t), int(t >> 2), int(t >> 4), int(t >> 6)), _mm_set1_epi8(3));
   const __m256i sc = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_or_si128(low, _mm_slli_epi16(top, 4))),
                                       _mm256_set1_epi16(32));
-  _mm256_store_si256(reinterpret_cast<__m256i*>(o.sc), sc);
-  _mm256_store_si256(reinterpret_cast<__m256i*>(o.m), _mm256_slli_epi16(sc, 2));
+  store16(o.sc, sc);
+  store16(o.m, _mm256_slli_epi16(sc, 2));
 }
 
 // Q4_K / Q5_K: the 8 scales and 8 mins, each over its two 16-value halves
@@ -82,8 +85,8 @@ inline void k_scales_mins_simd(const uint8_t* s, KBlock& o) {
   k_scales_mins_bytes(s, b);
   const __m128i v = _mm_load_si128(reinterpret_cast<const __m128i*>(b));
   const __m128i twice = _mm_unpacklo_epi8(v, v), twice_m = _mm_unpackhi_epi8(v, v);  // each byte twice
-  _mm256_store_si256(reinterpret_cast<__m256i*>(o.sc), _mm256_cvtepu8_epi16(twice));
-  _mm256_store_si256(reinterpret_cast<__m256i*>(o.m), _mm256_cvtepu8_epi16(twice_m));
+  store16(o.sc, _mm256_cvtepu8_epi16(twice));
+  store16(o.m, _mm256_cvtepu8_epi16(twice_m));
 }
 
 // A K-quant superblock as 8 steps of 32 unsigned codes (`Chunks<T>::at(c)`: values 32c..32c+31,
@@ -98,8 +101,8 @@ struct Chunks<kQ2_K> {
   const uint8_t* b;
   static void scales(const uint8_t* b, KBlock& o) {
     const __m256i sc = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
-    _mm256_store_si256(reinterpret_cast<__m256i*>(o.sc), _mm256_and_si256(sc, _mm256_set1_epi16(15)));
-    _mm256_store_si256(reinterpret_cast<__m256i*>(o.m), _mm256_srli_epi16(sc, 4));
+    store16(o.sc, _mm256_and_si256(sc, _mm256_set1_epi16(15)));
+    store16(o.m, _mm256_srli_epi16(sc, 4));
     o.D = half_at(b + 80), o.Dm = half_at(b + 82), o.off = 0;
   }
   __m256i at(int c) const {  // bits 2(c % 4) of q's half c / 4
@@ -155,8 +158,8 @@ struct Chunks<kQ6_K> {
   const uint8_t* b;
   static void scales(const uint8_t* b, KBlock& o) {
     const __m256i sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192)));
-    _mm256_store_si256(reinterpret_cast<__m256i*>(o.sc), sc);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(o.m), _mm256_slli_epi16(sc, 5));
+    store16(o.sc, sc);
+    store16(o.m, _mm256_slli_epi16(sc, 5));
     o.D = o.Dm = half_at(b + 208), o.off = 32;
   }
   __m256i at(int c) const {  // half h = c / 4, group g = c % 4: a nibble of ql, 2 bits of qh at bits 4-5

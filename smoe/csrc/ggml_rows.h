@@ -172,42 +172,57 @@ void row_k(const uint8_t* w, int64_t K, const ActRows& a, const int64_t* rows, i
 
 constexpr int64_t kGroup = 8;  // 32-value blocks unpacked together, a group ahead of their products
 
+// The 32-value types' fp32 order: block b's term into lane b % 8 of 8 accumulators, then the lanes
+// added by a fixed tree — what 8 vector lanes do, so the scalar form gives the same bits
+inline float lanes_sum(const float* l) { return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7])); }
+
 #ifdef SMOE_GGML_FUSED
-// One weight row of a 32-value type times one token row, 8 blocks a step: their values in registers
-// (LValues), 8 integer block sums at once (block_dot, sums8), each block's term (d_x · D) · sum (+ M ·
-// s_x) computed 8 lanes at a time (the same IEEE operations as row_l's) and added in row_l's order.
+// One weight row of a 32-value type times M token rows, 8 blocks a step: their values computed once
+// in registers (LValues), for each row 8 integer block sums at once (block_dot, sums8), each
+// block's term (d_x · D) · sum (+ M · s_x) 8 lanes at a time (the same IEEE operations as the
+// scalar form's), added into the row's 8 lane accumulators.
 template <int T>
-void row_l_one(const uint8_t* w, int64_t K, const ActRows& a, int64_t r, float* out) {
+void row_l_fused(const uint8_t* w, int64_t K, const ActRows& a, const int64_t* rows, int64_t M, float* out,
+                 int64_t ldo) {
   constexpr int64_t bytes = block_format(T).bytes;
   constexpr bool with_min = T == kQ4_1 || T == kQ5_1;
-  float acc[2] = {0.f, 0.f};
+  alignas(32) float acc[kGgmlMaxRows][8];  // lane j: the blocks b with b % 8 == j (lanes_sum's order)
+  std::memset(acc, 0, sizeof(acc));
   const int64_t nb = K / 32;
-  const int8_t* q = a.q0.data() + r * K;
-  const float *d0 = a.d0.data() + r * nb, *s0 = a.s0.data() + r * nb;
   int64_t bi = 0;
-  alignas(32) float terms[8];
   for (; bi + 8 <= nb; bi += 8) {
     const uint8_t* b = w + bi * bytes;
     prefetch_span(b, 8 * bytes);
-    __m256i p[8];
-    for (int j = 0; j < 8; ++j)
-      p[j] = block_dot(LValues<T>::at(b + j * bytes), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + (bi + j) * 32)));
-    __m256 t = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(d0 + bi), halves8(b, bytes)), _mm256_cvtepi32_ps(sums8(p)));
-    if (with_min) t = _mm256_add_ps(t, _mm256_mul_ps(halves8(b + 2, bytes), _mm256_loadu_ps(s0 + bi)));
-    _mm256_store_ps(terms, t);
-    for (int j = 0; j < 8; ++j) acc[(bi + j) & 1] += terms[j];
+    __m256i v[8], mag[8];  // the values, and their magnitudes (block_dot's unsigned operand)
+    for (int j = 0; j < 8; ++j) v[j] = LValues<T>::at(b + j * bytes), mag[j] = _mm256_sign_epi8(v[j], v[j]);
+    const __m256 D = halves8(b, bytes);
+    const __m256 Mn = with_min ? halves8(b + 2, bytes) : _mm256_setzero_ps();
+    for (int64_t i = 0; i < M; ++i) {
+      const int64_t r = rows[i];
+      const int8_t* q = a.q0.data() + r * K + bi * 32;
+      __m256i p[8];
+      for (int j = 0; j < 8; ++j)
+        p[j] = signed_dot(mag[j], v[j], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * j)));
+      __m256 t = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(a.d0.data() + r * nb + bi), D), _mm256_cvtepi32_ps(sums8(p)));
+      if (with_min) t = _mm256_add_ps(t, _mm256_mul_ps(Mn, _mm256_loadu_ps(a.s0.data() + r * nb + bi)));
+      _mm256_store_ps(acc[i], _mm256_add_ps(_mm256_load_ps(acc[i]), t));
+    }
   }
-  for (; bi < nb; ++bi) {  // the last blocks, one at a time
+  for (; bi < nb; ++bi) {  // the last blocks, one at a time, into their lanes
     const uint8_t* b = w + bi * bytes;
-    const __m256i s = block_dot(LValues<T>::at(b), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + bi * 32)));
-    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
-    const int32_t isum = _mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1)));
-    float v = (d0[bi] * half_at(b)) * float(isum);
-    if (with_min) v += half_at(b + 2) * s0[bi];
-    acc[bi & 1] += v;
+    const __m256i v = LValues<T>::at(b);
+    for (int64_t i = 0; i < M; ++i) {
+      const int64_t r = rows[i];
+      const __m256i s = block_dot(v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q0.data() + r * K + bi * 32)));
+      __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+      h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+      const int32_t isum = _mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1)));
+      float t = (a.d0[r * nb + bi] * half_at(b)) * float(isum);
+      if (with_min) t += half_at(b + 2) * a.s0[r * nb + bi];
+      acc[i][bi % 8] += t;
+    }
   }
-  out[0] = acc[0] + acc[1];
+  for (int64_t i = 0; i < M; ++i) out[i * ldo] = lanes_sum(acc[i]);
 }
 #endif
 
@@ -215,10 +230,10 @@ void row_l_one(const uint8_t* w, int64_t K, const ActRows& a, int64_t r, float* 
 template <int T>
 void row_l(const uint8_t* w, int64_t K, const ActRows& a, const int64_t* rows, int64_t M, float* out, int64_t ldo) {
 #ifdef SMOE_GGML_FUSED
-  if (M == 1) return row_l_one<T>(w, K, a, rows[0], out);
+  return row_l_fused<T>(w, K, a, rows, M, out, ldo);
 #endif
   constexpr int64_t bytes = block_format(T).bytes;
-  float acc[kGgmlMaxRows][2] = {};
+  float acc[kGgmlMaxRows][8] = {};  // lane b % 8 (lanes_sum)
   LBlock blk[2][kGroup];
   const int64_t nb = K / 32, ng = (nb + kGroup - 1) / kGroup;
   auto unpack_group = [&](int64_t g) __attribute__((always_inline)) {
@@ -237,11 +252,11 @@ void row_l(const uint8_t* w, int64_t K, const ActRows& a, const int64_t* rows, i
         const LBlock& l = blk[g & 1][j];
         float v = (a.d0[at] * l.D) * float(ldot(l.w, a.q0.data() + r * K + bi * 32));
         if (T == kQ4_1 || T == kQ5_1) v += l.M * a.s0[at];
-        acc[i][bi & 1] += v;
+        acc[i][bi % 8] += v;
       }
     }
   }
-  for (int64_t i = 0; i < M; ++i) out[i * ldo] = acc[i][0] + acc[i][1];
+  for (int64_t i = 0; i < M; ++i) out[i * ldo] = lanes_sum(acc[i]);
 }
 
 // out[i * ldo + (n - n0)] = token row rows[i] times weight row n, n in [n0, n1) (isa.h's matvec)
@@ -268,6 +283,56 @@ void ggml_matvec(const Acts& a, const int64_t* rows, int64_t M, const Matrix& W,
         default: row_l<kIQ4_NL>(w, W.K, g, rows + m0, mm, o, ldo);
       }
     }
+  }
+}
+
+// rows [n0, n1) of a GGML matrix into out [n1 - n0, K] fp32, bit for bit gguf's values: each block
+// unpacked (the scalar form: GCC 12 at -O2 compiled the variants' vector unpacking followed by these
+// loops into all zeros — selftest.cpp caught it; -O1 / -O3 were right), then value = (D·sc)·(u − off) or (D·sc)·u − Dm·m per 16 values
+// (K-quants), D·w (+ M) per 32 — gguf's products in gguf's order, in loops the compiler vectorizes
+template <int T>
+void dequantize_type(const uint8_t* w, int64_t row_bytes, int64_t K, int64_t n0, int64_t n1, float* out) {
+  constexpr BlockFormat f = block_format(T);
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t bi = 0; bi < K / f.elems; ++bi) {
+      const uint8_t* blk = w + n * row_bytes + bi * f.bytes;
+      float* ob = out + (n - n0) * K + bi * f.elems;
+      if constexpr (f.elems == 256) {
+        KBlock k;
+        unpack_scalar(blk, k, std::integral_constant<int, T>());
+        for (int j = 0; j < 16; ++j) {
+          const float a = k.D * float(k.sc[j]), b = k.Dm * float(k.m[j]);
+          const uint8_t* u = k.u + 16 * j;
+          float* o = ob + 16 * j;
+          if (k.off)
+            for (int i = 0; i < 16; ++i) o[i] = a * float(int(u[i]) - k.off);
+          else
+            for (int i = 0; i < 16; ++i) o[i] = a * float(u[i]) - b;
+        }
+      } else {
+        LBlock l;
+        unpack_scalar(blk, l, std::integral_constant<int, T>());
+        if (T == kQ4_1 || T == kQ5_1)
+          for (int i = 0; i < 32; ++i) ob[i] = l.D * float(l.w[i]) + l.M;
+        else
+          for (int i = 0; i < 32; ++i) ob[i] = l.D * float(l.w[i]);
+      }
+    }
+}
+
+void ggml_dequantize(int type, const uint8_t* w, int64_t row_bytes, int64_t K, int64_t n0, int64_t n1, float* out) {
+  switch (type) {
+    case kQ2_K: return dequantize_type<kQ2_K>(w, row_bytes, K, n0, n1, out);
+    case kQ3_K: return dequantize_type<kQ3_K>(w, row_bytes, K, n0, n1, out);
+    case kQ4_K: return dequantize_type<kQ4_K>(w, row_bytes, K, n0, n1, out);
+    case kQ5_K: return dequantize_type<kQ5_K>(w, row_bytes, K, n0, n1, out);
+    case kQ6_K: return dequantize_type<kQ6_K>(w, row_bytes, K, n0, n1, out);
+    case kQ4_0: return dequantize_type<kQ4_0>(w, row_bytes, K, n0, n1, out);
+    case kQ4_1: return dequantize_type<kQ4_1>(w, row_bytes, K, n0, n1, out);
+    case kQ5_0: return dequantize_type<kQ5_0>(w, row_bytes, K, n0, n1, out);
+    case kQ5_1: return dequantize_type<kQ5_1>(w, row_bytes, K, n0, n1, out);
+    case kQ8_0: return dequantize_type<kQ8_0>(w, row_bytes, K, n0, n1, out);
+    default: return dequantize_type<kIQ4_NL>(w, row_bytes, K, n0, n1, out);
   }
 }
 

@@ -164,6 +164,8 @@ struct Loops {
   void (*dequantize_rows)(const Matrix& W, int64_t n0, int64_t n1, float* out);
   void (*ggml_matvec)(const Acts& a, const int64_t* rows, int64_t M, const Matrix& W, int64_t n0, int64_t n1,
                       float* out, int64_t ldo);  // matvec for kGgml (ggml_rows.h)
+  void (*ggml_dequantize)(int type, const uint8_t* w, int64_t row_bytes, int64_t K, int64_t n0, int64_t n1,
+                          float* out);  // dequantize_rows for kGgml: gguf's values, the same bits everywhere
 };
 
 // the variants compiled into this library, best first (variants.cpp), and the one in use
@@ -187,7 +189,7 @@ inline void silu_mul(const float* g, const float* up, int64_t n, uint16_t* out) 
 }
 inline void dequantize_rows(const Matrix& W, int64_t n0, int64_t n1, float* out) {
   if (W.kind == kGgml)
-    ggml_dequantize_rows(W.gtype, static_cast<const uint8_t*>(W.w), W.row_bytes, W.K, n0, n1, out);
+    active_loops()->ggml_dequantize(W.gtype, static_cast<const uint8_t*>(W.w), W.row_bytes, W.K, n0, n1, out);
   else
     active_loops()->dequantize_rows(W, n0, n1, out);
 }

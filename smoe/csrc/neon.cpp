@@ -140,7 +140,7 @@ using portable::mdot;
 bool supported() { return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0; }
 
 const Loops loops = {"neon", supported, matvec, portable::quantize_row,
-                     portable::silu_mul, portable::attend, portable::dequantize_rows, ggml_matvec};
+                     portable::silu_mul, portable::attend, portable::dequantize_rows, ggml_matvec, ggml_dequantize};
 
 }  // namespace neon
 #pragma GCC pop_options

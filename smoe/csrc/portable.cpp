@@ -215,55 +215,11 @@ inline int32_t ldot(const int8_t* w, const int8_t* q) { return dot_i8(w, q, 32);
 
 #include "ggml_rows.h"
 
-// rows [n0, n1) of a GGML matrix dequantized (ggml.h): each block unpacked, then value = (D·sc)·(u − off)
-// or (D·sc)·u − Dm·m per 16 values (K-quants), D·w (+ M) per 32 — the products in gguf's order
-void dequantize_blocks(int type, const uint8_t* w, int64_t row_bytes, int64_t K, int64_t n0, int64_t n1, float* out) {
-  const BlockFormat f = block_format(type);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = w + n * row_bytes;
-    float* o = out + (n - n0) * K;
-    for (int64_t b = 0; b < K / f.elems; ++b) {
-      const uint8_t* blk = row + b * f.bytes;
-      float* ob = o + b * f.elems;
-      if (f.elems == 256) {
-        KBlock k;
-        switch (type) {
-          case kQ2_K: unpack(blk, k, std::integral_constant<int, kQ2_K>()); break;
-          case kQ3_K: unpack(blk, k, std::integral_constant<int, kQ3_K>()); break;
-          case kQ4_K: unpack(blk, k, std::integral_constant<int, kQ4_K>()); break;
-          case kQ5_K: unpack(blk, k, std::integral_constant<int, kQ5_K>()); break;
-          default: unpack(blk, k, std::integral_constant<int, kQ6_K>());
-        }
-        for (int i = 0; i < 256; ++i) {
-          const float a = k.D * float(k.sc[i / 16]);
-          ob[i] = k.off ? a * float(int(k.u[i]) - k.off) : a * float(k.u[i]) - k.Dm * float(k.m[i / 16]);
-        }
-      } else {
-        LBlock l;
-        switch (type) {
-          case kQ4_0: unpack(blk, l, std::integral_constant<int, kQ4_0>()); break;
-          case kQ4_1: unpack(blk, l, std::integral_constant<int, kQ4_1>()); break;
-          case kQ5_0: unpack(blk, l, std::integral_constant<int, kQ5_0>()); break;
-          case kQ5_1: unpack(blk, l, std::integral_constant<int, kQ5_1>()); break;
-          case kQ8_0: unpack(blk, l, std::integral_constant<int, kQ8_0>()); break;
-          default: unpack(blk, l, std::integral_constant<int, kIQ4_NL>());
-        }
-        const bool with_min = type == kQ4_1 || type == kQ5_1;
-        for (int i = 0; i < 32; ++i) ob[i] = with_min ? l.D * float(l.w[i]) + l.M : l.D * float(l.w[i]);
-      }
-    }
-  }
-}
-
 bool supported() { return true; }
 
-const Loops loops = {"portable", supported, matvec, quantize_row, silu_mul, attend, dequantize_rows, ggml_matvec};
+const Loops loops = {"portable", supported, matvec, quantize_row, silu_mul, attend, dequantize_rows, ggml_matvec,
+                     ggml_dequantize};
 
 }  // namespace portable
-
-void ggml_dequantize_rows(int type, const uint8_t* w, int64_t row_bytes, int64_t K, int64_t n0, int64_t n1,
-                          float* out) {
-  portable::dequantize_blocks(type, w, row_bytes, K, n0, n1, out);
-}
 
 }  // namespace

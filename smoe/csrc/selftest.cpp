@@ -179,6 +179,11 @@ void check_ggml(const Loops& v, int type, int64_t M, int64_t N, int64_t K) {
   bool same = true;
   for (int64_t i = 0; i < M * N; ++i) same &= std::memcmp(&ref[i], &got[i], 4) == 0;
   expect(same, v.name, "ggml matvec", M, N, K, double(type));
+  std::vector<float> ref_rows(N * K), got_rows(N * K);  // prefill's rows: the same bits
+  portable::loops.ggml_dequantize(type, w.data(), row_bytes, K, 0, N, ref_rows.data());
+  v.ggml_dequantize(type, w.data(), row_bytes, K, 0, N, got_rows.data());
+  expect(std::memcmp(ref_rows.data(), got_rows.data(), 4 * N * K) == 0, v.name, "ggml dequantize", M, N, K,
+         double(type));
 }
 
 }  // namespace
