@@ -106,6 +106,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--out", type=Path, default=HERE / "out" / "gguf-bench")
     p.add_argument("--in-place", action="store_true", help="smoe uses the quantized files' blocks in place")
+    p.add_argument("--dtype", default="fp32", help="smoe's dtype: fp32 (the file's weights, no rounding of smoe's "
+                   "own) or bf16 (in place: the native kernels, activations quantized as llama.cpp does)")
     args = p.parse_args()
     if not (args.model / "config.json").exists():
         print(f"{args.model}: no checkpoint (make one: python benchmarks/random_checkpoint.py --preset bench "
@@ -121,8 +123,8 @@ def main() -> int:
     llama_f16 = llama_run(files["F16"], prompt, args.new_tokens, args.threads)[0] if "F16" in files else None
     for t in types:
         ref_logits, ref_tokens = llama_run(files[t], prompt, args.new_tokens, args.threads)
-        # smoe in fp32, so that the comparison shows the file's weights, not smoe's rounding
-        logits, tokens, load_s = smoe_run(files[t], prompt, args.new_tokens, "fp32", args.in_place)
+        # smoe in fp32 by default, so that the comparison shows the file's weights, not smoe's rounding
+        logits, tokens, load_s = smoe_run(files[t], prompt, args.new_tokens, args.dtype, args.in_place)
         diff = np.abs(logits - ref_logits)
         scale = np.abs(ref_logits).max()
         agree = float((logits.argmax(-1) == ref_logits.argmax(-1)).mean())
@@ -138,7 +140,7 @@ def main() -> int:
                else None}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    meta = {"cpu": cpu(), "commit": commit(), "model": str(args.model), "in_place": args.in_place,
+    meta = {"cpu": cpu(), "commit": commit(), "model": str(args.model), "in_place": args.in_place, "dtype": args.dtype,
             "command": " ".join(["bench_gguf.py", *sys.argv[1:]]), "prompt_tokens": args.prompt_tokens}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
