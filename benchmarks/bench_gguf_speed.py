@@ -61,18 +61,22 @@ def main() -> int:
                 rss[engine, t] = min(rss.get((engine, t), 1e18), report["peak_rss_mib"])
                 for batch, m in report["result"].items():
                     old = best.get((engine, t, batch), {})
-                    best[engine, t, batch] = {k: max(old.get(k, 0), m[k]) for k in ("prefill_tok_s", "decode_tok_s")}
+                    best[engine, t, batch] = {k: max(old.get(k, 0), m[k])
+                                              for k in ("prefill_tok_s", "decode_tok_s")}
                 b1 = report["result"]["1"] if "1" in report["result"] else next(iter(report["result"].values()))
                 print(f"run {r + 1}/{args.repeats}  {t:<7} {engine:<9} decode {b1['decode_tok_s']:7.1f} tok/s  "
-                      f"prefill {b1['prefill_tok_s']:7.1f} tok/s  peak RSS {report['peak_rss_mib']:.0f} MiB", flush=True)
+                      f"prefill {b1['prefill_tok_s']:7.1f} tok/s  peak RSS {report['peak_rss_mib']:.0f} MiB",
+                      flush=True)
     lines = [f"model: {args.model}  commit: {commit()}  machine: {cpu()}, {args.threads} threads", "",
              "| file | batch | smoe decode | llama.cpp decode | ratio | smoe prefill | llama.cpp prefill | ratio | "
-             "file (MiB) | smoe peak RSS (MiB) | llama.cpp peak RSS (MiB) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "file (MiB) | smoe peak RSS (MiB) | llama.cpp peak RSS (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = []
     for t in types:
         for batch in args.batches.split(","):
             s, ll = best["smoe", t, batch], best["llama.cpp", t, batch]
-            row = {"type": t, "batch": int(batch), "smoe": s, "llama.cpp": ll, "file_mib": files[t].stat().st_size / 2**20,
+            row = {"type": t, "batch": int(batch), "smoe": s, "llama.cpp": ll,
+                   "file_mib": files[t].stat().st_size / 2**20,
                    "smoe_rss_mib": rss["smoe", t], "llama_rss_mib": rss["llama.cpp", t]}
             rows.append(row)
             lines.append(f"| {t} | {batch} | {s['decode_tok_s']:.1f} | {ll['decode_tok_s']:.1f} | "
@@ -82,7 +86,8 @@ def main() -> int:
     text = "\n".join(lines)
     print(text)
     (args.out / "results.md").write_text(text + "\n")
-    (args.out / "results.json").write_text(json.dumps({"commit": commit(), "cpu": cpu(), "rows": rows}, indent=1) + "\n")
+    summary = {"commit": commit(), "cpu": cpu(), "rows": rows}
+    (args.out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     return 0
 
 

@@ -68,7 +68,7 @@ class LoadOptions:
     tokenizer_backend: str | None = None
     progress: bool = False
     parallel: object = None  # a parallel.ParallelSpec: this process's share of the model (under torchrun)
-    gguf_in_place: bool | None = None  # a .gguf file's blocks used as they are; None: whenever it can be (gguf_in_place_for)
+    gguf_in_place: bool | None = None  # a .gguf file's blocks used as they are; None: where it can (gguf_in_place_for)
 
 
 def gguf_in_place_for(path: str | Path | None, options: LoadOptions) -> bool:

@@ -308,39 +308,6 @@ void matvec(const Acts& a, const int64_t* rows, int64_t M, const Matrix& W, int6
 
 // ------------------------------------------------------------------------------ GGML blocks (ggml_rows.h)
 
-inline int32_t hsum_i32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1)));
-}
-
-// Σ_j sc_j Σ u·q over 256 values, 64 a step: the pairs' products (u <= 63, |q| <= 127: no int16
-// saturation) times each 16 values' scale, spread over its 8 int16 lanes by vpermw
-inline int32_t kdot(const uint8_t* u, const int8_t* q, const int16_t* sc) {
-  alignas(64) static const int16_t sub_block[32] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
-                                                    2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3};
-  const __m512i scales = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
-  const __m512i base = _mm512_load_si512(sub_block);
-  __m512i acc = _mm512_setzero_si512();
-  for (int c = 0; c < 4; ++c) {
-    const __m512i uu = _mm512_load_si512(u + 64 * c), qq = _mm512_loadu_si512(q + 64 * c);
-    const __m512i s = _mm512_permutexvar_epi16(_mm512_add_epi16(base, _mm512_set1_epi16(int16_t(4 * c))), scales);
-    acc = _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(uu, qq), s));
-  }
-  return _mm512_reduce_add_epi32(acc);
-}
-
-inline int32_t mdot(const int16_t* m, const int16_t* bsums) {
-  return hsum_i32(_mm256_madd_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m)),
-                                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bsums))));
-}
-
-inline int32_t ldot(const int8_t* w, const int8_t* q) {  // |w| times q with w's sign, by 256-bit vpdpbusd
-  const __m256i ww = _mm256_load_si256(reinterpret_cast<const __m256i*>(w));
-  const __m256i qq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
-  return hsum_i32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(ww, ww), _mm256_sign_epi8(qq, ww)));
-}
-
 #include "ggml_avx2.h"
 
 // a 32-value block's signed values times 32 activation codes: 8 int32 lanes summing to Σ w·q
@@ -349,7 +316,9 @@ inline __m256i signed_dot(__m256i mag, __m256i w, __m256i q) {  // mag = |w|
 }
 inline __m256i block_dot(__m256i w, __m256i q) { return signed_dot(_mm256_sign_epi8(w, w), w, q); }
 
-// kdot over a block's codes as Chunks computes them, two 32-value steps a 512-bit step
+// Σ_j sc_j Σ u·q over a block's 256 codes as `chunks` gives them (Chunks: computed in registers;
+// Stored: unpacked in memory), two 32-value steps a 512-bit step: the pairs' products (u <= 63,
+// |q| <= 127: no int16 saturation) times each 16 values' scale, spread over its 8 int16 lanes by vpermw
 template <class C>
 inline int32_t kdot_chunks(const C& chunks, const int8_t* q, const int16_t* sc) {
   alignas(64) static const int16_t sub_block[32] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
@@ -364,6 +333,12 @@ inline int32_t kdot_chunks(const C& chunks, const int8_t* q, const int16_t* sc) 
     acc = _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(uu, qq), s));
   }
   return _mm512_reduce_add_epi32(acc);
+}
+
+// the same sums over a block unpacked into memory (batches: one unpacking for every row)
+inline int32_t kdot(const uint8_t* u, const int8_t* q, const int16_t* sc) { return kdot_chunks(Stored{u}, q, sc); }
+inline int32_t ldot(const int8_t* w, const int8_t* q) {
+  return hsum_i32(block_dot(load32(reinterpret_cast<const uint8_t*>(w)), load32(reinterpret_cast<const uint8_t*>(q))));
 }
 
 #include "ggml_rows.h"

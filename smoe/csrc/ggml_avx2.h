@@ -2,6 +2,17 @@
 // bytes): included by the AVX2 variants (avx2.h) and the AVX-512 one (avx512.cpp) before
 // ggml_rows.h, whose products then take these overloads. 32 bytes a step, aligned stores.
 
+inline int32_t hsum_i32(__m256i v) {  // exact
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1)));
+}
+
+inline int32_t mdot(const int16_t* m, const int16_t* bsums) {  // Σ_j m_j · bsums_j (ggml_rows.h)
+  return hsum_i32(_mm256_madd_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m)),
+                                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bsums))));
+}
+
 inline __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
 inline __m256i low_nibbles(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
@@ -170,6 +181,11 @@ struct Chunks<kQ6_K> {
                         : g == 2 ? bits : _mm256_srli_epi16(bits, 2);
     return _mm256_or_si256(low, _mm256_and_si256(top, _mm256_set1_epi8(0x30)));
   }
+};
+
+struct Stored {  // a block's codes unpacked into memory, as Chunks gives them
+  const uint8_t* u;
+  __m256i at(int c) const { return _mm256_load_si256(reinterpret_cast<const __m256i*>(u + 32 * c)); }
 };
 
 template <int T>

@@ -213,10 +213,8 @@ void row_l_fused(const uint8_t* w, int64_t K, const ActRows& a, const int64_t* r
     const __m256i v = LValues<T>::at(b);
     for (int64_t i = 0; i < M; ++i) {
       const int64_t r = rows[i];
-      const __m256i s = block_dot(v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q0.data() + r * K + bi * 32)));
-      __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-      h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
-      const int32_t isum = _mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1)));
+      const int32_t isum = hsum_i32(
+          block_dot(v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q0.data() + r * K + bi * 32))));
       float t = (a.d0[r * nb + bi] * half_at(b)) * float(isum);
       if (with_min) t += half_at(b + 2) * a.s0[r * nb + bi];
       acc[i][bi % 8] += t;

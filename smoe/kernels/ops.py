@@ -2,7 +2,8 @@
 whether they run here, and their fake implementations for torch.compile and meta tensors.
 
 The ops are `torch.library` ops in the `smoe` namespace, found by name (`torch.ops.smoe.*`):
-linear_bf16 / _q8 / _q4 / _ggml (few rows by one weight; _ggml: GGUF's block formats), linear_prefill (many rows: fp32 GEMMs over
+linear_bf16 / _q8 / _q4 / _ggml (few rows by one weight; _ggml: GGUF's block
+formats), linear_prefill (many rows: fp32 GEMMs over
 weight blocks widened to fp32), moe_bf16 / _q8 / _q4 / _ggml (all chosen experts
 of a MoE layer), quantize_activations, rms_norm, decode_layer / decode_layers (whole decoder layers
 of a decode step), decode_step (a whole decode step: token ids to logits and greedy
