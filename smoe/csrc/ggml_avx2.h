@@ -13,6 +13,12 @@ inline int32_t mdot(const int16_t* m, const int16_t* bsums) {  // Σ_j m_j · bs
                                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bsums))));
 }
 
+inline float half(const uint8_t* p) {  // fp16 -> fp32 by F16C: exact (half_at's value), no branches
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
 inline __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
 inline __m256i low_nibbles(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
@@ -49,30 +55,30 @@ inline __m256i fifth_bit_bytes(const uint8_t* qh4) {
 
 inline void unpack(const uint8_t* b, LBlock& o, std::integral_constant<int, kQ4_0>) {
   store32(reinterpret_cast<uint8_t*>(o.w), _mm256_sub_epi8(nibble_pairs(b + 2), _mm256_set1_epi8(8)));
-  o.D = half_at(b), o.M = 0.f;
+  o.D = half(b), o.M = 0.f;
 }
 inline void unpack(const uint8_t* b, LBlock& o, std::integral_constant<int, kQ4_1>) {
   store32(reinterpret_cast<uint8_t*>(o.w), nibble_pairs(b + 4));
-  o.D = half_at(b), o.M = half_at(b + 2);
+  o.D = half(b), o.M = half(b + 2);
 }
 inline void unpack(const uint8_t* b, LBlock& o, std::integral_constant<int, kQ5_0>) {
   const __m256i codes = _mm256_or_si256(nibble_pairs(b + 6), fifth_bit_bytes(b + 2));
   store32(reinterpret_cast<uint8_t*>(o.w), _mm256_sub_epi8(codes, _mm256_set1_epi8(16)));
-  o.D = half_at(b), o.M = 0.f;
+  o.D = half(b), o.M = 0.f;
 }
 inline void unpack(const uint8_t* b, LBlock& o, std::integral_constant<int, kQ5_1>) {
   store32(reinterpret_cast<uint8_t*>(o.w), _mm256_or_si256(nibble_pairs(b + 8), fifth_bit_bytes(b + 4)));
-  o.D = half_at(b), o.M = half_at(b + 2);
+  o.D = half(b), o.M = half(b + 2);
 }
 inline void unpack(const uint8_t* b, LBlock& o, std::integral_constant<int, kQ8_0>) {
   store32(reinterpret_cast<uint8_t*>(o.w), load32(b + 2));
-  o.D = half_at(b), o.M = 0.f;
+  o.D = half(b), o.M = 0.f;
 }
 inline void unpack(const uint8_t* b, LBlock& o, std::integral_constant<int, kIQ4_NL>) {
   const __m256i table = _mm256_setr_epi8(-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
                                          -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113);
   store32(reinterpret_cast<uint8_t*>(o.w), _mm256_shuffle_epi8(table, nibble_pairs(b + 2)));
-  o.D = half_at(b), o.M = 0.f;
+  o.D = half(b), o.M = 0.f;
 }
 
 // Q3_K's sixteen 6-bit scales (12 bytes p): low 4 bits the low (j < 8) / high (j >= 8) nibbles of
@@ -114,7 +120,7 @@ struct Chunks<kQ2_K> {
     const __m256i sc = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
     store16(o.sc, _mm256_and_si256(sc, _mm256_set1_epi16(15)));
     store16(o.m, _mm256_srli_epi16(sc, 4));
-    o.D = half_at(b + 80), o.Dm = half_at(b + 82), o.off = 0;
+    o.D = half(b + 80), o.Dm = half(b + 82), o.off = 0;
   }
   __m256i at(int c) const {  // bits 2(c % 4) of q's half c / 4
     const __m256i q = load32(b + 16 + 32 * (c / 4));
@@ -127,7 +133,7 @@ struct Chunks<kQ3_K> {
   const uint8_t* b;
   static void scales(const uint8_t* b, KBlock& o) {
     q3_k_scales(b + 96, o);
-    o.D = o.Dm = half_at(b + 108), o.off = 4;
+    o.D = o.Dm = half(b + 108), o.off = 4;
   }
   __m256i at(int c) const {  // 2 bits of q's half c / 4, and bit c of hmask at bit 2
     const __m256i q = load32(b + 32 + 32 * (c / 4)), hm = load32(b);
@@ -142,7 +148,7 @@ struct Chunks<kQ4_K> {
   const uint8_t* b;
   static void scales(const uint8_t* b, KBlock& o) {
     k_scales_mins_simd(b + 4, o);
-    o.D = half_at(b), o.Dm = half_at(b + 2), o.off = 0;
+    o.D = half(b), o.Dm = half(b + 2), o.off = 0;
   }
   __m256i at(int c) const {  // the low (c even) or high nibbles of 32 bytes c / 2
     const __m256i q = load32(b + 16 + 32 * (c / 2));
@@ -155,7 +161,7 @@ struct Chunks<kQ5_K> {
   const uint8_t* b;
   static void scales(const uint8_t* b, KBlock& o) {
     k_scales_mins_simd(b + 4, o);
-    o.D = half_at(b), o.Dm = half_at(b + 2), o.off = 0;
+    o.D = half(b), o.Dm = half(b + 2), o.off = 0;
   }
   __m256i at(int c) const {  // Q4_K's nibbles with bit c of qh at bit 4
     const __m256i q = load32(b + 48 + 32 * (c / 2)), qh = load32(b + 16);
@@ -171,7 +177,7 @@ struct Chunks<kQ6_K> {
     const __m256i sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192)));
     store16(o.sc, sc);
     store16(o.m, _mm256_slli_epi16(sc, 5));
-    o.D = o.Dm = half_at(b + 208), o.off = 32;
+    o.D = o.Dm = half(b + 208), o.off = 32;
   }
   __m256i at(int c) const {  // half h = c / 4, group g = c % 4: a nibble of ql, 2 bits of qh at bits 4-5
     const int h = c / 4, g = c % 4;

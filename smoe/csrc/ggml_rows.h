@@ -130,10 +130,13 @@ void row_k_one(const uint8_t* w, int64_t K, const ActRows& a, int64_t r, float* 
     const uint8_t* b = w + sb * bytes;
     prefetch_span(b, bytes);
     Chunks<T>::scales(b, k);
-    const int32_t isum = kdot_chunks(Chunks<T>{b}, q + sb * 256, k.sc);
-    const int32_t msum = mdot(k.m, bsums + sb * 16);
     const float dx = a.dk[r * nb + sb];
-    acc[sb & 1] += k.off ? (dx * k.D) * float(isum - msum) : (dx * k.D) * float(isum) - (dx * k.Dm) * float(msum);
+    if constexpr (T == kQ3_K || T == kQ6_K) {  // the offset in m (off != 0): isum − msum in one reduction
+      acc[sb & 1] += (dx * k.D) * float(kdot_chunks(Chunks<T>{b}, q + sb * 256, k.sc, k.m, bsums + sb * 16));
+    } else {
+      const int32_t isum = kdot_chunks(Chunks<T>{b}, q + sb * 256, k.sc), msum = mdot(k.m, bsums + sb * 16);
+      acc[sb & 1] += (dx * k.D) * float(isum) - (dx * k.Dm) * float(msum);
+    }
   }
   out[0] = acc[0] + acc[1];
 }
