@@ -430,31 +430,7 @@ void dequantize_rows(const Matrix& W, int64_t n0, int64_t n1, float* out) {
 inline __m256i signed_dot(__m256i mag, __m256i w, __m256i q) { return dot_u8s8(mag, _mm256_sign_epi8(q, w)); }
 inline __m256i block_dot(__m256i w, __m256i q) { return signed_dot(_mm256_sign_epi8(w, w), w, q); }
 
-// Σ_j sc_j Σ u·q over a block's 256 codes as `chunks` gives them (Chunks: computed in registers;
-// Stored: unpacked in memory): per 32 values the pairs' products (u <= 63, |q| <= 127: no int16
-// saturation) times sub-block 2c's scale in int16 lanes 0-7 and 2c + 1's in lanes 8-15
-// (with m and bsums: minus Σ_j m_j · bsums_j, in the same reduction — the K-quants whose offset is
-// in m: Q3_K, Q6_K)
-template <class C>
-inline int32_t kdot_chunks(const C& chunks, const int8_t* q, const int16_t* sc, const int16_t* m = nullptr,
-                           const int16_t* bsums = nullptr) {
-  const __m256i scales = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc));
-  const __m256i spread = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
-                                          2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3);
-  __m256i acc = _mm256_setzero_si256();
-  for (int c = 0; c < 8; ++c) {
-    const __m256i qq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * c));
-    const __m256i s = _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(scales, _mm256_set1_epi32(c)), spread);
-    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(chunks.at(c), qq), s));
-  }
-  if (m != nullptr)
-    acc = _mm256_sub_epi32(acc, _mm256_madd_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m)),
-                                                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bsums))));
-  return hsum_i32(acc);
-}
-
-// the same sums over a block unpacked into memory (batches: one unpacking for every row)
-inline int32_t kdot(const uint8_t* u, const int8_t* q, const int16_t* sc) { return kdot_chunks(Stored{u}, q, sc); }
+// a block unpacked into memory (batches: one unpacking for every row)
 inline int32_t ldot(const int8_t* w, const int8_t* q) {
   return hsum_i32(block_dot(load32(reinterpret_cast<const uint8_t*>(w)), load32(reinterpret_cast<const uint8_t*>(q))));
 }

@@ -316,33 +316,7 @@ inline __m256i signed_dot(__m256i mag, __m256i w, __m256i q) {  // mag = |w|
 }
 inline __m256i block_dot(__m256i w, __m256i q) { return signed_dot(_mm256_sign_epi8(w, w), w, q); }
 
-// Σ_j sc_j Σ u·q over a block's 256 codes as `chunks` gives them (Chunks: computed in registers;
-// Stored: unpacked in memory), two 32-value steps a 512-bit step: the pairs' products (u <= 63,
-// |q| <= 127: no int16 saturation) times each 16 values' scale, spread over its 8 int16 lanes by vpermw
-// (with m and bsums: minus Σ_j m_j · bsums_j, in the same reduction — Q3_K, Q6_K)
-template <class C>
-inline int32_t kdot_chunks(const C& chunks, const int8_t* q, const int16_t* sc, const int16_t* m = nullptr,
-                           const int16_t* bsums = nullptr) {
-  alignas(64) static const int16_t sub_block[32] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
-                                                    2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3};
-  const __m512i scales = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
-  const __m512i base = _mm512_load_si512(sub_block);
-  __m512i acc = _mm512_setzero_si512();
-  for (int c = 0; c < 4; ++c) {
-    const __m512i uu = _mm512_inserti64x4(_mm512_castsi256_si512(chunks.at(2 * c)), chunks.at(2 * c + 1), 1);
-    const __m512i qq = _mm512_loadu_si512(q + 64 * c);
-    const __m512i s = _mm512_permutexvar_epi16(_mm512_add_epi16(base, _mm512_set1_epi16(int16_t(4 * c))), scales);
-    acc = _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(uu, qq), s));
-  }
-  if (m != nullptr)
-    acc = _mm512_sub_epi32(acc, _mm512_zextsi256_si512(_mm256_madd_epi16(
-                                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m)),
-                                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bsums)))));
-  return _mm512_reduce_add_epi32(acc);
-}
-
-// the same sums over a block unpacked into memory (batches: one unpacking for every row)
-inline int32_t kdot(const uint8_t* u, const int8_t* q, const int16_t* sc) { return kdot_chunks(Stored{u}, q, sc); }
+// a block unpacked into memory (batches: one unpacking for every row)
 inline int32_t ldot(const int8_t* w, const int8_t* q) {
   return hsum_i32(block_dot(load32(reinterpret_cast<const uint8_t*>(w)), load32(reinterpret_cast<const uint8_t*>(q))));
 }
