@@ -134,7 +134,8 @@ def build_gguf_model(path: Path, *, dtype: torch.dtype | str | None = None) -> T
     quantized matrix a GGMLLinear of the file's type and each layer's experts stacked as the file
     stacks them (StackedGGML: gate and up as two parts, down), then the file's tensors assigned —
     the blocks as views of its memory map, nothing dequantized but the embedding, norms and routers
-    (to `dtype`, default bf16). The reference path (smoe/ggml.py): dequantizes a weight per product."""
+    (to `dtype`, default bf16). These kinds are the PyTorch reference (smoe/ggml.py: a weight
+    dequantized per product); inference_layout hands them to a backend that runs blocks (native)."""
     reader, hf = gguf.open_in_place(path)
     config = ModelConfig.from_hf_dict(hf, source=str(path))
     dtype = parse_dtype(dtype) or torch.bfloat16
@@ -222,8 +223,9 @@ def load_model(path: Path, options: LoadOptions) -> tuple[nn.Module, object]:
 
 def load_gguf_in_place(path: Path, options: LoadOptions) -> tuple[nn.Module, object]:
     """(model, tokenizer) of a GGUF file used in place (build_gguf_model): the inference layout
-    asks the backends for its formats (none runs GGML blocks yet: the PyTorch reference does);
-    offloading, quantizing, adapters, compiling and parallelism are not offered on it yet."""
+    asks the backends for its formats (the native kernels take GGML blocks as they are, in bf16 on
+    the CPU; elsewhere the PyTorch reference runs them); offloading, quantizing, adapters, compiling
+    and parallelism are not offered on it yet (gguf_in_place_for converts the file for those)."""
     asked = [name for name, on in (("--max-memory", options.offload is not None), ("--quant", options.quant),
                                    ("--adapter", options.adapter), ("--compile", options.compile),
                                    ("--parallel", options.parallel)) if on]
