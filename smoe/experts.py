@@ -265,7 +265,7 @@ class StackedExperts(nn.Module):
     def for_inference(self, kernels) -> StackedExperts:
         """Stacked already (a GGUF file's experts, stacked as the file stacks them): the backends
         may take the stacked kinds as they are (Kernels.restack)."""
-        gate_up, down = kernels.restack(self.gate_up), kernels.restack(self.down)
+        gate_up, down = kernels.restack(self.gate_up, self.down)
         if gate_up is self.gate_up and down is self.down:
             return self
         restacked = StackedExperts(gate_up, down, self.intermediate_size)

@@ -129,14 +129,17 @@ def build_model(path: str | Path, *, dtype: torch.dtype | str | None = None, dev
     return model
 
 
-def build_gguf_model(path: Path, *, dtype: torch.dtype | str | None = None) -> Transformer:
+def build_gguf_model(path: Path, *, dtype: torch.dtype | str | None = None,
+                     opened: tuple[object, dict] | None = None) -> Transformer:
     """The model of a GGUF file with its quantized tensors used in place: built on `meta` with each
     quantized matrix a GGMLLinear of the file's type and each layer's experts stacked as the file
     stacks them (StackedGGML: gate and up as two parts, down), then the file's tensors assigned —
     the blocks as views of its memory map, nothing dequantized but the embedding, norms and routers
     (to `dtype`, default bf16). These kinds are the PyTorch reference (smoe/ggml.py: a weight
-    dequantized per product); inference_layout hands them to a backend that runs blocks (native)."""
-    reader, hf = gguf.open_in_place(path)
+    dequantized per product); inference_layout hands them to a backend that runs blocks (native).
+    opened: what gguf.open_in_place(path) gave already (reading the header of Mixtral's file takes
+    ~1.6 s)."""
+    reader, hf = opened if opened is not None else gguf.open_in_place(path)
     config = ModelConfig.from_hf_dict(hf, source=str(path))
     dtype = parse_dtype(dtype) or torch.bfloat16
     kinds = gguf.tensor_kinds(reader)
@@ -235,10 +238,11 @@ def load_gguf_in_place(path: Path, options: LoadOptions) -> tuple[nn.Module, obj
     if options.device != "cpu":
         raise SmoeError(f"{path}: a GGUF file is used in place on the CPU only so far; load it without "
                         f"--gguf-in-place to convert it for {options.device}")
-    model = build_gguf_model(path, dtype=options.dtype)
+    opened = gguf.open_in_place(path)
+    model = build_gguf_model(path, dtype=options.dtype, opened=opened)
     if options.pack:
         inference_layout(model, kernels.Target(options.device, model.dtype, False), options.progress, release=False)
-    tokens = gguf.tokenizer_dir(path, gguf.open_in_place(path)[0])
+    tokens = gguf.tokenizer_dir(path, opened[0])
     tokenizer = load_tokenizer(tokens, backend=options.tokenizer_backend) if tokens is not None else None
     return model, tokenizer
 

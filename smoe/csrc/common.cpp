@@ -60,6 +60,7 @@ Matrix ggml_matrix(const at::Tensor& blocks, int type, int64_t e) {
   check(row_bytes % f.bytes == 0, "GGML rows must be whole blocks");
   Matrix m{kGgml, blocks.size(-2), row_bytes / f.bytes * f.elems, nullptr, nullptr, nullptr, 0};
   m.gtype = type;
+  m.G = act_formats(type);  // the activations it reads (ggml.h)
   m.row_bytes = row_bytes;
   m.w = static_cast<const uint8_t*>(blocks.data_ptr()) + (stacked ? e * blocks.stride(0) : 0);
   return m;

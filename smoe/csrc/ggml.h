@@ -110,7 +110,7 @@ inline float half_at(const uint8_t* p) {
 
 // ------------------------------------------------------------------------------ activations
 
-struct ActRows {  // R rows of K activations, quantized both ways (Q8_K where K is whole superblocks)
+struct ActRows {  // R rows of K activations, quantized as the call's types need (quantize_act_rows)
   int64_t K = 0;
   bool has_k = false;
   std::vector<int8_t> qk;   // [R, K] Q8_K codes
@@ -170,13 +170,21 @@ inline void quantize_q8_0(const float* x, int64_t K, int8_t* q, float* d, float*
   }
 }
 
-// R rows of K bf16 activations -> out, both quantizations (Q8_K only where K % 256 == 0)
-inline void quantize_act_rows(const uint16_t* x, int64_t R, int64_t K, ActRows& out) {
+// Which quantizations of the activations a GGML type's products read (a Matrix's G for kGgml; the
+// matrices of one call or layer OR them): Q8_K for the K-quants, Q8_0 for the 32-value types
+enum ActFormats { kActQ8_0 = 1, kActQ8_K = 2 };
+constexpr int64_t act_formats(int type) { return is_k_quant(type) ? kActQ8_K : kActQ8_0; }
+
+// R rows of K bf16 activations -> out, in the quantizations `formats` names (Q8_K only where K % 256 == 0)
+inline void quantize_act_rows(const uint16_t* x, int64_t R, int64_t K, int64_t formats, ActRows& out) {
   out.K = K;
-  out.has_k = K % 256 == 0;
-  out.q0.resize(R * K);
-  out.d0.resize(R * (K / 32));
-  out.s0.resize(R * (K / 32));
+  out.has_k = (formats & kActQ8_K) && K % 256 == 0;
+  const bool has_0 = formats & kActQ8_0;
+  if (has_0) {
+    out.q0.resize(R * K);
+    out.d0.resize(R * (K / 32));
+    out.s0.resize(R * (K / 32));
+  }
   if (out.has_k) {
     out.qk.resize(R * K);
     out.dk.resize(R * (K / 256));
@@ -185,7 +193,8 @@ inline void quantize_act_rows(const uint16_t* x, int64_t R, int64_t K, ActRows& 
   std::vector<float> row(K);
   for (int64_t r = 0; r < R; ++r) {
     for (int64_t k = 0; k < K; ++k) row[k] = bf16_to_f32(x[r * K + k]);
-    quantize_q8_0(row.data(), K, out.q0.data() + r * K, out.d0.data() + r * (K / 32), out.s0.data() + r * (K / 32));
+    if (has_0)
+      quantize_q8_0(row.data(), K, out.q0.data() + r * K, out.d0.data() + r * (K / 32), out.s0.data() + r * (K / 32));
     if (out.has_k)
       quantize_q8_k(row.data(), K, out.qk.data() + r * K, out.dk.data() + r * (K / 256), out.bs.data() + r * (K / 16));
   }

@@ -126,7 +126,7 @@ struct Matrix {
   const void* w;             // bf16 [N, K] | int8 [N, K] | uint8 [N, K/2]
   const float* scale;        // q8: [N]
   const uint16_t* sm;        // q4: [N, 2, K/G] bf16 (s, then m)
-  int64_t G;                 // q4 group
+  int64_t G;                 // q4 group; kGgml: the activation formats it reads (ggml.h act_formats)
   int gtype = 0;             // kGgml: the GGML type (ggml.h), w its blocks, rows row_bytes apart
   int64_t row_bytes = 0;
 };

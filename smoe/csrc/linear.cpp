@@ -14,14 +14,15 @@ void linears_into(const uint16_t* x, int64_t M, const std::vector<Matrix>& Ws, c
   const int64_t K = Ws[0].K;
   QRows storage[4];
   Acts acts[4];
-  bool ready[4] = {false, false, false, false};
+  int64_t G[4] = {-1, -1, -1, -1};  // per kind: int4's group (one for the call), GGML's activation formats (all)
   for (const Matrix& W : Ws) {
     check(W.K == K, "matrices of one call must share their input size");
     // int4 activations carry per-group sums: every int4 matrix of the call must share its group
-    check(!ready[W.kind] || W.kind != kQ4 || storage[kQ4].G == W.G, "int4 matrices of one call must share a group size");
-    if (!ready[W.kind]) acts[W.kind] = prepare(W.kind, x, M, K, W.G, storage[W.kind]);
-    ready[W.kind] = true;
+    check(G[W.kind] < 0 || W.kind != kQ4 || G[kQ4] == W.G, "int4 matrices of one call must share a group size");
+    G[W.kind] = W.kind == kGgml ? std::max<int64_t>(G[kGgml], 0) | W.G : W.G;
   }
+  for (int kind = 0; kind < 4; ++kind)
+    if (G[kind] >= 0) acts[kind] = prepare(Kind(kind), x, M, K, G[kind], storage[kind]);
   std::vector<int64_t> first(Ws.size() + 1, 0);  // each matrix's first tile of 4 rows
   for (size_t i = 0; i < Ws.size(); ++i) first[i + 1] = first[i] + (Ws[i].N + 3) / 4;
   std::vector<int64_t> rows(M);

@@ -68,7 +68,9 @@ at::Tensor moe(Kind kind, const at::Tensor& x, const at::Tensor& expert_indices,
 
   // phase 1: act [R, F] = silu(x·gateᵀ) * (x·upᵀ), each expert on its own tokens
   QRows xq;
-  const Acts xa = prepare(kind, static_cast<const uint16_t*>(x.data_ptr()), T, H, G, xq);
+  // (GGML: the activation formats gate and up read, then down's)
+  const Acts xa = prepare(kind, static_cast<const uint16_t*>(x.data_ptr()), T, H,
+                          kind == kGgml ? gu[0].G | ups[0].G : G, xq);
   std::vector<uint16_t> act(R * F);
   const int64_t f_tiles = (F + 3) / 4;
   at::parallel_for(0, f_tiles, tiles_grain(H * R / 2), [&](int64_t t0, int64_t t1) {
@@ -87,7 +89,7 @@ at::Tensor moe(Kind kind, const at::Tensor& x, const at::Tensor& expert_indices,
 
   // phase 2: out[t] = sum over t's experts, ascending, of weight * (act·downᵀ)
   QRows aq;
-  const Acts aa = prepare(kind, act.data(), R, F, G, aq);
+  const Acts aa = prepare(kind, act.data(), R, F, kind == kGgml ? dn0.G : G, aq);
   std::vector<int64_t> act_rows(R);
   for (int64_t r = 0; r < R; ++r) act_rows[r] = r;
   std::vector<float> acc(T * H, 0.f);

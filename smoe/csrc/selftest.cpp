@@ -169,7 +169,7 @@ void check_ggml(const Loops& v, int type, int64_t M, int64_t N, int64_t K) {
   W.gtype = type;
   W.row_bytes = row_bytes;
   QRows q;
-  quantize_rows(x.data(), M, K, kGgml, 0, q);
+  quantize_rows(x.data(), M, K, kGgml, act_formats(type), q);
   Acts a{kGgml, {}, &q};
   std::vector<int64_t> rows(M);
   for (int64_t i = 0; i < M; ++i) rows[i] = M - 1 - i;

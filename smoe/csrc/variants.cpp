@@ -37,8 +37,8 @@ bool select_variant(const char* name) {
 }
 
 void quantize_rows(const uint16_t* x, int64_t R, int64_t K, Kind kind, int64_t G, QRows& out) {
-  if (kind == kGgml) {  // as llama.cpp quantizes them (ggml.h)
-    quantize_act_rows(x, R, K, out.blocks);
+  if (kind == kGgml) {  // as llama.cpp quantizes them (ggml.h); G: the formats the call's types read
+    quantize_act_rows(x, R, K, G, out.blocks);
     return;
   }
   const int64_t step = chunk_of(kind);

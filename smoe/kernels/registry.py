@@ -126,18 +126,19 @@ class Kernels:
         self.ran[fmt.name, PYTORCH, "expert stacks"] += 1
         return fmt.stack(rows)
 
-    def restack(self, stacked: nn.Module) -> nn.Module:
-        """A format's plain stacked kind (`format_name`) in the first backend's kind that takes
-        it (its tensors as they are: GGUF blocks stay views of the file), else itself."""
-        name = getattr(stacked, "format_name", None)
+    def restack(self, gate_up: nn.Module, down: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """A layer's experts in a format's plain stacked kinds (`format_name`), as a loader stacked
+        them (GGUF files stack their experts), in the first backend's kinds that take both (their
+        tensors as they are: GGUF blocks stay views of the file), else as they are."""
+        name = getattr(gate_up, "format_name", None)
         for backend in self._asked(name, "restack") if name is not None else ():
-            restacked = backend.restack(stacked)
-            if restacked is not None:
+            pair = backend.restack(gate_up), backend.restack(down)
+            if all(kind is not None for kind in pair):
                 self.ran[name, backend.name, "expert stacks"] += 1
-                return restacked
+                return pair
         if name is not None:
             self.ran[name, PYTORCH, "expert stacks"] += 1
-        return stacked
+        return gate_up, down
 
     def repack_linears(self, model: nn.Module) -> int:
         """Swap every linear of a registered format (attention, the output head, adapters' A and
