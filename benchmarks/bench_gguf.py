@@ -29,7 +29,8 @@ sys.path.insert(0, str(HERE))
 from bench_engines import commit, cpu, llama_source, stage_for_converter  # noqa: E402
 
 QUANTIZE = {"Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
-            "Q3_K_M": "LLAMA_FTYPE_MOSTLY_Q3_K_M", "Q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K"}
+            "Q3_K_M": "LLAMA_FTYPE_MOSTLY_Q3_K_M", "Q3_K_S": "LLAMA_FTYPE_MOSTLY_Q3_K_S",
+            "Q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K"}
 
 
 def make_files(model_dir: Path, work: Path, types: list[str]) -> dict[str, Path]:

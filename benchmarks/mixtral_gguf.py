@@ -8,9 +8,9 @@ in 24 GiB").
 
 The file is what `llama-quantize` would write for Mixtral-8x7B (32 layers, hidden 4096, experts
 8 × 14336, 32 query / 8 kv heads, 32k vocabulary, Mixtral's v1 tokenizer from mistral-common),
-with each tensor's type chosen as llama.cpp's presets choose it for an 8-expert model (facts from
-llama.cpp's `llama_tensor_get_type`: attn_k / attn_v Q8_0, attn_output Q5_K, output Q6_K, norms and
-routers F32; ffn_down one step up in Q2_K / Q3_K_M) and random blocks whose fp16 scales are set
+with each tensor's type chosen as llama.cpp's presets choose it for an 8-expert model (smoe's
+`tensor_type`, smoe/formats/gguf_write.py: attn_k / attn_v Q8_0, attn_output Q5_K, output Q6_K,
+norms and routers F32; ffn_down one step up in Q2_K / Q3_K_M) and random blocks whose fp16 scales are set
 so that every weight has a standard deviation of ~0.02 (so activations stay finite through the 32
 layers). It is never held whole: each tensor is made, written and dropped (`gguf`'s writer with
 the tensor table first), so writing needs ~200 MB of memory and the file's size on disk (~16–21
@@ -44,23 +44,13 @@ SHAPE = dict(vocab=32000, hidden=4096, ffn=14336, layers=32, heads=32, kv_heads=
 PRESETS = ("Q3_K_S", "Q3_K_M", "Q2_K")
 
 
-def tensor_type(preset: str, role: str, layer: int, layers: int) -> str:
-    """The GGML type llama.cpp's preset gives this tensor of an 8-expert, 4-way-GQA model."""
-    base = {"Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K", "Q2_K": "Q2_K"}[preset]
-    if role in ("attn_norm", "ffn_norm", "output_norm", "ffn_gate_inp"):
-        return "F32"
-    if role == "output":
-        return "Q6_K"
-    if role in ("attn_k", "attn_v"):
-        return "Q8_0"  # 8 experts: llama.cpp spends ~128 MB more on them
-    if role == "attn_output":
-        return "Q5_K"
-    if role == "ffn_down_exps":
-        if preset == "Q2_K":
-            return "Q3_K"
-        if preset == "Q3_K_M":
-            return "Q5_K" if layer < layers // 16 else "Q4_K"  # the first sixteenth Q5_K, the rest Q4_K
-    return base  # token_embd, attn_q, ffn_gate_exps, ffn_up_exps
+def tensor_type(preset: str, role: str, layer: int, layers: int, columns: int = SHAPE["hidden"]) -> str:
+    """The GGML type llama.cpp's preset gives this tensor of an 8-expert, 4-way-GQA model (the
+    rules smoe quantize writes by: smoe/formats/gguf_write.py)."""
+    from smoe.formats.gguf_write import tensor_type as preset_type
+
+    return preset_type(preset, role, columns, layer, layers, experts=SHAPE["experts"],
+                       gqa=SHAPE["heads"] // SHAPE["kv_heads"])
 
 
 def tensors(preset: str, layers: int):
@@ -74,7 +64,7 @@ def tensors(preset: str, layers: int):
                             ("attn_v", (s["kv_heads"] * D, H)), ("attn_output", (H, H)), ("ffn_norm", (H,)),
                             ("ffn_gate_inp", (E, H)), ("ffn_gate_exps", (E, F, H)), ("ffn_up_exps", (E, F, H)),
                             ("ffn_down_exps", (E, H, F))):
-            yield f"blk.{i}.{role}.weight", shape, tensor_type(preset, role, i, layers)
+            yield f"blk.{i}.{role}.weight", shape, tensor_type(preset, role, i, layers, shape[-1])
     yield "output_norm.weight", (H,), "F32"
     yield "output.weight", (V, H), tensor_type(preset, "output", 0, layers)
 

@@ -22,7 +22,9 @@ import torch
 
 import smoe
 from conftest import v1_tokenizer_path
+from smoe.formats.ggml_quantize import quantize
 from smoe.formats.gguf import DEQUANTIZERS, dequantize
+from smoe.formats.gguf_write import FILE_TYPES, tensor_type
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # noqa: E402
@@ -417,30 +419,14 @@ def test_conversion_that_the_disk_cannot_hold_is_refused_up_front(original, tmp_
     assert need <= written <= need + 64 * 1024  # the tensors, and safetensors' header
 
 
-@pytest.mark.parametrize("name", ["Q8_0", "Q4_0"])
-def test_our_quantizers_equal_ggufs_reference(name):
-    """smoe's Q8_0 / Q4_0 quantizers (smoe quantize --type) against `gguf`'s reference quantizer, bit
-    for bit: random rows, an all-zero block, values on the rounding halves, a block whose largest
-    magnitude is negative and one where it appears twice with opposite signs."""
-    from smoe.formats.gguf_write import QUANTIZERS
-
-    rng = np.random.default_rng(5)
-    w = rng.standard_normal((6, 256)).astype(np.float32) * np.float32(0.05)
-    w[0, :32] = 0
-    w[1, :32] = np.arange(32, dtype=np.float32) - 16 + np.float32(0.5)  # Q8_0: d = 1, every value a half
-    w[1, 0] = 127
-    w[2, :32] = -np.abs(w[2, :32])
-    w[3, 5], w[3, 9] = -0.3, 0.3
-    ours = QUANTIZERS[name](w)
-    assert ours.dtype == np.uint8 and np.array_equal(ours, reference_quantize(w, GGMLQuantizationType[name]))
-
-
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K"])
 def test_smoe_quantize_writes_a_gguf_that_reads_back(original, tmp_path, qtype):
-    """`smoe quantize --type Q8_0|Q4_0 --out m.gguf`: the file llama.cpp's converter would write —
-    its names and metadata read back by `gguf`'s reader, q/k rows interleaved per head, every matrix
-    the reference quantizer's blocks of the checkpoint's weights (the output head Q8_0 in a Q4_0
-    file, norms and routers F32) — and smoe loading it gives those blocks' dequantized weights."""
+    """`smoe quantize --type T --out m.gguf`: the file llama.cpp's converter and quantizer would
+    write — its names and metadata read back by `gguf`'s reader, q/k rows interleaved per head, each
+    tensor in the preset's type (tensor_type: llama.cpp's rules; 4 experts here, so its dense
+    attention rules) holding smoe's quantizer's blocks of the checkpoint's weights (`gguf`'s reference
+    quantizer's, for the 32-value types; norms and routers F32), which `gguf`'s reader dequantizes to
+    what smoe does — and smoe loading it gives those blocks' dequantized weights, converted or in place."""
     from safetensors.numpy import load_file
 
     from smoe.formats.gguf import dequantize
@@ -449,7 +435,7 @@ def test_smoe_quantize_writes_a_gguf_that_reads_back(original, tmp_path, qtype):
     run = subprocess.run([sys.executable, "-m", "smoe", "quantize", "--model", str(original), "--type", qtype,
                           "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    assert "wrote" in run.stdout and f"{qtype} " in run.stdout
+    assert "wrote" in run.stdout and "tensors" in run.stdout
     cfg = json.loads((original / "config.json").read_text())
     state = load_file(str(original / "model.safetensors"))
     reader = gguf.GGUFReader(out)
@@ -457,33 +443,59 @@ def test_smoe_quantize_writes_a_gguf_that_reads_back(original, tmp_path, qtype):
     assert reader.fields["llama.expert_count"].contents() == cfg["num_local_experts"]
     assert reader.fields["llama.attention.head_count_kv"].contents() == cfg["num_key_value_heads"]
     tensors = {t.name: t for t in reader.tensors}
-    Q, G = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    p = "model.layers.1."
-    expected = {
-        "output.weight": (state["lm_head.weight"], "Q8_0"),
-        "blk.1.attn_q.weight": (llama_permute(state[p + "self_attn.q_proj.weight"], Q), qtype),
-        "blk.1.attn_k.weight": (llama_permute(state[p + "self_attn.k_proj.weight"], G), qtype),
-        "blk.1.ffn_down_exps.weight": (np.stack([state[f"{p}block_sparse_moe.experts.{e}.w2.weight"]
-                                                 for e in range(cfg["num_local_experts"])]), qtype),
-        "blk.1.ffn_gate_inp.weight": (state[p + "block_sparse_moe.gate.weight"], "F32"),
-    }
-    for name, (w, kind) in expected.items():
+    assert reader.fields["general.file_type"].contents() == FILE_TYPES[qtype]
+    Q, G, E = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["num_local_experts"]
+    layers = cfg["num_hidden_layers"]
+    kinds = {}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        kinds.update({
+            f"blk.{i}.attn_q.weight": (llama_permute(state[p + "self_attn.q_proj.weight"], Q), "attn_q"),
+            f"blk.{i}.attn_k.weight": (llama_permute(state[p + "self_attn.k_proj.weight"], G), "attn_k"),
+            f"blk.{i}.attn_v.weight": (state[p + "self_attn.v_proj.weight"], "attn_v"),
+            f"blk.{i}.attn_output.weight": (state[p + "self_attn.o_proj.weight"], "attn_output"),
+            f"blk.{i}.ffn_down_exps.weight": (np.stack([state[f"{p}block_sparse_moe.experts.{e}.w2.weight"]
+                                                        for e in range(E)]), "ffn_down_exps"),
+            f"blk.{i}.ffn_up_exps.weight": (np.stack([state[f"{p}block_sparse_moe.experts.{e}.w3.weight"]
+                                                      for e in range(E)]), "ffn_up_exps"),
+            f"blk.{i}.ffn_gate_inp.weight": (state[p + "block_sparse_moe.gate.weight"], "ffn_gate_inp"),
+        })
+    kinds["output.weight"] = (state["lm_head.weight"], "output")
+    kinds["token_embd.weight"] = (state["model.embed_tokens.weight"], "token_embd")
+    seen = set()
+    for name, (w, role) in kinds.items():
+        layer = int(name.split(".")[1]) if name.startswith("blk.") else 0
+        kind = tensor_type(qtype, role, w.shape[-1], layer, layers, experts=E, gqa=Q // G)
         t = tensors[name]
         assert t.tensor_type.name == kind, name
+        seen.add(kind)
         data = np.asarray(t.data)
+        w = w.astype(np.float32)
         if kind == "F32":
-            assert np.array_equal(data.reshape(w.shape), w.astype(np.float32)), name
-        else:
-            assert np.array_equal(data.reshape(-1), reference_quantize(w.astype(np.float32),
-                                                                        GGMLQuantizationType[kind]).reshape(-1)), name
+            assert np.array_equal(data.reshape(w.shape), w), name
+            continue
+        assert np.array_equal(data.reshape(-1), quantize(w, kind).reshape(-1)), name
+        if kind in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"):
+            assert np.array_equal(data.reshape(-1), reference_quantize(w, GGMLQuantizationType[kind]).reshape(-1))
+        assert np.array_equal(reference_dequantize(data, t.tensor_type).reshape(w.shape),
+                              dequantize(data, kind, w.shape)), name
+    assert seen >= {"F32", {"Q4_K_M": "Q4_K", "Q3_K_M": "Q3_K", "Q3_K_S": "Q3_K"}.get(qtype, qtype)}
     from smoe.formats.gguf import convert
 
     model, _ = smoe.load(str(convert(out, tmp_path / "back", dtype=torch.float32, progress=False)), pack=False)
-    head = dequantize(np.asarray(tensors["output.weight"].data), "Q8_0", state["lm_head.weight"].shape)
-    assert torch.equal(model.lm_head.weight, torch.from_numpy(head))
-    down = dequantize(np.asarray(tensors["blk.1.ffn_down_exps.weight"].data), qtype,
-                      expected["blk.1.ffn_down_exps.weight"][0].shape)
-    assert torch.equal(model.layers[1].moe.experts[3].w2.weight, torch.from_numpy(down[3]))
+    head, role = kinds["output.weight"]
+    kind = tensors["output.weight"].tensor_type.name
+    assert torch.equal(model.lm_head.weight, torch.from_numpy(dequantize(
+        np.asarray(tensors["output.weight"].data), kind, head.shape)))
+    down, _ = kinds["blk.1.ffn_down_exps.weight"]
+    t = tensors["blk.1.ffn_down_exps.weight"]
+    back = dequantize(np.asarray(t.data), t.tensor_type.name, down.shape)
+    assert torch.equal(model.layers[1].moe.experts[3].w2.weight, torch.from_numpy(back[3]))
+    ids = torch.tensor([[1, 415, 5565, 302, 4843]])
+    in_place, _ = smoe.load(out, dtype="fp32", gguf_in_place=True)
+    with torch.inference_mode():  # in place in fp32 (the reference modules): the same logits, bit for bit
+        a, b = in_place(ids).float(), model(ids).float()
+    assert torch.equal(a, b)
 
 
 def test_smoe_quantize_to_gguf_refuses_what_it_cannot_write(original, tmp_path):
@@ -493,7 +505,7 @@ def test_smoe_quantize_to_gguf_refuses_what_it_cannot_write(original, tmp_path):
 
     for args, words in [(["--type", "Q4_0", "--bits", "4", "--out", str(tmp_path / "a.gguf")], "--bits"),
                         (["--type", "Q4_0", "--out", str(tmp_path / "a.bin")], ".gguf"),
-                        (["--type", "Q4_K_M", "--out", str(tmp_path / "a.gguf")], "Q4_K_M"),
+                        (["--type", "Q5_K_M", "--out", str(tmp_path / "a.gguf")], "--type"),
                         (["--out", str(tmp_path / "a.gguf")], "--type")]:
         out = smoe_cli(*args)
         assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)

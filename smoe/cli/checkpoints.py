@@ -13,6 +13,7 @@ from smoe.config import ModelConfig
 from smoe.errors import SmoeError
 from smoe.experts import Expert
 from smoe.formats.gguf import convert
+from smoe.formats.gguf_write import TYPES as GGUF_TYPES
 from smoe.formats.gguf_write import check_type, check_writable, write_gguf
 from smoe.loader import LoadOptions, build_model, load_model, model_path
 from smoe.lora import load_adapter, merge_lora
@@ -43,12 +44,15 @@ def register(sub) -> None:
                                    "embeddings stay in high precision, the output head too where it is tied to them "
                                    "(otherwise it is int8 per channel unless --no-quant-head). "
                                    "Every verb loads the result directly. "
-                                   "With --type Q8_0|Q4_0 instead of --bits: a GGUF file for llama.cpp "
-                                   "(smoe quantize --type Q4_0 --out model.gguf), written tensor by tensor.")
+                                   "With --type instead of --bits: a GGUF file for llama.cpp in one of its presets "
+                                   "(smoe quantize --type Q4_K_M --out model.gguf: 4-bit K-quant experts, attention "
+                                   "and the output head at more bits, as llama-quantize mixes them), written tensor "
+                                   "by tensor; smoe runs it in place (smoe generate --model model.gguf).")
     q.add_argument("--model", metavar="DIR", default=None, help="checkpoint directory (default: the demo model)")
     q.add_argument("--bits", type=int, choices=[8, 4], default=None, help="8 or 4 (smoe's int8 / int4)")
-    q.add_argument("--type", dest="gguf_type", choices=["Q8_0", "Q4_0"], default=None,
-                   help="write a GGUF file of this llama.cpp type instead (--out FILE.gguf)")
+    q.add_argument("--type", dest="gguf_type", choices=GGUF_TYPES, default=None,
+                   help="write a GGUF file of this llama.cpp preset instead (--out FILE.gguf): Q8_0 (~8.5 bits a "
+                        "weight), Q4_K_M (~4.8), Q4_0 (~4.5), Q3_K_M (~3.9), Q3_K_S (~3.5), Q2_K (~3.0)")
     quant_layout_args(q)
     q.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                    help="dtype of the unquantized weights and scales (default: the checkpoint's)")
@@ -157,7 +161,8 @@ def cmd_quantize(args) -> int:
     import time
 
     if (args.bits is None) == (args.gguf_type is None):
-        raise SmoeError("smoe quantize: give --bits 8|4 (a smoe checkpoint) or --type Q8_0|Q4_0 (a GGUF file)")
+        raise SmoeError("smoe quantize: give --bits 8|4 (a smoe checkpoint) or --type "
+                        f"{'|'.join(GGUF_TYPES)} (a GGUF file)")
     if args.gguf_type is not None:
         return quantize_to_gguf(args)
     check_new_dir(args.out)

@@ -1,21 +1,34 @@
 """GGUF out: a checkpoint written as llama.cpp's converter writes a Mixtral, its weights quantized
-by smoe's own block quantizers (`smoe quantize --model DIR --type Q8_0 --out model.gguf`).
+by smoe's own block quantizers (smoe/formats/ggml_quantize.py) into the per-tensor type mix of
+llama.cpp's presets (`smoe quantize --model DIR --type Q4_K_M --out model.gguf`).
 
-    type    what each tensor becomes
-    Q8_0    every matrix Q8_0 (32 weights: fp16 d = max|w|/127, q = round(w/d))
-    Q4_0    every matrix Q4_0 (32 weights: d = the largest-magnitude weight / −8, q = trunc(w/d + 8.5)
-            clipped to 0..15), the output head Q8_0 (llama.cpp gives it more bits: Q6_K there)
+    preset   experts (gate, up | down)   attention q | k, v | output   token_embd   output
+    Q8_0     Q8_0                        Q8_0                          Q8_0         Q8_0
+    Q4_0     Q4_0                        Q4_0 | Q8_0 | Q4_0            Q4_0         Q6_K
+    Q4_K_M   Q4_K | Q6_K in the layers   Q4_K | Q8_0 | Q5_K            Q4_K         Q6_K
+                    use_more_bits picks,
+                    else Q4_K
+    Q3_K_M   Q3_K | Q5_K in the first    Q3_K | Q8_0 | Q5_K            Q3_K         Q6_K
+                    sixteenth, else Q4_K
+    Q3_K_S   Q3_K                        Q3_K | Q8_0 | Q5_K            Q3_K         Q6_K
+    Q2_K     Q2_K | Q3_K                 Q2_K | Q8_0 | Q5_K            Q2_K         Q6_K
 
-Norms and routers stay F32, as the converter writes them; a matrix whose rows are not whole
-blocks of 32 is written F16. The quantizers follow ggml's reference ones (round half away from
-zero for Q8_0; truncation after +8.5 for Q4_0; the fp32 arithmetic in the same order), so their
-blocks equal `gguf`'s reference quantizer's bit for bit (tests/test_formats_gguf.py). Names and
-metadata are the converter's (`general.architecture = llama`, `blk.N.ffn_{gate,up,down}_exps`
-stacked [E, out, in], q/k rows interleaved as rotary pairs per head — what gguf.py's reader
-undoes), and the tokenizer goes in as the file's vocabulary: a SentencePiece model as
-`tokenizer.ggml.model = llama` (pieces, scores, types), a byte-level BPE tokenizer.json as `gpt2`
-(tokens, merges). The tensor table is written first, then each tensor is read, quantized and
-written in turn: memory holds one tensor (one layer's stacked experts) at a time.
+That table is for 8 experts (Mixtral), where llama.cpp spends ~128 MB more on attn_k / attn_v
+(Q8_0) and attn_output (Q5_K); other expert counts get llama.cpp's dense-model rules (attn_v one
+or two steps up, attn_output Q3_K / Q4_K in Q2_K / Q3_K_M). Facts from llama.cpp's
+`llama_tensor_get_type`. A matrix whose rows are not whole 256-value blocks takes llama.cpp's
+fallback (Q2_K, Q3_K -> Q4_0; Q4_K -> Q5_0; Q5_K -> Q5_1; Q6_K -> Q8_0), one not of whole 32-value
+blocks F16; norms and routers stay F32, as the converter writes them.
+
+The 32-value quantizers equal `gguf`'s reference quantizer bit for bit; the K-quants fit scales
+and mins by weighted least squares as llama.cpp's reference quantizer does (its blocks equal ours
+but for fp32 rounding in ~0.1-3 % of blocks; tests/test_ggml_quantize.py). Names and metadata are
+the converter's (`general.architecture = llama`, `blk.N.ffn_{gate,up,down}_exps` stacked
+[E, out, in], q/k rows interleaved as rotary pairs per head — what gguf.py's reader undoes), and the
+tokenizer goes in as the file's vocabulary: a SentencePiece model as `tokenizer.ggml.model = llama`
+(pieces, scores, types), a byte-level BPE tokenizer.json as `gpt2` (tokens, merges). The tensor
+table is written first, then each tensor is read, quantized and written in turn: memory holds one
+tensor (one layer's stacked experts) at a time.
 """
 
 from __future__ import annotations
@@ -30,65 +43,67 @@ from torch import nn
 
 from smoe.checkpoint import half_to_interleaved
 from smoe.errors import CheckpointError, SmoeError
+from smoe.formats.ggml_quantize import quantize
+from smoe.ggml import BLOCKS
 
-TYPES = ("Q8_0", "Q4_0")
-BLOCK = 32
-FILE_TYPES = {"Q8_0": 7, "Q4_0": 2}  # llama_ftype: MOSTLY_Q8_0, MOSTLY_Q4_0
-
-
-# ------------------------------------------------------------------------- quantizers
-
-
-def _round_half_away(v: np.ndarray) -> np.ndarray:
-    """roundf: halves away from zero (np.round rounds them to even)."""
-    a = np.abs(v)
-    whole = np.floor(a)
-    return np.sign(v) * (whole + (a - whole >= 0.5))
-
-
-def quantize_q8_0(w: np.ndarray) -> np.ndarray:
-    """fp32 [..., K] (K a multiple of 32) -> Q8_0 blocks as bytes [..., K / 32 · 34]."""
-    x = np.ascontiguousarray(w, dtype=np.float32).reshape(-1, BLOCK)
-    d = np.abs(x).max(axis=1, keepdims=True) / np.float32(127)
-    with np.errstate(divide="ignore"):
-        inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
-    q = _round_half_away(x * inv).astype(np.int8)
-    blocks = np.concatenate([d.astype(np.float16).view(np.uint8), q.view(np.uint8)], axis=1)
-    return blocks.reshape(*w.shape[:-1], w.shape[-1] // BLOCK * 34)
-
-
-def quantize_q4_0(w: np.ndarray) -> np.ndarray:
-    """fp32 [..., K] (K a multiple of 32) -> Q4_0 blocks as bytes [..., K / 32 · 18]: the first 16
-    values in the low nibbles, the next 16 in the high ones."""
-    x = np.ascontiguousarray(w, dtype=np.float32).reshape(-1, BLOCK)
-    peak = np.take_along_axis(x, np.abs(x).argmax(axis=1, keepdims=True), axis=1)  # signed; the first largest
-    d = peak / np.float32(-8)
-    with np.errstate(divide="ignore"):
-        inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
-    q = np.minimum(np.trunc(x * inv + np.float32(8.5)).astype(np.uint8), 15)
-    packed = q[:, :16] | (q[:, 16:] << 4)
-    blocks = np.concatenate([d.astype(np.float16).view(np.uint8), packed], axis=1)
-    return blocks.reshape(*w.shape[:-1], w.shape[-1] // BLOCK * 18)
-
-
-QUANTIZERS = {"Q8_0": quantize_q8_0, "Q4_0": quantize_q4_0}
-BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18}
+PRESETS = {"Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q4_K_M": "Q4_K", "Q3_K_M": "Q3_K", "Q3_K_S": "Q3_K", "Q2_K": "Q2_K"}
+"""preset -> its base type (what a tensor no rule names gets)"""
+TYPES = tuple(PRESETS)
+FILE_TYPES = {"Q8_0": 7, "Q4_0": 2, "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q4_K_M": 15}  # llama_ftype
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+"""K-quant -> what llama.cpp writes instead for rows that are not whole 256-value blocks"""
 
 
 # ------------------------------------------------------------------------------ layout
 
 
-def tensor_type(preset: str, role: str, columns: int) -> str:
+def use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp's choice of layers that get more bits: the first and last eighth, every third between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def tensor_type(preset: str, role: str, columns: int, layer: int = 0, layers: int = 1, experts: int = 8,
+                gqa: int = 1) -> str:
+    """The GGML type llama.cpp's `preset` gives a tensor of `role` (its GGUF name without blk.N. and
+    .weight) in layer `layer` of `layers`, with rows of `columns` values, in a model of `experts`
+    experts and `gqa` query heads per kv head."""
     if role in ("attn_norm", "ffn_norm", "output_norm", "ffn_gate_inp"):
         return "F32"
-    if columns % BLOCK:
-        return "F16"
-    return "Q8_0" if role == "output" else preset
+    kind = PRESETS[preset]
+    moe8 = experts == 8
+    if role == "output":
+        kind = "Q8_0" if preset == "Q8_0" else "Q6_K"
+    elif role == "attn_k" and moe8:
+        kind = "Q8_0"
+    elif role == "attn_v":
+        if moe8:
+            kind = "Q8_0"
+        elif preset == "Q2_K":
+            kind = "Q4_K" if gqa >= 4 else "Q3_K"
+        elif preset == "Q3_K_M":
+            kind = "Q5_K" if layer < 2 else "Q4_K"
+        elif preset == "Q4_K_M" and use_more_bits(layer, layers):
+            kind = "Q6_K"
+    elif role == "attn_output":
+        if moe8 and preset in ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M"):
+            kind = "Q5_K"
+        elif not moe8:
+            kind = {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K"}.get(preset, kind)
+    elif role == "ffn_down_exps":
+        if preset == "Q2_K":
+            kind = "Q3_K"
+        elif preset == "Q3_K_M":
+            kind = "Q5_K" if layer < layers // 16 else "Q4_K"
+        elif preset == "Q4_K_M" and use_more_bits(layer, layers):
+            kind = "Q6_K"
+    if columns % BLOCKS[kind][0]:
+        kind = FALLBACK.get(kind, kind)
+    return "F16" if columns % BLOCKS[kind][0] else kind
 
 
 def _plan(model):
-    """(GGUF name, role, shape [.., out, in], a function reading the tensor as fp32 numpy) in the
-    converter's order; nothing is read until its function is called (q/k rows interleaved then)."""
+    """(GGUF name, role, layer, shape [.., out, in], a function reading the tensor as fp32 numpy) in
+    the converter's order; nothing is read until its function is called (q/k rows interleaved then)."""
     cfg = model.config
 
     def of(t: torch.Tensor, heads: int | None = None):
@@ -100,20 +115,20 @@ def _plan(model):
     def stacked(linears: list[nn.Linear]):
         return (len(linears), *linears[0].weight.shape), lambda: np.stack([of(lin.weight)[1]() for lin in linears])
 
-    yield "token_embd.weight", "token_embd", *of(model.embed_tokens.weight)
+    yield "token_embd.weight", "token_embd", 0, *of(model.embed_tokens.weight)
     for i, layer in enumerate(model.layers):
         attn, moe = layer.attn, layer.moe
-        yield f"blk.{i}.attn_norm.weight", "attn_norm", *of(layer.attn_norm.weight)
-        yield f"blk.{i}.attn_q.weight", "attn_q", *of(attn.q_proj.weight, cfg.num_attention_heads)
-        yield f"blk.{i}.attn_k.weight", "attn_k", *of(attn.k_proj.weight, cfg.num_key_value_heads)
-        yield f"blk.{i}.attn_v.weight", "attn_v", *of(attn.v_proj.weight)
-        yield f"blk.{i}.attn_output.weight", "attn_output", *of(attn.o_proj.weight)
-        yield f"blk.{i}.ffn_norm.weight", "ffn_norm", *of(layer.ffn_norm.weight)
-        yield f"blk.{i}.ffn_gate_inp.weight", "ffn_gate_inp", *of(moe.router.weight)
+        yield f"blk.{i}.attn_norm.weight", "attn_norm", i, *of(layer.attn_norm.weight)
+        yield f"blk.{i}.attn_q.weight", "attn_q", i, *of(attn.q_proj.weight, cfg.num_attention_heads)
+        yield f"blk.{i}.attn_k.weight", "attn_k", i, *of(attn.k_proj.weight, cfg.num_key_value_heads)
+        yield f"blk.{i}.attn_v.weight", "attn_v", i, *of(attn.v_proj.weight)
+        yield f"blk.{i}.attn_output.weight", "attn_output", i, *of(attn.o_proj.weight)
+        yield f"blk.{i}.ffn_norm.weight", "ffn_norm", i, *of(layer.ffn_norm.weight)
+        yield f"blk.{i}.ffn_gate_inp.weight", "ffn_gate_inp", i, *of(moe.router.weight)
         for name, attr in (("ffn_gate_exps", "w1"), ("ffn_up_exps", "w3"), ("ffn_down_exps", "w2")):
-            yield f"blk.{i}.{name}.weight", name, *stacked([getattr(e, attr) for e in moe.experts])
-    yield "output_norm.weight", "output_norm", *of(model.norm.weight)
-    yield "output.weight", "output", *of(model.lm_head.weight)
+            yield f"blk.{i}.{name}.weight", name, i, *stacked([getattr(e, attr) for e in moe.experts])
+    yield "output_norm.weight", "output_norm", 0, *of(model.norm.weight)
+    yield "output.weight", "output", 0, *of(model.lm_head.weight)
 
 
 # ------------------------------------------------------------------------------ tokenizer
@@ -172,8 +187,7 @@ def _add_tokenizer(writer, source: Path, bos: int | None, eos: int | None) -> st
 
 def check_type(preset: str) -> None:
     if preset not in TYPES:
-        raise SmoeError(f"--type {preset}: smoe writes GGUF files in {', '.join(TYPES)} so far "
-                        "(the K-quant presets Q4_K_M / Q3_K_M / Q2_K come with their quantizers)")
+        raise SmoeError(f"--type {preset}: smoe writes GGUF files as llama.cpp's presets {', '.join(TYPES)}")
 
 
 def write_gguf(model, source: Path, out: Path, preset: str, *, bos_id: int | None = None, eos_id: int | None = None,
@@ -214,12 +228,15 @@ def write_gguf(model, source: Path, out: Path, preset: str, *, bos_id: int | Non
     plan = list(_plan(model))
     counts: dict[str, int] = {}
     kinds = []
-    for name, role, shape, _ in plan:
-        kind = tensor_type(preset, role, shape[-1])
+    shape_of = dict(experts=cfg.num_local_experts, gqa=cfg.num_attention_heads // cfg.num_key_value_heads,
+                    layers=cfg.num_hidden_layers)
+    for name, role, layer, shape, _ in plan:
+        kind = tensor_type(preset, role, shape[-1], layer, **shape_of)
         kinds.append(kind)
         counts[kind] = counts.get(kind, 0) + 1
-        if kind in QUANTIZERS:
-            byte_shape = (*shape[:-1], shape[-1] // BLOCK * BLOCK_BYTES[kind])
+        if kind in BLOCKS:
+            elems, nbytes = BLOCKS[kind]
+            byte_shape = (*shape[:-1], shape[-1] // elems * nbytes)
             writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
                                    raw_dtype=gguf.GGMLQuantizationType[kind])
         else:
@@ -229,10 +246,10 @@ def write_gguf(model, source: Path, out: Path, preset: str, *, bos_id: int | Non
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for (_, _, _, values), kind in tqdm(list(zip(plan, kinds, strict=True)), desc=f"writing {out.name}",
-                                            unit="tensor", disable=not progress, file=sys.stderr, delay=1.0):
+        for (_, _, _, _, values), kind in tqdm(list(zip(plan, kinds, strict=True)), desc=f"writing {out.name}",
+                                               unit="tensor", disable=not progress, file=sys.stderr, delay=1.0):
             w = values()
-            data = QUANTIZERS[kind](w) if kind in QUANTIZERS else w.astype(np.float32 if kind == "F32" else np.float16)
+            data = quantize(w, kind) if kind in BLOCKS else w.astype(np.float32 if kind == "F32" else np.float16)
             writer.write_tensor_data(np.ascontiguousarray(data))
         writer.close()
     except BaseException:
