@@ -226,8 +226,9 @@ def load_model(path: Path, options: LoadOptions) -> tuple[nn.Module, object]:
 
 def load_gguf_in_place(path: Path, options: LoadOptions) -> tuple[nn.Module, object]:
     """(model, tokenizer) of a GGUF file used in place (build_gguf_model): the inference layout
-    asks the backends for its formats (the native kernels take GGML blocks as they are, in bf16 on
-    the CPU; elsewhere the PyTorch reference runs them); offloading, quantizing, adapters, compiling
+    asks the backends for its formats (the native kernels take GGML blocks as they are on the CPU,
+    in bf16 or — llama.cpp's arithmetic, one op at a time — in fp32; elsewhere the PyTorch
+    reference runs them); offloading, quantizing, adapters, compiling
     and parallelism are not offered on it yet (gguf_in_place_for converts the file for those)."""
     asked = [name for name, on in (("--max-memory", options.offload is not None), ("--quant", options.quant),
                                    ("--adapter", options.adapter), ("--compile", options.compile),
@@ -241,7 +242,8 @@ def load_gguf_in_place(path: Path, options: LoadOptions) -> tuple[nn.Module, obj
     opened = gguf.open_in_place(path)
     model = build_gguf_model(path, dtype=options.dtype, opened=opened)
     if options.pack:
-        inference_layout(model, kernels.Target(options.device, model.dtype, False), options.progress, release=False)
+        inference_layout(model, kernels.Target(options.device, model.dtype, False, gguf=True), options.progress,
+                         release=False)
     tokens = gguf.tokenizer_dir(path, opened[0])
     tokenizer = load_tokenizer(tokens, backend=options.tokenizer_backend) if tokens is not None else None
     return model, tokenizer

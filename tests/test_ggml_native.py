@@ -102,6 +102,32 @@ def test_row_products_are_llama_cpps(variant, kind, M, N, K):
 
 
 @pytest.mark.parametrize("kind", TYPES)
+@pytest.mark.parametrize("M", [1, 7, 40])
+def test_fp32_row_products_are_llama_cpps_unrounded(variant, kind, M):
+    """fp32 activations (a model loaded in fp32, in place): quantized from fp32 as llama.cpp
+    quantizes them, the products returned in fp32 — llama.cpp's own arithmetic, for any number of
+    rows (prefill too: llama.cpp quantizes a prompt's activations as well)."""
+    rng = np.random.default_rng(M)
+    K = 768
+    blocks = random_rows(kind, 6, K, rng)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)) * 3
+    ours = torch.ops.smoe.linear_ggml(x, torch.from_numpy(blocks), info(kind))
+    assert ours.dtype == torch.float32
+    N, quantize = blocks.shape[0], q8_k if BLOCKS[kind][0] == 256 else q8_0
+    W = dequantize(blocks, kind, (N, K)).astype(np.float64)
+    xq = np.stack([quantize(row) for row in x.numpy()]).astype(np.float64)
+    reference, magnitude = xq @ W.T, np.abs(xq) @ np.abs(W).T
+    if kind in ("Q4_1", "Q5_1"):  # llama.cpp multiplies a block's min by fp16(d·Σq), not by the exact Σ d·q
+        mins = blocks.reshape(N, -1, BLOCKS[kind][1])[:, :, 2:4].copy().view("<f2")[..., 0].astype(np.float64)
+        xb = x.numpy().reshape(M, -1, 32)
+        d = np.abs(xb).max(-1) / np.float32(127)
+        sums = xq.reshape(M, -1, 32).sum(-1) / np.where(d == 0, 1, d.astype(np.float16).astype(np.float32))
+        stored = (sums * d).astype(np.float32).astype(np.float16).astype(np.float64)
+        reference += (stored - xq.reshape(M, -1, 32).sum(-1)) @ mins.T
+    assert np.all(np.abs(ours.numpy() - reference) <= 1e-5 * magnitude + 1e-30)
+
+
+@pytest.mark.parametrize("kind", TYPES)
 def test_every_variant_gives_the_same_bits(kind):
     rng = np.random.default_rng(5)
     blocks = torch.from_numpy(random_rows(kind, 9, 1280, rng))
@@ -171,7 +197,8 @@ def test_gguf_in_place_runs_the_native_kernels_on_the_files_blocks(original, tmp
 
     file = write_gguf(original, tmp_path / "m.gguf", qtype, experts_qtype, tokenizer=False)
     model = smoe.load(file, gguf_in_place=True)[0]
-    reference = smoe.load(file, gguf_in_place=True, dtype="fp32")[0]
+    reference = smoe.load(file, gguf_in_place=True, dtype="fp32", pack=False)[0]  # PyTorch's fp32 products
+    llama = smoe.load(file, gguf_in_place=True, dtype="fp32")[0]  # fp32, activations quantized as llama.cpp does
     plain = smoe.load(file, gguf_in_place=True, pack=False)[0]  # bf16, PyTorch's products of the dequantized weights
     layer = model.layers[1]
     assert isinstance(layer.attn.v_proj, native.NativeGGMLLinear)
@@ -181,9 +208,15 @@ def test_gguf_in_place_runs_the_native_kernels_on_the_files_blocks(original, tmp
     assert model.kernels.ran["layers", "native", "decode steps"] == len(model.layers)
     ids = torch.randint(0, 32000, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        ours, theirs, bf16 = model(ids).float(), reference(ids).float(), plain(ids).float()
+        ours, theirs, bf16, fp32 = model(ids).float(), reference(ids).float(), plain(ids).float(), llama(ids)
     assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() >= 0.9
     assert (ours - theirs).abs().mean() <= 3 * (bf16 - theirs).abs().mean()
+    # in fp32 the native kernels run the GGML matrices alone (no decode plan), every row's
+    # activations quantized to 8 bits as llama.cpp quantizes them (the prompt's too: the bf16
+    # path above dequantizes the weights for 24 rows instead), the only difference from the reference
+    assert isinstance(llama.layers[1].moe.experts.gate_up, native.NativeStackedGGML) and llama.decode_plan is None
+    assert fp32.dtype == torch.float32 and (fp32.argmax(-1) == theirs.argmax(-1)).float().mean() >= 0.9
+    assert (fp32 - theirs).abs().mean() <= 3 * (bf16 - theirs).abs().mean()
     cache = KVCache(model.config, 1, 64, dtype=model.dtype)
     with torch.inference_mode():
         model(ids[:, :5], torch.arange(5)[None], cache)

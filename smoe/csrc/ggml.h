@@ -175,8 +175,13 @@ inline void quantize_q8_0(const float* x, int64_t K, int8_t* q, float* d, float*
 enum ActFormats { kActQ8_0 = 1, kActQ8_K = 2 };
 constexpr int64_t act_formats(int type) { return is_k_quant(type) ? kActQ8_K : kActQ8_0; }
 
-// R rows of K bf16 activations -> out, in the quantizations `formats` names (Q8_K only where K % 256 == 0)
-inline void quantize_act_rows(const uint16_t* x, int64_t R, int64_t K, int64_t formats, ActRows& out) {
+inline float act_value(uint16_t v) { return bf16_to_f32(v); }
+inline float act_value(float v) { return v; }
+
+// R rows of K activations (bf16, or fp32 as llama.cpp keeps them) -> out, in the quantizations
+// `formats` names (Q8_K only where K % 256 == 0)
+template <typename T>
+inline void quantize_act_rows(const T* x, int64_t R, int64_t K, int64_t formats, ActRows& out) {
   out.K = K;
   out.has_k = (formats & kActQ8_K) && K % 256 == 0;
   const bool has_0 = formats & kActQ8_0;
@@ -192,7 +197,7 @@ inline void quantize_act_rows(const uint16_t* x, int64_t R, int64_t K, int64_t f
   }
   std::vector<float> row(K);
   for (int64_t r = 0; r < R; ++r) {
-    for (int64_t k = 0; k < K; ++k) row[k] = bf16_to_f32(x[r * K + k]);
+    for (int64_t k = 0; k < K; ++k) row[k] = act_value(x[r * K + k]);
     if (has_0)
       quantize_q8_0(row.data(), K, out.q0.data() + r * K, out.d0.data() + r * (K / 32), out.s0.data() + r * (K / 32));
     if (out.has_k)

@@ -63,8 +63,34 @@ at::Tensor linear_q4(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   return linear(kQ4, x, codes, sm, group_size);
 }
 
-// blocks [N, row bytes] in the GGML type info[0] (ggml.h): activations quantized as llama.cpp does
+// fp32 x [M, K] -> fp32 [M, N], llama.cpp's arithmetic end to end: its fp32 activations quantized
+// as it quantizes them, the block products' fp32 results unrounded
+at::Tensor linear_ggml_f32(const at::Tensor& x, const Matrix& W) {
+  check(x.device().is_cpu() && x.dim() == 2 && x.size(1) == W.K && x.is_contiguous(),
+        "activations must be contiguous [M, K] on the CPU");
+  const int64_t M = x.size(0), N = W.N, K = W.K;
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  QRows storage;
+  quantize_act_rows(x.data_ptr<float>(), M, K, W.G, storage.blocks);
+  const Acts acts{kGgml, {}, &storage};
+  std::vector<int64_t> rows(M);
+  for (int64_t i = 0; i < M; ++i) rows[i] = i;
+  float* y = out.data_ptr<float>();
+  at::parallel_for(0, (N + 3) / 4, tiles_grain(K * M / 4), [&](int64_t t0, int64_t t1) {
+    const int64_t n0 = t0 * 4, n1 = std::min(N, t1 * 4), nn = n1 - n0;
+    std::vector<float> buf(M * nn);
+    matvec(acts, rows.data(), M, W, n0, n1, buf.data(), nn);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < nn; ++n) y[m * N + n0 + n] = buf[m * nn + n];
+  });
+  return out;
+}
+
+// blocks [N, row bytes] in the GGML type info[0] (ggml.h): activations quantized as llama.cpp does;
+// bf16 activations give bf16 results, fp32 ones fp32 (linear_ggml_f32)
 at::Tensor linear_ggml(const at::Tensor& x, const at::Tensor& blocks, const at::Tensor& info) {
+  if (x.scalar_type() == at::kFloat) return linear_ggml_f32(x, make_matrix(kGgml, blocks, info, 0));
   return linear(kGgml, x, blocks, info, 0);
 }
 

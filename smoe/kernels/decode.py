@@ -299,8 +299,8 @@ def plan_decode(model: nn.Module) -> int:
     smoe::decode_layer reads (their decode tensors then packed into one huge-page region each),
     and the final norm a NativeRMSNorm; returns how many layers the plan covers."""
     layers = getattr(model, "layers", None)
-    if not available() or layers is None or not hasattr(model, "decode_plan"):
-        return 0
+    if not available() or layers is None or not hasattr(model, "decode_plan") or model.dtype != torch.bfloat16:
+        return 0  # (an fp32 model: the native kernels take only its GGUF blocks, one op at a time)
     count = 0
     for layer in layers:
         if decode_weights(layer) is not None:

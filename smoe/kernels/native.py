@@ -190,7 +190,7 @@ class _Fused:
 
     @staticmethod
     def takes_fused(x: torch.Tensor) -> bool:
-        return few_rows(x)
+        return x.dtype == torch.bfloat16 and few_rows(x)
 
 
 class NativeStackedLinear(_Fused, nn.Module):
@@ -303,9 +303,10 @@ def _type_ids(kinds: list[str]) -> torch.Tensor:
 
 
 def _ggml_product(x: torch.Tensor, blocks: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
-    """x [M, K] · Wᵀ for W in GGML blocks: few rows by smoe::linear_ggml (activations quantized as
-    llama.cpp does), many by smoe::linear_prefill (a block of rows dequantized to fp32 at a time)."""
-    if few_rows(x):
+    """x [M, K] · Wᵀ for W in GGML blocks: few bf16 rows by smoe::linear_ggml (activations quantized
+    as llama.cpp does), many by smoe::linear_prefill (a block of rows dequantized to fp32 at a time);
+    fp32 rows, any number, by smoe::linear_ggml in fp32: llama.cpp's arithmetic throughout."""
+    if x.dtype == torch.float32 or few_rows(x):
         return torch.ops.smoe.linear_ggml(x, blocks, info)
     return torch.ops.smoe.linear_prefill(x, blocks, info, 0)
 
@@ -388,9 +389,9 @@ def refuses(target: Target) -> str | None:
     reason = unavailable_reason()
     if reason is not None:
         return reason
-    if target.dtype != torch.bfloat16:
+    if target.dtype != torch.bfloat16 and not (target.gguf and target.dtype == torch.float32):
         return f"the kernels compute in bf16; the model is {str(target.dtype).removeprefix('torch.')}"
-    return None
+    return None  # (fp32 GGUF blocks in place: their products as llama.cpp computes them, fp32 around them)
 
 
 def describe() -> str:

@@ -34,12 +34,14 @@ PYTORCH = "pytorch"  # the name the formats' plain reference runs under in repor
 
 @dataclass(frozen=True)
 class Target:
-    """What a load asks of its kernels: the device and dtype the model computes in, and
-    whether a compiled decode step will trace it (torch.compile packs its own weights)."""
+    """What a load asks of its kernels: the device and dtype the model computes in, whether a
+    compiled decode step will trace it (torch.compile packs its own weights), and whether its
+    weights are a GGUF file's blocks used in place."""
 
     device: str = "cpu"
     dtype: torch.dtype = torch.bfloat16
     compile: bool = False
+    gguf: bool = False
 
 
 @dataclass(frozen=True)
