@@ -238,6 +238,14 @@ class GGMLLinear(nn.Module):
         self.register_buffer("blocks", torch.empty(out_features, row_bytes(kind, in_features), dtype=torch.uint8,
                                                    device=device))
 
+    @staticmethod
+    def of(blocks: torch.Tensor, kind: str, in_features: int) -> GGMLLinear:
+        """The linear whose weight is `blocks` [N, row bytes] as they are (a view stays a view)."""
+        with torch.device("meta"):
+            linear = GGMLLinear(in_features, blocks.shape[0], kind)
+        linear.blocks = blocks
+        return linear
+
     def weight_in(self, dtype: torch.dtype) -> torch.Tensor:
         values = dequantize(self.blocks.cpu().numpy(), self.kind, (self.out_features, self.in_features))
         return torch.from_numpy(values).to(device=self.blocks.device, dtype=dtype)
@@ -281,6 +289,11 @@ class StackedGGML(nn.Module):
     @property
     def num_experts(self) -> int:
         return self.blocks0.shape[0]
+
+    def linears(self, e: int) -> list[GGMLLinear]:
+        """Expert e's parts as GGMLLinear views of these blocks (gate and up: [w1, w3])."""
+        return [GGMLLinear.of(getattr(self, f"blocks{i}")[e], kind, self.in_features)
+                for i, kind in enumerate(self.kinds)]
 
     def weight_in(self, e: int, dtype: torch.dtype) -> torch.Tensor:
         """Expert e's weight [sum of the parts' outputs, in], dequantized."""

@@ -42,15 +42,15 @@ from smoe import kernels, parallel
 from smoe.checkpoint import is_expert_weight, load_state, read_checkpoint, stored_dtype, stored_format
 from smoe.config import ModelConfig
 from smoe.errors import CheckpointError, SmoeError
-from smoe.experts import StackedExperts
+from smoe.experts import Expert, ExpertList, StackedExperts
 from smoe.formats import gguf, locate
 from smoe.fsutil import trim_heap
 from smoe.ggml import DEQUANTIZERS, GGMLLinear, StackedGGML, row_bytes
 from smoe.kernels.ops import note_fallback
-from smoe.lora import load_adapter
+from smoe.lora import load_adapter, read_adapter_config
 from smoe.model import Transformer
 from smoe.offload import offload_experts, start_store
-from smoe.options import DEMO_MODEL, OffloadSpec, QuantSpec, parse_dtype
+from smoe.options import DEMO_MODEL, EXPERT_TARGETS, OffloadSpec, QuantSpec, parse_dtype
 from smoe.quantize import quantize_model
 from smoe.tokenizer import load_tokenizer
 
@@ -73,14 +73,14 @@ class LoadOptions:
 
 def gguf_in_place_for(path: str | Path | None, options: LoadOptions) -> bool:
     """Whether a `.gguf` file is used in place: as options.gguf_in_place says, else (None) whenever
-    the load asks nothing that needs a converted checkpoint (--quant, offloading, an adapter,
-    --compile, --parallel, a device other than the CPU) and the file's experts are in block formats
+    the load asks nothing that needs a converted checkpoint (--quant, offloading, --compile,
+    --parallel, a device other than the CPU) and the file's experts are in block formats
     (llama.cpp's quantized files; an F16 / BF16 file converts as before)."""
     if options.gguf_in_place is not None:
         return options.gguf_in_place
     if path is None or Path(path).suffix != ".gguf" or not Path(path).is_file():
         return False
-    if (options.quant or options.offload is not None or options.adapter is not None or options.compile
+    if (options.quant or options.offload is not None or options.compile
             or options.parallel is not None or options.device != "cpu"):
         return False
     kinds = gguf.tensor_kinds(gguf.open_in_place(Path(path))[0])
@@ -224,15 +224,32 @@ def load_model(path: Path, options: LoadOptions) -> tuple[nn.Module, object]:
     return model, tokenizer
 
 
+def unstack_gguf_experts(model: nn.Module) -> None:
+    """Each layer's experts, stacked as the GGUF file stacks them, as an ExpertList of Experts whose
+    w1 / w3 / w2 are GGMLLinear views of the same blocks (nothing copied): what transforms that
+    wrap one expert's linears (LoRA) take; the inference layout restacks them where it can."""
+    for layer in model.layers:
+        experts = layer.moe.experts
+        if not (isinstance(experts, StackedExperts) and isinstance(experts.gate_up, StackedGGML)):
+            continue
+        H, F_ = experts.gate_up.in_features, experts.down.in_features
+        with torch.device("meta"):
+            unstacked = ExpertList([Expert(H, F_) for _ in range(len(experts))])
+        for e, expert in enumerate(unstacked):
+            expert.w1, expert.w3 = experts.gate_up.linears(e)
+            expert.w2, = experts.down.linears(e)
+        layer.moe.experts = unstacked
+
+
 def load_gguf_in_place(path: Path, options: LoadOptions) -> tuple[nn.Module, object]:
     """(model, tokenizer) of a GGUF file used in place (build_gguf_model): the inference layout
     asks the backends for its formats (the native kernels take GGML blocks as they are on the CPU,
     in bf16 or — llama.cpp's arithmetic, one op at a time — in fp32; elsewhere the PyTorch
-    reference runs them); offloading, quantizing, adapters, compiling
-    and parallelism are not offered on it yet (gguf_in_place_for converts the file for those)."""
+    reference runs them); a LoRA adapter wraps them (single experts' views where it targets
+    experts: unstack_gguf_experts); offloading, quantizing, compiling and parallelism are not offered on it
+    yet (gguf_in_place_for converts the file for those)."""
     asked = [name for name, on in (("--max-memory", options.offload is not None), ("--quant", options.quant),
-                                   ("--adapter", options.adapter), ("--compile", options.compile),
-                                   ("--parallel", options.parallel)) if on]
+                                   ("--compile", options.compile), ("--parallel", options.parallel)) if on]
     if asked:
         raise SmoeError(f"{path}: {asked[0]} does not combine with a GGUF file used in place yet; drop it, or "
                         "let smoe convert the file (without --gguf-in-place)")
@@ -241,6 +258,11 @@ def load_gguf_in_place(path: Path, options: LoadOptions) -> tuple[nn.Module, obj
                         f"--gguf-in-place to convert it for {options.device}")
     opened = gguf.open_in_place(path)
     model = build_gguf_model(path, dtype=options.dtype, opened=opened)
+    if options.adapter is not None:
+        if set(read_adapter_config(options.adapter).targets) & set(EXPERT_TARGETS):
+            unstack_gguf_experts(model)  # LoRA wraps single experts' linears: views of the same blocks
+        load_adapter(model, options.adapter)
+        model.requires_grad_(False)
     if options.pack:
         inference_layout(model, kernels.Target(options.device, model.dtype, False, gguf=True), options.progress,
                          release=False)

@@ -113,6 +113,8 @@ def _targets(model, targets: list[str]) -> list[tuple[str, nn.Module, str]]:
                 found.append((f"layers.{i}.attn.{name}", layer.attn, name))
         if ROUTER_TARGET in targets:
             found.append((f"layers.{i}.moe.router", layer.moe, "router"))
+        if not any(name in targets for name in EXPERT_TARGETS):
+            continue
         first = getattr(layer.moe.experts, "first", 0)  # a rank's share of the experts (parallel.py) starts there
         for e, expert in enumerate(layer.moe.experts, first):  # the ExpertList: LoRA goes on before stacking
             for name in EXPERT_TARGETS:

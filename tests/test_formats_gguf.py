@@ -557,5 +557,6 @@ def test_a_quantized_file_runs_in_place_unless_the_load_needs_a_checkpoint(origi
     assert not gguf_in_place_for(quantized, LoadOptions(quant=QuantSpec(8)))
     assert not gguf_in_place_for(quantized, LoadOptions(device="cuda"))
     assert not gguf_in_place_for(quantized, LoadOptions(gguf_in_place=False))
+    assert gguf_in_place_for(quantized, LoadOptions(adapter=tmp_path / "adapter"))  # LoRA wraps the blocks
     assert gguf_in_place_for(f16, LoadOptions(gguf_in_place=True))  # asked: load_gguf_in_place says what it can
     assert not gguf_in_place_for(original, LoadOptions())  # a directory
