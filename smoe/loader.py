@@ -73,15 +73,14 @@ class LoadOptions:
 
 def gguf_in_place_for(path: str | Path | None, options: LoadOptions) -> bool:
     """Whether a `.gguf` file is used in place: as options.gguf_in_place says, else (None) whenever
-    the load asks nothing that needs a converted checkpoint (--quant, offloading, --compile,
-    --parallel, a device other than the CPU) and the file's experts are in block formats
+    the load asks nothing that needs a converted checkpoint (--quant, offloading, --compile, a
+    device other than the CPU) and the file's experts are in block formats
     (llama.cpp's quantized files; an F16 / BF16 file converts as before)."""
     if options.gguf_in_place is not None:
         return options.gguf_in_place
     if path is None or Path(path).suffix != ".gguf" or not Path(path).is_file():
         return False
-    if (options.quant or options.offload is not None or options.compile
-            or options.parallel is not None or options.device != "cpu"):
+    if options.quant or options.offload is not None or options.compile or options.device != "cpu":
         return False
     kinds = gguf.tensor_kinds(gguf.open_in_place(Path(path))[0])
     experts = [kind for name, kind in kinds.items() if name.endswith("_exps.weight")]
@@ -229,7 +228,10 @@ def unstack_gguf_experts(model: nn.Module) -> None:
     w1 / w3 / w2 are GGMLLinear views of the same blocks (nothing copied): what transforms that
     wrap one expert's linears (LoRA) take; the inference layout restacks them where it can."""
     for layer in model.layers:
-        experts = layer.moe.experts
+        owner, attr = layer.moe, "experts"
+        if isinstance(layer.moe.experts, parallel.ShardedExperts):  # a rank's share: unstack that
+            owner = layer.moe.experts
+        experts = getattr(owner, attr)
         if not (isinstance(experts, StackedExperts) and isinstance(experts.gate_up, StackedGGML)):
             continue
         H, F_ = experts.gate_up.in_features, experts.down.in_features
@@ -238,7 +240,7 @@ def unstack_gguf_experts(model: nn.Module) -> None:
         for e, expert in enumerate(unstacked):
             expert.w1, expert.w3 = experts.gate_up.linears(e)
             expert.w2, = experts.down.linears(e)
-        layer.moe.experts = unstacked
+        setattr(owner, attr, unstacked)
 
 
 def load_gguf_in_place(path: Path, options: LoadOptions) -> tuple[nn.Module, object]:
@@ -246,10 +248,11 @@ def load_gguf_in_place(path: Path, options: LoadOptions) -> tuple[nn.Module, obj
     asks the backends for its formats (the native kernels take GGML blocks as they are on the CPU,
     in bf16 or — llama.cpp's arithmetic, one op at a time — in fp32; elsewhere the PyTorch
     reference runs them); a LoRA adapter wraps them (single experts' views where it targets
-    experts: unstack_gguf_experts); offloading, quantizing, compiling and parallelism are not offered on it
-    yet (gguf_in_place_for converts the file for those)."""
+    experts: unstack_gguf_experts); under --parallel each rank keeps its share (views of its
+    experts' blocks; TP's slices copied); offloading, quantizing and compiling are not offered on
+    it yet (gguf_in_place_for converts the file for those)."""
     asked = [name for name, on in (("--max-memory", options.offload is not None), ("--quant", options.quant),
-                                   ("--compile", options.compile), ("--parallel", options.parallel)) if on]
+                                   ("--compile", options.compile)) if on]
     if asked:
         raise SmoeError(f"{path}: {asked[0]} does not combine with a GGUF file used in place yet; drop it, or "
                         "let smoe convert the file (without --gguf-in-place)")
@@ -258,6 +261,9 @@ def load_gguf_in_place(path: Path, options: LoadOptions) -> tuple[nn.Module, obj
                         f"--gguf-in-place to convert it for {options.device}")
     opened = gguf.open_in_place(path)
     model = build_gguf_model(path, dtype=options.dtype, opened=opened)
+    if options.parallel is not None:  # each rank keeps views of its experts' blocks (parallel._gguf_share)
+        rank, world = parallel.init()
+        parallel.parallelize(model, options.parallel, parallel.make_mesh(options.parallel, rank, world))
     if options.adapter is not None:
         if set(read_adapter_config(options.adapter).targets) & set(EXPERT_TARGETS):
             unstack_gguf_experts(model)  # LoRA wraps single experts' linears: views of the same blocks

@@ -39,7 +39,8 @@ import torch.distributed as dist
 from torch import nn
 
 from smoe.errors import SmoeError
-from smoe.experts import Expert, ExpertList
+from smoe.experts import Expert, ExpertList, StackedExperts
+from smoe.ggml import BLOCKS, GGMLLinear, StackedGGML
 
 DEFAULT_TIMEOUT_S = 60.0
 
@@ -255,6 +256,10 @@ def parallelize(model: nn.Module, spec: ParallelSpec, mesh: Mesh, sources: dict[
         if tp > 1:
             _split_attention(layer.attn, mesh, config)
             layer.attn.register_forward_hook(lambda m, args, out, g=mesh.tp_group: _all_reduce(out, g))
+        if isinstance(layer.moe.experts, StackedExperts) and isinstance(layer.moe.experts.gate_up, StackedGGML):
+            layer.moe.experts = ShardedExperts(_gguf_share(layer.moe.experts, first, count, f_rows, tp, i), first,
+                                               count)
+            continue
         experts = ExpertList()
         for e in range(first, first + count):
             with torch.device("meta"):
@@ -273,6 +278,33 @@ def parallelize(model: nn.Module, spec: ParallelSpec, mesh: Mesh, sources: dict[
     return model
 
 
+def _block_columns(blocks: torch.Tensor, kind: str, cols: slice, what: str) -> torch.Tensor:
+    """Columns `cols` of GGML block rows [..., N, row bytes] (whole blocks only), copied contiguous."""
+    elems, nbytes = BLOCKS[kind]
+    if cols.start % elems or cols.stop % elems:
+        raise SmoeError(f"--parallel tensor: {what} is {kind}, whose rows split only at multiples of {elems} "
+                        f"values; a rank's share starts at {cols.start}. Use fewer processes, expert "
+                        "parallelism, or convert the file (--no-gguf-in-place)")
+    return blocks[..., cols.start // elems * nbytes : cols.stop // elems * nbytes].contiguous()
+
+
+def _gguf_share(experts: StackedExperts, first: int, count: int, f_rows: slice, tp: int, layer: int
+                ) -> StackedExperts:
+    """This rank's experts of a GGUF file in place: experts first .. first+count-1 of the stacked
+    blocks (a view of the file: only those pages are ever read), under TP their rows f_rows of gate
+    and up and those columns of down (copies: the rank's slice)."""
+    gu, dn = experts.gate_up, experts.down
+    parts = []
+    for i, kind in enumerate(gu.kinds):
+        blocks = getattr(gu, f"blocks{i}")[first : first + count]
+        parts.append((blocks[:, f_rows].contiguous() if tp > 1 else blocks, kind))
+    down = dn.blocks0[first : first + count]
+    if tp > 1:
+        down = _block_columns(down, dn.kinds[0], f_rows, f"layer {layer}'s ffn_down_exps")
+    F = f_rows.stop - f_rows.start
+    return StackedExperts(StackedGGML(parts, gu.in_features), StackedGGML([(down, dn.kinds[0])], F), F)
+
+
 def _stored(sources: dict | None, layer: nn.Module, key: str, e: int, name: str) -> torch.Tensor:
     """An expert weight: its unread view in the checkpoint, or the loaded parameter."""
     return sources[key] if sources is not None else layer.moe.experts[e].get_submodule(name).weight
@@ -284,16 +316,23 @@ def _split_attention(attn: nn.Module, mesh: Mesh, config) -> None:
     kv = slice(t * (attn.n_kv_heads // tp) * D, (t + 1) * (attn.n_kv_heads // tp) * D)
     q = slice(t * (attn.n_heads // tp) * D, (t + 1) * (attn.n_heads // tp) * D)
 
-    def keep(linear: nn.Linear, rows=None, cols=None) -> None:
+    def keep(name: str, rows=None, cols=None) -> None:
+        linear = getattr(attn, name)
+        if isinstance(linear, GGMLLinear):  # a GGUF file's blocks in place: rows are views, columns whole blocks
+            blocks = linear.blocks[rows] if rows is not None else _block_columns(linear.blocks, linear.kind, cols,
+                                                                                  f"attention's {name}")
+            width = linear.in_features if rows is not None else cols.stop - cols.start
+            setattr(attn, name, GGMLLinear.of(blocks, linear.kind, width))
+            return
         w = linear.weight
         w = w[rows] if rows is not None else w[:, cols]
         linear.weight = nn.Parameter(w.clone(), requires_grad=False)
         linear.out_features, linear.in_features = linear.weight.shape
 
-    keep(attn.q_proj, rows=q)
-    keep(attn.k_proj, rows=kv)
-    keep(attn.v_proj, rows=kv)
-    keep(attn.o_proj, cols=q)
+    keep("q_proj", rows=q)
+    keep("k_proj", rows=kv)
+    keep("v_proj", rows=kv)
+    keep("o_proj", cols=q)
     attn.n_heads //= tp
     attn.n_kv_heads //= tp
 

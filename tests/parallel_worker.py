@@ -69,7 +69,8 @@ def main() -> None:
 
         quant = QuantSpec(int(os.environ["QUANT_BITS"])) if os.environ.get("QUANT_BITS") else None
         options = LoadOptions(dtype=torch.float32, parallel=ParallelSpec.parse(spec), quant=quant,
-                              pack=task not in ("bytes", "grads"))
+                              pack=task not in ("bytes", "grads"),
+                              gguf_in_place=True if checkpoint.endswith(".gguf") else None)
         model, _ = load_model(Path(checkpoint), options)
         prompts = json.loads(os.environ["PROMPTS"])
         if task == "run":  # logits, then generation

@@ -71,6 +71,26 @@ def test_logits_and_generation_equal_one_process(checkpoint, reference, tmp_path
         assert r["sampled"] == reference["sampled"]  # seeded sampling draws the same on every rank
 
 
+@pytest.mark.parametrize("n,spec", CASES)
+def test_a_gguf_file_in_place_splits_as_one_process_runs_it(checkpoint, tmp_path, n, spec):
+    """A GGUF file used in place (Q8_0 attention, Q4_0 experts) under EP / TP / both: each rank keeps
+    views of its experts' blocks (TP: their rows, and whole-block column slices of down and o),
+    the native kernels in fp32 (activations quantized as llama.cpp does) — logits and tokens as
+    one process running the same file in place."""
+    pytest.importorskip("gguf")
+    from test_formats_gguf import write_gguf
+
+    file = write_gguf(checkpoint, tmp_path / "m.gguf", "Q8_0", "Q4_0", tokenizer=False)
+    model, _ = smoe.load(file, dtype="fp32", gguf_in_place=True)
+    with torch.inference_mode():
+        logits = model(torch.tensor(PROMPTS))
+    tokens = [r.token_ids for r in smoe.generate(model, None, PROMPTS, max_tokens=12, ignore_eos=True)]
+    for r in launch(n, "run", file, spec, tmp_path):
+        assert "logits" in r, r
+        torch.testing.assert_close(torch.tensor(r["logits"]), logits, atol=1e-5, rtol=1e-5)
+        assert r["tokens"] == tokens
+
+
 def test_int8_weights_split_by_expert_compute_as_in_one_process(checkpoint, tmp_path):
     """Each rank quantizes its own experts (whole, so with the same per-row scales as one process)."""
     model, _ = smoe.load(checkpoint, dtype="fp32", quant="int8")
@@ -147,3 +167,16 @@ def test_finetune_under_torchrun_splits_the_batch_and_matches_one_process(chat_c
                    if "grad_norm" in h) for d in ("one", "two")]
     assert logged[1]["grad_norm"] == pytest.approx(logged[0]["grad_norm"], abs=1.01e-4)  # logged to 4 places
     assert logged[1]["ce"] == pytest.approx(logged[0]["ce"], rel=1e-4)
+
+
+def test_tensor_parallel_refuses_to_cut_a_gguf_block():
+    """TP over a file in place slices rows of GGML blocks only at whole blocks: a K-quant row (256
+    values a block) cut at 128 is refused with what to do instead."""
+    from smoe.errors import SmoeError
+    from smoe.parallel import _block_columns
+
+    blocks = torch.zeros(4, 2 * 144, dtype=torch.uint8)  # 4 rows of 512 values in Q4_K
+    assert _block_columns(blocks, "Q4_K", slice(256, 512), "o").shape == (4, 144)
+    with pytest.raises(SmoeError, match=r"o is Q4_K, whose rows split only at multiples of 256 values; a rank's "
+                                        r"share starts at 128.*--no-gguf-in-place"):
+        _block_columns(blocks, "Q4_K", slice(128, 256), "o")

@@ -460,14 +460,22 @@ def tokenizer_dir(path: Path, reader) -> Path | None:
     it) for a model that uses the file in place; None where the file has none."""
     out = cache_dir() / f"{path.stem}-{_cache_key(path)}-tokenizer"
     if not (out / "tokenizer_config.json").exists():
-        tmp = out.with_name(out.name + ".partial")
+        # a directory of this process's own (ranks of --parallel load the same file at once), renamed
+        # into place whole; where another process got there first, its copy is kept
+        tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         if not write_tokenizer(reader, tmp):
             shutil.rmtree(tmp)
             return None
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
+        try:
+            tmp.rename(out)
+        except OSError:  # it exists: complete (another process's) or a stale incomplete one
+            if (out / "tokenizer_config.json").exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                shutil.rmtree(out, ignore_errors=True)
+                tmp.rename(out)
     return out
 
 
