@@ -73,14 +73,14 @@ class LoadOptions:
 
 def gguf_in_place_for(path: str | Path | None, options: LoadOptions) -> bool:
     """Whether a `.gguf` file is used in place: as options.gguf_in_place says, else (None) whenever
-    the load asks nothing that needs a converted checkpoint (--quant, offloading, --compile, a
-    device other than the CPU) and the file's experts are in block formats
+    the load asks nothing that needs a converted checkpoint (--quant, --compile, a device other
+    than the CPU) and the file's experts are in block formats
     (llama.cpp's quantized files; an F16 / BF16 file converts as before)."""
     if options.gguf_in_place is not None:
         return options.gguf_in_place
     if path is None or Path(path).suffix != ".gguf" or not Path(path).is_file():
         return False
-    if options.quant or options.offload is not None or options.compile or options.device != "cpu":
+    if options.quant or options.compile or options.device != "cpu":
         return False
     kinds = gguf.tensor_kinds(gguf.open_in_place(Path(path))[0])
     experts = [kind for name, kind in kinds.items() if name.endswith("_exps.weight")]
@@ -243,16 +243,37 @@ def unstack_gguf_experts(model: nn.Module) -> None:
         setattr(owner, attr, unstacked)
 
 
+def gguf_expert_sources(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Offloading a GGUF file in place: each expert's blocks as views of the file by parameter name
+    (`layers.L.moe.experts.E.w1.blocks`, what smoe/offload.py reads on a miss), each layer's experts
+    left an ExpertList of Experts on `meta` whose w1 / w3 / w2 are GGMLLinear of the file's types."""
+    sources = {}
+    for i, layer in enumerate(model.layers):
+        experts = layer.moe.experts
+        gate_up, down = experts.gate_up, experts.down
+        H, F_ = gate_up.in_features, down.in_features
+        with torch.device("meta"):
+            template = Expert(H, F_)
+            template.w1, template.w3 = (GGMLLinear(H, F_, kind) for kind in gate_up.kinds)
+            template.w2 = GGMLLinear(F_, H, down.kinds[0])
+        for e in range(len(experts)):
+            (w1, w3), (w2,) = gate_up.linears(e), down.linears(e)
+            for name, linear in (("w1", w1), ("w3", w3), ("w2", w2)):
+                sources[f"layers.{i}.moe.experts.{e}.{name}.blocks"] = linear.blocks
+        layer.moe.experts = ExpertList([template])
+    return sources
+
+
 def load_gguf_in_place(path: Path, options: LoadOptions) -> tuple[nn.Module, object]:
     """(model, tokenizer) of a GGUF file used in place (build_gguf_model): the inference layout
     asks the backends for its formats (the native kernels take GGML blocks as they are on the CPU,
     in bf16 or — llama.cpp's arithmetic, one op at a time — in fp32; elsewhere the PyTorch
     reference runs them); a LoRA adapter wraps them (single experts' views where it targets
     experts: unstack_gguf_experts); under --parallel each rank keeps its share (views of its
-    experts' blocks; TP's slices copied); offloading, quantizing and compiling are not offered on
-    it yet (gguf_in_place_for converts the file for those)."""
-    asked = [name for name, on in (("--max-memory", options.offload is not None), ("--quant", options.quant),
-                                   ("--compile", options.compile)) if on]
+    experts' blocks; TP's slices copied); offloaded, the file's map is the disk tier
+    (gguf_expert_sources); quantizing and compiling are not offered on it (gguf_in_place_for
+    converts the file for those)."""
+    asked = [name for name, on in (("--quant", options.quant), ("--compile", options.compile)) if on]
     if asked:
         raise SmoeError(f"{path}: {asked[0]} does not combine with a GGUF file used in place yet; drop it, or "
                         "let smoe convert the file (without --gguf-in-place)")
@@ -261,6 +282,10 @@ def load_gguf_in_place(path: Path, options: LoadOptions) -> tuple[nn.Module, obj
                         f"--gguf-in-place to convert it for {options.device}")
     opened = gguf.open_in_place(path)
     model = build_gguf_model(path, dtype=options.dtype, opened=opened)
+    if options.offload is not None and (options.parallel is not None or options.adapter is not None):
+        raise SmoeError(f"{path}: offloaded experts do not combine with --parallel or a LoRA adapter yet")
+    if options.offload is not None:  # the file's map is the disk tier: an expert's blocks are read on a miss
+        offload_experts(model, gguf_expert_sources(model), options.offload)
     if options.parallel is not None:  # each rank keeps views of its experts' blocks (parallel._gguf_share)
         rank, world = parallel.init()
         parallel.parallelize(model, options.parallel, parallel.make_mesh(options.parallel, rank, world))
@@ -272,6 +297,8 @@ def load_gguf_in_place(path: Path, options: LoadOptions) -> tuple[nn.Module, obj
     if options.pack:
         inference_layout(model, kernels.Target(options.device, model.dtype, False, gguf=True), options.progress,
                          release=False)
+    if options.offload is not None:
+        start_store(model, options.offload, progress=options.progress)
     tokens = gguf.tokenizer_dir(path, opened[0])
     tokenizer = load_tokenizer(tokens, backend=options.tokenizer_backend) if tokens is not None else None
     return model, tokenizer

@@ -298,7 +298,7 @@ def test_gguf_in_place_uses_the_files_blocks(original, prompt, tmp_path, monkeyp
 def test_gguf_in_place_says_what_it_does_not_combine_with(original, tmp_path):
     file = write_gguf(original, tmp_path / "m.gguf", "Q8_0", tokenizer=False)
     env = {**os.environ, "SMOE_CACHE": str(tmp_path / "cache")}
-    for extra, words in [(["--quant", "int4"], "--quant"), (["--max-memory", "1MiB"], "--max-memory")]:
+    for extra, words in [(["--quant", "int4"], "--quant"), (["--compile"], "--compile")]:
         out = subprocess.run([sys.executable, "-m", "smoe", "generate", "--model", str(file), "--gguf-in-place",
                               "-p", "1 2 3", *extra], capture_output=True, text=True, env=env, timeout=300)
         assert out.returncode == 2 and words in out.stderr and "in place" in out.stderr, out.stderr

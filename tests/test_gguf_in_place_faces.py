@@ -138,3 +138,28 @@ def test_lora_adapter_over_the_file_in_place(gguf_file, tmp_path, monkeypatch, t
     assert (ours.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9
     assert (ours - reference).abs().mean() <= 3 * (theirs - reference).abs().mean()
     assert converted(tmp_path / "cache") == []
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_offloaded_experts_read_from_the_files_map(gguf_file, dtype):
+    """--max-memory over a file in place: the file's map is the disk tier — an expert's blocks are
+    copied out of it on a miss (its file pages given back), run by the same kernels, evicted under
+    the budget — and the logits and tokens are those of the file in place with every expert resident."""
+    from smoe.loader import LoadOptions, gguf_in_place_for
+    from smoe.offload import OffloadedExperts
+    from smoe.options import OffloadSpec
+
+    resident, _ = smoe.load(gguf_file, dtype=dtype)
+    offloaded, _ = smoe.load(gguf_file, dtype=dtype, max_memory="3MB")  # ~16 of the 48 experts
+    assert gguf_in_place_for(gguf_file, LoadOptions(offload=OffloadSpec(3 << 20)))  # the default with --max-memory
+    assert isinstance(offloaded.layers[0].moe.experts, OffloadedExperts)
+    store = offloaded.expert_store
+    assert store.expert_bytes * 48 > 3 * 2**20 >= store.expert_bytes * 2
+    ids = torch.tensor([[1, 415, 565, 302, 484, 349, 546, 287, 415]])
+    with torch.inference_mode():
+        assert torch.equal(offloaded(ids), resident(ids))
+    prompt = [1, 415, 565]
+    assert (smoe.generate(offloaded, None, prompt, max_tokens=12, ignore_eos=True).token_ids
+            == smoe.generate(resident, None, prompt, max_tokens=12, ignore_eos=True).token_ids)
+    assert store.stats.tiers[0].misses > 0 and store.stats.tiers[0].evictions > 0
+    assert store.compute.used <= store.compute.budget

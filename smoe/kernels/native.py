@@ -278,9 +278,11 @@ class NativeStackedInt4(_Fused, nn.Module):
 
 
 def native_stack(rows: list[list[nn.Module]]) -> nn.Module | None:
-    """E experts' linears (bf16 nn.Linear, or Int8Linear / Int4Linear with bf16 scales, on the
-    CPU) in the native stacked kind; None where the kernels cannot read them."""
+    """E experts' linears (bf16 nn.Linear, Int8Linear / Int4Linear with bf16 scales, or GGMLLinear,
+    on the CPU) in the native stacked kind; None where the kernels cannot read them."""
     first = rows[0][0]
+    if type(first) is GGMLLinear:  # single GGUF experts (offloaded ones, as each loads): stacked here
+        return NativeStackedGGML(StackedGGML.stack(rows)) if first.blocks.device.type == "cpu" else None
     if type(first) is nn.Linear:
         if first.weight.dtype != torch.bfloat16 or first.weight.device.type != "cpu":
             return None
