@@ -7,6 +7,7 @@ source); the two engines' logits on the same prompt and their greedy tokens comp
     python benchmarks/bench_gguf.py                                # the benchmark checkpoint
     python benchmarks/bench_gguf.py --model smoe/assets/demo --types F16,Q8_0
     python benchmarks/bench_gguf.py --model smoe/assets/demo --types F16,Q4_K_M,Q3_K_M,Q2_K --in-place
+    python benchmarks/bench_gguf.py --model smoe/assets/demo --in-place --dtype fp32 --prompt text --prompt-tokens 256
 
 Needs `pip install -e '.[bench]'` (llama-cpp-python). Results: docs/FORMATS.md.
 """
@@ -98,6 +99,22 @@ def smoe_run(path: Path, prompt: list[int], new: int, dtype: str, in_place: bool
     return logits, tokens, load_s
 
 
+def make_prompt(model: Path, kind: str, n: int) -> list[int]:
+    if kind == "random":
+        vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+        return [1] + np.random.default_rng(0).integers(3, vocab, n - 1).tolist()
+    import smoe
+    from smoe.data import read_jsonl
+    from smoe.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    docs = read_jsonl(smoe.DEMO_MODEL / "eval_slice.jsonl")[::7]  # a spread of the slice's documents and domains
+    ids = tokenizer.encode("\n\n".join(d["text"] for d in docs))
+    if len(ids) < n:
+        raise SystemExit(f"the held-out text gives {len(ids)} tokens; ask fewer than {n}")
+    return ids[:n]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=HERE / "out" / "bench-ckpt")
@@ -106,6 +123,10 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--out", type=Path, default=HERE / "out" / "gguf-bench")
+    p.add_argument("--prompt", choices=["random", "text"], default="random",
+                   help="random token ids (a random-weight checkpoint has no text), or the first --prompt-tokens "
+                        "tokens of the demo's held-out text (every 7th document of eval_slice.jsonl) by the "
+                        "model's tokenizer")
     p.add_argument("--in-place", action="store_true", help="smoe uses the quantized files' blocks in place")
     p.add_argument("--dtype", default="fp32", help="smoe's dtype: fp32 (the file's weights, no rounding of smoe's "
                    "own) or bf16 (in place: the native kernels, activations quantized as llama.cpp does)")
@@ -117,9 +138,7 @@ def main() -> int:
     os.environ.setdefault("SMOE_CACHE", str(args.out / "smoe-cache"))
     types = args.types.split(",")
     files = make_files(args.model, args.out / f"files-{args.model.name}", types)
-    rng = np.random.default_rng(0)
-    vocab = json.loads((args.model / "config.json").read_text())["vocab_size"]
-    prompt = [1] + rng.integers(3, vocab, args.prompt_tokens - 1).tolist()
+    prompt = make_prompt(args.model, args.prompt, args.prompt_tokens)
     rows = []
     llama_f16 = llama_run(files["F16"], prompt, args.new_tokens, args.threads)[0] if "F16" in files else None
     for t in types:
@@ -142,7 +161,8 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     meta = {"cpu": cpu(), "commit": commit(), "model": str(args.model), "in_place": args.in_place, "dtype": args.dtype,
-            "command": " ".join(["bench_gguf.py", *sys.argv[1:]]), "prompt_tokens": args.prompt_tokens}
+            "command": " ".join(["bench_gguf.py", *sys.argv[1:]]), "prompt_tokens": args.prompt_tokens,
+            "prompt": args.prompt}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"\n{meta['cpu']}\ncommit {meta['commit']}; {meta['command']}\n")
