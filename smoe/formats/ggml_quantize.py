@@ -307,16 +307,23 @@ def _q2_k(x: np.ndarray) -> np.ndarray:
     return np.concatenate([ls | (lm << 4), _crumb_bytes(q), _f16_bytes(d), _f16_bytes(dmin)], axis=1)
 
 
+def _block_scales(s: np.ndarray, low: int, high: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Signed sub-block scales s [n, S] as integers in −low..high against one fp16 d per block (the
+    largest-magnitude scale maps to −low) -> (the integers as fp32 [n, S], d [n], all-zero blocks [n])."""
+    peak = _signed_peak(s)
+    zero = np.abs(peak) < EPS
+    inv = np.where(zero, F32(0), F32(-low) / np.where(zero, F32(1), peak))
+    sc = np.clip(np.rint(inv[:, None] * s), -low, high)
+    return sc, _f16(np.where(zero, F32(0), F32(1) / np.where(zero, F32(1), inv))), zero
+
+
 def _q3_k(x: np.ndarray) -> np.ndarray:
     n = len(x)
     sub = x.reshape(n, 16, 16)
     s, kept = _fit_signed(sub.reshape(-1, 16), 4, sweep=False)
-    s = s.reshape(n, 16)
-    peak = _signed_peak(s)
-    inv = np.where(peak == 0, F32(0), F32(-32) / np.where(peak == 0, F32(1), peak))
-    ls = np.where(peak[:, None] == 0, 0, np.clip(np.rint(inv[:, None] * s), -32, 31) + 32).astype(np.uint8)
-    d = _f16(np.where(peak == 0, F32(0), F32(1) / np.where(inv == 0, F32(1), inv)))  # scales stored biased by 32
-    q = _codes_against(sub, d[:, None] * (ls.astype(F32) - 32), None, -4, 3, kept).reshape(n, 256)
+    sc, d, zero = _block_scales(s.reshape(n, 16), 32, 31)
+    ls = np.where(zero[:, None], 0, sc + 32).astype(np.uint8)  # stored biased by 32 (an all-zero block: zeros)
+    q = _codes_against(sub, d[:, None] * sc, None, -4, 3, kept).reshape(n, 256)
     hmask = np.packbits((q.reshape(n, 8, 32) >> 2) & 1, axis=1, bitorder="little").reshape(n, 32)
     packed = np.zeros((n, 12), dtype=np.uint8)
     packed[:, 0:8] = (ls[:, 0:8] & 0x0F) | ((ls[:, 8:16] & 0x0F) << 4)
@@ -329,13 +336,9 @@ def _q6_k(x: np.ndarray) -> np.ndarray:
     n = len(x)
     sub = x.reshape(n, 16, 16)
     s, kept = _fit_signed(sub.reshape(-1, 16), 32, sweep=True)
-    s = s.reshape(n, 16)
-    peak = _signed_peak(s)
-    zero = np.abs(peak) < EPS
-    inv = np.where(zero, F32(0), F32(-128) / np.where(zero, F32(1), peak))
-    ls = np.minimum(np.rint(inv[:, None] * s), 127).astype(np.int8)
-    d = _f16(np.where(zero, F32(0), F32(1) / np.where(zero, F32(1), inv)))
-    q = _codes_against(sub, d[:, None] * ls.astype(F32), None, -32, 31, kept).reshape(n, 2, 4, 32)
+    sc, d, _ = _block_scales(s.reshape(n, 16), 128, 127)
+    ls = sc.astype(np.int8)
+    q = _codes_against(sub, d[:, None] * sc, None, -32, 31, kept).reshape(n, 2, 4, 32)
     low, high = q & 0x0F, q >> 4  # per half of 128: four groups of 32
     ql = np.concatenate([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], axis=2)
     qh = high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)
