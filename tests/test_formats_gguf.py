@@ -419,7 +419,7 @@ def test_conversion_that_the_disk_cannot_hold_is_refused_up_front(original, tmp_
     assert need <= written <= need + 64 * 1024  # the tensors, and safetensors' header
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K_M", "Q2_K"])  # (every type's blocks: test_ggml_quantize.py)
 def test_smoe_quantize_writes_a_gguf_that_reads_back(original, tmp_path, qtype):
     """`smoe quantize --type T --out m.gguf`: the file llama.cpp's converter and quantizer would
     write — its names and metadata read back by `gguf`'s reader, q/k rows interleaved per head, each
