@@ -153,9 +153,16 @@ def _fit_scale_min(x: np.ndarray, w: np.ndarray, top: int, rmin: float, rdelta: 
     flat = hi - low < F32(1e-10)
     sum_w, sum_x = w.sum(axis=1), (w * x).sum(axis=1)
 
-    def error(scale, low, q):
-        diff = scale[:, None] * q + low[:, None] - x
-        return (w * (np.abs(diff) if absolute else diff * diff)).sum(axis=1)
+    sum_x2 = (w * x * x).sum(axis=1, dtype=np.float64)
+
+    def error(scale, low, q, sums=None):
+        if absolute or sums is None:
+            diff = scale[:, None] * q + low[:, None] - x
+            return (w * (np.abs(diff) if absolute else diff * diff)).sum(axis=1)
+        # Σ w (s·q + m − x)² from the fit's own sums, in float64 (no pass over the values)
+        sl, sl2, sxl = (v.astype(np.float64) for v in sums)
+        s, m = scale.astype(np.float64), low.astype(np.float64)
+        return (s * s * sl2 + m * m * sum_w + sum_x2 + 2 * s * m * sl - 2 * s * sxl - 2 * m * sum_x).astype(F32)
 
     def codes(step):  # step: candidate levels per unit of range
         span = np.where(flat, F32(1), hi - low)
@@ -176,7 +183,7 @@ def _fit_scale_min(x: np.ndarray, w: np.ndarray, top: int, rmin: float, rdelta: 
         positive = m > 0  # a min above zero: fit the scale alone
         m = np.where(positive, F32(0), m)
         s = np.where(positive, sxl / np.where(sl2 > 0, sl2, F32(1)), s)
-        e = error(s, m, q)
+        e = error(s, m, q, (sl, sl2, sxl))
         better = ok & (e < best)
         best = np.where(better, e, best)
         scale = np.where(better, s, scale)
