@@ -68,8 +68,7 @@ def smoe_perplexity(path: Path, streams: dict, seq_len: int, tokens: int, dtype:
 
     import smoe
 
-    model, _ = smoe.load(path, dtype=dtype, gguf_in_place=False, pack=False) if path.suffix == ".gguf" else \
-        smoe.load(path, dtype=dtype, pack=False)
+    model, _ = smoe.load(path, dtype=dtype, gguf_in_place=False, pack=False)  # a .gguf: converted to dtype
     out = {}
     with torch.inference_mode():
         for domain, stream in streams.items():

@@ -245,22 +245,14 @@ def unstack_gguf_experts(model: nn.Module) -> None:
 
 def gguf_expert_sources(model: nn.Module) -> dict[str, torch.Tensor]:
     """Offloading a GGUF file in place: each expert's blocks as views of the file by parameter name
-    (`layers.L.moe.experts.E.w1.blocks`, what smoe/offload.py reads on a miss), each layer's experts
-    left an ExpertList of Experts on `meta` whose w1 / w3 / w2 are GGMLLinear of the file's types."""
+    (`layers.L.moe.experts.E.w1.blocks`, what smoe/offload.py reads on a miss; unstack_gguf_experts
+    cuts them out), each layer's experts left one Expert on `meta` of the file's types (the template)."""
+    unstack_gguf_experts(model)
     sources = {}
     for i, layer in enumerate(model.layers):
         experts = layer.moe.experts
-        gate_up, down = experts.gate_up, experts.down
-        H, F_ = gate_up.in_features, down.in_features
-        with torch.device("meta"):
-            template = Expert(H, F_)
-            template.w1, template.w3 = (GGMLLinear(H, F_, kind) for kind in gate_up.kinds)
-            template.w2 = GGMLLinear(F_, H, down.kinds[0])
-        for e in range(len(experts)):
-            (w1, w3), (w2,) = gate_up.linears(e), down.linears(e)
-            for name, linear in (("w1", w1), ("w3", w3), ("w2", w2)):
-                sources[f"layers.{i}.moe.experts.{e}.{name}.blocks"] = linear.blocks
-        layer.moe.experts = ExpertList([template])
+        sources.update({f"layers.{i}.moe.experts.{name}": t for name, t in experts.named_buffers()})
+        layer.moe.experts = ExpertList([experts[0].to("meta")])
     return sources
 
 

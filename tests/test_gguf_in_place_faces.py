@@ -51,18 +51,23 @@ def test_server_answers_from_the_file_in_place(gguf_file, cache_dir, monkeypatch
         model, tok = smoe.load(gguf_file)  # in place, as the server loads it
         if native.available():
             assert isinstance(model.layers[0].moe.experts.gate_up, native.NativeStackedGGML)
-        for prompt in prompts:
-            r = client.completions.create(model=model_id, prompt=prompt, max_tokens=16, temperature=0)
+
+        def alone(ids: list[int], max_tokens: int):  # the request alone in an engine shaped like the server's
             engine = smoe.Engine(model, tok, max_batch_size=4, max_seq_len=model.config.max_position_embeddings,
                                  prefill_chunk=16)
-            seq = engine.add(tok.encode(prompt), smoe.SamplingParams(max_tokens=16))
+            seq = engine.add(ids, smoe.SamplingParams(max_tokens=max_tokens))
             while engine.active:
                 engine.step()
-            ref = _result(seq)
+            return _result(seq)
+
+        for prompt in prompts:
+            r = client.completions.create(model=model_id, prompt=prompt, max_tokens=16, temperature=0)
+            ref = alone(tok.encode(prompt), 16)
             assert r.choices[0].text == ref.text and r.usage.completion_tokens == len(ref.token_ids)
-        chat = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "Hello"}],
-                                              max_tokens=8, temperature=0)
-        assert chat.choices[0].message.content is not None and chat.usage.completion_tokens >= 1
+        messages = [{"role": "user", "content": "Hello"}]
+        chat = client.chat.completions.create(model=model_id, messages=messages, max_tokens=8, temperature=0)
+        ref = alone(tok.apply_chat_template(messages), 8)
+        assert chat.choices[0].message.content == ref.text and chat.usage.prompt_tokens == ref.prompt_tokens
     finally:
         server.stop()
     assert converted(cache_dir) == []  # served from the file's blocks: nothing converted

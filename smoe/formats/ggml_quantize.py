@@ -73,15 +73,20 @@ def _q8_0(x: np.ndarray) -> np.ndarray:
     return np.concatenate([_f16_bytes(d), q.view(np.uint8)], axis=1)
 
 
+def _peak_codes(x: np.ndarray, half: int) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_0 (half 8) / Q5_0 (16): d = the signed peak / −half, codes trunc(x / d + half + ½) up to 2·half − 1."""
+    d = _signed_peak(x) / F32(-half)
+    q = np.minimum(np.trunc(x * _inverse(d)[:, None] + F32(half + 0.5)).astype(np.uint8), 2 * half - 1)
+    return d, q
+
+
 def _q4_0(x: np.ndarray) -> np.ndarray:
-    d = _signed_peak(x) / F32(-8)
-    q = np.minimum(np.trunc(x * _inverse(d)[:, None] + F32(8.5)).astype(np.uint8), 15)
+    d, q = _peak_codes(x, 8)
     return np.concatenate([_f16_bytes(d), _nibbles(q)], axis=1)
 
 
 def _q5_0(x: np.ndarray) -> np.ndarray:
-    d = _signed_peak(x) / F32(-16)
-    q = np.minimum(np.trunc(x * _inverse(d)[:, None] + F32(16.5)).astype(np.uint8), 31)
+    d, q = _peak_codes(x, 16)
     return np.concatenate([_f16_bytes(d), _fifth_bits(q), _nibbles(q)], axis=1)
 
 
@@ -251,6 +256,15 @@ def _codes_against(x: np.ndarray, d: np.ndarray, m: np.ndarray | None, lo: int, 
     return np.where(d[..., None] == 0, kept.reshape(q.shape), q).astype(np.uint8)
 
 
+def _scales_mins(s: np.ndarray, m: np.ndarray, top: int) -> tuple[np.ndarray, ...]:
+    """Sub-block scales and mins [n, S] (both ≥ 0) as integers 0..top against the block's fp16 d and
+    dmin (the largest of each maps to top) -> (scale codes, min codes (uint8), d, dmin as read)."""
+    ms, mm = s.max(axis=1), m.max(axis=1)
+    ls = np.minimum(np.rint(_inverse(ms / F32(top))[:, None] * s), top).astype(np.uint8)
+    lm = np.minimum(np.rint(_inverse(mm / F32(top))[:, None] * m), top).astype(np.uint8)
+    return ls, lm, _f16(ms / F32(top)), _f16(mm / F32(top))
+
+
 def _six_bit_pack(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
     """Eight 6-bit scales and mins [n, 8] -> Q4_K/Q5_K's 12 bytes."""
     out = np.zeros((len(sc), 12), dtype=np.uint8)
@@ -266,11 +280,7 @@ def _k_asymmetric(x: np.ndarray, top: int, rmin: float, steps: int) -> tuple[np.
     sub = x.reshape(n, 8, 32)
     weight = np.sqrt((sub * sub).sum(axis=2, keepdims=True) / F32(32)) + np.abs(sub)
     s, m, kept = _fit_scale_min(sub.reshape(-1, 32), weight.reshape(-1, 32), top, rmin, 0.1, steps, False)
-    s, m = s.reshape(n, 8), m.reshape(n, 8)
-    ms, mm = s.max(axis=1), m.max(axis=1)
-    ls = np.minimum(np.rint(_inverse(ms / F32(63))[:, None] * s), 63).astype(np.uint8)
-    lm = np.minimum(np.rint(_inverse(mm / F32(63))[:, None] * m), 63).astype(np.uint8)
-    d, dmin = _f16(ms / F32(63)), _f16(mm / F32(63))
+    ls, lm, d, dmin = _scales_mins(s.reshape(n, 8), m.reshape(n, 8), 63)
     q = _codes_against(sub, d[:, None] * ls, dmin[:, None] * lm, 0, top, kept)
     return _f16_bytes(d), _f16_bytes(dmin), _six_bit_pack(ls, lm), q
 
@@ -305,11 +315,7 @@ def _q2_k(x: np.ndarray) -> np.ndarray:
     n = len(x)
     sub = x.reshape(n, 16, 16)
     s, m, kept = _fit_scale_min(sub.reshape(-1, 16), np.abs(sub).reshape(-1, 16), 3, -0.5, 0.1, 15, True)
-    s, m = s.reshape(n, 16), m.reshape(n, 16)
-    ms, mm = s.max(axis=1), m.max(axis=1)
-    ls = np.minimum(np.rint(_inverse(ms / F32(15))[:, None] * s), 15).astype(np.uint8)
-    lm = np.minimum(np.rint(_inverse(mm / F32(15))[:, None] * m), 15).astype(np.uint8)
-    d, dmin = _f16(ms / F32(15)), _f16(mm / F32(15))
+    ls, lm, d, dmin = _scales_mins(s.reshape(n, 16), m.reshape(n, 16), 15)
     q = _codes_against(sub, d[:, None] * ls, dmin[:, None] * lm, 0, 3, kept).reshape(n, 256)
     return np.concatenate([ls | (lm << 4), _crumb_bytes(q), _f16_bytes(d), _f16_bytes(dmin)], axis=1)
 

@@ -282,7 +282,7 @@ def native_stack(rows: list[list[nn.Module]]) -> nn.Module | None:
     on the CPU) in the native stacked kind; None where the kernels cannot read them."""
     first = rows[0][0]
     if type(first) is GGMLLinear:  # single GGUF experts (offloaded ones, as each loads): stacked here
-        return NativeStackedGGML(StackedGGML.stack(rows)) if first.blocks.device.type == "cpu" else None
+        return native_restack(StackedGGML.stack(rows))
     if type(first) is nn.Linear:
         if first.weight.dtype != torch.bfloat16 or first.weight.device.type != "cpu":
             return None

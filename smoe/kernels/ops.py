@@ -2,11 +2,10 @@
 whether they run here, and their fake implementations for torch.compile and meta tensors.
 
 The ops are `torch.library` ops in the `smoe` namespace, found by name (`torch.ops.smoe.*`):
-linear_bf16 / _q8 / _q4 / _ggml (few rows by one weight; _ggml: GGUF's block
-formats), linear_prefill (many rows: fp32 GEMMs over
-weight blocks widened to fp32), moe_bf16 / _q8 / _q4 / _ggml (all chosen experts
-of a MoE layer), quantize_activations, rms_norm, decode_layer / decode_layers (whole decoder layers
-of a decode step), decode_step (a whole decode step: token ids to logits and greedy
+linear_bf16 / _q8 / _q4 / _ggml (few rows by one weight; _ggml: GGUF's block formats),
+linear_prefill (many rows: fp32 GEMMs over weight blocks widened to fp32), moe_bf16 / _q8 / _q4 /
+_ggml (all chosen experts of a MoE layer), quantize_activations, rms_norm, decode_layer /
+decode_layers (whole decoder layers of a decode step), decode_step (a whole decode step: token ids to logits and greedy
 tokens). docs/KERNELS.md has their layouts, arithmetic and measurements.
 
 The kernels come in one variant per instruction set (smoe/csrc/isa.h: avx512, avx2-vnni, avx2,
