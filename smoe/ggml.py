@@ -257,6 +257,35 @@ class GGMLLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}"
 
 
+class GGMLEmbedding(nn.Module):
+    """A token embedding table in a GGML block format, held as the file holds it (`blocks` uint8
+    [V, H / elems · bytes], a view of the memory-mapped file): a looked-up row is dequantized (gguf's
+    values bit for bit), then rounded to `dtype` — the rows a table dequantized whole would give,
+    without the table (Mixtral-8x7B's: 250 MiB in bf16, 500 MiB in fp32 while it is made). The native
+    decode step reads the blocks itself (smoe::decode_step)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, kind: str, dtype: torch.dtype = torch.bfloat16,
+                 device=None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.kind, self.dtype = num_embeddings, embedding_dim, kind, dtype
+        self.register_buffer("blocks", torch.empty(num_embeddings, row_bytes(kind, embedding_dim), dtype=torch.uint8,
+                                                   device=device))
+
+    @property
+    def device(self) -> torch.device:
+        return self.blocks.device
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1).cpu()
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
+            raise IndexError(f"token id outside the embedding (0..{self.num_embeddings - 1})")
+        rows = dequantize(self.blocks.cpu()[flat].numpy(), self.kind, (flat.numel(), self.embedding_dim))
+        return torch.from_numpy(rows).to(device=ids.device, dtype=self.dtype).view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, kind={self.kind}, dtype={self.dtype}"
+
+
 class StackedGGML(nn.Module):
     """E experts' linears in GGML block formats: parts [E, N_i, row bytes] whose outputs are
     concatenated (a GGUF file stores the experts' gate and up as two stacked tensors, each in its

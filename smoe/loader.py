@@ -45,10 +45,10 @@ from smoe.errors import CheckpointError, SmoeError
 from smoe.experts import Expert, ExpertList, StackedExperts
 from smoe.formats import gguf, locate
 from smoe.fsutil import trim_heap
-from smoe.ggml import DEQUANTIZERS, GGMLLinear, StackedGGML, row_bytes
+from smoe.ggml import DEQUANTIZERS, GGMLEmbedding, GGMLLinear, StackedGGML, row_bytes
 from smoe.kernels.ops import note_fallback
 from smoe.lora import load_adapter, read_adapter_config
-from smoe.model import Transformer
+from smoe.model import HalfCacheAttention, Transformer
 from smoe.offload import offload_experts, start_store
 from smoe.options import DEMO_MODEL, EXPERT_TARGETS, OffloadSpec, QuantSpec, parse_dtype
 from smoe.quantize import quantize_model
@@ -168,12 +168,16 @@ def build_gguf_model(path: Path, *, dtype: torch.dtype | str | None = None,
             down = StackedGGML([(torch.empty(E, H, row_bytes(part["ffn_down"], F_), dtype=torch.uint8),
                                  part["ffn_down"])], F_)
             layer.moe.experts = StackedExperts(gate_up, down, F_)
-        head = quantized("output.weight")
+        head, embed = quantized("output.weight"), quantized("token_embd.weight")
         if head and not config.tie_word_embeddings:
             model.lm_head = GGMLLinear(config.hidden_size, config.vocab_size, head)
+        if embed:  # the table stays in its blocks: a looked-up row is dequantized
+            model.embed_tokens = GGMLEmbedding(config.vocab_size, config.hidden_size, embed, dtype)
     gguf.assign_in_place(model, reader, path, dtype)  # every tensor replaced: nothing is allocated for meta's
     model.rope.reset_parameters(device="cpu")
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and isinstance(model.embed_tokens, GGMLEmbedding):  # the head reads its blocks
+        model.lm_head = GGMLLinear.of(model.embed_tokens.blocks, embed, config.hidden_size)
+    elif config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     unread = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if unread:
@@ -289,6 +293,9 @@ def load_gguf_in_place(path: Path, options: LoadOptions) -> tuple[nn.Module, obj
     if options.pack:
         inference_layout(model, kernels.Target(options.device, model.dtype, False, gguf=True), options.progress,
                          release=False)
+        if model.dtype == torch.float32:  # llama.cpp's arithmetic: its products (native), its F16 KV cache
+            for layer in model.layers:
+                layer.attn = HalfCacheAttention.of(layer.attn)
     if options.offload is not None:
         start_store(model, options.offload, progress=options.progress)
     tokens = gguf.tokenizer_dir(path, opened[0])

@@ -27,6 +27,11 @@ from smoe.config import ModelConfig
 from smoe.experts import Expert, ExpertList
 
 
+def _building_on_meta() -> bool:
+    """Whether new tensors land on meta (a `with torch.device("meta")` around construction)."""
+    return torch.empty(0).is_meta
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm (Zhang & Sennrich 2019), computed in fp32 like the reference."""
 
@@ -50,7 +55,10 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim = head_dim
         self.theta = theta
-        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+        # on meta (the loader builds there, then reset_parameters): arange's meta version imports
+        # sympy (+70 MiB resident) for a table nobody reads
+        inv_freq = torch.empty(head_dim // 2) if _building_on_meta() else self._inv_freq()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._memo: dict = {}  # one position's tables (a decode step of one row), see forward
 
     def _inv_freq(self, device=None) -> torch.Tensor:
@@ -154,19 +162,51 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, T, D]
         q = apply_rotary(q, ctx.cos, ctx.sin)
         k = apply_rotary(k, ctx.cos, ctx.sin)
+        out = self.attend(q, k, v, ctx)  # [B, Q, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """The new keys and values into the cache (if any), then q [B, Q, T, D] attends -> [B, Q, T, D]."""
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer_idx, k, v)  # [B, G, keys, D]
-        if T == 1 and ctx.cache is not None:
-            out = one_token_attention(q, k, v, ctx.mask)  # [B, Q, 1, D]
-        else:
-            out = F.scaled_dot_product_attention(
-                q, k, v,
-                attn_mask=ctx.mask,
-                is_causal=ctx.is_causal,
-                enable_gqa=self.n_heads != self.n_kv_heads,
-            )  # [B, Q, T, D]
-        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # [B, T, Q*D]
-        return self.o_proj(out)
+        if q.shape[2] == 1 and ctx.cache is not None:
+            return one_token_attention(q, k, v, ctx.mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal,
+                                              enable_gqa=self.n_heads != self.n_kv_heads)
+
+
+class HalfCacheAttention(Attention):
+    """Attention as llama.cpp computes it over its default F16 KV cache (without flash attention):
+    keys and values rounded to fp16 as that cache stores them, the query rounded to fp16 for the
+    K·Q product (ggml converts it to the keys' type) and the probabilities for the V product, the
+    products and the softmax in fp32. The fp32 model of a GGUF file used in place runs it
+    (loader.load_gguf_in_place), so that its arithmetic outside the block products is llama.cpp's
+    too: on the demo's files, mean |Δlogit| against llama.cpp 0.022-0.040 -> 0.019-0.025, about what
+    a one-ulp change of the embedding makes (docs/FORMATS.md). The cache keeps the model's dtype; it
+    holds fp16 values."""
+
+    @staticmethod
+    def of(attn: Attention) -> HalfCacheAttention:
+        """`attn` (its projections, sizes and hooks as they are) computing as this class does."""
+        half = HalfCacheAttention.__new__(HalfCacheAttention)
+        half.__dict__.update(attn.__dict__)
+        return half
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        k, v = (t.to(torch.float16).to(t.dtype) for t in (k, v))
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(self.layer_idx, k, v)  # [B, G, keys, D]
+        B, Q, T, D = q.shape
+        G, S = k.shape[1], k.shape[2]
+        queries = q.to(torch.float16).float().reshape(B, G, Q // G * T, D)  # head h reads kv head h // (Q/G)
+        scores = (queries @ k.float().transpose(-1, -2)).view(B, Q, T, S) * D**-0.5
+        if ctx.mask is not None:
+            scores = scores.masked_fill(~ctx.mask, float("-inf"))
+        elif ctx.is_causal:
+            scores = scores.masked_fill(~torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T),
+                                        float("-inf"))
+        probs = scores.softmax(-1).to(torch.float16).float().view(B, G, Q // G * T, S)
+        return (probs @ v.float()).view(B, Q, T, D).to(q.dtype)
 
 
 class Router(nn.Module):
@@ -226,11 +266,19 @@ class Block(nn.Module):
         return x + self.moe(self.ffn_norm(x))
 
 
+def _embedding(vocab: int, hidden: int) -> nn.Embedding:
+    """nn.Embedding(vocab, hidden); built on meta (as the loader builds) without its normal_ init,
+    whose meta version imports torch._dynamo — +70 MiB resident and ~1 s — to fill values nobody reads."""
+    if _building_on_meta():
+        return nn.Embedding(vocab, hidden, _weight=torch.empty(vocab, hidden))
+    return nn.Embedding(vocab, hidden)
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = _embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -243,11 +291,13 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
+        embed = self.embed_tokens  # an nn.Embedding, or a table kept in a block format (smoe/ggml.py)
+        return embed.weight.dtype if isinstance(embed, nn.Embedding) else embed.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.embed_tokens.weight.device
+        embed = self.embed_tokens
+        return embed.weight.device if isinstance(embed, nn.Embedding) else embed.device
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
         """Random initialisation for training from scratch (normal(0, std), norms at 1)."""

@@ -81,8 +81,9 @@ def llama_permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def write_gguf(checkpoint: Path, out: Path, qtype: str = "F16", experts_qtype: str | None = None,
-               tokenizer: bool = True) -> Path:
-    """A Mixtral checkpoint (HF layout, fp32) as llama.cpp's converter writes it, with `gguf`'s writer."""
+               tokenizer: bool = True, head: bool = True) -> Path:
+    """A Mixtral checkpoint (HF layout, fp32) as llama.cpp's converter writes it, with `gguf`'s writer
+    (head=False: no output.weight — a tied head, read from token_embd)."""
     from safetensors.numpy import load_file
     from sentencepiece import SentencePieceProcessor
 
@@ -129,7 +130,8 @@ def write_gguf(checkpoint: Path, out: Path, qtype: str = "F16", experts_qtype: s
 
     add("token_embd.weight", state["model.embed_tokens.weight"], qtype)
     add("output_norm.weight", state["model.norm.weight"], "F32")
-    add("output.weight", state["lm_head.weight"], qtype)
+    if head:
+        add("output.weight", state["lm_head.weight"], qtype)
     for i in range(L):
         p = f"model.layers.{i}."
         add(f"blk.{i}.attn_norm.weight", state[p + "input_layernorm.weight"], "F32")
@@ -254,7 +256,7 @@ def test_gguf_in_place_uses_the_files_blocks(original, prompt, tmp_path, monkeyp
     gguf's dequantization bit for bit in the Hugging Face layout, and the model's logits those of
     the same file converted to fp32 (the same weights; products shaped otherwise: fp32 rounding)."""
     from smoe.formats.gguf import convert
-    from smoe.ggml import GGMLLinear, StackedGGML
+    from smoe.ggml import GGMLEmbedding, GGMLLinear, StackedGGML
 
     monkeypatch.setenv("SMOE_CACHE", str(tmp_path / "cache"))
     file = write_gguf(original, tmp_path / "m.gguf", qtype, experts_qtype, tokenizer=False)
@@ -287,12 +289,38 @@ def test_gguf_in_place_uses_the_files_blocks(original, prompt, tmp_path, monkeyp
     assert all(_mapped_from(file, getattr(stacked, f"blocks{i}"))
                for stacked, parts in ((experts.gate_up, 2), (experts.down, 1)) for i in range(parts))
     assert torch.equal(model.lm_head.weight_in(torch.float32), reference("output.weight"))
+    # the embedding stays in its blocks (a view of the file): a looked-up row is gguf's row
+    assert isinstance(model.embed_tokens, GGMLEmbedding) and _mapped_from(file, model.embed_tokens.blocks)
+    assert torch.equal(model.embed_tokens(prompt)[0], reference("token_embd.weight")[prompt[0]])
     converted = smoe.load(str(convert(file, tmp_path / "converted", dtype=torch.float32, progress=False)))[0]
     with torch.inference_mode():
         ours, theirs = model(prompt).float(), converted(prompt).float()
     assert ours.isfinite().all()
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max().item())
     assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+
+
+def test_a_tied_head_in_place_reads_the_embeddings_blocks(original, prompt, tmp_path, monkeypatch):
+    """A file without output.weight (the head tied to token_embd): in place, the head is a GGMLLinear
+    over the embedding's very blocks (nothing dequantized, nothing copied), and the logits are those
+    of the file converted (which writes the head as a tensor of its own); the native bf16 model (its
+    decode step reading both from those blocks) picks the same tokens."""
+    from smoe.formats.gguf import convert
+    from smoe.ggml import GGMLEmbedding, GGMLLinear
+
+    monkeypatch.setenv("SMOE_CACHE", str(tmp_path / "cache"))
+    file = write_gguf(original, tmp_path / "tied.gguf", "Q8_0", "Q4_K", tokenizer=False, head=False)
+    model = smoe.load(file, gguf_in_place=True, dtype="fp32", pack=False)[0]
+    assert model.config.tie_word_embeddings and isinstance(model.embed_tokens, GGMLEmbedding)
+    assert isinstance(model.lm_head, GGMLLinear) and model.lm_head.blocks.data_ptr() == model.embed_tokens.blocks.data_ptr()
+    assert _mapped_from(file, model.lm_head.blocks)
+    converted = smoe.load(str(convert(file, tmp_path / "converted", dtype=torch.float32, progress=False)))[0]
+    native = smoe.load(file, gguf_in_place=True)[0]
+    with torch.inference_mode():
+        ours, theirs = model(prompt).float(), converted(prompt).float()
+        fast = native(prompt).float()
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max().item())
+    assert (fast.argmax(-1) == theirs.argmax(-1)).float().mean() >= 0.9
 
 
 def test_gguf_in_place_says_what_it_does_not_combine_with(original, tmp_path):
@@ -407,7 +435,7 @@ def test_conversion_that_the_disk_cannot_hold_is_refused_up_front(original, tmp_
     file = write_gguf(original, tmp_path / "m.gguf", "Q8_0")
     reader = gguf_format._open(file)
     need = gguf_format.converted_bytes(reader, None)
-    assert need == sum(int(t.n_elements) * (4 if t.tensor_type.name == "F32" else 2) for t in reader.tensors)
+    assert need == sum(int(t.n_elements) * (4 if t.kind == "F32" else 2) for t in reader.tensors)
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(gguf_format.shutil, "disk_usage", lambda p: usage(need, 0, need - 1))
     with pytest.raises(CheckpointError, match=r"converting it needs .* GB .* are free .*SMOE_CACHE"):

@@ -212,8 +212,11 @@ void greedy_tokens(const uint16_t* logits, int64_t B, int64_t V, int64_t* best) 
 // A whole decode step after the cache's plan: the tokens' embedding rows, every layer (as
 // decode_layers), the final RMSNorm (as rms_norm) and the head (as the head's linear op), each
 // rounded where the modules round; returns the logits [B, V] bf16 and each row's greedy token [B].
-// embed [V, H] bf16; norm [H] bf16; head: (weight, scale) of a bf16 / int8 / int4 linear.
-std::tuple<at::Tensor, at::Tensor> decode_step(at::IntArrayRef tokens, const at::Tensor& embed, at::TensorList w,
+// embed: (table, scale) as a linear's weight — bf16 [V, H], or GGML blocks [V, row bytes] with their
+// type id (a GGUF file's token_embd used in place: the rows dequantized, then rounded to bf16, as
+// GGMLEmbedding rounds them); norm [H] bf16; head: (weight, scale) of a bf16 / int8 / int4 / GGML linear.
+std::tuple<at::Tensor, at::Tensor> decode_step(at::IntArrayRef tokens, const at::Tensor& embed,
+                                               const at::Tensor& embed_scale, at::TensorList w,
                                                at::IntArrayRef meta, at::ArrayRef<double> eps,
                                                const at::Tensor& k_all, const at::Tensor& v_all,
                                                const at::Tensor& slots, const c10::optional<at::Tensor>& mask,
@@ -221,22 +224,30 @@ std::tuple<at::Tensor, at::Tensor> decode_step(at::IntArrayRef tokens, const at:
                                                const at::Tensor& norm, double norm_eps, const at::Tensor& head,
                                                const at::Tensor& head_scale) {
   const int64_t B = int64_t(tokens.size());
-  check(B >= 1 && embed.dim() == 2 && embed.scalar_type() == at::kBFloat16 && embed.is_contiguous() &&
-            embed.device().is_cpu(), "the embedding must be contiguous bf16 [V, H] on the CPU");
-  const int64_t V = embed.size(0), H = embed.size(1);
-  at::Tensor x = at::empty({B, H}, embed.options());
-  const uint16_t* table = static_cast<const uint16_t*>(embed.data_ptr());
+  check(B >= 1 && embed.dim() == 2 && embed.is_contiguous() && embed.device().is_cpu() &&
+            (embed.scalar_type() == at::kBFloat16 || kind_of(embed, embed_scale) == kGgml),
+        "the embedding must be contiguous bf16 [V, H] or GGML blocks on the CPU");
+  const Matrix We = weight_matrix(embed, embed_scale);
+  const int64_t V = We.N, H = We.K;
+  at::Tensor x = at::empty({B, H}, norm.options().dtype(at::kBFloat16));
+  uint16_t* xs = static_cast<uint16_t*>(x.data_ptr());
+  std::vector<float> row(We.kind == kBf16 ? 0 : H);
   for (int64_t b = 0; b < B; ++b) {
     check(tokens[b] >= 0 && tokens[b] < V, "token id outside the embedding");
-    std::memcpy(static_cast<uint16_t*>(x.data_ptr()) + b * H, table + tokens[b] * H, H * 2);
+    if (We.kind == kBf16) {
+      std::memcpy(xs + b * H, static_cast<const uint16_t*>(We.w) + tokens[b] * H, H * 2);
+    } else {
+      dequantize_rows(We, tokens[b], tokens[b] + 1, row.data());
+      for (int64_t i = 0; i < H; ++i) xs[b * H + i] = f32_to_bf16(row[i]);
+    }
   }
   const at::Tensor y = decode_layers(x, w, meta, eps, k_all, v_all, slots, mask, kv_len, cos, sin);
   const at::Tensor h = rms_norm_op(y, norm, norm_eps);
   const Matrix Wh = weight_matrix(head, head_scale);
   check(Wh.K == H, "the head's input size must be the hidden size");
-  at::Tensor logits = at::empty({B, Wh.N}, embed.options());
+  at::Tensor logits = at::empty({B, Wh.N}, norm.options().dtype(at::kBFloat16));
   linears_into(static_cast<const uint16_t*>(h.data_ptr()), B, {Wh}, {static_cast<uint16_t*>(logits.data_ptr())});
-  at::Tensor best = at::empty({B}, embed.options().dtype(at::kLong));
+  at::Tensor best = at::empty({B}, norm.options().dtype(at::kLong));
   greedy_tokens(static_cast<const uint16_t*>(logits.data_ptr()), B, Wh.N, best.data_ptr<int64_t>());
   return {logits, best};
 }

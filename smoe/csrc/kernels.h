@@ -88,7 +88,8 @@ at::Tensor decode_layers(const at::Tensor& x, at::TensorList w, at::IntArrayRef 
                          const at::Tensor& k_all, const at::Tensor& v_all, const at::Tensor& slots,
                          const c10::optional<at::Tensor>& mask, int64_t kv_len, const at::Tensor& cos,
                          const at::Tensor& sin);
-std::tuple<at::Tensor, at::Tensor> decode_step(at::IntArrayRef tokens, const at::Tensor& embed, at::TensorList w,
+std::tuple<at::Tensor, at::Tensor> decode_step(at::IntArrayRef tokens, const at::Tensor& embed,
+                                               const at::Tensor& embed_scale, at::TensorList w,
                                                at::IntArrayRef meta, at::ArrayRef<double> eps,
                                                const at::Tensor& k_all, const at::Tensor& v_all,
                                                const at::Tensor& slots, const c10::optional<at::Tensor>& mask,

@@ -26,7 +26,7 @@ TORCH_LIBRARY_FRAGMENT(smoe, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("decode_layers(Tensor x, Tensor[] weights, int[] meta, float[] eps, Tensor(a!) k_all, Tensor(b!) v_all, "
         "Tensor slots, Tensor? mask, int kv_len, Tensor cos, Tensor sin) -> Tensor");
-  m.def("decode_step(int[] tokens, Tensor embed, Tensor[] weights, int[] meta, float[] eps, Tensor(a!) k_all, "
+  m.def("decode_step(int[] tokens, Tensor embed, Tensor embed_scale, Tensor[] weights, int[] meta, float[] eps, Tensor(a!) k_all, "
         "Tensor(b!) v_all, Tensor slots, Tensor? mask, int kv_len, Tensor cos, Tensor sin, Tensor norm, "
         "float norm_eps, Tensor head, Tensor head_scale) -> (Tensor, Tensor)");
 }

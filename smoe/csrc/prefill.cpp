@@ -27,8 +27,13 @@ at::Tensor linear_prefill(const at::Tensor& x, const at::Tensor& w, const c10::o
   // measured on the benchmark checkpoint's 512-token prefill: 1 MiB blocks 171, 4 MiB 188, 8 MiB 199,
   // 16 MiB 194 tok/s (Q3_K_M; 2 threads, AVX-512)
   const int64_t block = std::max<int64_t>(16, (int64_t(1) << 23) / (4 * std::max<int64_t>(K, 1)));
-  at::Tensor buffer = at::empty({std::min(block, N), K}, y.options());
-  float* buf = buffer.data_ptr<float>();
+  // the block's fp32 rows in a buffer kept for the calling thread: allocated once, not 8 MiB per call
+  // (a prompt makes hundreds of calls, whose freed buffers fragmented glibc's heap: +40 MiB resident)
+  static thread_local std::vector<float> kept;
+  const int64_t rows = std::min(block, N);
+  if (int64_t(kept.size()) < rows * K) kept.resize(rows * K);
+  float* buf = kept.data();
+  const at::Tensor buffer = at::from_blob(buf, {rows, K}, y.options());
   for (int64_t n0 = 0; n0 < N; n0 += block) {
     const int64_t n1 = std::min(N, n0 + block);
     at::parallel_for(n0, n1, 16, [&](int64_t a, int64_t b) { dequantize_rows(W, a, b, buf + (a - n0) * K); });

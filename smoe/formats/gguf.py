@@ -1,6 +1,6 @@
 """GGUF in: llama.cpp's files (Mixtral and Llama family) read into a smoe checkpoint directory.
 
-The `gguf` package parses the file (header, metadata, tensor table, memory-mapped data); the
+gguf_file.py reads the container (header, metadata, tensor table, memory-mapped data); the
 rest is here: the dequantization of each block format (below, tested against `gguf`'s own
 reference), the names and the rotary layout back to Hugging Face's (llama.cpp's converter
 interleaves the q/k rows of each head, as Mistral's consolidated files do), the config from
@@ -27,57 +27,21 @@ import torch
 
 from smoe.checkpoint import interleaved_to_half
 from smoe.errors import CheckpointError
-from smoe.ggml import DEQUANTIZERS, GGMLLinear, dequantize
+from smoe.formats.gguf_file import GGUFFile
+from smoe.ggml import DEQUANTIZERS, GGMLEmbedding, GGMLLinear, dequantize
 
 # ------------------------------------------------------------------------- reading a file
 
 
-def _check_tensors(path: Path, file_bytes: int, start: int, infos) -> None:
-    """Each tensor of the file's table (gguf's reader fields: name, dims, type, offset) against the
-    file: a type gguf knows, whole blocks along its rows, data inside the file — one line naming
-    the first tensor that is not, instead of a reshape error from deep inside the reader."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    for info in infos:
-        _, name_data, _, dims, raw_type, offset = info.parts
-        name = bytes(name_data).decode("utf-8", "replace")
-        try:
-            kind = GGMLQuantizationType(int(raw_type[0]))
-        except ValueError:
-            raise CheckpointError(
-                f"{path}: tensor {name} has GGML type id {int(raw_type[0])}, which this version of the gguf "
-                "package does not know (a newer llama.cpp format?); requantize the file to one of "
-                f"{', '.join(['F32', 'F16', 'BF16', *DEQUANTIZERS])} with llama.cpp's llama-quantize") from None
-        block, block_bytes = GGML_QUANT_SIZES[kind]
-        dims = [int(d) for d in dims]
-        if not dims or dims[0] % block:
-            raise CheckpointError(f"{path}: tensor {name} ({kind.name}, shape {list(reversed(dims))}) is not a "
-                                  f"whole number of {block}-value blocks along its rows: the file is damaged")
-        end = start + int(offset[0]) + int(np.prod(dims)) // block * block_bytes
-        if end > file_bytes:
-            raise CheckpointError(f"{path}: tensor {name}'s data ends at byte {end} but the file has {file_bytes} "
-                                  "bytes: the file is truncated (an interrupted download or copy?); fetch it again")
+def _open(path: Path, mode: str = "r") -> GGUFFile:
+    """The file's header read and its data memory-mapped (gguf_file.py; mode "c": copy-on-write,
+    so that tensors viewing it are writable in name — nothing is ever written — and torch takes
+    them without a copy); a damaged or truncated file is one CheckpointError naming the tensor."""
+    return GGUFFile.open(path, mode)
 
 
-def _open(path: Path, mode: str = "r"):
-    """gguf's reader over the file (mode "c": the map copy-on-write, so that tensors viewing it
-    are writable in name — nothing is ever written — and torch takes them without a copy)."""
-    from gguf import GGUFReader
-
-    class CheckedReader(GGUFReader):
-        def _build_tensors(self, start_offs, fields):
-            _check_tensors(path, len(self.data), start_offs, fields)
-            return super()._build_tensors(start_offs, fields)
-
-    try:
-        return CheckedReader(path, mode=mode)
-    except (ValueError, OSError, IndexError, KeyError) as e:
-        raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
-
-
-def _field(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
+def _field(reader: GGUFFile, key: str, default=None):
+    return reader.fields.get(key, default)
 
 
 def read_config(reader, path: Path) -> dict:
@@ -97,7 +61,7 @@ def read_config(reader, path: Path) -> dict:
     tokens = _field(reader, "tokenizer.ggml.tokens")
     embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     vocab = key("vocab_size", None, required=False) or (len(tokens) if tokens else None) or \
-        (int(embed.shape[-1]) if embed is not None else None)
+        (embed.shape[0] if embed is not None else None)
     experts = int(key("expert_count", 0, required=False) or 0)
     head_dim = key("attention.key_length", None, required=False) or key("rope.dimension_count", None,
                                                                            required=False) or hidden // heads
@@ -132,7 +96,7 @@ def check_types(reader, path: Path) -> None:
     """Every tensor in a type smoe reads, before anything is written: one line naming the first
     that is not."""
     for t in reader.tensors:
-        kind = t.tensor_type.name
+        kind = t.kind
         if kind not in NATURAL and kind not in DEQUANTIZERS:
             raise CheckpointError(
                 f"{path}: tensor {t.name} is {kind}, which smoe cannot read (it reads "
@@ -148,9 +112,8 @@ def hf_tensors(reader, config: dict, dtype: torch.dtype | None, done=lambda: Non
     heads = {"attn_q.weight": config["num_attention_heads"], "attn_k.weight": config["num_key_value_heads"]}
     dense = not any("exps" in t.name or "ffn_gate_inp" in t.name for t in reader.tensors)
     for t in reader.tensors:
-        shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # GGUF lists dims innermost first
-        kind = t.tensor_type.name
-        value = torch.from_numpy(dequantize(t.data, kind, shape)).to(dtype or NATURAL.get(kind, torch.bfloat16))
+        kind = t.kind
+        value = torch.from_numpy(dequantize(t.data, kind, t.shape)).to(dtype or NATURAL.get(kind, torch.bfloat16))
         yield from _hf_names(t.name, value, heads, dense)
         done()
 
@@ -202,12 +165,11 @@ def open_in_place(path: Path) -> tuple[object, dict]:
 
 def tensor_kinds(reader) -> dict[str, str]:
     """GGUF tensor name -> its type name."""
-    return {t.name: t.tensor_type.name for t in reader.tensors}
+    return {t.name: t.kind for t in reader.tensors}
 
 
 def _float(t, dtype: torch.dtype) -> torch.Tensor:
-    shape = tuple(int(n) for n in reversed(t.shape.tolist()))
-    return torch.from_numpy(dequantize(t.data, t.tensor_type.name, shape)).to(dtype)
+    return torch.from_numpy(dequantize(t.data, t.kind, t.shape)).to(dtype)
 
 
 def _blocks(t) -> torch.Tensor:
@@ -218,7 +180,8 @@ def _blocks(t) -> torch.Tensor:
 def assign_in_place(model: torch.nn.Module, reader, path: Path, dtype: torch.dtype) -> None:
     """Every tensor of the file into the model loader.build_gguf_model built for it: a quantized
     matrix's blocks as a view of the file (q/k rows reordered from llama.cpp's rotary pairs: a copy
-    of those two), float tensors (norms, routers) and the embedding dequantized to `dtype`."""
+    of those two), a quantized embedding's too (GGMLEmbedding), float tensors (norms, routers, an
+    F16 / F32 embedding) in `dtype`."""
     config = model.config
     heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
     attention = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_output": "o_proj"}
@@ -226,9 +189,8 @@ def assign_in_place(model: torch.nn.Module, reader, path: Path, dtype: torch.dty
 
     def put(module, name, t, heads: int | None = None) -> None:
         target = getattr(module, name)
-        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
-        if tuple(target.shape) != shape:
-            raise CheckpointError(f"{path}: tensor {t.name} has shape {list(shape)}, the model expects "
+        if tuple(target.shape) != t.shape:
+            raise CheckpointError(f"{path}: tensor {t.name} has shape {list(t.shape)}, the model expects "
                                   f"{list(target.shape)} (its metadata and tensors disagree)")
         value = _float(t, dtype)
         if heads is not None:  # q/k: llama.cpp's rotary pairs back to halves
@@ -241,7 +203,13 @@ def assign_in_place(model: torch.nn.Module, reader, path: Path, dtype: torch.dty
     for t in reader.tensors:
         name = t.name
         seen.add(name)
-        if name == "token_embd.weight":
+        if name == "token_embd.weight" and isinstance(model.embed_tokens, GGMLEmbedding):
+            blocks = _blocks(t)
+            if tuple(blocks.shape) != tuple(model.embed_tokens.blocks.shape):
+                raise CheckpointError(f"{path}: tensor {name} has {tuple(blocks.shape)} bytes of blocks, the model "
+                                      f"expects {tuple(model.embed_tokens.blocks.shape)}")
+            model.embed_tokens.blocks = blocks
+        elif name == "token_embd.weight":
             put(model.embed_tokens, "weight", t)
         elif name == "output_norm.weight":
             put(model.norm, "weight", t)
@@ -371,7 +339,7 @@ def convert(path: Path, out: Path, *, dtype: torch.dtype | None = None, progress
     need = converted_bytes(reader, dtype)
     if config["tie_word_embeddings"]:  # the head is written as a tensor of its own
         embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
-        need += int(embed.n_elements) * (dtype or NATURAL.get(embed.tensor_type.name, torch.bfloat16)).itemsize
+        need += int(embed.n_elements) * (dtype or NATURAL.get(embed.kind, torch.bfloat16)).itemsize
     free = shutil.disk_usage(tmp).free
     if need > free:
         tmp.rmdir()
@@ -433,7 +401,7 @@ def converted_bytes(reader, dtype: torch.dtype | None) -> int:
     """The bytes `convert` writes for this file (its tensors in the dtypes hf_tensors gives them)."""
     total = 0
     for t in reader.tensors:
-        kind = t.tensor_type.name
+        kind = t.kind
         out = dtype or NATURAL.get(kind, torch.bfloat16)
         total += int(t.n_elements) * out.itemsize
     return total
@@ -442,7 +410,7 @@ def converted_bytes(reader, dtype: torch.dtype | None) -> int:
 def natural_dtype(reader) -> torch.dtype:
     """The dtype of the file's bulk weights (all but norms and routers): F16 -> fp16, BF16 ->
     bf16, F32 -> fp32; quantized or mixed -> bf16 (dequantized values d·q then round to bf16)."""
-    kinds = {t.tensor_type.name for t in reader.tensors if len(t.shape) > 1 and "ffn_gate_inp" not in t.name}
+    kinds = {t.kind for t in reader.tensors if len(t.shape) > 1 and "ffn_gate_inp" not in t.name}
     return NATURAL[kinds.pop()] if len(kinds) == 1 and next(iter(kinds)) in NATURAL else torch.bfloat16
 
 

@@ -31,6 +31,7 @@ from torch.utils.hooks import RemovableHandle
 
 from smoe.experts import StackedExperts
 from smoe.fsutil import huge_page_gather
+from smoe.ggml import TYPE_IDS, GGMLEmbedding
 from smoe.kernels.ops import MAX_ROWS, available
 from smoe.model import Attention, Block, MoE, RMSNorm, Router
 
@@ -224,7 +225,7 @@ class DecodePlan:
         if meta is None:
             meta = program.meta[row0] = _meta(program.layer_meta, row0)
         mask = None if plan.mask is None else _dense(plan.mask)
-        return torch.ops.smoe.decode_step(tokens, program.table, program.weights, meta, program.eps, cache.k, cache.v,
+        return torch.ops.smoe.decode_step(tokens, *program.table, program.weights, meta, program.eps, cache.k, cache.v,
                                           _dense(plan.write_slots), mask, plan.kv_len, _dense(cos), _dense(sin),
                                           program.norm, program.norm_eps, *program.head)
 
@@ -264,12 +265,10 @@ class _StepProgram:
         stamp = _stamp()
         mods = model._modules
         embed, norm, head, rope = mods["embed_tokens"], mods["norm"], mods["lm_head"], mods["rope"]
-        if (type(embed) is not nn.Embedding or type(norm) is not NativeRMSNorm
-                or any(_hook_dicts((model, embed, norm, head, rope)))):
+        if type(norm) is not NativeRMSNorm or any(_hook_dicts((model, embed, norm, head, rope))):
             return None
-        table, head_weights = embed.weight, _kernel_weights(head)
-        if (head_weights is None or table.dtype != torch.bfloat16 or not table.is_contiguous()
-                or table.device.type != "cpu" or embed.max_norm is not None):
+        table, head_weights = _table(embed), _kernel_weights(head)
+        if head_weights is None or table is None:
             return None
         every = [plan.layer_args(i, layer) for i, layer in enumerate(mods["layers"])]
         if len(every) != plan.layers or any(args is None for args in every):
@@ -278,9 +277,25 @@ class _StepProgram:
         program.stamp, program.model = stamp, weakref.ref(model)  # (the model holds the plan that holds this)
         program.table, program.head, program.rope = table, head_weights, rope
         program.weights, program.layer_meta, program.eps = _flat(every)
-        program.norm, program.norm_eps, program.dtype = norm.weight, norm.eps, table.dtype
+        program.norm, program.norm_eps, program.dtype = norm.weight, norm.eps, torch.bfloat16
         program.meta = {}  # first cache row -> meta, as decode_layers takes it
         return program
+
+
+def _table(embed: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(table, scale) of an embedding smoe::decode_step reads: bf16 [V, H] (an nn.Embedding), or a
+    GGMLEmbedding's blocks with their type id; None for any other."""
+    if type(embed) is nn.Embedding:
+        table = embed.weight
+        ok = table.dtype == torch.bfloat16 and embed.max_norm is None
+        scale = _NO_SCALE
+    elif type(embed) is GGMLEmbedding:
+        table = embed.blocks
+        ok = embed.dtype == torch.bfloat16 and embed.kind in TYPE_IDS
+        scale = torch.tensor([TYPE_IDS.get(embed.kind, -1)], dtype=torch.int32)
+    else:
+        return None
+    return (table, scale) if ok and table.is_contiguous() and table.device.type == "cpu" else None
 
 
 def _flat(every: list[tuple[list, list, float]]) -> tuple[list[torch.Tensor], list[list[int]], list[float]]:
