@@ -96,6 +96,7 @@ def run_smoe(model_dir: str, precision: str, threads: int, cfg: dict) -> dict:
             t3 = time.perf_counter()
             out[batch] = {"prefill_tok_s": batch * cfg["prefill"] / (t1 - t0), "ttft_s": (t1 - t0) / batch,
                           "decode_tok_s": batch * steps / (t3 - t2)}
+            del engine, seqs  # this batch size's KV cache goes before the next one's is made
     return out
 
 
