@@ -115,6 +115,15 @@ def make_prompt(model: Path, kind: str, n: int) -> list[int]:
     return ids[:n]
 
 
+def files_and_prompt(args) -> tuple[list[str], dict[str, Path], list[int]]:
+    """--types, llama.cpp's files of --model in them (made once under --out, smoe's cache there too)
+    and the --prompt's --prompt-tokens token ids."""
+    os.environ.setdefault("SMOE_CACHE", str(args.out / "smoe-cache"))
+    types = args.types.split(",")
+    files = make_files(args.model, args.out / f"files-{args.model.name}", types)
+    return types, files, make_prompt(args.model, args.prompt, args.prompt_tokens)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=HERE / "out" / "bench-ckpt")
@@ -135,10 +144,7 @@ def main() -> int:
         print(f"{args.model}: no checkpoint (make one: python benchmarks/random_checkpoint.py --preset bench "
               f"--out {args.model})", file=sys.stderr)
         return 2
-    os.environ.setdefault("SMOE_CACHE", str(args.out / "smoe-cache"))
-    types = args.types.split(",")
-    files = make_files(args.model, args.out / f"files-{args.model.name}", types)
-    prompt = make_prompt(args.model, args.prompt, args.prompt_tokens)
+    types, files, prompt = files_and_prompt(args)
     rows = []
     llama_f16 = llama_run(files["F16"], prompt, args.new_tokens, args.threads)[0] if "F16" in files else None
     for t in types:

@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_engines import commit, cpu  # noqa: E402
-from bench_gguf import llama_run, make_files, make_prompt, smoe_run  # noqa: E402
+from bench_gguf import files_and_prompt, llama_run, smoe_run  # noqa: E402
 
 
 def child(args) -> int:
@@ -86,10 +86,7 @@ def main() -> int:
         print("--other: a directory with another build's llama_cpp package (pip install --target DIR ...)",
               file=sys.stderr)
         return 2
-    os.environ.setdefault("SMOE_CACHE", str(args.out / "smoe-cache"))
-    types = args.types.split(",")
-    files = make_files(args.model, args.out / f"files-{args.model.name}", types)
-    prompt = make_prompt(args.model, args.prompt, args.prompt_tokens)
+    types, files, prompt = files_and_prompt(args)
     rows = []
     for t in types:
         got = {"llama.cpp": logits_of("llama", files[t], prompt, args.threads, None),

@@ -129,12 +129,14 @@ def build_model(path: str | Path, *, dtype: torch.dtype | str | None = None, dev
 
 
 def build_gguf_model(path: Path, *, dtype: torch.dtype | str | None = None,
-                     opened: tuple[object, dict] | None = None) -> Transformer:
+                     opened: tuple[object, dict] | None = None, rotary_pairs: bool = True) -> Transformer:
     """The model of a GGUF file with its quantized tensors used in place: built on `meta` with each
     quantized matrix a GGMLLinear of the file's type and each layer's experts stacked as the file
     stacks them (StackedGGML: gate and up as two parts, down), then the file's tensors assigned —
-    the blocks as views of its memory map, nothing dequantized but the embedding, norms and routers
-    (to `dtype`, default bf16). These kinds are the PyTorch reference (smoe/ggml.py: a weight
+    the blocks as views of its memory map, nothing dequantized but norms and routers (to `dtype`,
+    default bf16). rotary_pairs: RoPE over llama.cpp's adjacent pairs, so that q/k keep the file's
+    row order (views too); False reorders them to Hugging Face's halves (copies), for what reads
+    q/k in that order (a LoRA adapter of q_proj / k_proj). These kinds are the PyTorch reference (smoe/ggml.py: a weight
     dequantized per product); inference_layout hands them to a backend that runs blocks (native).
     opened: what gguf.open_in_place(path) gave already (reading the header of Mixtral's file takes
     ~1.6 s)."""
@@ -173,6 +175,7 @@ def build_gguf_model(path: Path, *, dtype: torch.dtype | str | None = None,
             model.lm_head = GGMLLinear(config.hidden_size, config.vocab_size, head)
         if embed:  # the table stays in its blocks: a looked-up row is dequantized
             model.embed_tokens = GGMLEmbedding(config.vocab_size, config.hidden_size, embed, dtype)
+    model.rope.pairs = rotary_pairs
     gguf.assign_in_place(model, reader, path, dtype)  # every tensor replaced: nothing is allocated for meta's
     model.rope.reset_parameters(device="cpu")
     if config.tie_word_embeddings and isinstance(model.embed_tokens, GGMLEmbedding):  # the head reads its blocks
@@ -277,7 +280,9 @@ def load_gguf_in_place(path: Path, options: LoadOptions) -> tuple[nn.Module, obj
         raise SmoeError(f"{path}: a GGUF file is used in place on the CPU only so far; load it without "
                         f"--gguf-in-place to convert it for {options.device}")
     opened = gguf.open_in_place(path)
-    model = build_gguf_model(path, dtype=options.dtype, opened=opened)
+    # q/k stay in the file's row order (RoPE over its adjacent pairs), unless an adapter (which may read
+    # q_proj / k_proj in Hugging Face's order) is applied
+    model = build_gguf_model(path, dtype=options.dtype, opened=opened, rotary_pairs=options.adapter is None)
     if options.offload is not None and (options.parallel is not None or options.adapter is not None):
         raise SmoeError(f"{path}: offloaded experts do not combine with --parallel or a LoRA adapter yet")
     if options.offload is not None:  # the file's map is the disk tier: an expert's blocks are read on a miss

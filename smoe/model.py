@@ -49,7 +49,12 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """RoPE (Su et al. 2021) in the 'rotate half' layout used by Hugging Face checkpoints:
     dimension i pairs with i + D/2 (Mistral's consolidated files pair 2i with 2i+1; the
-    checkpoint loader permutes their q/k rows into this layout)."""
+    checkpoint loader permutes their q/k rows into this layout). `pairs = True`: the tables for
+    adjacent pairs (2i, 2i+1) instead — llama.cpp's layout, in which a GGUF file used in place
+    keeps its q/k rows (apply_rotary with pairs=True; the same products, the dimensions in
+    another order, so the attention scores are the same sums)."""
+
+    pairs = False
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
@@ -84,7 +89,7 @@ class RotaryEmbedding(nn.Module):
         step's (on the CPU, under inference mode). Made 64 positions at a time — the next steps'
         — so that a generation pays for its tables once every 64 tokens, not every token."""
         inv_freq = self._buffers["inv_freq"]
-        key = (position, shape, dtype, inv_freq.dtype, inv_freq.device)
+        key = (position, shape, dtype, inv_freq.dtype, inv_freq.device, self.pairs)
         tables = self._memo.get(key)
         if tables is None:
             if len(self._memo) >= 8192:
@@ -99,14 +104,18 @@ class RotaryEmbedding(nn.Module):
 
     def _tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[..., None].float() * self.inv_freq  # [B, T, D/2]
-        angles = torch.cat([freqs, freqs], dim=-1)  # [B, T, D]
+        angles = freqs.repeat_interleave(2, dim=-1) if self.pairs else torch.cat([freqs, freqs], dim=-1)  # [B, T, D]
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, T, D]; cos, sin [B, 1, T, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairs: bool = False) -> torch.Tensor:
+    """x [B, heads, T, D]; cos, sin [B, 1, T, D]. Dimension i rotates with i + D/2, or with its
+    neighbour in (2i, 2i+1) with pairs (tables made by RotaryEmbedding with pairs = True)."""
+    if pairs:
+        rotated = torch.stack([-x[..., 1::2], x[..., 0::2]], dim=-1).flatten(-2)
+    else:
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
 
 
@@ -119,6 +128,7 @@ class ForwardContext:
     mask: torch.Tensor | None  # [B, 1, T, keys], True = may attend
     is_causal: bool  # no mask needed beyond plain causality (uncached, no window in reach)
     cache: KVCache | None
+    pairs: bool = False  # RoPE over adjacent pairs (the tables' layout: RotaryEmbedding.pairs)
 
 
 def one_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -160,8 +170,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Q, T, D]
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, T, D]
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, T, D]
-        q = apply_rotary(q, ctx.cos, ctx.sin)
-        k = apply_rotary(k, ctx.cos, ctx.sin)
+        q = apply_rotary(q, ctx.cos, ctx.sin, ctx.pairs)
+        k = apply_rotary(k, ctx.cos, ctx.sin, ctx.pairs)
         out = self.attend(q, k, v, ctx)  # [B, Q, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -183,7 +193,10 @@ class HalfCacheAttention(Attention):
     (loader.load_gguf_in_place), so that its arithmetic outside the block products is llama.cpp's
     too: on the demo's files, mean |Δlogit| against llama.cpp 0.022-0.040 -> 0.019-0.025, about what
     a one-ulp change of the embedding makes (docs/FORMATS.md). The cache keeps the model's dtype; it
-    holds fp16 values."""
+    holds fp16 values. A long prompt's queries go a block of rows at a time, its scores at most
+    `scores_bytes`."""
+
+    scores_bytes = 64 << 20
 
     @staticmethod
     def of(attn: Attention) -> HalfCacheAttention:
@@ -198,15 +211,21 @@ class HalfCacheAttention(Attention):
             k, v = ctx.cache.update(self.layer_idx, k, v)  # [B, G, keys, D]
         B, Q, T, D = q.shape
         G, S = k.shape[1], k.shape[2]
-        queries = q.to(torch.float16).float().reshape(B, G, Q // G * T, D)  # head h reads kv head h // (Q/G)
-        scores = (queries @ k.float().transpose(-1, -2)).view(B, Q, T, S) * D**-0.5
-        if ctx.mask is not None:
-            scores = scores.masked_fill(~ctx.mask, float("-inf"))
-        elif ctx.is_causal:
-            scores = scores.masked_fill(~torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T),
-                                        float("-inf"))
-        probs = scores.softmax(-1).to(torch.float16).float().view(B, G, Q // G * T, S)
-        return (probs @ v.float()).view(B, Q, T, D).to(q.dtype)
+        allowed = ctx.mask  # [B, 1, T, S] or None
+        if allowed is None and ctx.is_causal:
+            allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        keys, values = k.float().transpose(-1, -2), v.float()
+        out = torch.empty(B, Q, T, D, dtype=q.dtype, device=q.device)
+        step = max(1, self.scores_bytes // (4 * B * Q * S))  # query rows at a time: bounded scores
+        for t0 in range(0, T, step):
+            n = min(step, T - t0)
+            rows = q[:, :, t0 : t0 + n].to(torch.float16).float().reshape(B, G, Q // G * n, D)  # head h: kv h // (Q/G)
+            scores = (rows @ keys).view(B, Q, n, S) * D**-0.5
+            if allowed is not None:
+                scores = scores.masked_fill(~allowed[..., t0 : t0 + n, :], float("-inf"))
+            probs = scores.softmax(-1).to(torch.float16).float().view(B, G, Q // G * n, S)
+            out[:, :, t0 : t0 + n] = (probs @ values).view(B, Q, n, D)
+        return out
 
 
 class Router(nn.Module):
@@ -338,7 +357,7 @@ class Transformer(nn.Module):
             else:
                 pos = torch.arange(T, device=input_ids.device)
                 mask, is_causal = attention_mask(pos[:, None], pos[None, :], window)[None, None], False  # [1, 1, T, T]
-        ctx = ForwardContext(cos, sin, mask, is_causal, cache)
+        ctx = ForwardContext(cos, sin, mask, is_causal, cache, self.rope.pairs)
 
         x = self.run_layers(self.embed_tokens(input_ids), ctx)  # [B, T, H]
         if last_only:

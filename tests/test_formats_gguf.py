@@ -252,9 +252,10 @@ def _mapped_from(path: Path, tensor: torch.Tensor) -> bool:
                                                  ("Q4_1", "Q2_K"), ("Q5_1", "Q6_K"), ("Q8_0", "Q5_K")])
 def test_gguf_in_place_uses_the_files_blocks(original, prompt, tmp_path, monkeypatch, qtype, experts_qtype):
     """smoe.load(file, gguf_in_place=True): every quantized matrix is a view of the file's blocks
-    (no copy; q/k reordered from llama.cpp's rotary pairs, the one copy), its dequantized weight
-    gguf's dequantization bit for bit in the Hugging Face layout, and the model's logits those of
-    the same file converted to fp32 (the same weights; products shaped otherwise: fp32 rounding)."""
+    (no copy: q/k keep llama.cpp's row order, RoPE runs over its adjacent pairs), its dequantized
+    weight gguf's dequantization bit for bit, and the model's logits those of the same file
+    converted to fp32 (q/k reordered to Hugging Face's halves there; the same weights, products and
+    attention sums in another order: fp32 rounding)."""
     from smoe.formats.gguf import convert
     from smoe.ggml import GGMLEmbedding, GGMLLinear, StackedGGML
 
@@ -273,13 +274,12 @@ def test_gguf_in_place_uses_the_files_blocks(original, prompt, tmp_path, monkeyp
             [int(n) for n in reversed(t.shape.tolist())]).astype(np.float32))
 
     layer = model.layers[1]
-    q = reference("blk.1.attn_q.weight")
-    heads = cfg["num_attention_heads"]
-    q = q.view(heads, q.shape[0] // heads // 2, 2, -1).transpose(1, 2).reshape(q.shape)
     assert isinstance(layer.attn.q_proj, GGMLLinear) and layer.attn.q_proj.kind == qtype
-    assert torch.equal(layer.attn.q_proj.weight_in(torch.float32), q)
-    assert torch.equal(layer.attn.v_proj.weight_in(torch.float32), reference("blk.1.attn_v.weight"))
-    assert _mapped_from(file, layer.attn.v_proj.blocks) and not _mapped_from(file, layer.attn.q_proj.blocks)
+    assert model.rope.pairs  # q/k in the file's row order too: RoPE over llama.cpp's adjacent pairs
+    for proj, name in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v")):
+        linear = getattr(layer.attn, proj)
+        assert torch.equal(linear.weight_in(torch.float32), reference(f"blk.1.{name}.weight"))
+        assert _mapped_from(file, linear.blocks), proj
     experts = layer.moe.experts
     assert isinstance(experts.gate_up, StackedGGML) and experts.gate_up.kinds == [experts_qtype] * 2
     for e in (0, cfg["num_local_experts"] - 1):
@@ -511,6 +511,7 @@ def test_smoe_quantize_writes_a_gguf_that_reads_back(original, tmp_path, qtype):
                               dequantize(data, kind, w.shape)), name
     assert seen >= {"F32", {"Q4_K_M": "Q4_K", "Q3_K_M": "Q3_K", "Q3_K_S": "Q3_K"}.get(qtype, qtype)}
     from smoe.formats.gguf import convert
+    from smoe.loader import build_gguf_model
 
     model, _ = smoe.load(str(convert(out, tmp_path / "back", dtype=torch.float32, progress=False)), pack=False)
     head, role = kinds["output.weight"]
@@ -522,8 +523,11 @@ def test_smoe_quantize_writes_a_gguf_that_reads_back(original, tmp_path, qtype):
     back = dequantize(np.asarray(t.data), t.tensor_type.name, down.shape)
     assert torch.equal(model.layers[1].moe.experts[3].w2.weight, torch.from_numpy(back[3]))
     ids = torch.tensor([[1, 415, 5565, 302, 4843]])
-    in_place, _ = smoe.load(out, dtype="fp32", gguf_in_place=True, pack=False)
-    with torch.inference_mode():  # in place in fp32 (the reference modules): the same logits, bit for bit
+    # in place in fp32 (the reference modules), q/k reordered to halves as conversion reorders them: the
+    # same logits, bit for bit (by default q/k keep the file's order and RoPE runs over its pairs: the
+    # same to fp32 rounding, test_gguf_in_place_uses_the_files_blocks)
+    in_place = build_gguf_model(out, dtype="fp32", rotary_pairs=False)
+    with torch.inference_mode():
         a, b = in_place(ids).float(), model(ids).float()
     assert torch.equal(a, b)
 

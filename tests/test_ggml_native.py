@@ -276,6 +276,10 @@ def test_fp32_in_place_attends_as_llama_cpps_f16_cache(original, tmp_path):
     q, k, v = (torch.randn(1, n, T, D, generator=g) for n in (Q, G, G))
     want = _attention_written_out(q, k, v)
     got = attn.attend(q, k, v, ForwardContext(None, None, None, True, None)).double()
+    attn.scores_bytes = 4 * Q * T * 5  # 5 query rows at a time (a long prompt's blocks)
+    torch.testing.assert_close(attn.attend(q, k, v, ForwardContext(None, None, None, True, None)).double(), want,
+                               rtol=0, atol=1e-6)
+    del attn.scores_bytes
     plain = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).double()
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     assert (plain - want).abs().mean() > 1000 * (got - want).abs().mean()

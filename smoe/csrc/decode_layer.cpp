@@ -35,13 +35,16 @@ void rms_norm(const uint16_t* x, int64_t M, int64_t H, const uint16_t* weight, f
   }
 }
 
-// x [heads, D] bf16 in place: x·cos + rotate_half(x)·sin, each product and the sum rounded (model.apply_rotary)
-void rope(uint16_t* x, int64_t heads, int64_t D, const uint16_t* cos, const uint16_t* sin) {
+// x [heads, D] bf16 in place: x·cos + rotate_half(x)·sin — or with pairs, each dimension rotated with its
+// neighbour in (2i, 2i+1) — each product and the sum rounded (model.apply_rotary)
+void rope(uint16_t* x, int64_t heads, int64_t D, const uint16_t* cos, const uint16_t* sin, bool pairs) {
   const int64_t half = D / 2;
   std::vector<float> rotated(D);
   for (int64_t h = 0; h < heads; ++h) {
     uint16_t* r = x + h * D;
-    for (int64_t d = 0; d < D; ++d) rotated[d] = d < half ? -bf16_to_f32(r[d + half]) : bf16_to_f32(r[d - half]);
+    for (int64_t d = 0; d < D; ++d)
+      rotated[d] = pairs ? (d % 2 ? bf16_to_f32(r[d - 1]) : -bf16_to_f32(r[d + 1]))
+                         : d < half ? -bf16_to_f32(r[d + half]) : bf16_to_f32(r[d - half]);
     for (int64_t d = 0; d < D; ++d)
       r[d] = f32_to_bf16(round_bf16(bf16_to_f32(r[d]) * bf16_to_f32(cos[d])) +
                          round_bf16(rotated[d] * bf16_to_f32(sin[d])));
@@ -49,16 +52,17 @@ void rope(uint16_t* x, int64_t heads, int64_t D, const uint16_t* cos, const uint
 }
 
 // weights: attn_norm, ffn_norm, router, then (weight, scale) for q, k, v, o, gate_up, down (scale
-// empty for bf16; GGML blocks: int32 type ids), then GGML's separate up blocks (else empty); meta: query heads, kv heads, experts per token, layer, first cache row. k_all,
+// empty for bf16; GGML blocks: int32 type ids), then GGML's separate up blocks (else empty); meta: query heads, kv heads, experts per token, layer, RoPE over adjacent pairs (1) or halves (0), first cache row. k_all,
 // v_all: the whole cache [L, rows, G, S, D] (this step's rows are row0..row0+B-1 of the layer);
 // slots [B] the slot each row's new key goes to; mask [B, kv_len] (True = may attend) or none.
 at::Tensor decode_layer(const at::Tensor& x, at::TensorList w, at::IntArrayRef meta, double eps,
                         const at::Tensor& k_all, const at::Tensor& v_all, const at::Tensor& slots,
                         const c10::optional<at::Tensor>& mask, int64_t kv_len, const at::Tensor& cos,
                         const at::Tensor& sin) {
-  check(w.size() == 16 && meta.size() == 5, "decode_layer takes 16 weights and 5 sizes");
+  check(w.size() == 16 && meta.size() == 6, "decode_layer takes 16 weights and 6 sizes");
   const int64_t B = x.size(0), H = x.size(1), Q = meta[0], G = meta[1], topk = meta[2], layer = meta[3],
-                row0 = meta[4];
+                row0 = meta[5];
+  const bool pairs = meta[4] != 0;
   check_acts(x, H);
   check(k_all.dim() == 5 && k_all.is_contiguous() && v_all.is_contiguous() && k_all.sizes() == v_all.sizes() &&
             layer >= 0 && layer < k_all.size(0) && row0 >= 0 && row0 + B <= k_all.size(1) && k_all.size(2) == G &&
@@ -92,8 +96,8 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList w, at::IntArrayRef m
   uint16_t* kc = static_cast<uint16_t*>(k_all.data_ptr()) + first;
   uint16_t* vc = static_cast<uint16_t*>(v_all.data_ptr()) + first;
   for (int64_t b = 0; b < B; ++b) {
-    rope(q.data() + b * Q * D, Q, D, bf(cos) + b * D, bf(sin) + b * D);
-    rope(k.data() + b * G * D, G, D, bf(cos) + b * D, bf(sin) + b * D);
+    rope(q.data() + b * Q * D, Q, D, bf(cos) + b * D, bf(sin) + b * D, pairs);
+    rope(k.data() + b * G * D, G, D, bf(cos) + b * D, bf(sin) + b * D, pairs);
     check(slot[b] >= 0 && slot[b] < S, "cache slot out of range");
     for (int64_t g = 0; g < G; ++g) {
       std::memcpy(kc + ((b * G + g) * S + slot[b]) * D, k.data() + (b * G + g) * D, D * 2);
@@ -173,7 +177,7 @@ at::Tensor rms_norm_op(const at::Tensor& x, const at::Tensor& weight, double eps
   return y;
 }
 
-// A decode step's layers one after another (weights: 16 per layer, meta: 5 per layer, as
+// A decode step's layers one after another (weights: 16 per layer, meta: 6 per layer, as
 // decode_layer takes them; eps: one per layer): one call from Python per step instead of one per
 // layer, whose interpreter work between layers runs with caches the weights have just flushed.
 at::Tensor decode_layers(const at::Tensor& x, at::TensorList w, at::IntArrayRef meta, at::ArrayRef<double> eps,
@@ -181,10 +185,10 @@ at::Tensor decode_layers(const at::Tensor& x, at::TensorList w, at::IntArrayRef 
                          const c10::optional<at::Tensor>& mask, int64_t kv_len, const at::Tensor& cos,
                          const at::Tensor& sin) {
   const int64_t L = int64_t(eps.size());
-  check(int64_t(w.size()) == 16 * L && int64_t(meta.size()) == 5 * L, "decode_layers takes 16 weights and 5 sizes per layer");
+  check(int64_t(w.size()) == 16 * L && int64_t(meta.size()) == 6 * L, "decode_layers takes 16 weights and 6 sizes per layer");
   at::Tensor y = x;
   for (int64_t l = 0; l < L; ++l)
-    y = decode_layer(y, w.slice(16 * l, 16), meta.slice(5 * l, 5), eps[l], k_all, v_all, slots, mask, kv_len, cos, sin);
+    y = decode_layer(y, w.slice(16 * l, 16), meta.slice(6 * l, 6), eps[l], k_all, v_all, slots, mask, kv_len, cos, sin);
   return y;
 }
 

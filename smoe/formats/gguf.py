@@ -179,11 +179,12 @@ def _blocks(t) -> torch.Tensor:
 
 def assign_in_place(model: torch.nn.Module, reader, path: Path, dtype: torch.dtype) -> None:
     """Every tensor of the file into the model loader.build_gguf_model built for it: a quantized
-    matrix's blocks as a view of the file (q/k rows reordered from llama.cpp's rotary pairs: a copy
-    of those two), a quantized embedding's too (GGMLEmbedding), float tensors (norms, routers, an
-    F16 / F32 embedding) in `dtype`."""
+    matrix's blocks as a view of the file — q/k too when the model's RoPE runs over llama.cpp's
+    adjacent pairs (model.rope.pairs), else their rows reordered to halves, a copy of those two —
+    a quantized embedding's too (GGMLEmbedding), float tensors (norms, routers, an F16 / F32
+    embedding) in `dtype`."""
     config = model.config
-    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
+    heads = {} if model.rope.pairs else {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
     attention = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_output": "o_proj"}
     seen = set()
 
@@ -232,7 +233,7 @@ def assign_in_place(model: torch.nn.Module, reader, path: Path, dtype: torch.dty
                 linear = getattr(layer.attn, attention[rest])
                 if not isinstance(linear, GGMLLinear):
                     put(linear, "weight", t, heads.get(rest))
-                elif rest in heads:  # whole rows of blocks reordered: the one copy
+                elif rest in heads:  # whole rows of blocks reordered: a copy
                     linear.blocks = interleaved_to_half(_blocks(t), heads[rest]).contiguous()
                 else:
                     linear.blocks = _blocks(t)

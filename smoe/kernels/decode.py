@@ -186,16 +186,16 @@ class DecodePlan:
         every = [self.layer_args(i, layer) for i, layer in enumerate(layers)]
         if all(args is not None for args in every):  # the whole step in one call
             weights, layer_meta, eps = _flat(every)
-            y = torch.ops.smoe.decode_layers(x.view(B, H), weights, _meta(layer_meta, row0), eps, cache.k, cache.v,
-                                             slots, mask, kv_len, cos, sin)
+            y = torch.ops.smoe.decode_layers(x.view(B, H), weights, _meta(layer_meta, ctx.pairs, row0), eps, cache.k,
+                                             cache.v, slots, mask, kv_len, cos, sin)
             return y.view(B, 1, H)
         for layer, args in zip(layers, every, strict=True):
             if args is None:  # hooked, or a part the op does not compute: its modules
                 x = layer(x, ctx)
                 continue
             weights, meta, eps = args
-            x = torch.ops.smoe.decode_layer(x.view(B, H), weights, meta + [row0], eps, cache.k, cache.v, slots, mask,
-                                            kv_len, cos, sin).view(B, 1, H)
+            x = torch.ops.smoe.decode_layer(x.view(B, H), weights, _meta([meta], ctx.pairs, row0), eps, cache.k,
+                                            cache.v, slots, mask, kv_len, cos, sin).view(B, 1, H)
         return x
 
     def step(self, model: nn.Module, tokens: list[int], positions: list[int], cache
@@ -223,7 +223,7 @@ class DecodePlan:
             cos, sin = program.rope(where, program.dtype)
         meta = program.meta.get(row0)
         if meta is None:
-            meta = program.meta[row0] = _meta(program.layer_meta, row0)
+            meta = program.meta[row0] = _meta(program.layer_meta, program.rope.pairs, row0)
         mask = None if plan.mask is None else _dense(plan.mask)
         return torch.ops.smoe.decode_step(tokens, *program.table, program.weights, meta, program.eps, cache.k, cache.v,
                                           _dense(plan.write_slots), mask, plan.kv_len, _dense(cos), _dense(sin),
@@ -304,9 +304,10 @@ def _flat(every: list[tuple[list, list, float]]) -> tuple[list[torch.Tensor], li
     return [t for args in every for t in args[0]], [args[1] for args in every], [args[2] for args in every]
 
 
-def _meta(layer_meta: list[list[int]], row0: int) -> list[int]:
-    """decode_layers' sizes: each layer's [Q, G, top-k, layer] and the step's first cache row."""
-    return [m for layer in layer_meta for m in (*layer, row0)]
+def _meta(layer_meta: list[list[int]], pairs: bool, row0: int) -> list[int]:
+    """decode_layers' sizes: each layer's [Q, G, top-k, layer], the rotary layout (1: adjacent
+    pairs, RotaryEmbedding.pairs) and the step's first cache row."""
+    return [m for layer in layer_meta for m in (*layer, int(pairs), row0)]
 
 
 def plan_decode(model: nn.Module) -> int:
