@@ -136,8 +136,9 @@ def build_gguf_model(path: Path, *, dtype: torch.dtype | str | None = None,
     the blocks as views of its memory map, nothing dequantized but norms and routers (to `dtype`,
     default bf16). rotary_pairs: RoPE over llama.cpp's adjacent pairs, so that q/k keep the file's
     row order (views too); False reorders them to Hugging Face's halves (copies), for what reads
-    q/k in that order (a LoRA adapter of q_proj / k_proj). These kinds are the PyTorch reference (smoe/ggml.py: a weight
-    dequantized per product); inference_layout hands them to a backend that runs blocks (native).
+    q/k in that order (a LoRA adapter of q_proj / k_proj). These kinds are the PyTorch reference
+    (smoe/ggml.py: a weight dequantized per product); inference_layout hands them to a backend that
+    runs blocks (native).
     opened: what gguf.open_in_place(path) gave already (reading the header of Mixtral's file takes
     ~1.6 s)."""
     reader, hf = opened if opened is not None else gguf.open_in_place(path)

@@ -51,8 +51,8 @@ class RotaryEmbedding(nn.Module):
     dimension i pairs with i + D/2 (Mistral's consolidated files pair 2i with 2i+1; the
     checkpoint loader permutes their q/k rows into this layout). `pairs = True`: the tables for
     adjacent pairs (2i, 2i+1) instead — llama.cpp's layout, in which a GGUF file used in place
-    keeps its q/k rows (apply_rotary with pairs=True; the same products, the dimensions in
-    another order, so the attention scores are the same sums)."""
+    keeps its q/k rows (apply_rotary with pairs=True: the same products with the head's dimensions
+    in another order, so the attention scores sum the same terms)."""
 
     pairs = False
 
