@@ -433,7 +433,7 @@ def test_conversion_that_the_disk_cannot_hold_is_refused_up_front(original, tmp_
     from smoe.formats import gguf as gguf_format
 
     file = write_gguf(original, tmp_path / "m.gguf", "Q8_0")
-    reader = gguf_format._open(file)
+    reader = gguf_format.GGUFFile.open(file)
     need = gguf_format.converted_bytes(reader, None)
     assert need == sum(int(t.n_elements) * (4 if t.kind == "F32" else 2) for t in reader.tensors)
     usage = collections.namedtuple("usage", "total used free")
@@ -549,7 +549,7 @@ def test_smoe_quantize_to_gguf_refuses_what_it_cannot_write(original, tmp_path):
 def test_byte_level_bpe_tokenizer_rebuilt_from_a_gguf(tmp_path):
     """`tokenizer.ggml.model = gpt2` (tokens + merges), as llama.cpp stores a byte-level BPE such as
     the demo model's: rebuilt, it gives the demo tokenizer's ids."""
-    from smoe.formats.gguf import _open, write_tokenizer
+    from smoe.formats.gguf import GGUFFile, write_tokenizer
     from smoe.tokenizer import load_tokenizer
 
     spec = json.loads((smoe.DEMO_MODEL / "tokenizer.json").read_text())
@@ -570,7 +570,7 @@ def test_byte_level_bpe_tokenizer_rebuilt_from_a_gguf(tmp_path):
     writer.close()
     out = tmp_path / "out"
     out.mkdir()
-    assert write_tokenizer(_open(tmp_path / "tok.gguf"), out)
+    assert write_tokenizer(GGUFFile.open(tmp_path / "tok.gguf"), out)
     rebuilt, reference = load_tokenizer(out), load_tokenizer(smoe.DEMO_MODEL)
     assert (rebuilt.bos_id, rebuilt.eos_id) == (reference.bos_id, reference.eos_id)
     for text in TEXTS:

@@ -33,13 +33,6 @@ from smoe.ggml import DEQUANTIZERS, GGMLEmbedding, GGMLLinear, dequantize
 # ------------------------------------------------------------------------- reading a file
 
 
-def _open(path: Path, mode: str = "r") -> GGUFFile:
-    """The file's header read and its data memory-mapped (gguf_file.py; mode "c": copy-on-write,
-    so that tensors viewing it are writable in name — nothing is ever written — and torch takes
-    them without a copy); a damaged or truncated file is one CheckpointError naming the tensor."""
-    return GGUFFile.open(path, mode)
-
-
 def _field(reader: GGUFFile, key: str, default=None):
     return reader.fields.get(key, default)
 
@@ -151,7 +144,7 @@ def open_in_place(path: Path) -> tuple[object, dict]:
     """(reader, Hugging Face config dict) of a GGUF file whose tensors a model will use in place
     (loader.build_gguf_model): checked as convert checks it, and of the layout in-place loading
     reads — stacked experts (`ffn_*_exps`) of one block format each."""
-    reader = _open(path, mode="c")
+    reader = GGUFFile.open(path, mode="c")  # copy-on-write: tensors viewing it are writable in name
     check_types(reader, path)
     config = read_config(reader, path)
     names = {t.name for t in reader.tensors}
@@ -201,15 +194,20 @@ def assign_in_place(model: torch.nn.Module, reader, path: Path, dtype: torch.dty
         else:
             module._buffers[name] = value
 
+    def put_blocks(module, name, t, heads: int | None = None) -> None:
+        blocks = _blocks(t)
+        if tuple(blocks.shape) != tuple(getattr(module, name).shape):
+            raise CheckpointError(f"{path}: tensor {t.name} has {tuple(blocks.shape)} bytes of blocks, the model "
+                                  f"expects {tuple(getattr(module, name).shape)} (its metadata and tensors disagree)")
+        if heads is not None:  # q/k: llama.cpp's rotary pairs back to halves
+            blocks = interleaved_to_half(blocks, heads).contiguous()
+        setattr(module, name, blocks)
+
     for t in reader.tensors:
         name = t.name
         seen.add(name)
         if name == "token_embd.weight" and isinstance(model.embed_tokens, GGMLEmbedding):
-            blocks = _blocks(t)
-            if tuple(blocks.shape) != tuple(model.embed_tokens.blocks.shape):
-                raise CheckpointError(f"{path}: tensor {name} has {tuple(blocks.shape)} bytes of blocks, the model "
-                                      f"expects {tuple(model.embed_tokens.blocks.shape)}")
-            model.embed_tokens.blocks = blocks
+            put_blocks(model.embed_tokens, "blocks", t)
         elif name == "token_embd.weight":
             put(model.embed_tokens, "weight", t)
         elif name == "output_norm.weight":
@@ -217,7 +215,7 @@ def assign_in_place(model: torch.nn.Module, reader, path: Path, dtype: torch.dty
         elif name == "output.weight":
             linear = model.lm_head
             if isinstance(linear, GGMLLinear):
-                linear.blocks = _blocks(t)
+                put_blocks(linear, "blocks", t)
             else:
                 put(linear, "weight", t)
         elif name.startswith("blk."):
@@ -233,19 +231,13 @@ def assign_in_place(model: torch.nn.Module, reader, path: Path, dtype: torch.dty
                 linear = getattr(layer.attn, attention[rest])
                 if not isinstance(linear, GGMLLinear):
                     put(linear, "weight", t, heads.get(rest))
-                elif rest in heads:  # whole rows of blocks reordered: a copy
-                    linear.blocks = interleaved_to_half(_blocks(t), heads[rest]).contiguous()
-                else:
-                    linear.blocks = _blocks(t)
+                else:  # with halves, whole rows of q/k's blocks reordered: a copy
+                    put_blocks(linear, "blocks", t, heads.get(rest))
             elif rest.endswith("_exps") and rest.removesuffix("_exps") in EXPERT_NAMES:
                 experts = layer.moe.experts
                 stacked = experts.down if rest == "ffn_down_exps" else experts.gate_up
                 part = 1 if rest == "ffn_up_exps" else 0
-                blocks = _blocks(t)
-                if tuple(blocks.shape) != tuple(getattr(stacked, f"blocks{part}").shape):
-                    raise CheckpointError(f"{path}: tensor {name} has {tuple(blocks.shape)} bytes of blocks, the "
-                                          f"model expects {tuple(getattr(stacked, f'blocks{part}').shape)}")
-                setattr(stacked, f"blocks{part}", blocks)
+                put_blocks(stacked, f"blocks{part}", t)
             else:
                 raise CheckpointError(f"{path}: tensor {name!r} has no place in a Mixtral model")
         else:
@@ -331,7 +323,7 @@ def convert(path: Path, out: Path, *, dtype: torch.dtype | None = None, progress
     tensor's own float type (F32 norms and routers stay fp32) and writes quantized ones in bf16;
     the config's dtype is that of the bulk weights (natural_dtype)."""
     path, out = Path(path), Path(out)
-    reader = _open(path)
+    reader = GGUFFile.open(path)
     check_types(reader, path)
     config = read_config(reader, path)
     tmp = out.with_name(out.name + ".partial")
