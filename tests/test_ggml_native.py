@@ -8,7 +8,8 @@ references written here from llama.cpp's arithmetic:
   rows, scales that are fp16 subnormals (real Q6_K files have them);
 - every variant gives the same bits (the integer sums are exact, the fp32 operations after them
   run in one order);
-- prefill's dequantization (linear_prefill) is gguf's dequantization bit for bit;
+- prefill's dequantization (linear_prefill) is gguf's dequantization bit for bit, and its bf16
+  GEMMs (AVX-512 CPUs) the bf16 model's product bit for bit;
 - the fused MoE op over GGUF's two stacked parts (gate, up) equals the experts one by one;
 - a GGUF file loaded in place runs these kernels on views of the file (nothing copied), its decode
   step (smoe::decode_step) gives the modules' logits bit for bit, and its logits agree with the
@@ -151,6 +152,24 @@ def test_prefill_dequantizes_as_gguf(variant, kind):
     ours = torch.ops.smoe.linear_prefill(x, torch.from_numpy(blocks), info(kind), 0)
     weight = torch.from_numpy(dequantize(blocks, kind, (37, 512)))
     assert torch.equal(ours, (x.float() @ weight.T).bfloat16())
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q8_0", "Q3_K", "Q6_K"])
+@pytest.mark.parametrize("N,M", [(37, 40), (4100, 23)])  # one block of rows / two, rows padded to 48 / 32
+def test_prefill_in_bf16_is_the_bf16_models_product(variant, kind, N, M):
+    """linear_prefill's bf16 GEMMs (asked where the kernels are AVX-512's): gguf's dequantized values
+    rounded to bf16, multiplied as the PyTorch twin (GGMLLinear in bf16: F.linear over the rounded
+    weight) multiplies them — the same bits, whatever the padding of the rows and the blocks of N."""
+    if "avx512" not in ops.variants():  # (elsewhere PyTorch's bf16 GEMM, which the kernels do not ask, may sum
+        pytest.skip("the bf16 GEMMs are asked where the kernels are AVX-512's")  # in a shape's own order)
+    rng = np.random.default_rng(6)
+    K = 512
+    blocks = random_rows(kind, N, K, rng)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(7)).bfloat16()
+    ours = torch.ops.smoe.linear_prefill(x, torch.from_numpy(blocks), info(kind), 0, True)
+    weight = torch.from_numpy(dequantize(blocks, kind, (N, K))).bfloat16()
+    assert ours.shape == (M, N) and ours.is_contiguous()
+    assert torch.equal(ours, torch.nn.functional.linear(x, weight))
 
 
 @pytest.mark.parametrize("gate,up,down", [("Q4_K", "Q4_K", "Q6_K"), ("Q3_K", "Q2_K", "Q4_0"), ("Q5_0", "Q8_0", "Q5_K")])

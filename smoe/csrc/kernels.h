@@ -7,7 +7,7 @@
 //   linear.cpp        linear_bf16 / _q8 / _q4: few token rows times one weight
 //   moe.cpp           moe_bf16 / _q8 / _q4: all chosen experts of a MoE layer in one call
 //   decode_layer.cpp  decode_layer(s), decode_step, rms_norm: whole decoder layers / a whole decode step
-//   prefill.cpp       linear_prefill: many rows, weights widened to fp32 a block at a time, fp32 GEMMs
+//   prefill.cpp       linear_prefill: many rows, weights rebuilt a block at a time, fp32 or bf16 GEMMs
 //   activations.cpp   activation quantization to int8 blocks, as the op tests read it
 //   common.cpp        argument checks, weight matrices, activation preparation
 //   module.cpp        the ops' registration (torch.library, namespace smoe) and the Python module
@@ -73,7 +73,7 @@ at::Tensor moe_q4(const at::Tensor& x, const at::Tensor& expert_indices, const a
 
 // prefill.cpp
 at::Tensor linear_prefill(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
-                          int64_t group_size);
+                          int64_t group_size, bool bf16_gemm);
 
 // activations.cpp
 at::Tensor quantize_activations(const at::Tensor& x, int64_t group_size);

@@ -20,7 +20,7 @@ TORCH_LIBRARY_FRAGMENT(smoe, m) {
   m.def("moe_ggml(Tensor x, Tensor expert_indices, Tensor expert_weights, Tensor gate, Tensor up, Tensor gate_up_info, "
         "Tensor down, Tensor down_info) -> Tensor");
   m.def("quantize_activations(Tensor x, int group_size) -> Tensor");
-  m.def("linear_prefill(Tensor x, Tensor w, Tensor? scale, int group_size) -> Tensor");
+  m.def("linear_prefill(Tensor x, Tensor w, Tensor? scale, int group_size, bool bf16_gemm=False) -> Tensor");
   m.def("decode_layer(Tensor x, Tensor[] weights, int[] meta, float eps, Tensor(a!) k_all, Tensor(b!) v_all, "
         "Tensor slots, Tensor? mask, int kv_len, Tensor cos, Tensor sin) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");

@@ -306,11 +306,12 @@ def _type_ids(kinds: list[str]) -> torch.Tensor:
 
 def _ggml_product(x: torch.Tensor, blocks: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
     """x [M, K] · Wᵀ for W in GGML blocks: few bf16 rows by smoe::linear_ggml (activations quantized
-    as llama.cpp does), many by smoe::linear_prefill (a block of rows dequantized to fp32 at a time);
+    as llama.cpp does), many by smoe::linear_prefill (a block of rows dequantized at a time: to bf16
+    for bf16 GEMMs where the kernels are AVX-512's, as many_rows, else to fp32 for fp32 GEMMs);
     fp32 rows, any number, by smoe::linear_ggml in fp32: llama.cpp's arithmetic throughout."""
     if x.dtype == torch.float32 or few_rows(x):
         return torch.ops.smoe.linear_ggml(x, blocks, info)
-    return torch.ops.smoe.linear_prefill(x, blocks, info, 0)
+    return torch.ops.smoe.linear_prefill(x, blocks, info, 0, variant() == "avx512")
 
 
 class NativeGGMLLinear(nn.Module):

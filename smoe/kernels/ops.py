@@ -3,10 +3,11 @@ whether they run here, and their fake implementations for torch.compile and meta
 
 The ops are `torch.library` ops in the `smoe` namespace, found by name (`torch.ops.smoe.*`):
 linear_bf16 / _q8 / _q4 / _ggml (few rows by one weight; _ggml: GGUF's block formats),
-linear_prefill (many rows: fp32 GEMMs over weight blocks widened to fp32), moe_bf16 / _q8 / _q4 /
-_ggml (all chosen experts of a MoE layer), quantize_activations, rms_norm, decode_layer /
-decode_layers (whole decoder layers of a decode step), decode_step (a whole decode step: token ids to logits and greedy
-tokens). docs/KERNELS.md has their layouts, arithmetic and measurements.
+linear_prefill (many rows: fp32 GEMMs over weight blocks widened to fp32, or bf16 GEMMs over them
+rounded to bf16), moe_bf16 / _q8 / _q4 / _ggml (all chosen experts of a MoE layer),
+quantize_activations, rms_norm, decode_layer / decode_layers (whole decoder layers of a decode
+step), decode_step (a whole decode step: token ids to logits and greedy tokens). docs/KERNELS.md
+has their layouts, arithmetic and measurements.
 
 The kernels come in one variant per instruction set (smoe/csrc/isa.h: avx512, avx2-vnni, avx2,
 neon, portable); the best this CPU runs is used unless SMOE_ISA names another it runs (to test
@@ -116,7 +117,7 @@ if _native is not None:  # fake implementations: shapes only, for torch.compile 
     for _op in ("moe_bf16", "moe_q8", "moe_q4", "moe_ggml", "rms_norm", "decode_layer", "decode_layers"):
         torch.library.register_fake(f"smoe::{_op}")(_like_x)
     torch.library.register_fake("smoe::linear_prefill")(
-        lambda x, w, scale, group_size: _rows_by(x, w.shape[0]))
+        lambda x, w, scale, group_size, bf16_gemm=False: _rows_by(x, w.shape[0]))
     torch.library.register_fake("smoe::quantize_activations")(
         lambda x, group_size: x.new_empty(x.shape, dtype=torch.float32))
 
