@@ -321,6 +321,85 @@ inline int32_t ldot(const int8_t* w, const int8_t* q) {
   return hsum_i32(block_dot(load32(reinterpret_cast<const uint8_t*>(w)), load32(reinterpret_cast<const uint8_t*>(q))));
 }
 
+// A K-quant superblock times one token row with 512-bit VNNI (ggml_rows.h's row_k_one calls it in
+// place of kdot_chunks): chunks 2i and 2i + 1 (64 codes, unsigned) in one register, vpdpbusd against
+// their 64 activation codes (16 int32 lanes of 4 products), each lane times its 16-value sub-block's
+// scale (lane l of step i: sub-block 4i + l / 4) and summed in int32 — the integer kdot_chunks's
+// int16 pairs give, exactly (|Σ| < 2^31). On AMD Zen 5 the 256-bit form held batch-1 decode of a
+// Q4_K_M file at 0.90x llama.cpp's AVX-512 build.
+#define SMOE_GGML_KDOT512 1
+template <class C>
+inline int32_t kdot_chunks512(const C& chunks, const int8_t* q, const int16_t* sc, const int16_t* m = nullptr,
+                              const int16_t* bsums = nullptr) {
+  const __m512i scales = _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
+  __m512i acc = _mm512_setzero_si512();
+  for (int i = 0; i < 4; ++i) {
+    const __m512i u = _mm512_inserti64x4(_mm512_castsi256_si512(chunks.at(2 * i)), chunks.at(2 * i + 1), 1);
+    const int g = 4 * i;
+    const __m512i s = _mm512_permutexvar_epi32(
+        _mm512_setr_epi32(g, g, g, g, g + 1, g + 1, g + 1, g + 1, g + 2, g + 2, g + 2, g + 2, g + 3, g + 3, g + 3, g + 3),
+        scales);
+    const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_loadu_si512(q + 64 * i));
+    acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(p, s));
+  }
+  const int32_t total = _mm512_reduce_add_epi32(acc);
+  return m != nullptr ? total - mdot(m, bsums) : total;
+}
+
+// Q4_0 / Q4_1 rows 8 blocks a step with 512-bit VNNI (ggml_rows.h's row_l_fused takes its steps from
+// here): two blocks' 4-bit codes, unsigned (0..15), in one register — each block's 16 bytes
+// broadcast into two 128-bit lanes, the second lane's words shifted right by 4 (the high nibbles,
+// values 16..31), masked to 4 bits — times the activation codes by vpdpbusd (unsigned × signed:
+// no sign tricks), each block's sum, then Q4_0's offset taken out as 8·Σq (ActRows.n0): the very
+// integer sums of the 256-bit form (signed_dot on n − 8), so the fp32 steps after them, the same
+// as row_l_fused's, give the same bits. On AMD Zen 5 the 256-bit form held batch-1 decode of a
+// Q4_0 file at 0.69x llama.cpp's AVX-512 build.
+#define SMOE_GGML_NIBBLES 1
+template <int T>
+int64_t nibble_steps(const uint8_t* w, int64_t K, const ActRows& a, const int64_t* rows, int64_t M, float (*acc)[8]) {
+  constexpr int64_t bytes = block_format(T).bytes, codes = T == kQ4_0 ? 2 : 4;
+  constexpr bool with_min = T == kQ4_1;
+  const int64_t nb = K / 32;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  __m256 acc0 = _mm256_load_ps(acc[0]);
+  int64_t bi = 0;
+  for (; bi + 8 <= nb; bi += 8) {
+    const uint8_t* b = w + bi * bytes;
+    prefetch_span(b, 8 * bytes);
+    __m512i v[4];  // blocks 2j and 2j + 1: [low nibbles, high nibbles] of each
+    for (int j = 0; j < 4; ++j) {
+      const __m128i first = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 * j * bytes + codes));
+      const __m128i second = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (2 * j + 1) * bytes + codes));
+      const __m512i z = _mm512_mask_broadcast_i32x4(_mm512_broadcast_i32x4(first), 0xFF00, second);
+      v[j] = _mm512_and_si512(_mm512_mask_srli_epi16(z, 0xFF00FF00u, z, 4), low4);
+    }
+    const __m256 D = halves8(b, bytes);
+    const __m256 Mn = with_min ? halves8(b + 2, bytes) : _mm256_setzero_ps();
+    auto term = [&](int64_t r) __attribute__((always_inline)) {  // row r's 8 block terms of this step
+      const int8_t* q = a.q0.data() + r * K + bi * 32;
+      __m256i p[8];
+      for (int j = 0; j < 4; ++j) {
+        const __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[j], _mm512_loadu_si512(q + 64 * j));
+        p[2 * j] = _mm512_castsi512_si256(s), p[2 * j + 1] = _mm512_extracti64x4_epi64(s, 1);
+      }
+      __m256i isum = sums8(p);
+      if (T == kQ4_0)
+        isum = _mm256_sub_epi32(isum, _mm256_slli_epi32(
+                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.n0.data() + r * nb + bi)), 3));
+      __m256 t = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(a.d0.data() + r * nb + bi), D), _mm256_cvtepi32_ps(isum));
+      if (with_min) t = _mm256_add_ps(t, _mm256_mul_ps(Mn, _mm256_loadu_ps(a.s0.data() + r * nb + bi)));
+      return t;
+    };
+    if (M == 1) {  // (a decode step's one row: its accumulator stays in a register)
+      acc0 = _mm256_add_ps(acc0, term(rows[0]));
+      continue;
+    }
+    for (int64_t i = 0; i < M; ++i) _mm256_store_ps(acc[i], _mm256_add_ps(_mm256_load_ps(acc[i]), term(rows[i])));
+  }
+  if (M == 1) _mm256_store_ps(acc[0], acc0);
+  return bi;
+}
+
 #include "ggml_rows.h"
 
 #pragma GCC pop_options

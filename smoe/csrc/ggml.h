@@ -119,6 +119,7 @@ struct ActRows {  // R rows of K activations, quantized as the call's types need
   std::vector<int8_t> q0;   // [R, K] Q8_0 codes
   std::vector<float> d0;    // [R, K / 32] scales (fp16 values)
   std::vector<float> s0;    // [R, K / 32] fp16(d · sum q)
+  std::vector<int32_t> n0;  // [R, K / 32] sum q (Q4_0's offset of 8 taken out of unsigned products)
 };
 
 // Rounding without a library call (the library is built for plain x86-64: std::nearbyint and
@@ -157,7 +158,7 @@ inline void quantize_q8_k(const float* x, int64_t K, int8_t* q, float* d, int16_
   }
 }
 
-inline void quantize_q8_0(const float* x, int64_t K, int8_t* q, float* d, float* s) {
+inline void quantize_q8_0(const float* x, int64_t K, int8_t* q, float* d, float* s, int32_t* n) {
   for (int64_t b = 0; b < K / 32; ++b) {
     const float* v = x + b * 32;
     float amax = 0.f;
@@ -167,6 +168,7 @@ inline void quantize_q8_0(const float* x, int64_t K, int8_t* q, float* d, float*
     for (int j = 0; j < 32; ++j) sum += q[b * 32 + j] = int8_t(round_away(v[j] * id));
     d[b] = round_fp16(dd);
     s[b] = round_fp16(float(sum) * dd);
+    n[b] = sum;
   }
 }
 
@@ -189,6 +191,7 @@ inline void quantize_act_rows(const T* x, int64_t R, int64_t K, int64_t formats,
     out.q0.resize(R * K);
     out.d0.resize(R * (K / 32));
     out.s0.resize(R * (K / 32));
+    out.n0.resize(R * (K / 32));
   }
   if (out.has_k) {
     out.qk.resize(R * K);
@@ -199,10 +202,17 @@ inline void quantize_act_rows(const T* x, int64_t R, int64_t K, int64_t formats,
   for (int64_t r = 0; r < R; ++r) {
     for (int64_t k = 0; k < K; ++k) row[k] = act_value(x[r * K + k]);
     if (has_0)
-      quantize_q8_0(row.data(), K, out.q0.data() + r * K, out.d0.data() + r * (K / 32), out.s0.data() + r * (K / 32));
+      quantize_q8_0(row.data(), K, out.q0.data() + r * K, out.d0.data() + r * (K / 32), out.s0.data() + r * (K / 32),
+                    out.n0.data() + r * (K / 32));
     if (out.has_k)
       quantize_q8_k(row.data(), K, out.qk.data() + r * K, out.dk.data() + r * (K / 256), out.bs.data() + r * (K / 16));
   }
+}
+
+constexpr int64_t kGgmlPrefetch = 2048;  // bytes ahead of the weight blocks a row product reads
+
+inline void prefetch_span(const uint8_t* p, int64_t bytes) {
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + kGgmlPrefetch + o, 0, 3);
 }
 
 struct KBlock {  // a K-quant superblock unpacked: value_i = D·sc_j·u_i − Dm·m_j, j = i / 16 (off: m = off·sc, Dm = D)
