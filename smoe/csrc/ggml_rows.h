@@ -306,6 +306,10 @@ void dequantize_type(const uint8_t* w, int64_t row_bytes, int64_t K, int64_t n0,
       const uint8_t* blk = w + n * row_bytes + bi * f.bytes;
       float* ob = out + (n - n0) * K + bi * f.elems;
       if constexpr (f.elems == 256) {
+#ifdef SMOE_GGML_DEQUANT512
+        dequantize_k512<T>(blk, ob);  // the variant's, from the codes in registers: the same values
+        continue;
+#endif
         KBlock k;
         unpack_scalar(blk, k, std::integral_constant<int, T>());
         for (int j = 0; j < 16; ++j) {
@@ -348,3 +352,4 @@ void ggml_dequantize(int type, const uint8_t* w, int64_t row_bytes, int64_t K, i
 #undef SMOE_GGML_NIBBLES
 #undef SMOE_GGML_KDOT512
 #undef SMOE_KDOT_ONE
+#undef SMOE_GGML_DEQUANT512
