@@ -172,6 +172,23 @@ def test_prefill_in_bf16_is_the_bf16_models_product(variant, kind, N, M):
     assert torch.equal(ours, torch.nn.functional.linear(x, weight))
 
 
+@pytest.mark.parametrize("kind", ["Q4_K", "Q5_0"])
+def test_a_prompts_rows_take_the_variants_gemm(variant, kind):
+    """A GGUF linear over a prompt's rows (more than the row kernels take): bf16 GEMMs over the
+    bf16-rounded values where the variant is AVX-512 (the bf16 model's product), fp32 GEMMs over
+    gguf's values rounded once elsewhere — each bit for bit."""
+    from smoe.ggml import GGMLLinear
+
+    rng = np.random.default_rng(8)
+    blocks = random_rows(kind, 21, 512, rng)
+    linear = native.NativeGGMLLinear(GGMLLinear.of(torch.from_numpy(blocks), kind, 512))
+    x = torch.randn(2, 20, 512, generator=torch.Generator().manual_seed(9)).bfloat16()  # 40 rows > MAX_ROWS
+    weight = torch.from_numpy(dequantize(blocks, kind, (21, 512)))
+    expected = (torch.nn.functional.linear(x, weight.bfloat16()) if variant == "avx512"
+                else (x.float() @ weight.T).bfloat16())
+    assert torch.equal(linear(x), expected)
+
+
 @pytest.mark.parametrize("gate,up,down", [("Q4_K", "Q4_K", "Q6_K"), ("Q3_K", "Q2_K", "Q4_0"), ("Q5_0", "Q8_0", "Q5_K")])
 def test_fused_moe_over_the_files_two_parts_equals_each_expert(variant, gate, up, down):
     """smoe::moe_ggml (gate and up as the file stacks them, each of its type) against the sorted

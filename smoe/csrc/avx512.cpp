@@ -308,6 +308,7 @@ void matvec(const Acts& a, const int64_t* rows, int64_t M, const Matrix& W, int6
 
 // ------------------------------------------------------------------------------ GGML blocks (ggml_rows.h)
 
+#define SMOE_OWN_KDOT 1  // ggml_avx2.h: this variant's kdot_chunks and kdot are the 512-bit ones below
 #include "ggml_avx2.h"
 
 // a 32-value block's signed values times 32 activation codes: 8 int32 lanes summing to Σ w·q
@@ -321,16 +322,15 @@ inline int32_t ldot(const int8_t* w, const int8_t* q) {
   return hsum_i32(block_dot(load32(reinterpret_cast<const uint8_t*>(w)), load32(reinterpret_cast<const uint8_t*>(q))));
 }
 
-// A K-quant superblock times one token row with 512-bit VNNI (ggml_rows.h's row_k_one calls it in
-// place of kdot_chunks): chunks 2i and 2i + 1 (64 codes, unsigned) in one register, vpdpbusd against
-// their 64 activation codes (16 int32 lanes of 4 products), each lane times its 16-value sub-block's
-// scale (lane l of step i: sub-block 4i + l / 4) and summed in int32 — the integer kdot_chunks's
-// int16 pairs give, exactly (|Σ| < 2^31). On AMD Zen 5 the 256-bit form held batch-1 decode of a
-// Q4_K_M file at 0.90x llama.cpp's AVX-512 build.
-#define SMOE_GGML_KDOT512 1
+// This variant's K-quant superblock dot (ggml_rows.h's row_k_one and row_k call it; ggml_avx2.h's
+// 256-bit kdot_chunks is the AVX2 variants'), with 512-bit VNNI: chunks 2i and 2i + 1 (64 codes,
+// unsigned) in one register, vpdpbusd against their 64 activation codes (16 int32 lanes of 4
+// products), each lane times its 16-value sub-block's scale (lane l of step i: sub-block 4i + l / 4)
+// and summed in int32 — the integer the 256-bit form's int16 pairs give, exactly (|Σ| < 2^31). On
+// AMD Zen 5 the 256-bit form held batch-1 decode of a Q4_K_M file at 0.90x llama.cpp's AVX-512 build.
 template <class C>
-inline int32_t kdot_chunks512(const C& chunks, const int8_t* q, const int16_t* sc, const int16_t* m = nullptr,
-                              const int16_t* bsums = nullptr) {
+inline int32_t kdot_chunks(const C& chunks, const int8_t* q, const int16_t* sc, const int16_t* m = nullptr,
+                           const int16_t* bsums = nullptr) {
   const __m512i scales = _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
   __m512i acc = _mm512_setzero_si512();
   for (int i = 0; i < 4; ++i) {
@@ -345,6 +345,9 @@ inline int32_t kdot_chunks512(const C& chunks, const int8_t* q, const int16_t* s
   const int32_t total = _mm512_reduce_add_epi32(acc);
   return m != nullptr ? total - mdot(m, bsums) : total;
 }
+
+// the same sums over a block unpacked into memory (batches: one unpacking for every row)
+inline int32_t kdot(const uint8_t* u, const int8_t* q, const int16_t* sc) { return kdot_chunks(Stored{u}, q, sc); }
 
 // A K-quant superblock dequantized from its codes in registers (Chunks: no store of the codes, no
 // scalar unpacking — ggml_rows.h's dequantize_type takes it for the K-quants): per 16 values j,

@@ -258,10 +258,12 @@ inline __m256 halves8(const uint8_t* p, int64_t stride) {
 
 // Σ_j sc_j Σ u·q over a block's 256 codes as `chunks` gives them (Chunks: computed in registers;
 // Stored: unpacked in memory), 32 values a step: the pairs' products (u <= 63, |q| <= 127: no int16
-// saturation) times sub-block 2c's scale in int16 lanes 0-7 and 2c + 1's in lanes 8-15. The AVX-512
-// variant runs it too: two steps a 512-bit step (halves joined by vinserti64x4, scales spread by
-// vpermw) ran 20-25 % slower (Q4_K 20.8 against 24.6 G values/s a thread). With m and bsums: minus
-// Σ_j m_j · bsums_j in the same reduction (Q3_K, Q6_K: the offset is in m).
+// saturation) times sub-block 2c's scale in int16 lanes 0-7 and 2c + 1's in lanes 8-15. (On the
+// Intel VM a 512-bit form of these steps — halves joined by vinserti64x4, scales spread by vpermw —
+// ran 20-25 % slower: Q4_K 20.8 against 24.6 G values/s a thread. The AVX-512 variant has its own
+// kdot_chunks of another form, SMOE_OWN_KDOT: avx512.cpp.) With m and bsums: minus Σ_j m_j · bsums_j
+// in the same reduction (Q3_K, Q6_K: the offset is in m).
+#ifndef SMOE_OWN_KDOT
 template <class C>
 inline int32_t kdot_chunks(const C& chunks, const int8_t* q, const int16_t* sc, const int16_t* m = nullptr,
                            const int16_t* bsums = nullptr) {
@@ -282,5 +284,6 @@ inline int32_t kdot_chunks(const C& chunks, const int8_t* q, const int16_t* sc, 
 
 // the same sums over a block unpacked into memory (batches: one unpacking for every row)
 inline int32_t kdot(const uint8_t* u, const int8_t* q, const int16_t* sc) { return kdot_chunks(Stored{u}, q, sc); }
+#endif
 
 #define SMOE_GGML_FUSED 1  // ggml_rows.h: one token row multiplies Chunks as they come (the variant's kdot_chunks)

@@ -113,11 +113,6 @@ constexpr int kGgmlMaxRows = 16;  // token rows one call takes (MAX_ROWS, smoe/k
 #ifdef SMOE_GGML_FUSED
 // One weight row of a K-quant times one token row, each block's codes multiplied as they are
 // computed (ggml_avx2.h's Chunks, the variant's kdot_chunks): row_k's arithmetic, the same bits.
-#ifdef SMOE_GGML_KDOT512
-#define SMOE_KDOT_ONE kdot_chunks512  // the variant's 512-bit form: the same integers
-#else
-#define SMOE_KDOT_ONE kdot_chunks
-#endif
 template <int T>
 void row_k_one(const uint8_t* w, int64_t K, const ActRows& a, int64_t r, float* out) {
   constexpr int64_t bytes = block_format(T).bytes;
@@ -132,9 +127,9 @@ void row_k_one(const uint8_t* w, int64_t K, const ActRows& a, int64_t r, float* 
     Chunks<T>::scales(b, k);
     const float dx = a.dk[r * nb + sb];
     if constexpr (T == kQ3_K || T == kQ6_K) {  // the offset in m (off != 0): isum − msum in one reduction
-      acc[sb & 1] += (dx * k.D) * float(SMOE_KDOT_ONE(Chunks<T>{b}, q + sb * 256, k.sc, k.m, bsums + sb * 16));
+      acc[sb & 1] += (dx * k.D) * float(kdot_chunks(Chunks<T>{b}, q + sb * 256, k.sc, k.m, bsums + sb * 16));
     } else {
-      const int32_t isum = SMOE_KDOT_ONE(Chunks<T>{b}, q + sb * 256, k.sc), msum = mdot(k.m, bsums + sb * 16);
+      const int32_t isum = kdot_chunks(Chunks<T>{b}, q + sb * 256, k.sc), msum = mdot(k.m, bsums + sb * 16);
       acc[sb & 1] += (dx * k.D) * float(isum) - (dx * k.Dm) * float(msum);
     }
   }
@@ -164,11 +159,7 @@ void row_k(const uint8_t* w, int64_t K, const ActRows& a, const int64_t* rows, i
     const KBlock& k = blk[sb & 1];
     for (int64_t i = 0; i < M; ++i) {
       const int64_t r = rows[i];
-#ifdef SMOE_GGML_KDOT512
-      const int32_t isum = kdot_chunks512(Stored{k.u}, a.qk.data() + r * K + sb * 256, k.sc);
-#else
       const int32_t isum = kdot(k.u, a.qk.data() + r * K + sb * 256, k.sc);
-#endif
       const int32_t msum = mdot(k.m, a.bs.data() + r * (K / 16) + sb * 16);
       const float dx = a.dk[r * nb + sb];
       acc[i][sb & 1] += k.off ? (dx * k.D) * float(isum - msum) : (dx * k.D) * float(isum) - (dx * k.Dm) * float(msum);
@@ -350,6 +341,5 @@ void ggml_dequantize(int type, const uint8_t* w, int64_t row_bytes, int64_t K, i
 
 #undef SMOE_GGML_FUSED
 #undef SMOE_GGML_NIBBLES
-#undef SMOE_GGML_KDOT512
-#undef SMOE_KDOT_ONE
+#undef SMOE_OWN_KDOT
 #undef SMOE_GGML_DEQUANT512

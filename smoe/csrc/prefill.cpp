@@ -9,7 +9,7 @@
 //     AVX-512 BF16): W's rows dequantized to fp32 then rounded to bf16 (the values a bf16 model holds),
 //     bf16 GEMMs (oneDNN: AVX-512 BF16 / AMX), fp32 sums rounded to bf16 once. On AMD Zen 5 PyTorch's
 //     fp32 GEMM (MKL) ran at 191 GFLOP/s on 2 cores and its bf16 GEMM at 958: the 512-token prefill of
-//     the benchmark checkpoint's GGUF files went from 150-200 to 340-500 tok/s.
+//     the benchmark checkpoint's GGUF files went from 150-200 to 390-530 tok/s.
 //
 //   bf16: w = bf16 value           q8: w = q · scale[n]           q4: w = code · s_g + m_g
 //   ggml: w = gguf's value (ggml.h)
@@ -35,10 +35,10 @@ at::Tensor linear_prefill(const at::Tensor& x, const at::Tensor& w, const c10::o
   const int64_t Mg = bf16_gemm ? (M + 15) / 16 * 16 : M;
   const at::Tensor xg = Mg == M ? x.to(gemm) : at::constant_pad_nd(x.to(gemm), {0, 0, 0, Mg - M});  // [Mg, K]
   at::Tensor y = at::empty({Mg, N}, x.options().dtype(gemm));  // each block's GEMM writes its columns
-  // rows rebuilt a block at a time, 2048 rows of K = 1024: fewer, larger GEMMs (each re-reads all of x),
-  // measured on the benchmark checkpoint's 512-token prefill in fp32: blocks of 1 MiB 171, 4 MiB 188,
-  // 8 MiB 199, 16 MiB 194 tok/s (Q3_K_M; 2 threads, AVX-512)
-  // (N split into equal blocks, a multiple of 16 rows each: one GEMM shape per weight, for oneDNN's cache)
+  // rows rebuilt at most 2^21 values at a time (8 MiB of fp32): fewer, larger GEMMs, each re-reading
+  // all of x — measured on the benchmark checkpoint's 512-token prefill in fp32: blocks of 1 MiB 171,
+  // 4 MiB 188, 8 MiB 199, 16 MiB 194 tok/s (Q3_K_M; 2 threads, AVX-512). N is cut into equal blocks
+  // of a multiple of 16 rows: one GEMM shape per weight for oneDNN's cache.
   const int64_t most = std::max<int64_t>(16, (int64_t(1) << 21) / std::max<int64_t>(K, 1));
   const int64_t count = (N + most - 1) / most;
   const int64_t block = std::min(most, ((N + count - 1) / count + 15) / 16 * 16);
